@@ -1,0 +1,365 @@
+"""The teacher feature cache: the teacher's image and text embeddings of a manifest, computed once.
+
+One directory per (teacher identity, preprocessing, manifest content)::
+
+    <root>/<model>__<manifest>__<key16>/
+        meta.json          key fields, counts, array shapes and sha256, bad images   (written last)
+        image_emb.npy      (N, D) float16, L2-normalised teacher image embeddings      (memory-mapped)
+        image_ok.npy       (N,) bool, False where the image could not be read
+        text_emb.npy       (T, D) float16, every caption in manifest order
+        text_offsets.npy   (N + 1,) int64, captions of image i are rows offsets[i]:offsets[i + 1]
+
+It is built in ``<name>.partial/`` chunk by chunk; ``progress.json`` (rewritten atomically after each chunk is
+flushed) says how far it got, so a killed build continues where it stopped, with the same chunk and batch
+boundaries, hence the same numbers. Only a finished build is renamed to its final name, so a directory that
+looks complete is complete. On load the key, counts, shapes and file hashes are checked; a mismatch rebuilds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn,
+                           TimeRemainingColumn)
+
+from edgedistill import atomic
+from edgedistill.data.images import BadImages, ImageDataset, collate_images
+from edgedistill.data.manifest import Manifest, load_manifest
+from edgedistill.recipe import Recipe
+from edgedistill.teachers import Teacher, sha256_file, sha256_json
+
+CACHE_VERSION = 1
+ARRAYS = ("image_emb", "image_ok", "text_emb", "text_offsets")
+
+
+def default_cache_root() -> Path:
+    """$EDGEDISTILL_CACHE, else $XDG_CACHE_HOME/edgedistill, else ~/.cache/edgedistill."""
+    if os.environ.get("EDGEDISTILL_CACHE"):
+        return Path(os.environ["EDGEDISTILL_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "edgedistill"
+
+
+def cache_key(teacher: Teacher, manifest: Manifest) -> tuple[str, dict[str, Any]]:
+    """(sha256 key, the fields it hashes): teacher identity, preprocessing, manifest content and counts."""
+    fields = {
+        "version": CACHE_VERSION,
+        "teacher": teacher.identity,
+        "preprocess": teacher.preprocess_cfg,
+        "manifest_sha256": manifest.content_hash(),
+        "n_images": len(manifest),
+        "n_texts": manifest.n_captions,
+    }
+    return sha256_json(fields), fields
+
+
+def cache_dir(root: Path, teacher: Teacher, manifest: Manifest) -> Path:
+    key, _ = cache_key(teacher, manifest)
+    slug = lambda s: re.sub(r"[^A-Za-z0-9_.-]+", "-", s)[:48]  # noqa: E731
+    return Path(root) / f"{slug(teacher.source.model_name)}__{slug(manifest.path.stem)}__{key[:16]}"
+
+
+class CacheMismatch(Exception):
+    """A finished cache directory that does not match what it should hold (the reason is the message)."""
+
+
+@dataclass
+class FeatureCache:
+    """Memory-mapped teacher features of one manifest (read-only)."""
+
+    path: Path
+    meta: dict[str, Any]
+    image_emb: np.ndarray     # (N, D) float16
+    image_ok: np.ndarray      # (N,) bool
+    text_emb: np.ndarray      # (T, D) float16
+    text_offsets: np.ndarray  # (N + 1,) int64
+
+    @property
+    def n_images(self) -> int:
+        return int(self.image_emb.shape[0])
+
+    @property
+    def n_texts(self) -> int:
+        return int(self.text_emb.shape[0])
+
+    @property
+    def dim(self) -> int:
+        return int(self.image_emb.shape[1])
+
+    @property
+    def bad_images(self) -> list[tuple[int, str, str]]:
+        return [tuple(b) for b in self.meta.get("bad_images", [])]  # type: ignore[misc]
+
+    def image_features(self, indices: np.ndarray | torch.Tensor | list[int]) -> torch.Tensor:
+        """Teacher image embeddings of the given images -> (B, D) float32."""
+        idx = np.asarray(indices, dtype=np.int64)
+        return torch.from_numpy(np.ascontiguousarray(self.image_emb[idx], dtype=np.float32))
+
+    def caption_rows(self, index: int) -> range:
+        """Rows of ``text_emb`` holding the captions of image ``index``."""
+        return range(int(self.text_offsets[index]), int(self.text_offsets[index + 1]))
+
+    def text_features(self, rows: np.ndarray | torch.Tensor | list[int]) -> torch.Tensor:
+        """Teacher text embeddings of the given caption rows -> (B, D) float32."""
+        idx = np.asarray(rows, dtype=np.int64)
+        return torch.from_numpy(np.ascontiguousarray(self.text_emb[idx], dtype=np.float32))
+
+
+def _sha256_arrays(folder: Path) -> dict[str, dict[str, Any]]:
+    out = {}
+    for name in ARRAYS:
+        arr = np.load(folder / f"{name}.npy", mmap_mode="r")
+        out[name] = {"shape": list(arr.shape), "dtype": str(arr.dtype), "sha256": sha256_file(folder / f"{name}.npy")}
+        del arr
+    return out
+
+
+def open_cache(path: Path, key: str, manifest: Manifest, verify_hashes: bool = True) -> FeatureCache:
+    """Open a finished cache directory, checking key, counts, shapes and (by default) file hashes.
+
+    Raises FileNotFoundError when there is no finished cache at ``path``, CacheMismatch when it does not match.
+    """
+    meta_path = path / "meta.json"
+    if not meta_path.is_file():
+        if path.exists():
+            raise CacheMismatch("meta.json is missing")
+        raise FileNotFoundError(path)
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CacheMismatch(f"meta.json is unreadable ({e})") from None
+    if meta.get("version") != CACHE_VERSION:
+        raise CacheMismatch(f"it was written by cache format {meta.get('version')}, this is {CACHE_VERSION}")
+    if meta.get("key") != key:
+        raise CacheMismatch("its key differs from the teacher, preprocessing and manifest of this run")
+    if meta.get("n_images") != len(manifest) or meta.get("n_texts") != manifest.n_captions:
+        raise CacheMismatch(f"it holds {meta.get('n_images')} images / {meta.get('n_texts')} captions, the manifest "
+                            f"{len(manifest)} / {manifest.n_captions}")
+    arrays = {}
+    for name in ARRAYS:
+        expected = meta.get("arrays", {}).get(name, {})
+        file = path / f"{name}.npy"
+        try:
+            arr = np.load(file, mmap_mode="r")
+        except (OSError, ValueError) as e:
+            raise CacheMismatch(f"{name}.npy is unreadable ({e})") from None
+        if list(arr.shape) != expected.get("shape") or str(arr.dtype) != expected.get("dtype"):
+            raise CacheMismatch(f"{name}.npy has shape {list(arr.shape)} {arr.dtype}, meta.json says "
+                                f"{expected.get('shape')} {expected.get('dtype')}")
+        if verify_hashes and sha256_file(file) != expected.get("sha256"):
+            raise CacheMismatch(f"{name}.npy does not match its sha256 in meta.json (corrupt or changed)")
+        arrays[name] = arr
+    if not np.array_equal(np.asarray(arrays["text_offsets"]), manifest.caption_offsets):
+        raise CacheMismatch("its caption offsets differ from the manifest's")
+    return FeatureCache(path=path, meta=meta, **arrays)
+
+
+@contextlib.contextmanager
+def _lock(path: Path) -> Iterator[None]:
+    """One builder per cache directory across processes (the lock file is harmless when left behind)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "a") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def _progress_bar(console: Console) -> Progress:
+    return Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                    console=console, transient=False)
+
+
+class _Builder:
+    """Fills a ``.partial`` directory chunk by chunk, persisting progress after each flushed chunk."""
+
+    def __init__(self, teacher: Teacher, manifest: Manifest, final: Path, key: str, fields: dict[str, Any],
+                 batch_size: int, workers: int, chunk_size: int, max_bad_fraction: float, console: Console,
+                 what: str) -> None:
+        self.teacher, self.manifest, self.final, self.key, self.fields = teacher, manifest, final, key, fields
+        self.batch_size, self.workers, self.chunk_size = batch_size, workers, chunk_size
+        self.console, self.what = console, what
+        self.partial = final.with_name(final.name + ".partial")
+        self.progress_file = self.partial / "progress.json"
+        self.state = self._resume_or_start()
+        self.bad = BadImages(len(manifest), max_bad_fraction, what, console,
+                             known=[tuple(b) for b in self.state["bad_images"]])  # type: ignore[misc]
+        self.forward_batches = 0  # teacher forward passes run by this builder (0 on a full resume)
+
+    def _resume_or_start(self) -> dict[str, Any]:
+        n, t, d = len(self.manifest), self.manifest.n_captions, self.teacher.embed_dim
+        if self.progress_file.is_file():
+            try:
+                state = json.loads(self.progress_file.read_text(encoding="utf-8"))
+                if state.get("key") == self.key and state.get("chunk_size") == self.chunk_size \
+                        and state.get("batch_size") == self.batch_size:
+                    self.console.print(f"{self.what}: resuming the cache build at image {state['images_done']} "
+                                       f"of {n}, caption {state['texts_done']} of {t}", highlight=False)
+                    return state
+            except (OSError, json.JSONDecodeError, KeyError):
+                pass
+        shutil.rmtree(self.partial, ignore_errors=True)
+        self.partial.mkdir(parents=True)
+        for name, shape, dtype in (("image_emb", (n, d), np.float16), ("image_ok", (n,), np.bool_),
+                                   ("text_emb", (t, d), np.float16)):
+            arr = np.lib.format.open_memmap(self.partial / f"{name}.npy", mode="w+", dtype=dtype, shape=shape)
+            arr.flush()
+            del arr
+        np.save(self.partial / "text_offsets.npy", self.manifest.caption_offsets)
+        state = {"key": self.key, "chunk_size": self.chunk_size, "batch_size": self.batch_size,
+                 "images_done": 0, "texts_done": 0, "bad_images": []}
+        atomic.write_json(self.progress_file, state)
+        return state
+
+    def _save_progress(self, **done: int) -> None:
+        self.state.update(done, bad_images=[list(b) for b in self.bad.items])
+        atomic.write_json(self.progress_file, self.state)
+
+    def _batches(self, start: int, total: int) -> list[list[int]]:
+        """Batches that never cross a chunk boundary, from ``start`` (always a chunk boundary) to ``total``."""
+        out = []
+        for c in range(start, total, self.chunk_size):
+            end = min(c + self.chunk_size, total)
+            out += [list(range(b, min(b + self.batch_size, end))) for b in range(c, end, self.batch_size)]
+        return out
+
+    def _rate(self, done: int, started: float) -> str:
+        return f"{done / max(time.perf_counter() - started, 1e-9):.1f}/s"
+
+    def run(self) -> None:
+        n, t = len(self.manifest), self.manifest.n_captions
+        with _progress_bar(self.console) as bar:
+            self._images(bar, n)
+            self._texts(bar, t)
+        self._finish()
+
+    def _images(self, bar: Progress, n: int) -> None:
+        start = self.state["images_done"]
+        task = bar.add_task(f"{self.what}: teacher image features", total=n, completed=start, rate="")
+        if start >= n:
+            return
+        emb = np.load(self.partial / "image_emb.npy", mmap_mode="r+")
+        ok = np.load(self.partial / "image_ok.npy", mmap_mode="r+")
+        dataset = ImageDataset([e.image for e in self.manifest.entries], self.teacher.preprocess)
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_sampler=self._batches(start, n), num_workers=self.workers, collate_fn=collate_images,
+            pin_memory=self.teacher.device.type == "cuda", persistent_workers=False)
+        started, done = time.perf_counter(), 0
+        for indices, images, failures in loader:
+            rows = indices.numpy()
+            if images is not None:
+                emb[rows] = self.teacher.embed_images(images).cpu().numpy().astype(np.float16)
+                ok[rows] = True
+                self.forward_batches += 1
+            for i, why in failures:
+                ok[i] = False
+                self.bad.add(i, self.manifest.entries[i].image, why)
+            last = int(max(rows.max(initial=-1), max((i for i, _ in failures), default=-1)))
+            done += len(rows) + len(failures)
+            bar.update(task, completed=last + 1, rate=self._rate(done, started))
+            if (last + 1) % self.chunk_size == 0 or last + 1 == n:
+                emb.flush()
+                ok.flush()
+                self._save_progress(images_done=last + 1)
+        del emb, ok
+
+    def _texts(self, bar: Progress, t: int) -> None:
+        start = self.state["texts_done"]
+        task = bar.add_task(f"{self.what}: teacher text features", total=t, completed=start, rate="")
+        if start >= t:
+            return
+        emb = np.load(self.partial / "text_emb.npy", mmap_mode="r+")
+        captions = self.manifest.all_captions()
+        started, done = time.perf_counter(), 0
+        for batch in self._batches(start, t):
+            emb[batch[0]:batch[-1] + 1] = self.teacher.embed_texts(captions[batch[0]:batch[-1] + 1]).cpu().numpy()
+            self.forward_batches += 1
+            done += len(batch)
+            bar.update(task, completed=batch[-1] + 1, rate=self._rate(done, started))
+            if (batch[-1] + 1) % self.chunk_size == 0 or batch[-1] + 1 == t:
+                emb.flush()
+                self._save_progress(texts_done=batch[-1] + 1)
+        del emb
+
+    def _finish(self) -> None:
+        meta = {"version": CACHE_VERSION, "key": self.key, **self.fields,
+                "dim": self.teacher.embed_dim, "bad_images": [list(b) for b in self.bad.items],
+                "arrays": _sha256_arrays(self.partial), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "builder": {"device": str(self.teacher.device), "torch": torch.__version__}}
+        atomic.write_json(self.partial / "meta.json", meta)
+        self.progress_file.unlink()
+        if self.final.exists():  # a stale, mismatching cache the caller decided to replace
+            shutil.rmtree(self.final)
+        os.replace(self.partial, self.final)
+        atomic.fsync_dir(self.final.parent)
+
+
+@dataclass
+class CacheResult:
+    cache: FeatureCache
+    hit: bool                # True: nothing was computed
+    forward_batches: int     # teacher forward passes run for this call
+    seconds: float
+
+
+def build_or_load(teacher: Teacher, manifest: Manifest, root: Path, *, batch_size: int = 64, workers: int = 2,
+                  chunk_size: int = 1024, max_bad_fraction: float = 0.05, what: str = "cache",
+                  console: Console | None = None, rebuild: bool = False) -> CacheResult:
+    """Return the verified cache of ``manifest`` under ``root``, building (or resuming) it when needed."""
+    console = console or Console(stderr=True)
+    started = time.perf_counter()
+    key, fields = cache_key(teacher, manifest)
+    final = cache_dir(root, teacher, manifest)
+    with _lock(final):
+        if rebuild and final.exists():
+            console.print(f"{what}: --rebuild: removing {final}", highlight=False)
+            shutil.rmtree(final)
+        try:
+            cache = open_cache(final, key, manifest)
+            if cache.bad_images:
+                console.print(BadImages(len(manifest), 1.0, what, console, known=cache.bad_images).summary()
+                              + " (recorded when the cache was built)", highlight=False)
+            return CacheResult(cache, True, 0, time.perf_counter() - started)
+        except FileNotFoundError:
+            pass
+        except CacheMismatch as e:
+            console.print(f"[yellow]{what}: cache {final} does not match ({e}); rebuilding it[/]", highlight=False)
+            shutil.rmtree(final)
+        builder = _Builder(teacher, manifest, final, key, fields, batch_size, workers, chunk_size,
+                           max_bad_fraction, console, what)
+        builder.run()
+        console.print(builder.bad.summary(), highlight=False)
+        cache = open_cache(final, key, manifest)
+        return CacheResult(cache, False, builder.forward_batches, time.perf_counter() - started)
+
+
+
+def load_split_manifests(recipe: Recipe) -> dict[str, Manifest]:
+    """The recipe's manifests by split name ('train', and 'val' when given)."""
+    splits = {"train": recipe.data.train, "val": recipe.data.val}
+    return {name: load_manifest(path, recipe.data.image_root) for name, path in splits.items() if path is not None}
+
+
+def caches_for_recipe(recipe: Recipe, teacher: Teacher, manifests: dict[str, Manifest],
+                      console: Console | None = None, rebuild: bool = False) -> dict[str, CacheResult]:
+    """Build or load the teacher feature cache of every split, with the recipe's data and cache settings."""
+    root = recipe.cache.dir or default_cache_root()
+    return {name: build_or_load(teacher, manifest, root, batch_size=recipe.data.batch_size,
+                                workers=recipe.data.workers, chunk_size=recipe.cache.chunk_size,
+                                max_bad_fraction=recipe.data.max_bad_fraction, what=name, console=console,
+                                rebuild=rebuild)
+            for name, manifest in manifests.items()}

@@ -1,0 +1,90 @@
+"""Reading images for the teacher and the student; unreadable images are skipped, counted and reported."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from PIL import Image, UnidentifiedImageError
+from rich.console import Console
+
+from edgedistill.errors import UserError
+
+
+def open_image(path: str | Path) -> Image.Image:
+    """Decode an image file fully into an RGB PIL image (raises on missing, truncated or non-image files)."""
+    with Image.open(path) as im:
+        im.load()
+        return im.convert("RGB")
+
+
+def why_unreadable(exc: BaseException) -> str:
+    """A short reason for a failed image read, for warnings and the bad-image summary."""
+    if isinstance(exc, FileNotFoundError):
+        return "file not found"
+    if isinstance(exc, IsADirectoryError):
+        return "is a directory"
+    if isinstance(exc, UnidentifiedImageError):
+        return "not an image file"
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return f"unreadable ({text})"
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """Images by index through a transform; item = (index, tensor (3, H, W) or None, reason or None)."""
+
+    def __init__(self, paths: Sequence[Path], transform: Callable[[Image.Image], torch.Tensor]) -> None:
+        self.paths = list(paths)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, str | None]:
+        try:
+            return index, self.transform(open_image(self.paths[index])), None
+        except Exception as e:  # a bad file must not stop the run; BadImages decides when too many are bad
+            return index, None, why_unreadable(e)
+
+
+def collate_images(items: list[tuple[int, torch.Tensor | None, str | None]]
+                   ) -> tuple[torch.Tensor, torch.Tensor | None, list[tuple[int, str]]]:
+    """Batch the readable images: (indices (B,), images (B, 3, H, W) or None, [(index, reason) of bad ones])."""
+    good = [(i, x) for i, x, _ in items if x is not None]
+    bad = [(i, why) for i, x, why in items if x is None]
+    indices = torch.tensor([i for i, _ in good], dtype=torch.long)
+    images = torch.stack([x for _, x in good]) if good else None
+    return indices, images, bad
+
+
+class BadImages:
+    """Counts skipped images, warns about each, and stops the run past ``max_fraction`` of ``total``."""
+
+    def __init__(self, total: int, max_fraction: float, what: str, console: Console | None = None,
+                 known: Sequence[tuple[int, str, str]] = ()) -> None:
+        self.total = total
+        self.max_fraction = max_fraction
+        self.what = what
+        self.console = console or Console(stderr=True)
+        self.items: list[tuple[int, str, str]] = list(known)  # (index, path, reason)
+
+    def add(self, index: int, path: str | Path, reason: str) -> None:
+        self.items.append((index, str(path), reason))
+        self.console.print(f"[yellow]warning:[/] skipped image {path}: {reason}", highlight=False)
+        self.check()
+
+    def check(self) -> None:
+        if self.total and len(self.items) > self.max_fraction * self.total:
+            first = self.items[0]
+            raise UserError(
+                f"{self.what}: {len(self.items)} of {self.total} images could not be read, more than "
+                f"{self.max_fraction:.0%} (first: {first[1]}: {first[2]}); fix the images or the manifest, "
+                f"or raise data.max_bad_fraction")
+
+    def summary(self) -> str:
+        if not self.items:
+            return f"{self.what}: all {self.total} images read"
+        share = len(self.items) / max(self.total, 1)
+        names = ", ".join(p for _, p, _ in self.items[:3]) + (", ..." if len(self.items) > 3 else "")
+        return f"{self.what}: skipped {len(self.items)} of {self.total} images ({share:.1%}): {names}"

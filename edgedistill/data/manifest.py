@@ -1,0 +1,191 @@
+"""Dataset manifests: which images, with which captions (and optionally a class label).
+
+JSON Lines, one image a line::
+
+    {"image": "relative/or/absolute.jpg", "captions": ["...", "..."], "label": "optional class name"}
+
+Several captions per image are kept (retrieval Recall@K depends on them); an image may have none (it still
+feeds every term that needs only images and teacher features). Extra keys are allowed (width, url, ...), but a
+key that looks like a misspelt known key is an error. CSV with ``image,caption`` columns (and optionally
+``label``) is read too; rows with the same image are grouped into one entry.
+"""
+
+from __future__ import annotations
+
+import csv
+import difflib
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+
+from edgedistill.errors import UserError
+
+KNOWN_KEYS = ("image", "captions", "label")
+SUFFIXES = (".jsonl", ".csv")
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One image: its resolved path, its captions (possibly none) and an optional class label."""
+
+    image: Path
+    captions: tuple[str, ...] = ()
+    label: str | None = None
+
+
+@dataclass
+class Manifest:
+    path: Path
+    entries: list[Entry]
+    _offsets: np.ndarray | None = field(default=None, repr=False)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    @property
+    def n_captions(self) -> int:
+        return int(self.caption_offsets[-1])
+
+    @property
+    def caption_offsets(self) -> np.ndarray:
+        """(N + 1,) int64: the captions of entry ``i`` are rows ``offsets[i]:offsets[i + 1]`` of all_captions."""
+        if self._offsets is None:
+            counts = [len(e.captions) for e in self.entries]
+            self._offsets = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)]).astype(np.int64)
+        return self._offsets
+
+    def all_captions(self) -> list[str]:
+        """Every caption, entry by entry, in manifest order."""
+        return [c for e in self.entries for c in e.captions]
+
+    def content_hash(self) -> str:
+        """sha256 of what the teacher sees: resolved image paths and captions (labels excluded)."""
+        h = hashlib.sha256(b"edgedistill-manifest-v1\n")
+        for e in self.entries:
+            h.update(json.dumps([str(e.image), list(e.captions)], ensure_ascii=False).encode("utf-8"))
+            h.update(b"\n")
+        return h.hexdigest()
+
+
+def load_manifest(path: str | Path, image_root: str | Path | None = None) -> Manifest:
+    """Read a .jsonl or .csv manifest; relative image paths resolve against ``image_root`` or the manifest's folder.
+
+    Raises UserError for a missing or empty manifest, an unknown format, or a bad line (with its line number).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"manifest {path} not found; check data.train / data.val in the recipe")
+    root = Path(image_root) if image_root is not None else path.parent
+    if path.suffix.lower() == ".jsonl":
+        raw = _read_jsonl(path)
+    elif path.suffix.lower() == ".csv":
+        raw = _read_csv(path)
+    else:
+        raise UserError(f"manifest {path}: unknown format '{path.suffix}'; use JSON Lines (.jsonl) or CSV (.csv)")
+    if not raw:
+        raise UserError(f"manifest {path} has no images; each line needs at least an \"image\" path")
+    seen: dict[str, int] = {}
+    entries = []
+    for line, image, captions, label in raw:
+        if image in seen:
+            raise UserError(f"manifest {path} line {line}: image '{image}' is already on line {seen[image]}; "
+                            f"put all of an image's captions on one line")
+        seen[image] = line
+        p = Path(image).expanduser()
+        entries.append(Entry(image=p if p.is_absolute() else root / p, captions=tuple(captions), label=label))
+    return Manifest(path=path, entries=entries)
+
+
+Row = tuple[int, str, list[str], "str | None"]
+
+
+def _bad(path: Path, line: int, why: str) -> UserError:
+    return UserError(f"manifest {path} line {line}: {why}")
+
+
+def _check_captions(path: Path, line: int, captions: Any) -> list[str]:
+    if captions is None:
+        return []
+    if isinstance(captions, str):
+        raise _bad(path, line, "\"captions\" must be a list of strings, e.g. [\"a dog on a beach\"]")
+    if not isinstance(captions, list):
+        raise _bad(path, line, f"\"captions\" must be a list of strings, not {type(captions).__name__}")
+    out = []
+    for i, c in enumerate(captions, 1):
+        if not isinstance(c, str) or not c.strip():
+            raise _bad(path, line, f"caption {i} is {'empty' if isinstance(c, str) else type(c).__name__}; "
+                                   f"captions are non-empty strings")
+        out.append(c.strip())
+    return out
+
+
+def _check_label(path: Path, line: int, label: Any) -> str | None:
+    if label is None:
+        return None
+    if isinstance(label, bool) or not isinstance(label, (str, int)):
+        raise _bad(path, line, f"\"label\" must be a class name (string), not {type(label).__name__}")
+    return str(label)
+
+
+def _read_jsonl(path: Path) -> list[Row]:
+    rows: list[Row] = []
+    with open(path, encoding="utf-8") as f:
+        try:
+            lines: Iterable[str] = list(f)
+        except UnicodeDecodeError:
+            raise UserError(f"manifest {path} is not UTF-8 text") from None
+    for n, text in enumerate(lines, 1):
+        if not text.strip():
+            continue
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise _bad(path, n, f"not valid JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(obj, dict):
+            raise _bad(path, n, "each line must be a JSON object like {\"image\": \"a.jpg\", \"captions\": [...]}")
+        for key in obj:
+            if key not in KNOWN_KEYS:
+                close = difflib.get_close_matches(key, KNOWN_KEYS, n=1, cutoff=0.75)
+                if close and close[0] not in obj:
+                    raise _bad(path, n, f"unknown key '{key}'; did you mean '{close[0]}'?")
+        image = obj.get("image")
+        if not isinstance(image, str) or not image.strip():
+            raise _bad(path, n, "missing \"image\" (a path to the image file)")
+        rows.append((n, image.strip(), _check_captions(path, n, obj.get("captions")),
+                     _check_label(path, n, obj.get("label"))))
+    return rows
+
+
+def _read_csv(path: Path) -> list[Row]:
+    with open(path, encoding="utf-8", newline="") as f:
+        try:
+            reader = csv.DictReader(f)
+            header = reader.fieldnames or []
+            if "image" not in header or "caption" not in header:
+                raise UserError(f"manifest {path}: a CSV manifest needs a header with 'image' and 'caption' "
+                                f"columns (found: {', '.join(header) or 'none'})")
+            grouped: dict[str, list[Any]] = {}
+            for row in reader:
+                n = reader.line_num
+                image = (row.get("image") or "").strip()
+                if not image:
+                    raise _bad(path, n, "empty 'image' column")
+                caption = (row.get("caption") or "").strip()
+                label = (row.get("label") or "").strip() or None
+                if image not in grouped:
+                    grouped[image] = [n, image, [], label]
+                g = grouped[image]
+                if caption:
+                    g[2].append(caption)
+                if label is not None and g[3] is not None and label != g[3]:
+                    raise _bad(path, n, f"image '{image}' has label '{label}' here but '{g[3]}' on line {g[0]}")
+                g[3] = g[3] or label
+        except UnicodeDecodeError:
+            raise UserError(f"manifest {path} is not UTF-8 text") from None
+        except csv.Error as e:
+            raise _bad(path, reader.line_num, f"bad CSV ({e})") from None
+    return [tuple(g) for g in grouped.values()]  # type: ignore[misc]

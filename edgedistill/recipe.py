@@ -1,0 +1,243 @@
+"""Recipes: one YAML file is one experiment, validated by pydantic.
+
+Unknown keys and wrong types are user errors naming the key's full path and the nearest valid key.
+Command-line overrides ``key.sub=value`` are applied to the raw YAML before validation, so they are checked
+exactly like the file. Relative paths in a recipe resolve against the current working directory (the
+place the command runs from), like ``out: runs/<name>``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveFloat, PositiveInt, ValidationError
+from pydantic import field_validator, model_validator
+
+from edgedistill import atomic
+from edgedistill.errors import UserError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TeacherConfig(_Section):
+    model: str = Field(description="open_clip model name (ViT-B-32), path to an open_clip model config JSON, "
+                                   "or hf-hub:org/name")
+    pretrained: str | None = Field(None, description="open_clip pretrained tag, local checkpoint path, "
+                                                     "or hf-hub:org/name; null = random weights")
+
+
+class StudentConfig(_Section):
+    vision: str = Field("mobilenetv3_large_100", description="timm model name of the student's vision tower")
+    text: Literal["teacher"] = Field("teacher", description="'teacher': the teacher's text tower, frozen")
+
+
+class AugmentConfig(_Section):
+    scale: tuple[float, float] = Field((0.5, 1.0), description="random resized crop area range")
+    hflip: bool = Field(True, description="random horizontal flip (turn off when captions mention left/right)")
+
+    @field_validator("scale")
+    @classmethod
+    def _scale_range(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not 0.0 < v[0] <= v[1] <= 1.0:
+            raise ValueError("needs 0 < min <= max <= 1")
+        return v
+
+
+class DataConfig(_Section):
+    train: Path = Field(description="training manifest (.jsonl or .csv)")
+    val: Path | None = Field(None, description="validation manifest (.jsonl or .csv)")
+    image_root: Path | None = Field(None, description="folder for relative image paths; default: the manifest's")
+    batch_size: PositiveInt = 64
+    workers: NonNegativeInt = 2
+    max_bad_fraction: float = Field(0.05, ge=0.0, le=1.0,
+                                    description="stop when more than this share of images cannot be read")
+    augment: AugmentConfig = AugmentConfig()
+
+
+class CacheConfig(_Section):
+    dir: Path | None = Field(None, description="teacher feature cache root; default: ~/.cache/edgedistill")
+    chunk_size: PositiveInt = Field(1024, description="images per resumable chunk of the cache build")
+
+
+class LossConfig(_Section):
+    terms: list[str] = ["feature", "similarity", "relation", "contrastive", "hard_negative", "clip"]
+    balancer: str = "dsmd"
+
+
+class TrainConfig(_Section):
+    epochs: PositiveInt = 10
+    lr: PositiveFloat = 1e-3
+
+
+class Recipe(_Section):
+    name: str
+    seed: int = 0
+    out: Path | None = Field(None, description="run directory; default: runs/<name>")
+    device: str = Field("auto", description="auto (CUDA when available), cpu, cuda or cuda:N")
+    teacher: TeacherConfig
+    student: StudentConfig = StudentConfig()
+    data: DataConfig
+    cache: CacheConfig = CacheConfig()
+    loss: LossConfig = LossConfig()
+    train: TrainConfig = TrainConfig()
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_a_folder_name(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", v):
+            raise ValueError("use letters, digits, '_', '-' and '.' only")
+        return v
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, v: str) -> str:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", v):
+            raise ValueError("use auto, cpu, cuda or cuda:N")
+        return v
+
+    @model_validator(mode="after")
+    def _default_out(self) -> "Recipe":
+        if self.out is None:
+            self.out = Path("runs") / self.name
+        return self
+
+
+# ----------------------------------------------------------------------------------------------- errors
+
+
+def _unwrap_model(annotation: Any) -> type[BaseModel] | None:
+    """The pydantic model inside an annotation (``X``, ``X | None``), if any."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        for arg in typing.get_args(annotation):
+            found = _unwrap_model(arg)
+            if found is not None:
+                return found
+    return None
+
+
+def _section_at(loc: Sequence[Any]) -> type[BaseModel] | None:
+    model: type[BaseModel] | None = Recipe
+    for part in loc:
+        if model is None or part not in model.model_fields:
+            return None
+        model = _unwrap_model(model.model_fields[part].annotation)
+    return model
+
+
+def valid_keys(section: str = "") -> list[str]:
+    """Field names of the recipe section at dotted path ``section`` ('' = top level)."""
+    model = _section_at([p for p in section.split(".") if p])
+    return list(model.model_fields) if model else []
+
+
+def _describe(error: dict[str, Any]) -> str:
+    loc = [p for p in error["loc"] if isinstance(p, str)]
+    path = ".".join(str(p) for p in error["loc"])
+    if error["type"] == "extra_forbidden":
+        parent, key = loc[:-1], loc[-1]
+        section = _section_at(parent)
+        names = list(section.model_fields) if section else []
+        prefix = ".".join(parent) + "." if parent else ""
+        close = difflib.get_close_matches(key, names, n=1, cutoff=0.5)
+        if close:
+            return f"unknown key '{path}'; did you mean '{prefix}{close[0]}'?"
+        return f"unknown key '{path}'; valid keys there: {', '.join(names)}"
+    if error["type"] == "missing":
+        return f"missing required key '{path}'"
+    got = error.get("input")
+    got_text = f" (got {got!r})" if not isinstance(got, (dict, list)) else ""
+    msg = error["msg"].removeprefix("Value error, ")
+    return f"'{path}': {msg}{got_text}"
+
+
+def validate_recipe(raw: Any, source: str = "recipe") -> Recipe:
+    """Validate a raw mapping into a Recipe, or raise a one-line UserError naming the first problem."""
+    if not isinstance(raw, dict):
+        raise UserError(f"{source}: a recipe is a YAML mapping of keys (name, teacher, data, ...), "
+                        f"not a {type(raw).__name__}")
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as e:
+        errors = e.errors()
+        more = f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
+        raise UserError(f"{source}: {_describe(errors[0])}{more}") from e
+
+
+# -------------------------------------------------------------------------------------------- overrides
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``'train.epochs=3'`` -> (['train', 'epochs'], 3); the value is read as YAML (numbers, null, lists)."""
+    key, sep, value = item.partition("=")
+    parts = key.strip().split(".")
+    if not sep or not all(re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", p) for p in parts):
+        raise UserError(f"override '{item}' is not of the form key.sub=value (e.g. train.epochs=3)")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError:
+        parsed = value
+    return parts, parsed
+
+
+def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Set each ``key.sub=value`` in the raw recipe mapping (in place, and returned)."""
+    for item in overrides:
+        parts, value = parse_override(item)
+        node = raw
+        for i, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise UserError(f"override '{item}': '{'.'.join(parts[:i + 1])}' is a value, not a section")
+            node = child
+        node[parts[-1]] = value
+    return raw
+
+
+# ---------------------------------------------------------------------------------------- load and save
+
+
+def read_yaml(path: Path, what: str = "recipe") -> Any:
+    """Read YAML with ``safe_load`` (tags that would run code are refused), as a one-line error on failure."""
+    if not path.is_file():
+        raise UserError(f"{what} {path} not found; check the path")
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise UserError(f"{what} {path} is not a UTF-8 text file") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise UserError(f"{what} {path} is not valid YAML{where}: {problem}") from e
+
+
+def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
+    """Load, override and validate a recipe file."""
+    path = Path(path)
+    raw = read_yaml(path)
+    if raw is None:
+        raise UserError(f"recipe {path} is empty; see recipes/clip_to_mobilenet.yaml for an example")
+    if isinstance(raw, dict):
+        apply_overrides(raw, overrides)
+    return validate_recipe(raw, source=f"recipe {path}")
+
+
+def recipe_to_yaml(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False, default_flow_style=None)
+
+
+def save_recipe(recipe: Recipe, path: str | Path) -> None:
+    """Write the resolved recipe (every default filled in) atomically."""
+    atomic.write_text(path, recipe_to_yaml(recipe))

@@ -1,0 +1,205 @@
+"""The frozen open_clip teacher: where its weights come from, how it embeds, and who it is (for cache keys).
+
+``teacher.model`` is an open_clip model name (``ViT-B-32``), a path to an open_clip model config JSON (the
+plain form in open_clip's ``model_configs/`` or the hub form with ``model_cfg``/``preprocess_cfg``), or
+``hf-hub:org/name``. ``teacher.pretrained`` is an open_clip pretrained tag (downloaded where there is
+internet), a local checkpoint file (loaded with ``weights_only=True`` or safetensors, never by unpickling
+arbitrary objects), ``hf-hub:org/name``, or null for random weights (seeded, for tests and benchmarks).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import hashlib
+import json
+import logging
+import pickle
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import open_clip
+import torch
+from PIL import Image
+
+from edgedistill.errors import UserError
+from edgedistill.recipe import TeacherConfig
+
+HF_HUB = "hf-hub:"
+_registered_configs = tempfile.mkdtemp(prefix="edgedistill-configs-")
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def sha256_json(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=list).encode("utf-8")).hexdigest()
+
+
+def resolve_device(device: str) -> torch.device:
+    """'auto' -> CUDA when available, else CPU; 'cuda' on a machine without CUDA is a user error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device '{device}' asked for, but this machine has no CUDA GPU visible to torch; "
+                        f"use device=cpu or device=auto")
+    return torch.device(device)
+
+
+@contextlib.contextmanager
+def _quiet_open_clip() -> Iterator[None]:
+    """open_clip logs routine notes ('initialized randomly') and failures; we report what matters ourselves."""
+    logging.disable(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logging.disable(logging.NOTSET)
+
+
+@dataclass(frozen=True)
+class TeacherSource:
+    """What to pass to open_clip, and what the weights are, resolved from the recipe without building a model."""
+
+    model_name: str              # name for open_clip.create_model / get_tokenizer
+    pretrained: str | None       # tag or file for open_clip, None for hf-hub or random weights
+    config_sha256: str           # hash of the architecture config ('' for hf-hub: the hub holds it)
+    weights: str                 # 'random(seed=0)', 'tag:<tag>:<source>', 'file:<sha256>', 'hf-hub:<id>'
+    preprocess_overrides: dict[str, Any]  # preprocessing from a hub-form config JSON
+
+
+def _register_config_json(path: Path) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    """Register a model config JSON with open_clip under a name unique to its content."""
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"teacher.model {path} is not a readable JSON file ({e})") from None
+    preprocess: dict[str, Any] = {}
+    if isinstance(cfg, dict) and "model_cfg" in cfg:  # the hub form: open_clip_config.json
+        preprocess = cfg.get("preprocess_cfg") or {}
+        cfg = cfg["model_cfg"]
+    if not isinstance(cfg, dict) or not all(k in cfg for k in ("embed_dim", "vision_cfg", "text_cfg")):
+        raise UserError(f"teacher.model {path} is not an open_clip model config (it needs embed_dim, vision_cfg "
+                        f"and text_cfg, like the files in open_clip's model_configs/)")
+    # A name unique to the content, so a file called e.g. ViT-B-32.json never shadows the built-in config.
+    name = f"{path.stem}-{sha256_json(cfg)[:10]}"
+    if name not in open_clip.list_models():
+        target = Path(_registered_configs) / f"{name}.json"
+        target.write_text(json.dumps(cfg), encoding="utf-8")
+        open_clip.add_model_config(target)
+    return name, cfg, preprocess
+
+
+def resolve_source(cfg: TeacherConfig, seed: int = 0) -> TeacherSource:
+    """Check the recipe's teacher entries and say where the weights come from (one-line errors)."""
+    model, pretrained = cfg.model, cfg.pretrained
+    for value in (model, pretrained):
+        if value and value.startswith(HF_HUB):
+            return TeacherSource(value, None, "", value, {})
+    preprocess: dict[str, Any] = {}
+    model_path = Path(model).expanduser()
+    if model.endswith(".json") or model_path.is_file():
+        if not model_path.is_file():
+            raise UserError(f"teacher.model {model} not found; give an open_clip model name (e.g. ViT-B-32) "
+                            f"or the path to a model config JSON")
+        name, model_cfg, preprocess = _register_config_json(model_path)
+    else:
+        name = model
+        model_cfg = open_clip.get_model_config(name)
+        if model_cfg is None:
+            close = difflib.get_close_matches(name, open_clip.list_models(), n=3, cutoff=0.6)
+            hint = f"did you mean {', '.join(close)}?" if close else "see open_clip.list_models()"
+            raise UserError(f"teacher.model '{name}' is not an open_clip model; {hint} "
+                            f"(or give the path to a model config JSON)")
+    config_sha = sha256_json(model_cfg)
+    if pretrained is None:
+        return TeacherSource(name, None, config_sha, f"random(seed={seed})", preprocess)
+    if open_clip.get_pretrained_cfg(name, pretrained):
+        tag_cfg = open_clip.get_pretrained_cfg(name, pretrained)
+        source = tag_cfg.get("hf_hub") or tag_cfg.get("url") or ""
+        return TeacherSource(name, pretrained, config_sha, f"tag:{pretrained}:{source}", preprocess)
+    weights = Path(pretrained).expanduser()
+    if weights.is_file():
+        return TeacherSource(name, str(weights), config_sha, f"file:{sha256_file(weights)}", preprocess)
+    tags = open_clip.list_pretrained_tags_by_model(name)
+    known = f"known tags for {name}: {', '.join(tags)}" if tags else f"open_clip has no pretrained tags for {name}"
+    raise UserError(f"teacher.pretrained '{pretrained}' is neither a pretrained tag nor an existing file "
+                    f"({known}); give a tag or the path to a local checkpoint")
+
+
+class Teacher:
+    """A frozen open_clip model in eval mode: images and texts to L2-normalised embeddings, no gradients."""
+
+    def __init__(self, model: torch.nn.Module, preprocess: Callable[[Image.Image], torch.Tensor],
+                 tokenizer: Callable[[Sequence[str]], torch.Tensor], source: TeacherSource,
+                 device: torch.device) -> None:
+        self.model = model.eval().requires_grad_(False).to(device)
+        self.preprocess = preprocess
+        self.tokenizer = tokenizer
+        self.source = source
+        self.device = device
+        self.preprocess_cfg: dict[str, Any] = json.loads(json.dumps(dict(model.visual.preprocess_cfg),
+                                                                    default=list))
+        self.embed_dim = int(open_clip.get_model_config(source.model_name)["embed_dim"])
+
+    @property
+    def identity(self) -> dict[str, Any]:
+        """Who this teacher is: architecture hash and weights; with the preprocessing it keys the cache."""
+        return {"model": self.source.model_name, "config_sha256": self.source.config_sha256,
+                "weights": self.source.weights}
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.float16)
+        return contextlib.nullcontext()
+
+    @torch.inference_mode()
+    def embed_images(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) preprocessed images -> (B, D) float32, L2-normalised."""
+        with self._autocast():
+            out = self.model.encode_image(images.to(self.device, non_blocking=True), normalize=True)
+        return out.float()
+
+    @torch.inference_mode()
+    def embed_texts(self, texts: Sequence[str]) -> torch.Tensor:
+        """N texts -> (N, D) float32, L2-normalised."""
+        tokens = self.tokenizer(list(texts)).to(self.device)
+        with self._autocast():
+            out = self.model.encode_text(tokens, normalize=True)
+        return out.float()
+
+
+def load_teacher(cfg: TeacherConfig, device: str | torch.device = "cpu", seed: int = 0) -> Teacher:
+    """Build the frozen teacher from the recipe's ``teacher`` section (one-line UserError on any failure)."""
+    source = resolve_source(cfg, seed=seed)
+    device = resolve_device(device) if isinstance(device, str) else device
+    pre = source.preprocess_overrides
+    kwargs = dict(image_mean=pre.get("mean"), image_std=pre.get("std"),
+                  image_interpolation=pre.get("interpolation"), image_resize_mode=pre.get("resize_mode"))
+    try:
+        with _quiet_open_clip(), torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)  # random-weight teachers are reproducible, so their cache key holds
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                source.model_name, pretrained=source.pretrained, weights_only=True, **kwargs)
+    except pickle.UnpicklingError as e:
+        raise UserError(f"teacher checkpoint {cfg.pretrained} holds objects other than tensors and is not loaded "
+                        f"(that would run code); save its state_dict or use safetensors") from e
+    except Exception as e:
+        first = (str(e).splitlines() or [type(e).__name__])[0]
+        first = first if len(first) <= 240 else first[:240] + "..."
+        if source.weights.startswith(("tag:", HF_HUB)):
+            raise UserError(f"could not download open_clip weights for {source.model_name} "
+                            f"'{cfg.pretrained or source.model_name}' ({first}); without internet, download the "
+                            f"checkpoint elsewhere and set teacher.pretrained to its local path") from e
+        if source.weights.startswith("file:"):
+            raise UserError(f"teacher checkpoint {cfg.pretrained} does not load into {cfg.model} ({first}); "
+                            f"check that teacher.model matches the checkpoint") from e
+        raise
+    tokenizer = open_clip.get_tokenizer(source.model_name)
+    return Teacher(model, preprocess, tokenizer, source, device)

@@ -1,0 +1,137 @@
+import json
+
+import open_clip
+import pytest
+import torch
+
+from edgedistill.errors import UserError
+from edgedistill.recipe import TeacherConfig
+from edgedistill.teachers import load_teacher, resolve_device, resolve_source
+from tests.conftest import TINY_CONFIG
+
+
+def test_teacher_from_config_json_and_local_checkpoint(tiny_teacher):
+    config, checkpoint = tiny_teacher
+    teacher = load_teacher(TeacherConfig(model=str(config), pretrained=str(checkpoint)))
+    assert not any(p.requires_grad for p in teacher.model.parameters()) and not teacher.model.training
+    assert teacher.embed_dim == 32
+    images = torch.randn(3, 3, 32, 32)
+    emb = teacher.embed_images(images)
+    assert emb.shape == (3, 32) and torch.allclose(emb.norm(dim=-1), torch.ones(3), atol=1e-5)
+    texts = teacher.embed_texts(["a red circle", "a blue square"])
+    assert texts.shape == (2, 32) and torch.allclose(texts.norm(dim=-1), torch.ones(2), atol=1e-5)
+    # The loaded weights are the checkpoint's: same output as the model the fixture saved.
+    reference = open_clip.create_model("tiny-clip")
+    reference.load_state_dict(torch.load(checkpoint, weights_only=True))
+    with torch.no_grad():
+        expected = reference.eval().encode_image(images, normalize=True)
+    assert torch.allclose(emb, expected, atol=1e-5)
+    assert teacher.identity["weights"].startswith("file:") and len(teacher.identity["config_sha256"]) == 64
+    assert teacher.preprocess_cfg["size"] == [32, 32]
+
+
+def test_identity_follows_weights_and_config(tiny_teacher, tmp_path):
+    config, checkpoint = tiny_teacher
+    base = resolve_source(TeacherConfig(model=str(config), pretrained=str(checkpoint)))
+    other_weights = tmp_path / "other.pt"
+    state = torch.load(checkpoint, weights_only=True)
+    state["logit_scale"] = state["logit_scale"] + 1
+    torch.save(state, other_weights)
+    assert resolve_source(TeacherConfig(model=str(config), pretrained=str(other_weights))).weights != base.weights
+    wider = tmp_path / "wider.json"
+    wider.write_text(json.dumps({**TINY_CONFIG, "embed_dim": 48}))
+    assert resolve_source(TeacherConfig(model=str(wider))).config_sha256 != base.config_sha256
+
+
+def test_config_file_named_like_a_builtin_does_not_shadow_it(tmp_path):
+    fake = tmp_path / "ViT-B-32.json"
+    fake.write_text(json.dumps(TINY_CONFIG))
+    source = resolve_source(TeacherConfig(model=str(fake)))
+    assert source.model_name != "ViT-B-32"
+    assert open_clip.get_model_config("ViT-B-32")["embed_dim"] == 512
+
+
+def test_hub_form_config_json_is_accepted(tmp_path):
+    hub = tmp_path / "open_clip_config.json"
+    hub.write_text(json.dumps({"model_cfg": TINY_CONFIG, "preprocess_cfg": {"mean": [0.5, 0.5, 0.5],
+                                                                            "std": [0.25, 0.25, 0.25]}}))
+    teacher = load_teacher(TeacherConfig(model=str(hub)))
+    assert teacher.preprocess_cfg["mean"] == [0.5, 0.5, 0.5] and teacher.preprocess_cfg["std"] == [0.25] * 3
+    assert teacher.source.weights == "random(seed=0)"
+
+
+def test_random_teacher_is_reproducible(tiny_teacher):
+    cfg = TeacherConfig(model=str(tiny_teacher[0]))
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(load_teacher(cfg).embed_images(x), load_teacher(cfg).embed_images(x))
+
+
+def test_unknown_model_suggests_names():
+    with pytest.raises(UserError, match=r"teacher.model 'ViT-B-23' is not an open_clip model; did you mean .*ViT-B-32"):
+        resolve_source(TeacherConfig(model="ViT-B-23"))
+
+
+def test_missing_config_json():
+    with pytest.raises(UserError, match="teacher.model /nope/cfg.json not found"):
+        resolve_source(TeacherConfig(model="/nope/cfg.json"))
+
+
+def test_json_that_is_not_a_model_config(tmp_path):
+    bad = tmp_path / "cfg.json"
+    bad.write_text('{"hello": 1}')
+    with pytest.raises(UserError, match="is not an open_clip model config"):
+        resolve_source(TeacherConfig(model=str(bad)))
+
+
+def test_unknown_tag_lists_known_tags():
+    with pytest.raises(UserError, match=r"neither a pretrained tag nor an existing file \(known tags for ViT-B-32: "
+                                        r"openai, .*laion2b_s34b_b79k"):
+        resolve_source(TeacherConfig(model="ViT-B-32", pretrained="laion2b_typo"))
+
+
+def test_checkpoint_of_another_architecture(tiny_teacher, tmp_path):
+    wider = tmp_path / "wider.json"
+    wider.write_text(json.dumps({**TINY_CONFIG, "embed_dim": 48}))
+    with pytest.raises(UserError, match=r"does not load into .*wider.json.*check that teacher.model matches"):
+        load_teacher(TeacherConfig(model=str(wider), pretrained=str(tiny_teacher[1])))
+
+
+def test_checkpoint_with_arbitrary_objects_is_not_unpickled(tiny_teacher, tmp_path):
+    evil = tmp_path / "evil.pt"
+    torch.save({"state_dict": torch.load(tiny_teacher[1], weights_only=True), "extra": object.__new__(Exploit)},
+               evil)
+    with pytest.raises(UserError, match="holds objects other than tensors"):
+        load_teacher(TeacherConfig(model=str(tiny_teacher[0]), pretrained=str(evil)))
+
+
+class Exploit:
+    pass
+
+
+def test_failed_download_is_one_line(monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # fail at once, as without internet
+    with pytest.raises(UserError) as e:
+        load_teacher(TeacherConfig(model="RN50", pretrained="openai"))
+    msg = str(e.value)
+    assert msg.startswith("could not download open_clip weights for RN50 'openai'")
+    assert "set teacher.pretrained to its local path" in msg and "\n" not in msg
+
+
+def test_cuda_without_gpu_is_a_user_error():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(UserError, match="no CUDA GPU"):
+        resolve_device("cuda")
+    assert resolve_device("auto").type == "cpu"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_teacher_on_cuda_matches_cpu(tiny_teacher):
+    cfg = TeacherConfig(model=str(tiny_teacher[0]), pretrained=str(tiny_teacher[1]))
+    x = torch.randn(4, 3, 32, 32)
+    cpu = load_teacher(cfg, "cpu").embed_images(x)
+    gpu = load_teacher(cfg, "cuda").embed_images(x).cpu()
+    assert torch.nn.functional.cosine_similarity(cpu, gpu).min() > 0.999
