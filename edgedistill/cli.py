@@ -12,7 +12,6 @@ import traceback
 from pathlib import Path
 from typing import Optional
 
-import click
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -107,26 +106,29 @@ def cache(
     Console().print(table)
 
 
+INTERRUPTED = "interrupted; run the same command again to continue where it stopped\n"
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     """Entry point: run the CLI and turn user errors into one line and exit status 2."""
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args
     args = [a for a in args if a != "--debug"]  # accepted anywhere on the line, not only before the command
     try:
-        result = app(args=args, prog_name="edgedistill", standalone_mode=False)
-        return result if isinstance(result, int) else 0
+        app(args=args, prog_name="edgedistill")  # typer handles --help and usage errors (exit 2) itself
+        return 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        if code == 130:  # typer turns Ctrl-C into exit 130
+            sys.stderr.write(INTERRUPTED)
+        return code
     except UserError as e:
         if debug:
             traceback.print_exc()
         sys.stderr.write(f"error: {e}\n")
         return 2
-    except click.exceptions.Exit as e:
-        return e.exit_code
-    except click.ClickException as e:
-        e.show()
-        return e.exit_code
-    except (click.exceptions.Abort, KeyboardInterrupt):
-        sys.stderr.write("interrupted; run the same command again to continue where it stopped\n")
+    except KeyboardInterrupt:
+        sys.stderr.write(INTERRUPTED)
         return 130
 
 

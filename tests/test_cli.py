@@ -1,0 +1,167 @@
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from edgedistill.cli import main
+from tests.conftest import write_images, write_manifest, write_recipe
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "edgedistill", *args], capture_output=True, text=True,
+                          cwd=cwd, timeout=timeout)
+
+
+def test_help_lists_commands_with_examples(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "cache" in out and "check" in out and "--debug" in out
+    for command in ("cache", "check"):
+        assert main([command, "--help"]) == 0
+        assert "Examples" in capsys.readouterr().out
+
+
+def test_version(capsys):
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.startswith("edgedistill ")
+
+
+def test_usage_error_exits_2(capsys):
+    assert main(["cache"]) == 2
+    assert "Missing argument" in capsys.readouterr().err
+
+
+def test_bad_recipe_is_one_line_exit_2_no_traceback(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("name: x\nteacher: {model: RN50}\ndata: {train: t.jsonl, batch_sise: 3}\n")
+    proc = run_cli("check", str(recipe))
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"error: recipe {recipe}: unknown key 'data.batch_sise'; did you mean 'data.batch_size'?"]
+    assert "Traceback" not in proc.stderr
+
+
+def test_debug_shows_the_traceback(tmp_path, capsys):
+    assert main(["check", str(tmp_path / "missing.yaml"), "--debug"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" in err and err.strip().endswith("not found; check the path")
+
+
+def test_missing_manifest_exit_2(tiny_teacher, tmp_path, capsys):
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_teacher, tmp_path / "none.jsonl")
+    assert main(["cache", str(recipe)]) == 2
+    assert capsys.readouterr().err.strip() == f"error: manifest {tmp_path / 'none.jsonl'} not found; " \
+                                              f"check data.train / data.val in the recipe"
+
+
+def test_bad_manifest_line_exit_2(tiny_teacher, tmp_path, capsys):
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text('{"image": "a.jpg"}\n{"image": 3}\n')
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_teacher, manifest)
+    assert main(["cache", str(recipe)]) == 2
+    assert f"manifest {manifest} line 2: missing \"image\"" in capsys.readouterr().err
+
+
+def test_check_prints_the_resolved_recipe_with_overrides(tiny_teacher, dataset, tmp_path, capsys):
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_teacher, dataset["train"], dataset["val"])
+    assert main(["check", str(recipe), "train.epochs=3", "data.batch_size=32"]) == 0
+    captured = capsys.readouterr()
+    resolved = yaml.safe_load(captured.out)
+    assert resolved["train"]["epochs"] == 3 and resolved["data"]["batch_size"] == 32
+    assert resolved["loss"]["balancer"] == "dsmd"  # defaults filled in
+    assert "train: 40 images, 80 captions" in captured.err
+
+
+def test_cache_command_builds_then_reuses(tiny_teacher, dataset, tmp_path, capsys):
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_teacher, dataset["train"], dataset["val"])
+    assert main(["cache", str(recipe)]) == 0
+    first = capsys.readouterr().out
+    assert first.count("built") == 2
+    assert main(["cache", str(recipe)]) == 0
+    assert capsys.readouterr().out.count("reused") == 2
+    assert len([p for p in (tmp_path / "cache").iterdir() if p.is_dir()]) == 2  # train and val
+
+
+def test_too_many_bad_images_exit_2(tiny_teacher, tmp_path, capsys):
+    images = write_images(tmp_path / "imgs", 20)
+    images[0].unlink()
+    images[1].write_text("nope")
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_teacher, write_manifest(tmp_path / "m.jsonl", images))
+    assert main(["cache", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert "error: train: 2 of 20 images could not be read, more than 5%" in err
+    assert "raise data.max_bad_fraction" in err
+
+
+def _wait_for_reader(fifo: Path, proc: subprocess.Popen, timeout: float = 240) -> int:
+    """Open the FIFO for writing once the build blocks reading it; return the write end."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"the build ended before reaching the FIFO: {proc.stderr.read()}")
+        try:
+            return os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError as e:
+            if e.errno != errno.ENXIO:  # ENXIO: nobody reads it yet
+                raise
+        time.sleep(0.02)
+    raise AssertionError("the build never reached the FIFO")
+
+
+def _interrupt_mid_build(tiny_teacher, tmp_path: Path, sig: int) -> tuple[Path, list[Path], bytes, str]:
+    """Start `edgedistill cache` and send ``sig`` while it is inside chunk 3 (chunks 1-2 on disk)."""
+    images = write_images(tmp_path / "imgs", 40)
+    manifest = write_manifest(tmp_path / "train.jsonl", images)
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_teacher, manifest, data={"batch_size": 4},
+                          cache={"chunk_size": 8})
+    # Image 20 is a FIFO: reading it blocks until we open its write end, so the signal lands mid-chunk 3.
+    real_bytes = images[20].read_bytes()
+    images[20].unlink()
+    os.mkfifo(images[20])
+    proc = subprocess.Popen([sys.executable, "-m", "edgedistill", "cache", str(recipe)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    fd = _wait_for_reader(images[20], proc)
+    proc.send_signal(sig)
+    _, stderr = proc.communicate(timeout=60)
+    os.close(fd)
+    images[20].unlink()
+    images[20].write_bytes(real_bytes)
+    assert proc.returncode in (-sig, 130), stderr
+    return recipe, images, real_bytes, stderr
+
+
+def test_ctrl_c_leaves_a_resumable_build_and_says_so(tiny_teacher, tmp_path):
+    recipe, *_, stderr = _interrupt_mid_build(tiny_teacher, tmp_path, signal.SIGINT)
+    assert "interrupted; run the same command again to continue where it stopped" in stderr
+    assert "Traceback" not in stderr
+    partial = next((tmp_path / "cache").glob("*.partial"))
+    assert json.loads((partial / "progress.json").read_text())["images_done"] == 16
+
+
+def test_cache_build_killed_with_sigkill_resumes_to_the_same_result(tiny_teacher, tmp_path):
+    recipe, *_ = _interrupt_mid_build(tiny_teacher, tmp_path, signal.SIGKILL)
+
+    cache_root = tmp_path / "cache"
+    assert not [p for p in cache_root.iterdir() if p.is_dir() and not p.name.endswith(".partial")]
+    partial = next(cache_root.glob("*.partial"))
+    assert json.loads((partial / "progress.json").read_text())["images_done"] == 16
+
+    resumed = run_cli("cache", str(recipe))
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming the cache build at image 16 of 40" in resumed.stderr
+    reference = run_cli("cache", str(recipe), f"cache.dir={tmp_path / 'reference'}")
+    assert reference.returncode == 0, reference.stderr
+
+    [done] = [p for p in cache_root.iterdir() if p.is_dir()]
+    [ref] = [p for p in (tmp_path / "reference").iterdir() if p.is_dir()]
+    assert done.name == ref.name
+    for name in ("image_emb", "image_ok", "text_emb", "text_offsets"):
+        assert np.array_equal(np.load(done / f"{name}.npy"), np.load(ref / f"{name}.npy")), name
