@@ -24,7 +24,7 @@ import os
 import re
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -199,6 +199,7 @@ class _Builder:
         self.bad = BadImages(len(manifest), max_bad_fraction, what, console,
                              known=[tuple(b) for b in self.state["bad_images"]])  # type: ignore[misc]
         self.forward_batches = 0  # teacher forward passes run by this builder (0 on a full resume)
+        self.seconds = {"images": 0.0, "texts": 0.0}  # wall time of each phase in this process
 
     def _resume_or_start(self) -> dict[str, Any]:
         n, t, d = len(self.manifest), self.manifest.n_captions, self.teacher.embed_dim
@@ -275,6 +276,7 @@ class _Builder:
                 emb.flush()
                 ok.flush()
                 self._save_progress(images_done=last + 1)
+        self.seconds["images"] = time.perf_counter() - started
         del emb, ok
 
     def _texts(self, bar: Progress, t: int) -> None:
@@ -293,13 +295,15 @@ class _Builder:
             if (batch[-1] + 1) % self.chunk_size == 0 or batch[-1] + 1 == t:
                 emb.flush()
                 self._save_progress(texts_done=batch[-1] + 1)
+        self.seconds["texts"] = time.perf_counter() - started
         del emb
 
     def _finish(self) -> None:
         meta = {"version": CACHE_VERSION, "key": self.key, **self.fields,
                 "dim": self.teacher.embed_dim, "bad_images": [list(b) for b in self.bad.items],
                 "arrays": _sha256_arrays(self.partial), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                "builder": {"device": str(self.teacher.device), "torch": torch.__version__}}
+                "builder": {"device": str(self.teacher.device), "torch": torch.__version__,
+                            "seconds": {k: round(v, 3) for k, v in self.seconds.items()}}}
         atomic.write_json(self.partial / "meta.json", meta)
         self.progress_file.unlink()
         if self.final.exists():  # a stale, mismatching cache the caller decided to replace
@@ -313,7 +317,8 @@ class CacheResult:
     cache: FeatureCache
     hit: bool                # True: nothing was computed
     forward_batches: int     # teacher forward passes run for this call
-    seconds: float
+    seconds: float           # wall time of this call
+    phase_seconds: dict[str, float] = field(default_factory=dict)  # images / texts, when built
 
 
 def build_or_load(teacher: Teacher, manifest: Manifest, root: Path, *, batch_size: int = 64, workers: int = 2,
@@ -344,7 +349,7 @@ def build_or_load(teacher: Teacher, manifest: Manifest, root: Path, *, batch_siz
         builder.run()
         console.print(builder.bad.summary(), highlight=False)
         cache = open_cache(final, key, manifest)
-        return CacheResult(cache, False, builder.forward_batches, time.perf_counter() - started)
+        return CacheResult(cache, False, builder.forward_batches, time.perf_counter() - started, builder.seconds)
 
 
 

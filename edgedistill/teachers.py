@@ -10,6 +10,7 @@ arbitrary objects), ``hf-hub:org/name``, or null for random weights (seeded, for
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import difflib
 import hashlib
 import json
@@ -201,5 +202,9 @@ def load_teacher(cfg: TeacherConfig, device: str | torch.device = "cpu", seed: i
             raise UserError(f"teacher checkpoint {cfg.pretrained} does not load into {cfg.model} ({first}); "
                             f"check that teacher.model matches the checkpoint") from e
         raise
+    if source.weights.startswith(HF_HUB):
+        # A hub repository can change under the same name: key the cache by the bytes that were loaded.
+        weights_file = open_clip.pretrained.download_pretrained_from_hf(source.model_name[len(HF_HUB):])
+        source = dataclasses.replace(source, weights=f"{source.weights}@sha256:{sha256_file(weights_file)}")
     tokenizer = open_clip.get_tokenizer(source.model_name)
     return Teacher(model, preprocess, tokenizer, source, device)

@@ -135,3 +135,42 @@ def test_teacher_on_cuda_matches_cpu(tiny_teacher):
     cpu = load_teacher(cfg, "cpu").embed_images(x)
     gpu = load_teacher(cfg, "cuda").embed_images(x).cpu()
     assert torch.nn.functional.cosine_similarity(cpu, gpu).min() > 0.999
+
+
+def fake_hub(monkeypatch, tiny_teacher, tmp_path):
+    """Serve a hub repository from local files, as open_clip would see it after a download."""
+    import open_clip.factory
+    import open_clip.pretrained
+
+    config = {"model_cfg": TINY_CONFIG, "preprocess_cfg": {"mean": [0.5] * 3, "std": [0.5] * 3}}
+    weights = tmp_path / "open_clip_model.safetensors"
+    from safetensors.torch import save_file
+    save_file(torch.load(tiny_teacher[1], weights_only=True), weights)
+    monkeypatch.setattr(open_clip.factory, "_get_hf_config", lambda model_id, cache_dir=None: config)
+    fetch = lambda model_id, *a, **k: str(weights)  # noqa: E731
+    monkeypatch.setattr(open_clip.factory, "download_pretrained_from_hf", fetch)
+    monkeypatch.setattr(open_clip.pretrained, "download_pretrained_from_hf", fetch)
+    return weights
+
+
+def test_hf_hub_teacher_is_keyed_by_the_loaded_bytes(monkeypatch, tiny_teacher, tmp_path):
+    weights = fake_hub(monkeypatch, tiny_teacher, tmp_path)
+    teacher = load_teacher(TeacherConfig(model="ignored-name", pretrained="hf-hub:org/tiny-clip"))
+    assert teacher.source.model_name == "hf-hub:org/tiny-clip"
+    assert teacher.identity["weights"].startswith("hf-hub:org/tiny-clip@sha256:")
+    assert teacher.preprocess_cfg["mean"] == [0.5] * 3 and teacher.embed_dim == 32
+    assert teacher.embed_texts(["hello"]).shape == (1, 32)
+    first = teacher.identity["weights"]
+    state = torch.load(tiny_teacher[1], weights_only=True)
+    state["logit_scale"] += 1
+    from safetensors.torch import save_file
+    save_file(state, weights)  # the repository changed under the same name
+    assert load_teacher(TeacherConfig(model="hf-hub:org/tiny-clip")).identity["weights"] != first
+
+
+def test_hf_hub_download_failure_is_one_line(monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(UserError, match=r"could not download open_clip weights for hf-hub:org/none .*local path"):
+        load_teacher(TeacherConfig(model="ViT-B-32", pretrained="hf-hub:org/none"))

@@ -1,0 +1,158 @@
+"""Teacher feature cache: cold build throughput and the time of a cache hit, on this machine.
+
+A ViT-B-32 teacher (open_clip architecture, random weights saved to a checkpoint: no download) embeds a few
+hundred JPEGs of realistic size (500x375 by default) and two captions each. Measured in one run:
+
+- teacher load (checkpoint -> frozen model), cold build (decode + preprocess + forward + write), images/s;
+- cache hit in process (open + verify counts, shapes and sha256 of every array);
+- cache hit as a user sees it: the whole `edgedistill cache RECIPE` command a second time
+  (Python start-up, imports, teacher load, verification).
+
+    python benchmarks/cache_build.py                      # 300 images, appends a row to results/cache_build.csv
+    python benchmarks/cache_build.py --images 100 --no-record
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import torch
+import yaml
+from PIL import Image, ImageDraw
+from rich.console import Console
+
+from edgedistill.cache import caches_for_recipe, load_split_manifests
+from edgedistill.recipe import validate_recipe
+from edgedistill.teachers import load_teacher
+
+HERE = Path(__file__).resolve().parent
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def write_scenes(folder: Path, n: int, size: tuple[int, int], seed: int = 0) -> list[Path]:
+    """JPEG photos stand-ins: gradient background, a handful of coloured shapes, sensor-like noise."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    w, h = size
+    ramp = np.linspace(0, 1, w)[None, :, None]
+    paths = []
+    for i in range(n):
+        top, bottom = rng.integers(0, 256, 3), rng.integers(0, 256, 3)
+        base = (top * (1 - ramp) + bottom * ramp) * np.ones((h, 1, 1))
+        base += rng.normal(0, 8, size=(h, w, 3))
+        img = Image.fromarray(np.clip(base, 0, 255).astype(np.uint8))
+        draw = ImageDraw.Draw(img)
+        for _ in range(rng.integers(2, 7)):
+            x0, y0 = int(rng.integers(0, w - 40)), int(rng.integers(0, h - 40))
+            box = [x0, y0, x0 + int(rng.integers(20, w // 2)), y0 + int(rng.integers(20, h // 2))]
+            colour = tuple(int(c) for c in rng.integers(0, 256, 3))
+            (draw.ellipse if rng.random() < 0.5 else draw.rectangle)(box, fill=colour)
+        path = folder / f"{i:05d}.jpg"
+        img.save(path, quality=90)
+        paths.append(path)
+    return paths
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--images", type=int, default=300)
+    ap.add_argument("--size", default="500x375", help="JPEG width x height")
+    ap.add_argument("--model", default="ViT-B-32")
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--no-record", action="store_true", help="do not append to results/cache_build.csv")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    size = tuple(int(v) for v in args.size.split("x"))
+    console = Console(stderr=True)
+
+    with tempfile.TemporaryDirectory(prefix="edgedistill-bench-") as tmp:
+        work = Path(tmp)
+        images = write_scenes(work / "images", args.images, size)  # type: ignore[arg-type]
+        with open(work / "train.jsonl", "w") as f:
+            for i, p in enumerate(images):
+                f.write(json.dumps({"image": str(p), "captions": [f"scene {i} with shapes", f"picture number {i}"]})
+                        + "\n")
+        torch.manual_seed(0)
+        checkpoint = work / f"{args.model}.pt"
+        torch.save(open_clip.create_model(args.model).state_dict(), checkpoint)
+        raw = {"name": "bench", "device": "cpu",
+               "teacher": {"model": args.model, "pretrained": str(checkpoint)},
+               "data": {"train": str(work / "train.jsonl"), "batch_size": args.batch, "workers": args.workers},
+               "cache": {"dir": str(work / "cache")}}
+        (work / "recipe.yaml").write_text(yaml.safe_dump(raw))
+        recipe = validate_recipe(raw)
+        manifests = load_split_manifests(recipe)
+
+        t = time.perf_counter()
+        teacher = load_teacher(recipe.teacher, "cpu")
+        teacher_load_s = time.perf_counter() - t
+        cold = caches_for_recipe(recipe, teacher, manifests, console=console)["train"]
+        warm = caches_for_recipe(recipe, teacher, manifests, console=console)["train"]
+        assert not cold.hit and warm.hit and warm.forward_batches == 0
+        cache_mb = sum(f.stat().st_size for f in cold.cache.path.iterdir()) / 2**20
+
+        env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+        t = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-m", "edgedistill", "cache", str(work / "recipe.yaml")],
+                              capture_output=True, text=True, env=env)
+        cli_hit_s = time.perf_counter() - t
+        assert proc.returncode == 0 and "reused" in proc.stdout, proc.stderr
+
+    row = {
+        "date": datetime.date.today().isoformat(),
+        "machine": f"{cpu_model()}, {os.cpu_count()} cores",
+        "torch": torch.__version__,
+        "model": args.model,
+        "images": args.images,
+        "size": args.size,
+        "captions": 2 * args.images,
+        "batch": args.batch,
+        "workers": args.workers,
+        "threads": args.threads,
+        "teacher_load_s": round(teacher_load_s, 2),
+        "build_s": round(cold.seconds, 2),
+        "image_phase_s": round(cold.phase_seconds["images"], 2),
+        "images_per_s": round(args.images / cold.phase_seconds["images"], 1),
+        "captions_per_s": round(2 * args.images / cold.phase_seconds["texts"], 1),
+        "hit_in_process_s": round(warm.seconds, 3),
+        "hit_cli_command_s": round(cli_hit_s, 2),
+        "cache_mb": round(cache_mb, 2),
+    }
+    for k, v in row.items():
+        print(f"{k:>18}: {v}")
+    if not args.no_record:
+        out = HERE / "results" / "cache_build.csv"
+        new = not out.exists()
+        with open(out, "a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(row))
+            if new:
+                writer.writeheader()
+            writer.writerow(row)
+        print(f"appended to {out}")
+
+
+if __name__ == "__main__":
+    main()
