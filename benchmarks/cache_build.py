@@ -6,7 +6,9 @@ hundred JPEGs of realistic size (500x375 by default) and two captions each. Meas
 - teacher load (checkpoint -> frozen model), cold build (decode + preprocess + forward + write), images/s;
 - cache hit in process (open + verify counts, shapes and sha256 of every array);
 - cache hit as a user sees it: the whole `edgedistill cache RECIPE` command a second time
-  (Python start-up, imports, teacher load, verification).
+  (Python start-up, imports, teacher load, verification);
+- the text tower side by side on the same captions: open_clip's full 77-token context vs the padding cut
+  after the batch's last end-of-text token (what the cache build uses; exact for causal CLIP text towers).
 
     python benchmarks/cache_build.py                      # 300 images, appends a row to results/cache_build.csv
     python benchmarks/cache_build.py --images 100 --no-record
@@ -50,28 +52,38 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def write_scenes(folder: Path, n: int, size: tuple[int, int], seed: int = 0) -> list[Path]:
-    """JPEG photos stand-ins: gradient background, a handful of coloured shapes, sensor-like noise."""
+COLOURS = {"red": (200, 30, 30), "green": (30, 160, 60), "blue": (30, 60, 200), "yellow": (230, 210, 40),
+           "purple": (130, 40, 160), "orange": (240, 140, 20), "white": (245, 245, 245), "black": (15, 15, 15)}
+
+
+def write_scenes(folder: Path, n: int, size: tuple[int, int], seed: int = 0) -> list[tuple[Path, list[str]]]:
+    """Photo stand-ins (gradient, shapes, sensor-like noise) with two COCO-length captions (10-25 words) each."""
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     w, h = size
     ramp = np.linspace(0, 1, w)[None, :, None]
-    paths = []
+    out = []
     for i in range(n):
         top, bottom = rng.integers(0, 256, 3), rng.integers(0, 256, 3)
         base = (top * (1 - ramp) + bottom * ramp) * np.ones((h, 1, 1))
         base += rng.normal(0, 8, size=(h, w, 3))
         img = Image.fromarray(np.clip(base, 0, 255).astype(np.uint8))
         draw = ImageDraw.Draw(img)
-        for _ in range(rng.integers(2, 7)):
+        things = []
+        for _ in range(rng.integers(2, 5)):
             x0, y0 = int(rng.integers(0, w - 40)), int(rng.integers(0, h - 40))
             box = [x0, y0, x0 + int(rng.integers(20, w // 2)), y0 + int(rng.integers(20, h // 2))]
-            colour = tuple(int(c) for c in rng.integers(0, 256, 3))
-            (draw.ellipse if rng.random() < 0.5 else draw.rectangle)(box, fill=colour)
+            colour = str(rng.choice(list(COLOURS)))
+            shape = "ellipse" if rng.random() < 0.5 else "rectangle"
+            (draw.ellipse if shape == "ellipse" else draw.rectangle)(box, fill=COLOURS[colour])
+            side = "left" if x0 < w / 2 else "right"
+            things.append(f"a {colour} {shape} on the {side}")
         path = folder / f"{i:05d}.jpg"
         img.save(path, quality=90)
-        paths.append(path)
-    return paths
+        captions = [f"a picture of {', '.join(things[:-1])} and {things[-1]} over a smooth background",
+                    f"{len(things)} coloured shapes: {' and '.join(things[:2])}"]
+        out.append((path, captions))
+    return out
 
 
 def main() -> None:
@@ -90,11 +102,10 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="edgedistill-bench-") as tmp:
         work = Path(tmp)
-        images = write_scenes(work / "images", args.images, size)  # type: ignore[arg-type]
+        scenes = write_scenes(work / "images", args.images, size)  # type: ignore[arg-type]
         with open(work / "train.jsonl", "w") as f:
-            for i, p in enumerate(images):
-                f.write(json.dumps({"image": str(p), "captions": [f"scene {i} with shapes", f"picture number {i}"]})
-                        + "\n")
+            for path, captions in scenes:
+                f.write(json.dumps({"image": str(path), "captions": captions}) + "\n")
         torch.manual_seed(0)
         checkpoint = work / f"{args.model}.pt"
         torch.save(open_clip.create_model(args.model).state_dict(), checkpoint)
@@ -113,6 +124,16 @@ def main() -> None:
         warm = caches_for_recipe(recipe, teacher, manifests, console=console)["train"]
         assert not cold.hit and warm.hit and warm.forward_batches == 0
         cache_mb = sum(f.stat().st_size for f in cold.cache.path.iterdir()) / 2**20
+
+        # Text tower side by side: the full 77-token context vs padding cut after the last end-of-text token.
+        captions = manifests["train"].all_captions()
+        text_s = {}
+        for trim in (False, True):
+            teacher.trim_text = trim
+            t = time.perf_counter()
+            for b in range(0, len(captions), args.batch):
+                teacher.embed_texts(captions[b:b + args.batch])
+            text_s[trim] = time.perf_counter() - t
 
         env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
         t = time.perf_counter()
@@ -137,6 +158,8 @@ def main() -> None:
         "image_phase_s": round(cold.phase_seconds["images"], 2),
         "images_per_s": round(args.images / cold.phase_seconds["images"], 1),
         "captions_per_s": round(2 * args.images / cold.phase_seconds["texts"], 1),
+        "captions_per_s_full_context": round(len(captions) / text_s[False], 1),
+        "captions_per_s_trimmed": round(len(captions) / text_s[True], 1),
         "hit_in_process_s": round(warm.seconds, 3),
         "hit_cli_command_s": round(cli_hit_s, 2),
         "cache_mb": round(cache_mb, 2),

@@ -23,6 +23,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import open_clip
 import torch
+from open_clip.transformer import text_global_pool
 from PIL import Image
 
 from edgedistill.errors import UserError
@@ -148,6 +149,8 @@ class Teacher:
         self.preprocess_cfg: dict[str, Any] = json.loads(json.dumps(dict(model.visual.preprocess_cfg),
                                                                     default=list))
         self.embed_dim = int(open_clip.get_model_config(source.model_name)["embed_dim"])
+        # Cut text padding (see _encode_text_trimmed): None = decide on first use by comparing with open_clip.
+        self.trim_text: bool | None = None if self._text_is_causal_argmax() else False
 
     @property
     def identity(self) -> dict[str, Any]:
@@ -172,8 +175,37 @@ class Teacher:
         """N texts -> (N, D) float32, L2-normalised."""
         tokens = self.tokenizer(list(texts)).to(self.device)
         with self._autocast():
-            out = self.model.encode_text(tokens, normalize=True)
+            if self.trim_text is None:  # check once that cutting the padding changes nothing
+                probe = tokens[:4]
+                full = self.model.encode_text(probe, normalize=True).float()
+                cut = self._encode_text_trimmed(probe).float()
+                self.trim_text = bool(torch.nn.functional.cosine_similarity(full, cut).min() > 0.99999)
+            if self.trim_text:
+                out = self._encode_text_trimmed(tokens)
+            else:
+                out = self.model.encode_text(tokens, normalize=True)
         return out.float()
+
+    def _text_is_causal_argmax(self) -> bool:
+        m = self.model
+        return isinstance(m, open_clip.model.CLIP) and getattr(m, "text_pool_type", None) == "argmax" \
+            and getattr(m, "attn_mask", None) is not None
+
+    def _encode_text_trimmed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """open_clip's CLIP.encode_text on (N, L) tokens cut after the batch's last end-of-text token -> (N, D).
+
+        Exact for a causal text tower pooled at the end-of-text token (the highest id): no position before
+        the cut attends to one after it. Captions are short, so this skips most of the 77-token context.
+        """
+        m = self.model
+        length = int(tokens.argmax(dim=-1).max()) + 1
+        tokens = tokens[:, :length]
+        cast = m.transformer.get_cast_dtype()
+        x = m.token_embedding(tokens).to(cast) + m.positional_embedding[:length].to(cast)
+        x = m.transformer(x, attn_mask=m.attn_mask[:length, :length])
+        x = text_global_pool(m.ln_final(x), tokens, "argmax")
+        x = m.text_projection(x) if isinstance(m.text_projection, torch.nn.Linear) else x @ m.text_projection
+        return torch.nn.functional.normalize(x, dim=-1)
 
 
 def load_teacher(cfg: TeacherConfig, device: str | torch.device = "cpu", seed: int = 0) -> Teacher:

@@ -174,3 +174,24 @@ def test_hf_hub_download_failure_is_one_line(monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(UserError, match=r"could not download open_clip weights for hf-hub:org/none .*local path"):
         load_teacher(TeacherConfig(model="ViT-B-32", pretrained="hf-hub:org/none"))
+
+
+def test_text_padding_is_cut_without_changing_embeddings(tiny_teacher):
+    teacher = load_teacher(TeacherConfig(model=str(tiny_teacher[0]), pretrained=str(tiny_teacher[1])))
+    texts = ["a red circle", "a large blue square on the left of a small green star", "x"]
+    assert teacher.trim_text is None
+    cut = teacher.embed_texts(texts)
+    assert teacher.trim_text is True  # the first call checked it against open_clip's own encode_text
+    with torch.no_grad():
+        full = teacher.model.encode_text(teacher.tokenizer(texts), normalize=True)
+    assert torch.allclose(cut, full, atol=1e-5)
+    teacher.trim_text = False
+    assert torch.allclose(teacher.embed_texts(texts), full, atol=1e-6)
+
+
+def test_text_padding_is_kept_where_pooling_is_not_at_end_of_text(tmp_path):
+    config = tmp_path / "last-pool.json"
+    config.write_text(json.dumps({**TINY_CONFIG, "text_cfg": {**TINY_CONFIG["text_cfg"], "pool_type": "last"}}))
+    teacher = load_teacher(TeacherConfig(model=str(config)))
+    assert teacher.trim_text is False  # the last position depends on the padding: never cut
+    assert teacher.embed_texts(["a red circle"]).shape == (1, 32)
