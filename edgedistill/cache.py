@@ -18,6 +18,7 @@ looks complete is complete. On load the key, counts, shapes and file hashes are 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -37,6 +38,7 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColum
 from edgedistill import atomic
 from edgedistill.data.images import BadImages, ImageDataset, collate_images
 from edgedistill.data.manifest import Manifest, load_manifest
+from edgedistill.errors import UserError
 from edgedistill.recipe import Recipe
 from edgedistill.teachers import Teacher, sha256_file, sha256_json
 
@@ -184,6 +186,20 @@ def _progress_bar(console: Console) -> Progress:
                     console=console, transient=False)
 
 
+def _reserve_disk(path: Path) -> None:
+    """Allocate a sparse file's blocks now: a full disk is then an ENOSPC error here, not a SIGBUS mid-build."""
+    if hasattr(os, "posix_fallocate"):
+        fd = os.open(path, os.O_RDWR)
+        try:
+            os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            # file systems without fallocate (EOPNOTSUPP, EINVAL): writes find out instead
+        finally:
+            os.close(fd)
+
+
 class _Builder:
     """Fills a ``.partial`` directory chunk by chunk, persisting progress after each flushed chunk."""
 
@@ -207,12 +223,14 @@ class _Builder:
             try:
                 state = json.loads(self.progress_file.read_text(encoding="utf-8"))
                 if state.get("key") == self.key and state.get("chunk_size") == self.chunk_size \
-                        and state.get("batch_size") == self.batch_size:
+                        and state.get("batch_size") == self.batch_size and self._arrays_fit(n, t, d):
                     self.console.print(f"{self.what}: resuming the cache build at image {state['images_done']} "
                                        f"of {n}, caption {state['texts_done']} of {t}", highlight=False)
                     return state
             except (OSError, json.JSONDecodeError, KeyError):
                 pass
+            self.console.print(f"{self.what}: the unfinished cache build in {self.partial} does not fit this "
+                               f"run; starting over", highlight=False)
         shutil.rmtree(self.partial, ignore_errors=True)
         self.partial.mkdir(parents=True)
         for name, shape, dtype in (("image_emb", (n, d), np.float16), ("image_ok", (n,), np.bool_),
@@ -220,23 +238,31 @@ class _Builder:
             arr = np.lib.format.open_memmap(self.partial / f"{name}.npy", mode="w+", dtype=dtype, shape=shape)
             arr.flush()
             del arr
+            _reserve_disk(self.partial / f"{name}.npy")
         np.save(self.partial / "text_offsets.npy", self.manifest.caption_offsets)
         state = {"key": self.key, "chunk_size": self.chunk_size, "batch_size": self.batch_size,
                  "images_done": 0, "texts_done": 0, "bad_images": []}
         atomic.write_json(self.progress_file, state)
         return state
 
+    def _arrays_fit(self, n: int, t: int, d: int) -> bool:
+        """Whether the partial arrays exist with the shapes this build needs (a crash can leave them short)."""
+        expected = {"image_emb": (n, d), "image_ok": (n,), "text_emb": (t, d), "text_offsets": (n + 1,)}
+        try:
+            return all(np.load(self.partial / f"{k}.npy", mmap_mode="r").shape == v for k, v in expected.items())
+        except (OSError, ValueError):
+            return False
+
     def _save_progress(self, **done: int) -> None:
         self.state.update(done, bad_images=[list(b) for b in self.bad.items])
         atomic.write_json(self.progress_file, self.state)
 
-    def _batches(self, start: int, total: int) -> list[list[int]]:
+    def _batches(self, start: int, total: int) -> Iterator[list[int]]:
         """Batches that never cross a chunk boundary, from ``start`` (always a chunk boundary) to ``total``."""
-        out = []
         for c in range(start, total, self.chunk_size):
             end = min(c + self.chunk_size, total)
-            out += [list(range(b, min(b + self.batch_size, end))) for b in range(c, end, self.batch_size)]
-        return out
+            for b in range(c, end, self.batch_size):
+                yield list(range(b, min(b + self.batch_size, end)))
 
     def _rate(self, done: int, started: float) -> str:
         return f"{done / max(time.perf_counter() - started, 1e-9):.1f}/s"
@@ -326,6 +352,22 @@ def build_or_load(teacher: Teacher, manifest: Manifest, root: Path, *, batch_siz
                   console: Console | None = None, rebuild: bool = False) -> CacheResult:
     """Return the verified cache of ``manifest`` under ``root``, building (or resuming) it when needed."""
     console = console or Console(stderr=True)
+    try:
+        return _build_or_load(teacher, manifest, Path(root), batch_size, workers, chunk_size, max_bad_fraction,
+                              what, console, rebuild)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise UserError(f"{what}: no space left writing the teacher feature cache under {root}; free space "
+                            f"or set cache.dir to a larger disk (the build resumes where it stopped)") from e
+        if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise UserError(f"{what}: cannot write the teacher feature cache under {root} ({e.strerror}); "
+                            f"set cache.dir to a writable folder") from e
+        raise
+
+
+def _build_or_load(teacher: Teacher, manifest: Manifest, root: Path, batch_size: int, workers: int,
+                   chunk_size: int, max_bad_fraction: float, what: str, console: Console,
+                   rebuild: bool) -> CacheResult:
     started = time.perf_counter()
     key, fields = cache_key(teacher, manifest)
     final = cache_dir(root, teacher, manifest)

@@ -195,3 +195,31 @@ def test_other_preprocessing_is_another_cache(tiny_teacher, dataset, tmp_path):
     assert plain.identity["weights"] == other.identity["weights"]
     manifest = load_manifest(dataset["val"])
     assert cache_dir(tmp_path, plain, manifest) != cache_dir(tmp_path, other, manifest)
+
+
+def test_a_damaged_unfinished_build_starts_over(teacher, dataset, tmp_path, monkeypatch):
+    manifest = load_manifest(dataset["train"])
+    reference = build(teacher, manifest, tmp_path / "reference").cache
+    crash_on_batch(monkeypatch, 3)
+    with pytest.raises(KeyboardInterrupt):
+        build(teacher, manifest, tmp_path / "cache")
+    monkeypatch.undo()
+    final = cache_dir(tmp_path / "cache", teacher, manifest)
+    partial_emb = final.with_name(final.name + ".partial") / "image_emb.npy"
+    partial_emb.write_bytes(partial_emb.read_bytes()[:500])  # e.g. a disk that filled up
+    result = build(teacher, manifest, tmp_path / "cache")
+    assert result.forward_batches == 5 + 10  # every image again
+    assert np.array_equal(result.cache.image_emb, reference.image_emb)
+
+
+def test_a_full_disk_is_a_user_error(teacher, dataset, tmp_path, monkeypatch):
+    import errno
+
+    import edgedistill.cache as cache_module
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(cache_module, "_reserve_disk", full)
+    with pytest.raises(UserError, match=r"train: no space left writing the teacher feature cache .*set cache.dir"):
+        build(teacher, load_manifest(dataset["train"]), tmp_path / "cache", what="train")
