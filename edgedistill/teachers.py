@@ -30,7 +30,6 @@ from edgedistill.errors import UserError
 from edgedistill.recipe import TeacherConfig
 
 HF_HUB = "hf-hub:"
-_registered_configs = tempfile.mkdtemp(prefix="edgedistill-configs-")
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
@@ -73,6 +72,7 @@ class TeacherSource:
     pretrained: str | None       # tag or file for open_clip, None for hf-hub or random weights
     config_sha256: str           # hash of the architecture config ('' for hf-hub: the hub holds it)
     weights: str                 # 'random(seed=0)', 'tag:<tag>:<source>', 'file:<sha256>', 'hf-hub:<id>'
+                                 # (load_teacher adds '@sha256:<hash>' of the downloaded hub file)
     preprocess_overrides: dict[str, Any]  # preprocessing from a hub-form config JSON
 
 
@@ -92,9 +92,11 @@ def _register_config_json(path: Path) -> tuple[str, dict[str, Any], dict[str, An
     # A name unique to the content, so a file called e.g. ViT-B-32.json never shadows the built-in config.
     name = f"{path.stem}-{sha256_json(cfg)[:10]}"
     if name not in open_clip.list_models():
-        target = Path(_registered_configs) / f"{name}.json"
-        target.write_text(json.dumps(cfg), encoding="utf-8")
-        open_clip.add_model_config(target)
+        # open_clip registers configs from files only; it keeps the entry after the file is gone.
+        with tempfile.TemporaryDirectory(prefix="edgedistill-config-") as tmp:
+            target = Path(tmp) / f"{name}.json"
+            target.write_text(json.dumps(cfg), encoding="utf-8")
+            open_clip.add_model_config(target)
     return name, cfg, preprocess
 
 
@@ -122,8 +124,8 @@ def resolve_source(cfg: TeacherConfig, seed: int = 0) -> TeacherSource:
     config_sha = sha256_json(model_cfg)
     if pretrained is None:
         return TeacherSource(name, None, config_sha, f"random(seed={seed})", preprocess)
-    if open_clip.get_pretrained_cfg(name, pretrained):
-        tag_cfg = open_clip.get_pretrained_cfg(name, pretrained)
+    tag_cfg = open_clip.get_pretrained_cfg(name, pretrained)
+    if tag_cfg:
         source = tag_cfg.get("hf_hub") or tag_cfg.get("url") or ""
         return TeacherSource(name, pretrained, config_sha, f"tag:{pretrained}:{source}", preprocess)
     weights = Path(pretrained).expanduser()

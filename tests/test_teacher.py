@@ -195,3 +195,12 @@ def test_text_padding_is_kept_where_pooling_is_not_at_end_of_text(tmp_path):
     teacher = load_teacher(TeacherConfig(model=str(config)))
     assert teacher.trim_text is False  # the last position depends on the padding: never cut
     assert teacher.embed_texts(["a red circle"]).shape == (1, 32)
+
+
+def test_config_json_teacher_survives_later_registrations(tiny_teacher, tmp_path):
+    first = load_teacher(TeacherConfig(model=str(tiny_teacher[0])))
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({**TINY_CONFIG, "embed_dim": 16}))
+    resolve_source(TeacherConfig(model=str(other)))  # open_clip rescans its config paths here
+    assert open_clip.get_model_config(first.source.model_name)["embed_dim"] == 32
+    assert open_clip.get_tokenizer(first.source.model_name)(["x"]).shape == (1, 16)
