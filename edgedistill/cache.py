@@ -390,7 +390,7 @@ def _build_or_load(teacher: Teacher, manifest: Manifest, root: Path, batch_size:
                            max_bad_fraction, console, what)
         builder.run()
         console.print(builder.bad.summary(), highlight=False)
-        cache = open_cache(final, key, manifest)
+        cache = open_cache(final, key, manifest, verify_hashes=False)  # _finish hashed these very files
         return CacheResult(cache, False, builder.forward_batches, time.perf_counter() - started, builder.seconds)
 
 

@@ -39,9 +39,12 @@ class Entry:
 
 @dataclass
 class Manifest:
+    """A loaded manifest; read-only after loading (caption offsets and the content hash are memoized)."""
+
     path: Path
     entries: list[Entry]
     _offsets: np.ndarray | None = field(default=None, repr=False)
+    _hash: str | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -64,11 +67,13 @@ class Manifest:
 
     def content_hash(self) -> str:
         """sha256 of what the teacher sees: resolved image paths and captions (labels excluded)."""
-        h = hashlib.sha256(b"edgedistill-manifest-v1\n")
-        for e in self.entries:
-            h.update(json.dumps([str(e.image), list(e.captions)], ensure_ascii=False).encode("utf-8"))
-            h.update(b"\n")
-        return h.hexdigest()
+        if self._hash is None:
+            h = hashlib.sha256(b"edgedistill-manifest-v1\n")
+            for e in self.entries:
+                h.update(json.dumps([str(e.image), list(e.captions)], ensure_ascii=False).encode("utf-8"))
+                h.update(b"\n")
+            self._hash = h.hexdigest()
+        return self._hash
 
 
 def load_manifest(path: str | Path, image_root: str | Path | None = None) -> Manifest:
