@@ -1,0 +1,56 @@
+"""Vision-language alignment distillation of Li et al. ICCV 2023 (METHODS.md C)."""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from pydantic import Field
+from torch import Tensor
+
+from edgedistill.losses import Embeddings, LossContext, LossTerm, TermOptions, register_loss
+from edgedistill.losses.output import row_kl, teacher_unit, unit
+
+
+@register_loss("vl_align")
+class VLAlignLoss(LossTerm):
+    """Keep the student's image-to-text alignment coherent with the teacher's.
+
+    Candidate texts T (K, D): the teacher's class-prompt embeddings when the batch has labels, else the context's
+    text bank, else the batch's own teacher caption embeddings. With logits_t = t^_v T^T / tau and
+    logits_s = s^_v T^T / tau (B, K): forward KL(softmax(teacher) || softmax(student)) over each sample's teacher
+    top-k candidates, mean over samples. None without candidates (or with fewer than 2, where the KL is 0).
+    """
+
+    class Options(TermOptions):
+        k: int = Field(256, ge=1, description="compare the distributions over each image's teacher top-k texts "
+                                              "(all candidates when there are fewer)")
+        temperature: float = Field(0.07, gt=0.0, description="softmax temperature of the image-text logits")
+        filter_wrong: bool = Field(False, description="with class texts and labels: skip samples the teacher "
+                                                      "misclassifies and unlabelled samples (label -1)")
+
+    options: Options
+
+    def __init__(self, options: Options, context: LossContext) -> None:
+        super().__init__(options, context)
+        # Non-persistent buffers: they follow .to(device) but are not saved (they are rebuilt from the teacher).
+        for name in ("class_text", "text_bank"):
+            bank = getattr(context, name)
+            self.register_buffer(name, None if bank is None else teacher_unit(bank), persistent=False)
+
+    def forward(self, e: Embeddings) -> Tensor | None:
+        class_text: Tensor | None = self.class_text
+        text_bank: Tensor | None = self.text_bank
+        by_class = class_text is not None and e.labels is not None
+        texts = class_text if by_class else text_bank if text_bank is not None else e.teacher_text
+        if texts is None or texts.shape[0] < 2:
+            return None
+        texts = teacher_unit(texts).to(e.student_image.dtype)
+        tau = self.options.temperature
+        logits_t = teacher_unit(e.teacher_image) @ texts.T / tau
+        logits_s = unit(e.student_image) @ texts.T / tau
+        if self.options.filter_wrong and by_class:
+            keep = (e.labels >= 0) & (logits_t.argmax(dim=1) == e.labels)
+            if not keep.any():
+                return None
+            logits_t, logits_s = logits_t[keep], logits_s[keep]
+        top = logits_t.topk(min(self.options.k, texts.shape[0]), dim=1).indices  # the teacher's top-k texts
+        return row_kl(logits_s.gather(1, top), logits_t.gather(1, top))

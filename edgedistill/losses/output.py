@@ -1,0 +1,184 @@
+"""Output-level distillation terms of DSMD (METHODS.md A): feature, similarity, relation, hard negative.
+
+All terms compare L2-normalised embeddings. Teacher inputs are detached, so a term can never train the teacher.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import Tensor
+
+from edgedistill.losses import Embeddings, LossTerm, TermOptions, register_loss
+
+
+def unit(x: Tensor) -> Tensor:
+    """Rows of ``x`` (N, D) scaled to unit L2 norm."""
+    return F.normalize(x, dim=-1)
+
+
+def teacher_unit(x: Tensor) -> Tensor:
+    """Teacher rows (N, D), unit norm and detached: no gradient ever flows into the teacher."""
+    return F.normalize(x.detach(), dim=-1)
+
+
+def mean_of(parts: list[Tensor]) -> Tensor | None:
+    """Mean of the parts that ran, or None when none did."""
+    return torch.stack(parts).mean() if parts else None
+
+
+def student_text_pairs(e: Embeddings) -> bool:
+    """Whether the batch has a trainable student text tower with captions and their teacher embeddings."""
+    return e.text_is_student and e.student_text is not None and e.teacher_text is not None
+
+
+def has_captions(e: Embeddings) -> bool:
+    return e.student_text is not None and e.pair_image is not None
+
+
+@register_loss("feature")
+class FeatureLoss(LossTerm):
+    """Instance-scale term: distance between each student embedding and its teacher embedding.
+
+    Per sample ``sum_d |s^ - t^|`` (l1) or ``sum_d (s^ - t^)^2`` (mse) on image embeddings (B, D), and on text
+    embeddings (P, D) when the student has its own text tower; mean over samples, then over modalities.
+    """
+
+    class Options(TermOptions):
+        distance: Literal["l1", "mse"] = Field(
+            "l1", description="per-sample distance between normalised embeddings: 'l1' (DSMD) or 'mse' "
+                              "(squared L2, the feature matching of Li et al. ICCV 2023)")
+
+    options: Options
+
+    def _distance(self, s: Tensor, t: Tensor) -> Tensor:
+        diff = unit(s) - teacher_unit(t)
+        per_sample = diff.abs().sum(-1) if self.options.distance == "l1" else diff.pow(2).sum(-1)
+        return per_sample.mean()
+
+    def forward(self, e: Embeddings) -> Tensor | None:
+        parts = [self._distance(e.student_image, e.teacher_image)]
+        if student_text_pairs(e):
+            parts.append(self._distance(e.student_text, e.teacher_text))
+        return mean_of(parts)
+
+
+@register_loss("similarity")
+class SimilarityLoss(LossTerm):
+    """Pair-scale term: ``1 - cos(s_i, t_i)`` per sample, mean over the batch.
+
+    On image embeddings (B, D), and on text embeddings (P, D) when the student has its own text tower; the mean
+    over modalities.
+    """
+
+    class Options(TermOptions):
+        pass
+
+    def forward(self, e: Embeddings) -> Tensor | None:
+        def one(s: Tensor, t: Tensor) -> Tensor:
+            return (1 - (unit(s) * teacher_unit(t)).sum(-1)).mean()
+
+        parts = [one(e.student_image, e.teacher_image)]
+        if student_text_pairs(e):
+            parts.append(one(e.student_text, e.teacher_text))
+        return mean_of(parts)
+
+
+def row_kl(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
+    """KL(softmax(teacher) || softmax(student)) of each row of (N, M) logits, mean over the N rows."""
+    return F.kl_div(F.log_softmax(student_logits, dim=-1), F.log_softmax(teacher_logits, dim=-1),
+                    log_target=True, reduction="batchmean")
+
+
+def off_diagonal(m: Tensor) -> Tensor:
+    """(N, N) -> (N, N - 1): each row without its diagonal entry."""
+    n = m.shape[0]
+    keep = ~torch.eye(n, dtype=torch.bool, device=m.device)
+    return m[keep].view(n, n - 1)
+
+
+@register_loss("relation")
+class RelationLoss(LossTerm):
+    """Relation-scale term (DSMD-style reconstruction): match the student's B x B cosine-similarity matrices to
+    the teacher's, row by row, by KL(teacher row softmax || student row softmax) at temperature tau.
+
+    Parts: ``image`` (B x B self-similarity of images (B, D), diagonal left out since it is always 1, needs
+    B >= 3), ``text`` (same on captions (P, D), only with a student text tower, needs P >= 3), ``image_text``
+    (the P captioned images against the P captions, needs P >= 2). Mean over the parts that ran; None if none did.
+    """
+
+    class Options(TermOptions):
+        temperature: float = Field(0.1, gt=0.0, description="softmax temperature of the similarity rows")
+        pairs: list[Literal["image", "text", "image_text"]] = Field(
+            ["image", "text", "image_text"], min_length=1,
+            description="which similarity matrices to match: image-image, text-text (only with a trainable "
+                        "student text tower), image-text (on the batch's ground-truth pairs)")
+
+    options: Options
+
+    def _self_relation(self, s: Tensor, t: Tensor) -> Tensor | None:
+        if s.shape[0] < 3:  # after leaving out the diagonal a row needs >= 2 entries to have a distribution
+            return None
+        s, t = unit(s), teacher_unit(t)
+        tau = self.options.temperature
+        return row_kl(off_diagonal(s @ s.T) / tau, off_diagonal(t @ t.T) / tau)
+
+    def forward(self, e: Embeddings) -> Tensor | None:
+        tau = self.options.temperature
+        parts: list[Tensor | None] = []
+        if "image" in self.options.pairs:
+            parts.append(self._self_relation(e.student_image, e.teacher_image))
+        if "text" in self.options.pairs and student_text_pairs(e):
+            parts.append(self._self_relation(e.student_text, e.teacher_text))
+        if ("image_text" in self.options.pairs and has_captions(e) and e.teacher_text is not None
+                and e.pair_image.numel() >= 2):
+            s_rows = unit(e.student_image)[e.pair_image]
+            t_rows = teacher_unit(e.teacher_image)[e.pair_image]
+            parts.append(row_kl(s_rows @ unit(e.student_text).T / tau, t_rows @ teacher_unit(e.teacher_text).T / tau))
+        return mean_of([p for p in parts if p is not None])
+
+
+def max_violation(scores: Tensor, margin: float) -> Tensor:
+    """VSE++ max-violation triplet loss of an (N, N) score matrix whose positives are on the diagonal.
+
+    ``mean_i [relu(margin + max_{j!=i} S_ij - S_ii) + relu(margin + max_{j!=i} S_ji - S_ii)]``.
+    """
+    n = scores.shape[0]
+    positive = scores.diagonal()
+    negatives = scores.masked_fill(torch.eye(n, dtype=torch.bool, device=scores.device), float("-inf"))
+    row = F.relu(margin + negatives.max(dim=1).values - positive)  # hardest negative for each row item
+    col = F.relu(margin + negatives.max(dim=0).values - positive)  # and for each column item
+    return (row + col).mean()
+
+
+@register_loss("hard_negative")
+class HardNegativeLoss(LossTerm):
+    """Local-scale term: triplet loss with a margin on the hardest in-batch negative (VSE++ max violation).
+
+    Parts: ``student_teacher`` (S = s^ t^T per modality: images (B, D); captions (P, D) when the student has its
+    own text tower), ``image_text`` (S = the P captioned student images against the P student captions).
+    Each part needs >= 2 rows. Mean over the parts that ran; None if none did.
+    """
+
+    class Options(TermOptions):
+        margin: float = Field(0.2, ge=0.0, description="triplet margin")
+        pairs: list[Literal["student_teacher", "image_text"]] = Field(
+            ["student_teacher", "image_text"], min_length=1,
+            description="score matrices: student vs teacher embeddings of the same modality, and student "
+                        "image vs student text on the batch's ground-truth pairs")
+
+    options: Options
+
+    def forward(self, e: Embeddings) -> Tensor | None:
+        margin = self.options.margin
+        scores: list[Tensor] = []
+        if "student_teacher" in self.options.pairs:
+            scores.append(unit(e.student_image) @ teacher_unit(e.teacher_image).T)
+            if student_text_pairs(e):
+                scores.append(unit(e.student_text) @ teacher_unit(e.teacher_text).T)
+        if "image_text" in self.options.pairs and has_captions(e):
+            scores.append(unit(e.student_image)[e.pair_image] @ unit(e.student_text).T)
+        return mean_of([max_violation(s, margin) for s in scores if s.shape[0] >= 2])
