@@ -1,0 +1,184 @@
+"""Retrieval and zero-shot evaluation on embeddings; every value is a percentage (0-100) except
+``cosine_to_teacher``, which is a plain mean cosine.
+
+Image-text retrieval follows the standard protocol (METHODS.md "Recall@K"):
+
+- image -> text (i2t): each image that has at least one caption ranks all T captions; its rank is the best rank
+  among its own captions. Images without captions are not i2t queries (they stay t2i candidates).
+- text -> image (t2i): each caption ranks all N images; its one ground-truth image must come first.
+- R@K = % of queries with rank < K; rsum = the sum of all the R@K values (the usual RSUM for ks = 1, 5, 10).
+
+Ties: a query's rank is the number of *wrong* candidates that score **greater than or equal to** its best
+ground-truth candidate, i.e. a tie is resolved against the query. clip_benchmark ranks with ``torch.topk``, whose
+order among equal scores is unspecified; without ties (continuous scores) the two agree exactly, and with ties this
+rule is the pessimistic end of what topk may return, so a collapsed student (all embeddings equal) scores 0, not 100.
+
+Scores are computed in chunks of queries, so memory is O(chunk * max(N, T)) beyond the embeddings themselves.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def _unit(x: Tensor) -> Tensor:
+    """L2-normalised rows, at least float32 (half matmuls lose the ordering of close scores)."""
+    if x.dtype not in (torch.float32, torch.float64):
+        x = x.float()
+    return F.normalize(x, dim=-1)
+
+
+def _check_pairs(image_emb: Tensor, text_emb: Tensor, text_to_image: Tensor) -> None:
+    if image_emb.ndim != 2 or text_emb.ndim != 2:
+        raise ValueError(f"embeddings must be (N, D) and (T, D); got {tuple(image_emb.shape)} "
+                         f"and {tuple(text_emb.shape)}")
+    if image_emb.shape[1] != text_emb.shape[1]:
+        raise ValueError(f"image and text embeddings have different widths: {image_emb.shape[1]} "
+                         f"vs {text_emb.shape[1]}")
+    if image_emb.shape[0] == 0 or text_emb.shape[0] == 0:
+        raise ValueError("retrieval needs at least one image and one caption")
+    if text_to_image.shape != (text_emb.shape[0],):
+        raise ValueError(f"text_to_image must be ({text_emb.shape[0]},), one image index per caption; "
+                         f"got {tuple(text_to_image.shape)}")
+    if text_to_image.dtype.is_floating_point or text_to_image.dtype == torch.bool:
+        raise ValueError("text_to_image must hold integer image indices")
+    if int(text_to_image.min()) < 0 or int(text_to_image.max()) >= image_emb.shape[0]:
+        raise ValueError(f"text_to_image holds indices outside 0..{image_emb.shape[0] - 1}")
+
+
+def _i2t_ranks(img: Tensor, txt: Tensor, t2i: Tensor, chunk: int) -> Tensor:
+    """(Q,) long rank of each image that has a caption: wrong captions scoring >= its best own caption."""
+    n = img.shape[0]
+    has_caption = torch.zeros(n, dtype=torch.bool, device=img.device)
+    has_caption[t2i] = True
+    queries = has_caption.nonzero().squeeze(1)
+    ranks = []
+    for start in range(0, len(queries), chunk):
+        q = queries[start:start + chunk]  # (c,)
+        scores = img[q] @ txt.T  # (c, T)
+        own = t2i.unsqueeze(0) == q.unsqueeze(1)  # (c, T) the query's own captions
+        best = scores.masked_fill(~own, float("-inf")).amax(dim=1, keepdim=True)  # (c, 1)
+        ranks.append(((scores >= best) & ~own).sum(dim=1))
+    return torch.cat(ranks)
+
+
+def _t2i_ranks(img: Tensor, txt: Tensor, t2i: Tensor, chunk: int) -> Tensor:
+    """(T,) long rank of each caption: wrong images scoring >= its own image."""
+    ranks = []
+    for start in range(0, txt.shape[0], chunk):
+        target = t2i[start:start + chunk]  # (c,)
+        scores = txt[start:start + chunk] @ img.T  # (c, N)
+        rows = torch.arange(len(target), device=img.device)
+        own = scores[rows, target].unsqueeze(1)  # (c, 1)
+        wrong = torch.ones_like(scores, dtype=torch.bool)
+        wrong[rows, target] = False
+        ranks.append(((scores >= own) & wrong).sum(dim=1))
+    return torch.cat(ranks)
+
+
+@torch.no_grad()
+def retrieval_metrics(image_emb: Tensor, text_emb: Tensor, text_to_image: Tensor,
+                      ks: tuple[int, ...] = (1, 5, 10), chunk: int = 1024) -> dict[str, float]:
+    """Image-text retrieval Recall@K in percent.
+
+    image_emb (N, D), text_emb (T, D), text_to_image (T,) long: the image index of each caption. Embeddings are
+    L2-normalised here. Returns ``i2t_r{k}`` and ``t2i_r{k}`` for each k in ks, and ``rsum`` (their sum).
+    See the module docstring for the query sets and the tie rule.
+    """
+    _check_pairs(image_emb, text_emb, text_to_image)
+    if chunk < 1:
+        raise ValueError("chunk must be at least 1")
+    img, txt = _unit(image_emb), _unit(text_emb)
+    if txt.dtype != img.dtype:
+        img, txt = img.double(), txt.double()
+    t2i = text_to_image.to(device=img.device, dtype=torch.long)
+    txt = txt.to(img.device)
+    ranks = {"i2t": _i2t_ranks(img, txt, t2i, chunk), "t2i": _t2i_ranks(img, txt, t2i, chunk)}
+    out: dict[str, float] = {}
+    for direction, r in ranks.items():
+        for k in ks:
+            out[f"{direction}_r{k}"] = 100.0 * (r < k).double().mean().item()
+    out["rsum"] = sum(out.values())
+    return out
+
+
+@torch.no_grad()
+def zero_shot_accuracy(image_emb: Tensor, class_emb: Tensor, labels: Tensor,
+                       chunk: int = 4096) -> dict[str, float]:
+    """Zero-shot classification accuracy in percent.
+
+    image_emb (N, D), class_emb (C, D) class-prompt embeddings, labels (N,) long with -1 = unlabelled (ignored).
+    The prediction is the class of highest cosine (ties: the lowest class index, as argmax).
+    ``zs_top1``: % of labelled images classified right; ``zs_mean_class``: mean over the classes that have
+    images of each class's top-1 % (the metric of Li et al. ICCV 2023, robust to unbalanced classes).
+    """
+    if image_emb.ndim != 2 or class_emb.ndim != 2 or image_emb.shape[1] != class_emb.shape[1]:
+        raise ValueError(f"embeddings must be (N, D) and (C, D) of one width; got {tuple(image_emb.shape)} "
+                         f"and {tuple(class_emb.shape)}")
+    if labels.shape != (image_emb.shape[0],):
+        raise ValueError(f"labels must be ({image_emb.shape[0]},); got {tuple(labels.shape)}")
+    n_classes = class_emb.shape[0]
+    labels = labels.to(device=image_emb.device, dtype=torch.long)
+    if bool(((labels < -1) | (labels >= n_classes)).any()):
+        raise ValueError(f"labels must be -1 (unlabelled) or in 0..{n_classes - 1}")
+    keep = labels >= 0
+    if not bool(keep.any()):
+        raise ValueError("zero-shot accuracy needs at least one labelled image")
+    img, cls = _unit(image_emb[keep]), _unit(class_emb).to(image_emb.device)
+    if img.dtype != cls.dtype:
+        img, cls = img.double(), cls.double()
+    y = labels[keep]
+    pred = torch.cat([(img[s:s + chunk] @ cls.T).argmax(dim=1) for s in range(0, len(img), chunk)])
+    correct = (pred == y).double()
+    per_class_hits = torch.zeros(n_classes, dtype=torch.float64, device=y.device).index_add_(0, y, correct)
+    per_class_n = torch.bincount(y, minlength=n_classes).double()
+    present = per_class_n > 0
+    return {"zs_top1": 100.0 * correct.mean().item(),
+            "zs_mean_class": 100.0 * (per_class_hits[present] / per_class_n[present]).mean().item()}
+
+
+def _top1(queries: Tensor, candidates: Tensor, chunk: int) -> Tensor:
+    """(Q,) index of each query's highest-scoring candidate (ties: the lowest index)."""
+    return torch.cat([(queries[s:s + chunk] @ candidates.T).argmax(dim=1) for s in range(0, len(queries), chunk)])
+
+
+@torch.no_grad()
+def agreement(student_image: Tensor, student_text: Tensor, teacher_image: Tensor, teacher_text: Tensor,
+              text_to_image: Tensor, chunk: int = 1024) -> dict[str, float]:
+    """How closely the student follows the teacher.
+
+    student_image / teacher_image (N, D), student_text / teacher_text (T, D), text_to_image (T,) long; the student
+    must already be at the teacher's width D (ValueError otherwise).
+
+    ``agreement_top1``: % of retrieval queries whose student top-1 neighbour is the teacher's top-1 neighbour; the
+    queries are the i2t queries (images with at least one caption, ranking all captions) plus every caption as a
+    t2i query (ranking all images); a percentage. ``cosine_to_teacher``: mean over all N images and T texts of
+    cos(student, teacher) of the same item; a cosine in [-1, 1], not a percentage (1 = identical directions).
+    """
+    _check_pairs(student_image, student_text, text_to_image)
+    _check_pairs(teacher_image, teacher_text, text_to_image)
+    if student_image.shape != teacher_image.shape or student_text.shape != teacher_text.shape:
+        raise ValueError(f"student and teacher embeddings must have the same shapes (project the student to the "
+                         f"teacher's width first); got images {tuple(student_image.shape)} vs "
+                         f"{tuple(teacher_image.shape)}, texts {tuple(student_text.shape)} vs "
+                         f"{tuple(teacher_text.shape)}")
+    if chunk < 1:
+        raise ValueError("chunk must be at least 1")
+    dev = student_image.device
+    si, st = _unit(student_image), _unit(student_text).to(dev)
+    ti, tt = _unit(teacher_image).to(dev), _unit(teacher_text).to(dev)
+    if len({si.dtype, st.dtype, ti.dtype, tt.dtype}) > 1:
+        si, st, ti, tt = si.double(), st.double(), ti.double(), tt.double()
+    t2i = text_to_image.to(device=dev, dtype=torch.long)
+    has_caption = torch.zeros(si.shape[0], dtype=torch.bool, device=dev)
+    has_caption[t2i] = True
+    same_i2t = _top1(si[has_caption], st, chunk) == _top1(ti[has_caption], tt, chunk)
+    same_t2i = _top1(st, si, chunk) == _top1(tt, ti, chunk)
+    same = torch.cat([same_i2t, same_t2i]).double()
+    cos = torch.cat([(si * ti).sum(dim=1), (st * tt).sum(dim=1)]).double()
+    return {"agreement_top1": 100.0 * same.mean().item(), "cosine_to_teacher": cos.mean().item()}
+
+
+__all__ = ["agreement", "retrieval_metrics", "zero_shot_accuracy"]

@@ -1,0 +1,277 @@
+"""Loss balancers: totals, adaptation on a tiny real optimisation, exact resume, absent terms, validation."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from edgedistill.balance import (BALANCERS, Balancer, DSMDBalancer, MagnitudeBalancer, build_balancer,
+                                 validate_balancer)
+
+NAMES = ["big", "small"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Hundreds of tiny ops: thread hand-offs cost more than they save, and far more on a busy machine.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+ADAPTIVE = ["magnitude", "dsmd", "dwa", "uncertainty", "gradnorm"]
+
+
+def make(name: str, base: dict[str, float] | None = None, **options: object) -> Balancer:
+    return build_balancer(validate_balancer({"name": name, **options}), NAMES, base or {"big": 1.0, "small": 1.0})
+
+
+class Toy:
+    """A shared Linear layer with two heads and two MSE losses; ``scale`` multiplies the first ("big") loss.
+
+    ``realizable``: the first head's target is a linear function of the input, so its loss can fall towards 0
+    (the second target is noise, so its loss stalls at a floor).
+    """
+
+    def __init__(self, balancer: Balancer, seed: int = 0, scale: float = 1000.0, realizable: bool = False) -> None:
+        torch.manual_seed(seed)
+        self.shared, self.head_a, self.head_b = nn.Linear(8, 16), nn.Linear(16, 4), nn.Linear(16, 4)
+        self.x = torch.randn(64, 8)
+        self.ya = self.x @ torch.randn(8, 4) * 0.3 if realizable else torch.randn(64, 4)
+        self.yb = torch.randn(64, 4)
+        self.scale, self.realizable = scale, realizable
+        self.model_params = [*self.shared.parameters(), *self.head_a.parameters(), *self.head_b.parameters()]
+        params = self.model_params + (list(balancer.parameters()) if balancer.learned else [])
+        self.opt = torch.optim.Adam(params, lr=0.01)
+        balancer.bind_shared(list(self.shared.parameters()))
+
+    def losses(self) -> dict[str, torch.Tensor]:
+        h = self.shared(self.x)
+        h = h if self.realizable else torch.tanh(h)
+        return {"big": self.scale * F.mse_loss(self.head_a(h), self.ya),
+                "small": F.mse_loss(self.head_b(h), self.yb)}
+
+    def step(self, balancer: Balancer, step: int, losses: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
+        total, weights = balancer(self.losses() if losses is None else losses, step)
+        self.opt.zero_grad()
+        total.backward()
+        self.opt.step()
+        return weights
+
+
+def run(balancer: Balancer, steps: int, **toy: object) -> list[dict[str, float]]:
+    t = Toy(balancer, **toy)
+    return [t.step(balancer, s) for s in range(steps)]
+
+
+def test_registry_and_dsmd_is_magnitude():
+    assert {"static", "magnitude", "dsmd", "dwa", "uncertainty", "gradnorm"} <= set(BALANCERS)
+    assert issubclass(BALANCERS["dsmd"], MagnitudeBalancer) and BALANCERS["dsmd"] is DSMDBalancer
+    assert "magnitude" in (DSMDBalancer.__doc__ or "") and "not" in (DSMDBalancer.__doc__ or "")
+    assert [n for n, c in BALANCERS.items() if c.learned] == ["uncertainty"]
+    for cls in BALANCERS.values():  # every option is documented
+        for field, info in cls.Options.model_fields.items():
+            assert info.description, f"{cls.name}.{field} has no description"
+
+
+def test_static_total_is_the_hand_sum():
+    b = make("static", {"big": 0.5, "small": 2.0})
+    a, c = torch.tensor(3.0, requires_grad=True), torch.tensor(7.0, requires_grad=True)
+    total, weights = b({"small": c, "big": a}, 0)
+    assert total.item() == pytest.approx(0.5 * 3.0 + 2.0 * 7.0)
+    assert weights == {"big": 0.5, "small": 2.0}
+    total.backward()
+    assert a.grad.item() == 0.5 and c.grad.item() == 2.0
+
+
+def test_static_leaves_a_dominating_term_dominant():
+    hist = run(make("static"), 5)
+    assert hist[-1] == {"big": 1.0, "small": 1.0}
+
+
+@pytest.mark.parametrize("name", ["magnitude", "dsmd", "uncertainty", "gradnorm"])
+def test_weight_moves_away_from_a_dominating_term(name):
+    """"big" is 1000x "small"; after a few hundred steps of a real optimisation the big term has lost weight."""
+    hist = run(make(name), 300)
+    first, last = hist[0], hist[-1]
+    assert last["big"] < last["small"] / 3, last
+    if name in ("uncertainty", "gradnorm"):  # these start equal and learn their way there
+        assert first["big"] == first["small"]
+        assert last["big"] < first["big"] and last["small"] > first["small"]
+    else:  # magnitude equalises contributions at once: w_i ~ mean(m) / m_i
+        assert last["big"] < 1.0 < last["small"]
+        assert last["small"] / last["big"] > 50
+
+
+def test_magnitude_weights_follow_the_ema():
+    b = make("magnitude", momentum=0.5)
+    one = lambda v: torch.tensor(float(v))  # noqa: E731
+    b({"big": one(100), "small": one(1)}, 0)  # first observation initialises: m = (100, 1)
+    _, w = b({"big": one(200), "small": one(1)}, 1)  # m = (150, 1)
+    mean = (150 + 1) / 2
+    assert w["big"] == pytest.approx(mean / 150) and w["small"] == pytest.approx(mean / 1)
+
+
+def test_dwa_shifts_weight_to_the_stalling_term():
+    """DWA is scale-invariant by construction: it weighs terms by how fast they fall (r_i = avg(p-1)/avg(p-2)),
+    not by their size, so a merely large term keeps weight 1. The honest test: "big" dominates by x1000 AND
+    falls fast (a realizable target), while "small" stalls at a noise floor; DWA moves weight to "small".
+    """
+    period = 10
+    hist = run(make("dwa", period=period), 300, realizable=True)
+    assert all(w == {"big": 1.0, "small": 1.0} for w in hist[:2 * period])  # first two periods: weights 1
+    later = hist[2 * period:]
+    assert all(w["small"] > w["big"] for w in later)
+    assert all(w["big"] + w["small"] == pytest.approx(2.0) for w in later)  # K * softmax: they sum to K
+
+
+def test_dwa_is_scale_invariant_and_matches_the_formula():
+    seq = [(1000 * 0.9 ** s, 1.0 + 0.01 * s) for s in range(6)]
+    weights = {}
+    for scale in (1.0, 1000.0):
+        b = make("dwa", period=2, temperature=2.0)
+        for s, (a, c) in enumerate(seq):
+            _, weights[scale] = b({"big": torch.tensor(a / 1000 * scale), "small": torch.tensor(c)}, s)
+    assert weights[1.0] == pytest.approx(weights[1000.0])
+    # step 5 is in period 2: r = avg(period 1) / avg(period 0)
+    r = torch.tensor([(seq[2][0] + seq[3][0]) / (seq[0][0] + seq[1][0]),
+                      (seq[2][1] + seq[3][1]) / (seq[0][1] + seq[1][1])])
+    expected = 2 * torch.softmax(r / 2.0, 0)
+    assert [weights[1.0]["big"], weights[1.0]["small"]] == pytest.approx(expected.tolist(), rel=1e-5)
+
+
+def test_uncertainty_formula_and_gradients():
+    b = make("uncertainty", {"big": 2.0, "small": 1.0})
+    with torch.no_grad():
+        b.log_vars[0].fill_(1.0)
+    a, c = torch.tensor(3.0, requires_grad=True), torch.tensor(5.0, requires_grad=True)
+    total, w = b({"big": a, "small": c}, 0)
+    e = torch.exp(torch.tensor(-1.0)).item()
+    assert total.item() == pytest.approx(2.0 * (3.0 * e / 2 + 0.5) + 1.0 * (5.0 / 2 + 0.0))
+    assert w["big"] == pytest.approx(2.0 * e / 2) and w["small"] == pytest.approx(0.5)
+    total.backward()
+    assert a.grad.item() == pytest.approx(w["big"]) and c.grad.item() == pytest.approx(w["small"])
+    assert b.log_vars[0].grad is not None  # learned on purpose
+
+
+def test_gradnorm_needs_bind_shared():
+    b = make("gradnorm")
+    with pytest.raises(RuntimeError, match="bind_shared"):
+        b({"big": torch.tensor(1.0, requires_grad=True), "small": torch.tensor(1.0, requires_grad=True)}, 0)
+
+
+def test_gradnorm_weights_sum_to_k_and_stay_positive():
+    b = make("gradnorm", min_weight=0.01)
+    hist = run(b, 100)
+    assert all(sum(w.values()) == pytest.approx(2.0, rel=1e-4) for w in hist)
+    assert all(min(w.values()) >= 0.01 * 0.99 for w in hist)
+
+
+@pytest.mark.parametrize("name", ["static", *ADAPTIVE])
+def test_weights_are_detached(name):
+    """Backward from the total reaches the model, and never the balancer's weights unless learned on purpose;
+    d total / d L_i equals the reported weight (so the weights are constants in the graph)."""
+    b = make(name, {"big": 1.0, "small": 0.5}, **({"period": 2} if name == "dwa" else {}))
+    toy = Toy(b)
+    for s in range(7):  # past the warm-up of every balancer
+        toy.step(b, s)
+    losses = toy.losses()
+    for p in [*toy.model_params, *b.parameters()]:
+        p.grad = None
+    total, weights = b(losses, 7)
+    d_total = torch.autograd.grad(total, list(losses.values()), retain_graph=True)
+    assert [g.item() for g in d_total] == pytest.approx([weights[n] for n in losses], rel=1e-5)
+    total.backward()
+    assert all(p.grad is not None for p in toy.shared.parameters())
+    learned = [p for p in b.parameters() if p.grad is not None]
+    assert (len(learned) > 0) == (name == "uncertainty")
+    assert all(not buf.requires_grad for buf in b.buffers())
+
+
+def _roundtrip(b: Balancer, name: str, **options: object) -> Balancer:
+    buf = io.BytesIO()
+    torch.save(b.state_dict(), buf)  # only tensors: loads with weights_only=True
+    buf.seek(0)
+    fresh = make(name, **options)
+    fresh.load_state_dict(torch.load(buf, weights_only=True))
+    return fresh
+
+
+@pytest.mark.parametrize("name", ["static", *ADAPTIVE])
+def test_state_dict_round_trip_resumes_exactly(name):
+    options = {"period": 5} if name == "dwa" else {}
+    b = make(name, **options)
+    toy = Toy(b)
+    for s in range(23):  # mid-period for dwa, mid-run for everything
+        toy.step(b, s)
+    resumed = _roundtrip(b, name, **options)
+    resumed.bind_shared(list(toy.shared.parameters()))
+    for s in range(23, 23 + (1 if name == "uncertainty" else 12)):
+        losses = toy.losses()
+        total_r, w_r = resumed(losses, s)
+        total, w = b(losses, s)
+        assert w_r == w and total_r.item() == total.item()
+        toy.opt.zero_grad()
+        total.backward()
+        toy.opt.step()
+    for key, value in b.state_dict().items():
+        if name != "uncertainty":
+            assert torch.equal(value, resumed.state_dict()[key]), key
+
+
+@pytest.mark.parametrize("name", ADAPTIVE)
+def test_absent_term_leaves_its_state_untouched(name):
+    b = make(name, **({"period": 3} if name == "dwa" else {}))
+    toy = Toy(b)
+    for s in range(10):
+        toy.step(b, s)
+    before = {k: v.clone() for k, v in b.state_dict().items()}
+    for s in range(10, 20):  # "small" skips ten steps, across dwa period boundaries
+        w = toy.step(b, s, {"big": toy.losses()["big"]})
+        assert set(w) == {"big"}
+    small = NAMES.index("small")
+    for key, value in b.state_dict().items():
+        if value.ndim == 1 and len(value) == len(NAMES):
+            assert torch.equal(value[small], before[key][small]), key
+        elif key.startswith("log_vars."):
+            if key == f"log_vars.{small}":
+                assert torch.equal(value, before[key])
+    # the term can come back
+    _, w = b(toy.losses(), 20)
+    assert set(w) == set(NAMES)
+
+
+def test_unknown_term_and_empty_step():
+    b = make("static")
+    with pytest.raises(ValueError, match="not built for: other"):
+        b({"other": torch.tensor(1.0)}, 0)
+    total, w = b({}, 0)
+    assert total.item() == 0.0 and w == {}
+    with pytest.raises(ValueError, match="not in the run"):
+        build_balancer(validate_balancer("static"), NAMES, {"nope": 1.0})
+
+
+def test_validate_balancer():
+    assert validate_balancer("gradnorm").model_dump() == {"name": "gradnorm", "alpha": 1.5, "lr": 0.025,
+                                                          "min_weight": 1e-3}
+    opts = validate_balancer({"name": "gradnorm", "alpha": 2})
+    assert opts.alpha == 2.0  # type: ignore[attr-defined]
+    assert validate_balancer(opts.model_dump()) == opts  # the resolved recipe re-reads
+    assert validate_balancer("dsmd").momentum == 0.9  # type: ignore[attr-defined]
+    cases = [
+        ("gradnrom", r"unknown balancer 'gradnrom'; did you mean 'gradnorm'\? valid: dsmd, dwa, gradnorm"),
+        ({"name": "dwa", "temprature": 1},
+         r"unknown option 'temprature' of balancer 'dwa'; did you mean 'temperature'"),
+        ({"name": "static", "alpha": 1}, r"unknown option 'alpha' of balancer 'static'; valid: \(none\)"),
+        ({"name": "dwa", "period": 0}, r"option 'period' of balancer 'dwa': "),
+        ({"alpha": 1}, r"needs a 'name'"),
+        (3, r"give a balancer name"),
+    ]
+    for raw, pattern in cases:
+        with pytest.raises(ValueError, match=pattern) as e:
+            validate_balancer(raw)  # type: ignore[arg-type]
+        assert "\n" not in str(e.value)
