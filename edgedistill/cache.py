@@ -351,7 +351,7 @@ def build_or_load(teacher: Teacher, manifest: Manifest, root: Path, *, batch_siz
                   chunk_size: int = 1024, max_bad_fraction: float = 0.05, what: str = "cache",
                   console: Console | None = None, rebuild: bool = False) -> CacheResult:
     """Return the verified cache of ``manifest`` under ``root``, building (or resuming) it when needed."""
-    console = console or Console(stderr=True)
+    console = console or Console(stderr=True, soft_wrap=True)
     try:
         return _build_or_load(teacher, manifest, Path(root), batch_size, workers, chunk_size, max_bad_fraction,
                               what, console, rebuild)

@@ -63,7 +63,7 @@ def check(recipe: Path = RECIPE_ARG, overrides: Optional[list[str]] = OVERRIDES_
     resolved = load_recipe(recipe, overrides or [])
     manifests = load_split_manifests(resolved)
     typer.echo(recipe_to_yaml(resolved), nl=False)
-    err = Console(stderr=True)
+    err = Console(stderr=True, soft_wrap=True)
     for name, m in manifests.items():
         err.print(f"{name}: {len(m)} images, {m.n_captions} captions ({m.path})", highlight=False)
 
@@ -88,7 +88,7 @@ def cache(
     from edgedistill.recipe import load_recipe
     from edgedistill.teachers import load_teacher
 
-    console = Console(stderr=True)
+    console = Console(stderr=True, soft_wrap=True)
     resolved = load_recipe(recipe, overrides or [])
     manifests = load_split_manifests(resolved)
     with console.status(f"loading teacher {resolved.teacher.model} ({resolved.teacher.pretrained})"):
@@ -104,6 +104,73 @@ def cache(
         table.add_row(name, str(r.cache.n_images), str(len(r.cache.bad_images)), str(r.cache.n_texts),
                       "reused" if r.hit else "built", f"{r.seconds:.1f}", str(r.cache.path))
     Console().print(table)
+
+
+@app.command()
+def distill(
+    recipe: Path = RECIPE_ARG,
+    overrides: Optional[list[str]] = OVERRIDES_ARG,
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in the recipe's out directory from "
+                                                       "checkpoints/last.pt, exactly where it stopped."),
+) -> None:
+    """Train a compact student against the frozen teacher.
+
+    Builds (or reuses) the teacher feature cache, trains the student with the recipe's loss terms and balancer,
+    evaluates on val, and writes into `out`: recipe.yaml, checkpoints/, student/ (an open_clip model),
+    metrics.jsonl, tensorboard/ and summary.json.
+
+    Examples:
+
+    * `edgedistill distill recipes/clip_to_mobilenet.yaml`
+    * `edgedistill distill recipes/clip_to_mobilenet.yaml train.epochs=3 student.vision=resnet18`
+    * `edgedistill distill recipes/clip_to_mobilenet.yaml --resume`
+    """
+    from edgedistill.recipe import load_recipe
+    from edgedistill.train import distill as run_distill
+
+    console = Console(stderr=True, soft_wrap=True)
+    resolved = load_recipe(recipe, overrides or [])
+    summary = run_distill(resolved, console=console, resume=resume)
+    _print_summary(summary, Path(resolved.out))
+
+
+def _print_summary(summary: dict, out: Path) -> None:
+    table = Table(title=f"val retrieval ({summary.get('val_images', 0)} images)")
+    keys = ["i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum", "zs_mean_class",
+            "agreement_top1", "cosine_to_teacher"]
+    rows = {k: v for k, v in (("teacher", summary.get("teacher")), ("student", summary.get("student"))) if v}
+    if rows:
+        shown = [k for k in keys if any(k in r for r in rows.values())]
+        table.add_column("model")
+        for k in shown:
+            table.add_column(k, justify="right")
+        for name, r in rows.items():
+            table.add_row(name, *[("-" if k not in r else f"{r[k]:.3f}" if k == "cosine_to_teacher"
+                                   else f"{r[k]:.1f}") for k in shown])
+        Console().print(table)
+    retention = (summary.get("retention") or {}).get("rsum")
+    extra = f", RSUM retention {retention:.1%}" if retention is not None else ""
+    Console().print(f"{summary['steps']} steps, {summary['train_images_per_s']:.1f} images/s{extra}; "
+                    f"student in {out / 'student'}", highlight=False)
+
+
+@app.command("eval")
+def evaluate(
+    run_dir: Path = typer.Argument(..., help="A run directory written by `distill`.", show_default=False),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+) -> None:
+    """Re-evaluate a run's saved student on its recipe's val split, next to the teacher; writes eval.json.
+
+    The student is loaded from RUN_DIR/student exactly as a user would load it (open_clip, local-dir) and
+    embeds captions with its own text tower.
+
+    Example: `edgedistill eval runs/clip_to_mobilenet`
+    """
+    from edgedistill.evaluate import run_eval
+
+    console = Console(stderr=True, soft_wrap=True)
+    result = run_eval(run_dir, device, console)
+    _print_summary(result, run_dir)
 
 
 INTERRUPTED = "interrupted; run the same command again to continue where it stopped\n"

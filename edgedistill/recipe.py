@@ -34,9 +34,26 @@ class TeacherConfig(_Section):
                                                      "or hf-hub:org/name; null = random weights")
 
 
+class StudentTextConfig(_Section):
+    width: PositiveInt = Field(256, description="student text transformer width")
+    layers: PositiveInt = Field(4, description="student text transformer blocks")
+    heads: PositiveInt = Field(4, description="attention heads (must divide width)")
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> "StudentTextConfig":
+        if self.width % self.heads:
+            raise ValueError(f"heads ({self.heads}) must divide width ({self.width})")
+        return self
+
+
 class StudentConfig(_Section):
     vision: str = Field("mobilenetv3_large_100", description="timm model name of the student's vision tower")
-    text: Literal["teacher"] = Field("teacher", description="'teacher': the teacher's text tower, frozen")
+    text: Literal["teacher"] | StudentTextConfig = Field(
+        "teacher", description="'teacher': the teacher's text tower, frozen; or {width, layers, heads}: a smaller "
+                               "open_clip text transformer distilled from the teacher's text embeddings")
+    image_size: PositiveInt | None = Field(None, description="student input size; default: the teacher's")
+    embed_dim: PositiveInt | None = Field(None, description="student embedding width; default: the teacher's. "
+                                                            "Another width needs a student text tower")
 
 
 class AugmentConfig(_Section):
@@ -67,14 +84,62 @@ class CacheConfig(_Section):
     chunk_size: PositiveInt = Field(1024, description="images per resumable chunk of the cache build")
 
 
+DEFAULT_TERMS = ["feature", "similarity", "relation", "contrastive", "hard_negative", "clip"]
+
+
 class LossConfig(_Section):
-    terms: list[str] = ["feature", "similarity", "relation", "contrastive", "hard_negative", "clip"]
-    balancer: str = "dsmd"
+    terms: dict[str, Any] = Field(
+        default_factory=lambda: {t: {} for t in DEFAULT_TERMS}, validate_default=True,
+        description="loss terms by name, each with its options ({} = defaults); a plain list of names also works")
+    balancer: Any = Field("dsmd", validate_default=True, description="balancer name, or {name: ..., options}")
+
+    @field_validator("terms", mode="before")
+    @classmethod
+    def _terms(cls, v: Any) -> dict[str, Any]:
+        from edgedistill.losses import validate_term_options
+        if isinstance(v, list):
+            if not all(isinstance(t, str) for t in v):
+                raise ValueError("a list of terms holds names only; give options as a mapping name: {options}")
+            v = {t: {} for t in v}
+        if not isinstance(v, dict) or not v:
+            raise ValueError("name at least one loss term, as a list or a mapping name: {options}")
+        return {name: validate_term_options(str(name), opts).model_dump() for name, opts in v.items()}
+
+    @field_validator("balancer", mode="before")
+    @classmethod
+    def _balancer(cls, v: Any) -> dict[str, Any]:
+        from edgedistill.balance import validate_balancer
+        if not isinstance(v, (str, dict)):
+            raise ValueError("give a balancer name or a mapping {name: ..., options}")
+        return validate_balancer(v).model_dump()
 
 
 class TrainConfig(_Section):
     epochs: PositiveInt = 10
-    lr: PositiveFloat = 1e-3
+    max_steps: PositiveInt | None = Field(None, description="stop after this many steps (default: all epochs)")
+    lr: PositiveFloat = Field(1e-3, description="peak AdamW learning rate")
+    weight_decay: float = Field(0.05, ge=0.0, description="AdamW weight decay (not on biases, norms, logit scale)")
+    warmup_steps: NonNegativeInt = Field(100, description="linear warm-up, then cosine decay to zero")
+    grad_clip: float = Field(1.0, ge=0.0, description="clip the gradient norm to this; 0 = off")
+    amp: bool = Field(True, description="mixed precision on CUDA (bf16 where supported, else fp16); CPU is fp32")
+    teacher: Literal["cached", "online"] = Field(
+        "cached", description="cached: teacher features from the feature cache; online: run the teacher every step")
+    log_every: PositiveInt = Field(10, description="steps between log lines (metrics.jsonl, TensorBoard)")
+    eval_every: NonNegativeInt = Field(0, description="steps between val evaluations; 0 = after each epoch")
+    checkpoint_every: NonNegativeInt = Field(200, description="steps between checkpoints/last.pt; 0 = each epoch")
+    tensorboard: bool = Field(True, description="also write TensorBoard logs to <out>/tensorboard")
+
+
+class EvalConfig(_Section):
+    prompt: str = Field("a photo of a {label}.", description="zero-shot class prompt; {label} is the class name")
+    batch_size: PositiveInt = Field(128, description="images per batch when embedding val data")
+
+    @field_validator("prompt")
+    @classmethod
+    def _has_label(cls, v: str) -> str:
+        if "{label}" not in v:
+            raise ValueError("the prompt needs a {label} placeholder")
+        return v
 
 
 class Recipe(_Section):
@@ -88,6 +153,7 @@ class Recipe(_Section):
     cache: CacheConfig = CacheConfig()
     loss: LossConfig = LossConfig()
     train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
 
     @field_validator("name")
     @classmethod
@@ -105,6 +171,10 @@ class Recipe(_Section):
 
     @model_validator(mode="after")
     def _default_out(self) -> "Recipe":
+        if self.student.embed_dim is not None and self.student.text == "teacher":
+            # The teacher's text tower emits the teacher's width; both towers must share one space.
+            raise ValueError("student.embed_dim needs a student text tower (student.text: {width, layers, heads}); "
+                             "with student.text: teacher the student embeds at the teacher's width")
         if self.out is None:
             self.out = Path("runs") / self.name
         return self
@@ -157,7 +227,7 @@ def _describe(error: dict[str, Any]) -> str:
     got = error.get("input")
     got_text = f" (got {got!r})" if not isinstance(got, (dict, list)) else ""
     msg = error["msg"].removeprefix("Value error, ")
-    return f"'{path}': {msg}{got_text}"
+    return f"'{path}': {msg}{got_text}" if path else f"{msg}{got_text}"
 
 
 def validate_recipe(raw: Any, source: str = "recipe") -> Recipe:

@@ -55,7 +55,7 @@ def resolve_device(device: str) -> torch.device:
 
 
 @contextlib.contextmanager
-def _quiet_open_clip() -> Iterator[None]:
+def quiet_open_clip() -> Iterator[None]:
     """open_clip logs routine notes ('initialized randomly') and failures; we report what matters ourselves."""
     logging.disable(logging.CRITICAL)
     try:
@@ -218,7 +218,7 @@ def load_teacher(cfg: TeacherConfig, device: str | torch.device = "cpu", seed: i
     kwargs = dict(image_mean=pre.get("mean"), image_std=pre.get("std"),
                   image_interpolation=pre.get("interpolation"), image_resize_mode=pre.get("resize_mode"))
     try:
-        with _quiet_open_clip(), torch.random.fork_rng(devices=[]):
+        with quiet_open_clip(), torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)  # random-weight teachers are reproducible, so their cache key holds
             model, _, preprocess = open_clip.create_model_and_transforms(
                 source.model_name, pretrained=source.pretrained, weights_only=True, **kwargs)

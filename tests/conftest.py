@@ -77,7 +77,7 @@ def dataset(tmp_path: Path) -> dict[str, Path]:
     return {"train": train, "val": val, "root": tmp_path}
 
 
-def write_recipe(path: Path, teacher: tuple[Path, Path], train: Path, val: Path | None = None,
+def write_recipe(path: Path, teacher: tuple[Path, Path], train_manifest: Path, val_manifest: Path | None = None,
                  cache_dir: Path | None = None, **sections: dict[str, Any]) -> Path:
     """A recipe for the tiny teacher; ``sections`` are merged over the defaults (e.g. data={"workers": 0})."""
     recipe: dict[str, Any] = {
@@ -87,7 +87,8 @@ def write_recipe(path: Path, teacher: tuple[Path, Path], train: Path, val: Path 
         "device": "cpu",
         "teacher": {"model": str(teacher[0]), "pretrained": str(teacher[1])},
         "student": {"vision": "mobilenetv3_small_100", "text": "teacher"},
-        "data": {"train": str(train), "val": str(val) if val else None, "batch_size": 8, "workers": 0},
+        "data": {"train": str(train_manifest), "val": str(val_manifest) if val_manifest else None,
+                 "batch_size": 8, "workers": 0},
         "cache": {"dir": str(cache_dir or path.parent / "cache"), "chunk_size": 16},
     }
     for key, value in sections.items():

@@ -35,3 +35,17 @@ def test_readme_test_command_is_what_ci_runs():
     readme = (ROOT / "README.md").read_text()
     command = 'pip install -e ".[cpu,dev]" && pytest'
     assert command in readme and command in ci
+
+
+def test_readme_documents_every_loss_term_and_balancer_with_its_options():
+    from edgedistill.balance import BALANCERS
+    from edgedistill.losses import LOSSES, _load_builtin_terms
+    _load_builtin_terms()
+    readme = (ROOT / "README.md").read_text()
+    rows = {line.split("|")[1].strip(): line for line in readme.splitlines() if line.startswith("| `")}
+    for registry in (LOSSES, BALANCERS):
+        for name, cls in registry.items():
+            assert f"`{name}`" in rows, f"README.md has no table row for {name}"
+            options = [k for k in cls.Options.model_fields if k not in ("name", "weight")]
+            for option in options:
+                assert f"`{option}`" in rows[f"`{name}`"], f"README.md row of {name} lacks option {option}"

@@ -44,7 +44,7 @@ def test_valid_recipe_loads_with_issue_keys(tmp_path):
     assert r.name == "clip_to_mobilenet"
     assert r.teacher.model == "ViT-B-32" and r.teacher.pretrained == "laion2b_s34b_b79k"
     assert r.data.train == Path("data/train.jsonl") and r.data.batch_size == 64
-    assert r.loss.terms[-1] == "clip" and r.train.epochs == 10 and r.train.lr == pytest.approx(1e-3)
+    assert list(r.loss.terms)[-1] == "clip" and r.train.epochs == 10 and r.train.lr == pytest.approx(1e-3)
 
 
 def test_out_defaults_to_runs_name(tmp_path):
@@ -97,7 +97,26 @@ def test_overrides_are_applied_and_typed(tmp_path):
     r = load_recipe(recipe_file(tmp_path), ["train.epochs=3", "data.batch_size=32", "cache.dir=/tmp/c",
                                             "data.val=null", "loss.terms=[feature, clip]"])
     assert r.train.epochs == 3 and r.data.batch_size == 32
-    assert r.cache.dir == Path("/tmp/c") and r.data.val is None and r.loss.terms == ["feature", "clip"]
+    assert r.cache.dir == Path("/tmp/c") and r.data.val is None and list(r.loss.terms) == ["feature", "clip"]
+    assert r.loss.terms["clip"]["temperature"] == pytest.approx(0.07)  # each term's defaults filled in
+
+
+def test_loss_terms_and_balancer_options_are_validated(tmp_path):
+    r = load_recipe(recipe_file(tmp_path), ["loss.terms={contrastive: {queue_size: 128}, feature: {weight: 2}}",
+                                            "loss.balancer={name: gradnorm, alpha: 2.0}"])
+    assert r.loss.terms["contrastive"]["queue_size"] == 128 and r.loss.terms["feature"]["weight"] == 2
+    assert r.loss.balancer["name"] == "gradnorm" and r.loss.balancer["alpha"] == 2.0
+    for override, expected in [
+        ("loss.terms=[featur]", "unknown loss term 'featur'; did you mean 'feature'?"),
+        ("loss.terms={relation: {temprature: 1}}", "did you mean 'temperature'?"),
+        ("loss.terms={contrastive: {queue_size: -1}}", "queue_size"),
+        ("loss.terms=[]", "at least one loss term"),
+        ("loss.balancer=static2", "unknown balancer"),
+        ("loss.balancer={name: dwa, period: 0}", "period"),
+    ]:
+        with pytest.raises(UserError) as e:
+            load_recipe(recipe_file(tmp_path), [override])
+        assert expected in str(e.value) and "\n" not in str(e.value), (override, str(e.value))
 
 
 def test_override_of_unknown_key_is_checked_like_the_file(tmp_path):

@@ -66,7 +66,7 @@ class BadImages:
         self.total = total
         self.max_fraction = max_fraction
         self.what = what
-        self.console = console or Console(stderr=True)
+        self.console = console or Console(stderr=True, soft_wrap=True)
         self.items: list[tuple[int, str, str]] = list(known)  # (index, path, reason)
 
     def add(self, index: int, path: str | Path, reason: str) -> None:

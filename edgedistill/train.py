@@ -1,0 +1,588 @@
+"""The trainer: a student against a frozen teacher, with the recipe's loss terms and balancer.
+
+One step: augmented student views of a batch of images -> student embeddings; the teacher's embeddings of the
+clean views come from the feature cache (or an online teacher); one caption per captioned image is drawn;
+every loss term sees the batch, the balancer combines them, AdamW steps.
+
+Resuming is exact: the batch order of an epoch, each image's augmentation and each step's caption draw are
+functions of (seed, epoch, index), never of how many batches ran before, and a checkpoint holds the model,
+optimizer, scheduler, AMP scaler, balancer, loss state (queues) and RNG states.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+from edgedistill import atomic
+from edgedistill.balance import Balancer, build_balancer, validate_balancer
+from edgedistill.cache import FeatureCache, caches_for_recipe, load_split_manifests
+from edgedistill.data.images import BadImages, open_image, why_unreadable
+from edgedistill.data.manifest import Manifest
+from edgedistill.data.transforms import student_train_transform
+from edgedistill.errors import UserError
+from edgedistill.evaluate import ValData, evaluate_student, prepare_val, teacher_metrics
+from edgedistill.losses import Embeddings, LossContext, build_losses, validate_term_options
+from edgedistill.recipe import Recipe, save_recipe
+from edgedistill.students import Student, build_student, save_student
+from edgedistill.teachers import Teacher, load_teacher, resolve_device
+
+MAX_BAD_STEPS = 3          # non-finite losses in a row before the run stops
+VL_BANK_SIZE = 8192        # teacher caption embeddings vl_align ranks against (a fixed seeded subset)
+FAULT_ENV = "EDGEDISTILL_FAULT_KILL_AFTER_STEP"  # tests: SIGKILL this process after that step (crash-resume test)
+
+# Recipe keys that may change between a run and its resume (they do not change what is computed).
+RESUMABLE_CHANGES = {"train.epochs", "train.max_steps", "train.log_every", "train.eval_every",
+                     "train.checkpoint_every", "train.tensorboard", "data.workers", "device", "cache.dir",
+                     "eval.batch_size"}
+
+
+@dataclass
+class RunPaths:
+    out: Path
+
+    @property
+    def checkpoints(self) -> Path: return self.out / "checkpoints"
+    @property
+    def last(self) -> Path: return self.checkpoints / "last.pt"
+    @property
+    def best(self) -> Path: return self.checkpoints / "best.pt"
+    @property
+    def student(self) -> Path: return self.out / "student"
+    @property
+    def metrics(self) -> Path: return self.out / "metrics.jsonl"
+    @property
+    def summary(self) -> Path: return self.out / "summary.json"
+    @property
+    def recipe(self) -> Path: return self.out / "recipe.yaml"
+    @property
+    def tensorboard(self) -> Path: return self.out / "tensorboard"
+
+
+def _seed_of(*parts: int) -> int:
+    return int(np.random.SeedSequence([p & 0xFFFFFFFF for p in parts]).generate_state(1)[0])
+
+
+class TrainImages(torch.utils.data.Dataset):
+    """Training images by manifest index -> (index, student view, teacher view or None, reason or None).
+
+    Each item's augmentation is seeded by (seed, epoch, index), so workers, resume and batch order do not
+    change what a given image looks like in a given epoch.
+    """
+
+    def __init__(self, paths: list[Path], transform: Callable, seed: int,
+                 teacher_transform: Callable | None = None) -> None:
+        self.paths, self.transform, self.seed = paths, transform, seed
+        self.teacher_transform = teacher_transform
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, torch.Tensor | None, str | None]:
+        try:
+            image = open_image(self.paths[index])
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(_seed_of(self.seed, self.epoch, index))
+                view = self.transform(image)
+            teacher_view = self.teacher_transform(image) if self.teacher_transform else None
+            return index, view, teacher_view, None
+        except Exception as e:  # counted by BadImages in the trainer
+            return index, None, None, why_unreadable(e)
+
+
+def collate_train(items: list) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, list]:
+    good = [it for it in items if it[1] is not None]
+    bad = [(it[0], it[3]) for it in items if it[1] is None]
+    idx = torch.tensor([it[0] for it in good], dtype=torch.long)
+    views = torch.stack([it[1] for it in good]) if good else None
+    teacher_views = torch.stack([it[2] for it in good]) if good and good[0][2] is not None else None
+    return idx, views, teacher_views, bad
+
+
+class EpochBatches(torch.utils.data.Sampler):
+    """Batches of an epoch: a permutation seeded by (seed, epoch), optionally starting at a given batch."""
+
+    def __init__(self, indices: np.ndarray, batch_size: int, seed: int) -> None:
+        self.indices, self.batch_size, self.seed = indices, batch_size, seed
+        self.drop_last = len(indices) >= batch_size  # in-batch terms need full batches; tiny sets keep one
+        self.epoch, self.start = 0, 0
+
+    @property
+    def per_epoch(self) -> int:
+        n = len(self.indices)
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+
+    def __len__(self) -> int:
+        return self.per_epoch - self.start
+
+    def __iter__(self) -> Iterator[list[int]]:
+        perm = np.random.default_rng(_seed_of(self.seed, self.epoch)).permutation(self.indices)
+        for b in range(self.start, self.per_epoch):
+            yield perm[b * self.batch_size:(b + 1) * self.batch_size].tolist()
+
+
+class TeacherFeatures:
+    """The teacher's embeddings of a batch: looked up in the cache, or computed online."""
+
+    def __init__(self, teacher: Teacher, cache: FeatureCache | None) -> None:
+        self.teacher, self.cache = teacher, cache
+
+    def images(self, indices: torch.Tensor, teacher_views: torch.Tensor | None) -> torch.Tensor:
+        if self.cache is not None:
+            return self.cache.image_features(indices).float()
+        return self.teacher.embed_images(teacher_views).float()
+
+    def texts(self, rows: np.ndarray, captions: list[str]) -> torch.Tensor:
+        if self.cache is not None:
+            return self.cache.text_features(rows).float()
+        return self.teacher.embed_texts(captions).float()
+
+
+def cosine_schedule(total: int, warmup: int) -> Callable[[int], float]:
+    warmup = min(warmup, max(total // 5, 0))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(total - warmup, 1)
+        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+    return factor
+
+
+def _param_groups(modules: list[torch.nn.Module], weight_decay: float) -> list[dict[str, Any]]:
+    # No decay on biases, norm weights, embeddings' scale and the logit scale (the usual CLIP practice).
+    decay, no_decay = [], []
+    for module in modules:
+        for name, p in module.named_parameters():
+            if not p.requires_grad:
+                continue
+            (no_decay if p.ndim < 2 or "logit_scale" in name else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _recipe_differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    keys = []
+    for k in sorted(set(old) | set(new)):
+        path = f"{prefix}{k}"
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict) and not path.startswith("loss.terms"):
+            keys += _recipe_differences(a, b, path + ".")
+        elif a != b and path not in RESUMABLE_CHANGES:
+            keys.append(path)
+    return keys
+
+
+@dataclass
+class TrainState:
+    step: int = 0                 # optimizer steps attempted (skipped non-finite steps included)
+    epoch: int = 0
+    batch: int = 0                # next batch of the epoch
+    skipped: int = 0
+    bad_streak: int = 0
+    images: int = 0               # training images processed
+    train_seconds: float = 0.0    # time in training steps (evaluation excluded)
+    best_rsum: float = -1.0
+    best_step: int = 0
+    best_metrics: dict[str, float] = field(default_factory=dict)
+
+
+class Trainer:
+    """Holds everything of one run; ``fit()`` trains to the end (or ``train.max_steps``)."""
+
+    def __init__(self, recipe: Recipe, teacher: Teacher, manifests: dict[str, Manifest],
+                 caches: dict[str, FeatureCache], console: Console, resume: bool = False) -> None:
+        self.recipe, self.teacher, self.console = recipe, teacher, console
+        self.paths = RunPaths(Path(recipe.out))
+        self.device = resolve_device(recipe.device)
+        self.train_manifest = manifests["train"]
+        self.train_cache = caches.get("train")
+        torch.manual_seed(recipe.seed)
+        self.student: Student = build_student(recipe.student, teacher, recipe.name, seed=recipe.seed)
+        self.model = self.student.model.to(self.device)
+        self.projection: torch.nn.Linear | None = None
+        if self.student.embed_dim != teacher.embed_dim:  # another width: a learned map to the teacher's space
+            self.projection = torch.nn.Linear(self.student.embed_dim, teacher.embed_dim, bias=False).to(self.device)
+        self.features = TeacherFeatures(teacher, self.train_cache)
+        self.captions = self.train_manifest.all_captions()
+        self.offsets = self.train_manifest.caption_offsets
+
+        context = LossContext(embed_dim=teacher.embed_dim, text_bank=self._text_bank())
+        terms = {n: validate_term_options(n, o) for n, o in recipe.loss.terms.items()}
+        self.losses = build_losses(terms, context).to(self.device)
+        self.balancer: Balancer = build_balancer(validate_balancer(recipe.loss.balancer), list(terms),
+                                                 {n: o.weight for n, o in terms.items()}).to(self.device)
+        self.balancer.bind_shared(self._shared_layer())
+
+        ok = self.train_cache.image_ok.astype(bool) if self.train_cache is not None \
+            else np.ones(len(self.train_manifest), dtype=bool)
+        self.batches = EpochBatches(np.flatnonzero(ok), recipe.data.batch_size, recipe.seed)
+        if self.batches.per_epoch == 0:
+            raise UserError(f"data.train: no readable images in {self.train_manifest.path}")
+        total = recipe.train.epochs * self.batches.per_epoch
+        self.total_steps = min(total, recipe.train.max_steps or total)
+
+        modules: list[torch.nn.Module] = [self.model] + ([self.projection] if self.projection else [])
+        groups = _param_groups(modules, recipe.train.weight_decay)
+        if self.balancer.learned:
+            groups.append({"params": list(self.balancer.parameters()), "weight_decay": 0.0})
+        self.optimizer = torch.optim.AdamW(groups, lr=recipe.train.lr)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, cosine_schedule(self.total_steps, recipe.train.warmup_steps))
+        self.amp_dtype = None
+        if self.device.type == "cuda" and recipe.train.amp:
+            self.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
+
+        pp = self.student.preprocess_cfg
+        transform = student_train_transform(pp["size"], pp["mean"], pp["std"], recipe.data.augment.scale,
+                                            recipe.data.augment.hflip)
+        self.dataset = TrainImages([e.image for e in self.train_manifest.entries], transform, recipe.seed,
+                                   teacher.preprocess if self.train_cache is None else None)
+        self.bad = BadImages(len(self.train_manifest), recipe.data.max_bad_fraction, "train", console)
+        self.state = TrainState()
+        self.val: ValData | None = None
+        if "val" in manifests:
+            self.val = prepare_val(manifests["val"], teacher, caches.get("val"), recipe.eval.prompt,
+                                   recipe.data.batch_size, recipe.data.workers, console)
+        self._prepare_run_dir(resume)
+        self.tb = None
+        if recipe.train.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(str(self.paths.tensorboard), purge_step=self.state.step + 1)
+
+    # ------------------------------------------------------------------------------------------ set-up
+
+    def _text_bank(self) -> torch.Tensor | None:
+        if "vl_align" not in self.recipe.loss.terms or self.train_cache is None or self.train_cache.n_texts == 0:
+            return None
+        n = self.train_cache.n_texts
+        rows = np.arange(n) if n <= VL_BANK_SIZE else \
+            np.sort(np.random.default_rng(self.recipe.seed).choice(n, VL_BANK_SIZE, replace=False))
+        return self.train_cache.text_features(rows).float().to(self.device)
+
+    def _shared_layer(self) -> list[torch.nn.Parameter]:
+        # The last layer every term's gradient flows through: the vision tower's projection head.
+        trunk = getattr(self.model.visual, "trunk", None)
+        head = trunk.get_classifier() if trunk is not None and hasattr(trunk, "get_classifier") else None
+        params = [p for p in head.parameters()] if isinstance(head, torch.nn.Module) else []
+        return params or [p for p in self.model.visual.parameters()][-2:]
+
+    def _prepare_run_dir(self, resume: bool) -> None:
+        paths = self.paths
+        new = json.loads(json.dumps(self.recipe.model_dump(mode="json")))
+        if paths.last.exists() and not resume:
+            raise UserError(f"{paths.out} already holds a run (checkpoints/last.pt); add --resume to continue it, "
+                            f"or set out=... for a new run")
+        if resume and paths.last.exists():
+            import yaml
+            old = yaml.safe_load(paths.recipe.read_text()) if paths.recipe.exists() else {}
+            changed = _recipe_differences(old or {}, new)
+            if changed:
+                raise UserError(f"--resume: the recipe changed since the run started ({', '.join(changed[:3])}); "
+                                f"resume with the recipe in {paths.recipe}, or start a new run with out=...")
+            self._load_checkpoint(paths.last)
+            self.console.print(f"resuming {paths.out} at step {self.state.step} (epoch {self.state.epoch + 1}, "
+                               f"batch {self.state.batch})", highlight=False)
+            self._truncate_metrics(self.state.step)
+        elif resume:
+            self.console.print(f"--resume: no checkpoint in {paths.checkpoints} yet; starting the run",
+                               highlight=False)
+        if not resume or not paths.last.exists():
+            paths.metrics.unlink(missing_ok=True)
+        save_recipe(self.recipe, paths.recipe)
+
+    def _truncate_metrics(self, step: int) -> None:
+        """Drop log lines written after the checkpoint (their steps run again)."""
+        if not self.paths.metrics.exists():
+            return
+        kept = []
+        for line in self.paths.metrics.read_text().splitlines():
+            try:
+                if json.loads(line).get("step", 0) <= step:
+                    kept.append(line)
+            except json.JSONDecodeError:  # a line cut by the kill
+                continue
+        atomic.write_text(self.paths.metrics, "".join(k + "\n" for k in kept))
+
+    # -------------------------------------------------------------------------------------- checkpoints
+
+    def _checkpoint(self) -> dict[str, Any]:
+        s = self.state
+        return {
+            "format": 1, "state": s.__dict__.copy(),
+            "model": self.model.state_dict(),
+            "projection": self.projection.state_dict() if self.projection else None,
+            "losses": self.losses.state_dict(), "balancer": self.balancer.state_dict(),
+            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(), "rng": _rng_state(),
+        }
+
+    def _save(self, path: Path, payload: dict[str, Any] | None = None) -> None:
+        with atomic.atomic_path(path) as tmp:
+            torch.save(payload if payload is not None else self._checkpoint(), tmp)
+
+    def _load_checkpoint(self, path: Path) -> None:
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise UserError(f"--resume: cannot read {path} ({str(e).splitlines()[0][:120]}); "
+                            "delete it to restart the run") from e
+        self.model.load_state_dict(ckpt["model"])
+        if self.projection is not None:
+            self.projection.load_state_dict(ckpt["projection"])
+        self.losses.load_state_dict(ckpt["losses"])
+        self.balancer.load_state_dict(ckpt["balancer"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        self.state = TrainState(**ckpt["state"])
+        _set_rng_state(ckpt["rng"])
+
+    # ------------------------------------------------------------------------------------------- logging
+
+    def _log(self, record: dict[str, Any]) -> None:
+        with open(self.paths.metrics, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for key, value in _flatten(record).items():
+                if key not in ("step", "epoch") and isinstance(value, (int, float)):
+                    self.tb.add_scalar(key, value, record["step"])
+
+    # ------------------------------------------------------------------------------------------ one step
+
+    def _pairs(self, indices: torch.Tensor) -> tuple[np.ndarray, np.ndarray, list[str]]:
+        """One caption per captioned image of the batch, drawn from (seed, step): rows, positions, texts."""
+        rng = np.random.default_rng(_seed_of(self.recipe.seed, 7919, self.state.step))
+        rows, positions = [], []
+        for pos, i in enumerate(indices.tolist()):
+            lo, hi = int(self.offsets[i]), int(self.offsets[i + 1])
+            if hi > lo:
+                rows.append(int(rng.integers(lo, hi)))
+                positions.append(pos)
+        return np.asarray(rows, dtype=np.int64), np.asarray(positions, dtype=np.int64), \
+            [self.captions[r] for r in rows]
+
+    def _embeddings(self, indices: torch.Tensor, views: torch.Tensor,
+                    teacher_views: torch.Tensor | None) -> Embeddings:
+        dev = self.device
+        rows, positions, texts = self._pairs(indices)
+        with torch.no_grad():
+            t_img = self.features.images(indices, teacher_views).to(dev)
+            t_txt = self.features.texts(rows, texts).to(dev) if len(rows) else None
+        with torch.autocast(dev.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            s_img = self.model.encode_image(views.to(dev, non_blocking=True))
+            s_txt = None
+            if t_txt is not None:
+                if self.student.text_is_teacher:
+                    s_txt = t_txt
+                else:
+                    s_txt = self.model.encode_text(self.teacher.tokenizer(texts).to(dev))
+        s_img = s_img.float()
+        s_txt = s_txt.float() if s_txt is not None else None
+        if self.projection is not None:
+            s_img = self.projection(s_img)
+            s_txt = self.projection(s_txt) if s_txt is not None and not self.student.text_is_teacher else s_txt
+        return Embeddings(
+            student_image=s_img, teacher_image=t_img, student_text=s_txt, teacher_text=t_txt,
+            pair_image=torch.from_numpy(positions).to(dev) if t_txt is not None else None,
+            logit_scale=self.model.logit_scale, text_is_student=not self.student.text_is_teacher)
+
+    def _step(self, indices: torch.Tensor, views: torch.Tensor, teacher_views: torch.Tensor | None
+              ) -> dict[str, Any] | None:
+        """One optimizer step; None when the loss was not finite and the step was skipped."""
+        e = self._embeddings(indices, views, teacher_views)
+        values = {name: term(e) for name, term in self.losses.items()}
+        active = {k: v for k, v in values.items() if v is not None}
+        if not active:
+            raise UserError("no loss term applies to this data (terms needing captions on a dataset without "
+                            "captions?); add feature or similarity to loss.terms")
+        total, weights = self.balancer(active, self.state.step)
+        if not torch.isfinite(total):
+            self.optimizer.zero_grad(set_to_none=True)
+            return None
+        self.scaler.scale(total).backward()
+        if self.recipe.train.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            params = [p for g in self.optimizer.param_groups for p in g["params"]]
+            torch.nn.utils.clip_grad_norm_(params, self.recipe.train.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            self.model.logit_scale.clamp_(0, math.log(100))
+        for term in self.losses.values():
+            term.after_step(e)
+        return {"loss": float(total.detach()), "terms": {k: float(v.detach()) for k, v in active.items()},
+                "weights": weights}
+
+    # ---------------------------------------------------------------------------------------- evaluation
+
+    def evaluate(self) -> dict[str, float]:
+        assert self.val is not None
+        r = self.recipe
+        return evaluate_student(self.student, self.val, self.teacher.tokenizer, self.device, r.eval.batch_size,
+                                r.data.workers, self.projection, text_from_cache=True, console=self.console)
+
+    def _eval_and_keep_best(self) -> dict[str, float]:
+        metrics = self.evaluate()
+        s = self.state
+        self._log({"step": s.step, "epoch": s.epoch, "eval": metrics})
+        score = metrics.get("rsum", -metrics.get("cosine_to_teacher", 0.0) * -1)
+        if score > s.best_rsum:
+            s.best_rsum, s.best_step, s.best_metrics = score, s.step, metrics
+            self._save(self.paths.best, {"format": 1, "step": s.step, "model": self.model.state_dict(),
+                                         "projection": self.projection.state_dict() if self.projection else None,
+                                         "metrics": metrics})
+        return metrics
+
+    # ------------------------------------------------------------------------------------------- the loop
+
+    def fit(self) -> dict[str, Any]:
+        r, s = self.recipe, self.state
+        per_epoch = self.batches.per_epoch
+        eval_every = r.train.eval_every or per_epoch
+        ckpt_every = r.train.checkpoint_every or per_epoch
+        fault_step = int(os.environ.get(FAULT_ENV, "0") or 0)
+        columns = [TextColumn("[bold]distill[/]"), BarColumn(), TextColumn("step {task.completed}/{task.total}"),
+                   TextColumn("{task.fields[info]}"), TimeRemainingColumn()]
+        last_eval = -1
+        with Progress(*columns, console=self.console, transient=False) as bar:
+            task = bar.add_task("distill", total=self.total_steps, completed=s.step, info="")
+            while s.step < self.total_steps and s.epoch < r.train.epochs:
+                self.batches.set_epoch(s.epoch, s.batch)
+                self.dataset.epoch = s.epoch
+                loader = torch.utils.data.DataLoader(
+                    self.dataset, batch_sampler=self.batches, num_workers=r.data.workers,
+                    collate_fn=collate_train, pin_memory=self.device.type == "cuda",
+                    generator=torch.Generator().manual_seed(r.seed))  # keeps the global RNG untouched
+                tick = time.perf_counter()
+                for indices, views, teacher_views, failed in loader:
+                    for i, why in failed:
+                        self.bad.add(i, self.dataset.paths[i], why)
+                    s.step += 1
+                    s.batch += 1
+                    out = self._step(indices, views, teacher_views) if views is not None and len(indices) > 1 \
+                        else None
+                    now = time.perf_counter()
+                    s.train_seconds += now - tick
+                    s.images += len(indices)
+                    if out is None:
+                        s.skipped += 1
+                        s.bad_streak += 1
+                        self.console.print(f"[yellow]warning:[/] step {s.step}: loss is not finite; step skipped",
+                                           highlight=False)
+                        if s.bad_streak >= MAX_BAD_STEPS:
+                            raise UserError(
+                                f"the loss was not finite for {MAX_BAD_STEPS} steps in a row (step {s.step}); "
+                                f"stopped. The last good checkpoint is {self.paths.last}. Lower train.lr or "
+                                f"check the data, then run again with --resume")
+                    else:
+                        s.bad_streak = 0
+                        rate = s.images / max(s.train_seconds, 1e-9)
+                        info = f"loss {out['loss']:.4f} " + " ".join(
+                            f"{k}={w:.2f}" for k, w in out["weights"].items()) + f"  {rate:.1f} img/s"
+                        bar.update(task, completed=s.step, info=info)
+                        if s.step % r.train.log_every == 0 or s.step == self.total_steps:
+                            self._log({"step": s.step, "epoch": s.epoch, "lr": self.scheduler.get_last_lr()[0],
+                                       **out, "images_per_s": rate, "skipped": s.skipped})
+                    self.scheduler.step()
+                    end_of_epoch = s.batch >= per_epoch
+                    if end_of_epoch:
+                        s.epoch, s.batch = s.epoch + 1, 0
+                    if self.val is not None and (s.step % eval_every == 0 or s.step == self.total_steps):
+                        self._eval_and_keep_best()
+                        last_eval = s.step
+                    due = s.step % ckpt_every == 0 or end_of_epoch or s.step == self.total_steps
+                    if due and s.bad_streak == 0:  # never checkpoint in the middle of a run of bad steps
+                        self._save(self.paths.last)
+                    if fault_step and s.step == fault_step:
+                        os.kill(os.getpid(), signal.SIGKILL)
+                    if s.step >= self.total_steps:
+                        break
+                    tick = time.perf_counter()
+        if self.val is not None and last_eval != s.step and s.best_step != s.step:
+            self._eval_and_keep_best()
+        return self.finish()
+
+    def finish(self) -> dict[str, Any]:
+        """Save the student (best by val RSUM when there is a val split) and write summary.json."""
+        s = self.state
+        if self.val is not None and self.paths.best.exists():
+            best = torch.load(self.paths.best, map_location="cpu", weights_only=True)
+            self.model.load_state_dict(best["model"])
+        save_student(self.student, self.paths.student,
+                     {"teacher": self.teacher.identity, "recipe": self.recipe.name, "step": s.best_step or s.step})
+        summary: dict[str, Any] = {"teacher": None, "student": None, "retention": None}
+        if self.val is not None:
+            t = teacher_metrics(self.val)
+            summary["teacher"] = t
+            summary["student"] = s.best_metrics
+            if t.get("rsum"):
+                summary["retention"] = {"rsum": s.best_metrics.get("rsum", 0.0) / t["rsum"]}
+            summary["best_step"] = s.best_step
+        summary.update({
+            "steps": s.step, "skipped_steps": s.skipped, "epochs": s.epoch,
+            "wall_s": s.train_seconds, "train_images_per_s": s.images / max(s.train_seconds, 1e-9),
+            "bad_images": len(self.bad.items) + (len(self.train_cache.bad_images) if self.train_cache else 0),
+            "device": str(self.device), "student_vision": self.recipe.student.vision,
+            "student_parameters": sum(p.numel() for p in self.model.visual.parameters()),
+            "val_images": len(self.val.image_rows) if self.val is not None else 0,
+        })
+        atomic.write_json(self.paths.summary, summary)
+        if self.tb is not None:
+            self.tb.close()
+        return summary
+
+
+def _flatten(record: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in record.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}/"))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def distill(recipe: Recipe, console: Console | None = None, resume: bool = False) -> dict[str, Any]:
+    """Everything ``edgedistill distill`` does: teacher, caches, student, training, summary."""
+    console = console or Console(stderr=True, soft_wrap=True)
+    manifests = load_split_manifests(recipe)
+    with console.status(f"loading teacher {recipe.teacher.model}"):
+        teacher = load_teacher(recipe.teacher, recipe.device, seed=recipe.seed)
+    caches: dict[str, FeatureCache] = {}
+    if recipe.train.teacher == "cached":
+        caches = {k: v.cache for k, v in caches_for_recipe(recipe, teacher, manifests, console).items()}
+    trainer = Trainer(recipe, teacher, manifests, caches, console, resume=resume)
+    console.print(f"student {recipe.student.vision} ({sum(p.numel() for p in trainer.model.visual.parameters()) / 1e6:.2f}M "
+                  f"vision parameters), {trainer.total_steps} steps of {recipe.data.batch_size} on "
+                  f"{trainer.device}; run directory {trainer.paths.out}", highlight=False)
+    return trainer.fit()

@@ -1,0 +1,208 @@
+"""The trainer end to end on a tiny teacher: output contract, exact resume after SIGKILL, bad input, NaN steps."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import open_clip
+import pytest
+import torch
+import yaml
+
+from edgedistill.cli import main
+from edgedistill.train import FAULT_ENV, EpochBatches, TrainImages, cosine_schedule
+from tests.conftest import write_recipe
+
+SUMMARY_KEYS = {"i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum"}
+FAST = {"epochs": 2, "log_every": 1, "checkpoint_every": 3, "warmup_steps": 2, "tensorboard": False}
+
+
+def recipe_for(tmp_path, tiny_teacher, dataset, name="tiny", **sections):
+    sections.setdefault("train", {})
+    sections["train"] = {**FAST, **sections["train"]}
+    sections.setdefault("student", {}).setdefault("image_size", 32)
+    path = write_recipe(tmp_path / f"{name}.yaml", tiny_teacher, dataset["train"], dataset["val"],
+                        cache_dir=tmp_path / "cache", **sections)
+    raw = yaml.safe_load(path.read_text())
+    raw["name"], raw["out"] = name, str(tmp_path / "runs" / name)
+    path.write_text(yaml.safe_dump(raw))
+    return path, Path(raw["out"])
+
+
+def run_subprocess(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "edgedistill", *args], capture_output=True, text=True,
+                          timeout=600, env={**os.environ, **(env or {})})
+
+
+def test_distill_writes_the_output_contract(tiny_teacher, dataset, tmp_path):
+    recipe, out = recipe_for(tmp_path, tiny_teacher, dataset, train={"tensorboard": True})
+    assert main(["distill", str(recipe)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert SUMMARY_KEYS <= set(summary["teacher"])
+    assert SUMMARY_KEYS | {"agreement_top1", "cosine_to_teacher"} <= set(summary["student"])
+    assert summary["retention"]["rsum"] == pytest.approx(summary["student"]["rsum"] / summary["teacher"]["rsum"])
+    assert summary["steps"] == 10 and summary["wall_s"] > 0 and summary["train_images_per_s"] > 0
+    for r in (summary["teacher"], summary["student"]):
+        assert r["rsum"] == pytest.approx(sum(r[k] for k in SUMMARY_KEYS - {"rsum"}))
+        assert 0 <= r["i2t_r1"] <= r["i2t_r5"] <= r["i2t_r10"] <= 100
+    assert "zs_mean_class" in summary["student"]  # the val manifest has labels
+    resolved = yaml.safe_load((out / "recipe.yaml").read_text())
+    assert resolved["train"]["epochs"] == 2 and "contrastive" in resolved["loss"]["terms"]
+    assert resolved["loss"]["terms"]["contrastive"]["queue_size"] == 4096  # defaults written out
+    assert (out / "checkpoints" / "last.pt").is_file() and (out / "checkpoints" / "best.pt").is_file()
+    assert any((out / "tensorboard").iterdir())
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    train_lines = [x for x in lines if "loss" in x]
+    assert [x["step"] for x in train_lines] == list(range(1, 11))
+    assert set(train_lines[0]["weights"]) == set(resolved["loss"]["terms"])  # weights logged at every log step
+    assert [x["step"] for x in lines if "eval" in x] == [5, 10]  # after each epoch
+    # The saved student is the best checkpoint's model, and it loads as a plain open_clip model.
+    best = torch.load(out / "checkpoints" / "best.pt", weights_only=True)
+    assert best["step"] == summary["best_step"]
+    model = open_clip.create_model(f"local-dir:{out / 'student'}")
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value, best["model"][key])
+
+
+def test_eval_command_reevaluates_the_saved_student(tiny_teacher, dataset, tmp_path):
+    recipe, out = recipe_for(tmp_path, tiny_teacher, dataset, train={"epochs": 1})
+    assert main(["distill", str(recipe)]) == 0
+    assert main(["eval", str(out), "--device", "cpu"]) == 0
+    result = json.loads((out / "eval.json").read_text())
+    summary = json.loads((out / "summary.json").read_text())
+    assert result["teacher"] == summary["teacher"]
+    # The student's own (frozen teacher) text tower vs the cached float16 teacher text: the same up to rounding.
+    assert result["student"]["cosine_to_teacher"] == pytest.approx(summary["student"]["cosine_to_teacher"],
+                                                                   abs=1e-3)
+    assert result["student"]["zs_mean_class"] == pytest.approx(summary["student"]["zs_mean_class"], abs=10)
+    assert main(["eval", str(tmp_path)]) == 2
+
+
+def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(tiny_teacher, dataset, tmp_path):
+    whole, whole_out = recipe_for(tmp_path, tiny_teacher, dataset, name="whole")
+    assert main(["distill", str(whole)]) == 0
+    crash, crash_out = recipe_for(tmp_path, tiny_teacher, dataset, name="crash")
+    # Killed after step 7 of 10 (epoch 2, batch 2); the last checkpoint is from step 6.
+    killed = run_subprocess("distill", str(crash), env={FAULT_ENV: "7"})
+    assert killed.returncode == -9, killed.stderr
+    ckpt = torch.load(crash_out / "checkpoints" / "last.pt", weights_only=True)
+    assert ckpt["state"]["step"] == 6 and ckpt["state"]["batch"] == 1
+    assert not (crash_out / "summary.json").exists()
+    again = run_subprocess("distill", str(crash))  # without --resume: refused, nothing touched
+    assert again.returncode == 2 and "--resume" in again.stderr
+    resumed = run_subprocess("distill", str(crash), "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming" in resumed.stderr and "at step 6" in resumed.stderr
+    a = json.loads((whole_out / "summary.json").read_text())
+    b = json.loads((crash_out / "summary.json").read_text())
+    assert b["steps"] == a["steps"] == 10
+    for part in ("teacher", "student"):
+        for key, value in a[part].items():
+            assert b[part][key] == pytest.approx(value, abs=1e-3), (part, key)
+    loss_a = [json.loads(x)["loss"] for x in (whole_out / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    loss_b = [json.loads(x)["loss"] for x in (crash_out / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    assert loss_b == pytest.approx(loss_a, rel=1e-4)  # one line per step, the re-run steps not duplicated
+    wa = torch.load(whole_out / "checkpoints" / "last.pt", weights_only=True)["model"]
+    wb = torch.load(crash_out / "checkpoints" / "last.pt", weights_only=True)["model"]
+    for key in wa:
+        torch.testing.assert_close(wb[key], wa[key], atol=1e-4, rtol=1e-4)
+
+
+def test_resume_with_a_changed_recipe_is_refused(tiny_teacher, dataset, tmp_path):
+    recipe, out = recipe_for(tmp_path, tiny_teacher, dataset, train={"epochs": 1})
+    assert main(["distill", str(recipe)]) == 0
+    assert main(["distill", str(recipe), "train.lr=0.5", "--resume"]) == 2
+    # Changing only how long to train is allowed: the run continues to the new end.
+    assert main(["distill", str(recipe), "train.epochs=2", "--resume"]) == 0
+    assert json.loads((out / "summary.json").read_text())["steps"] == 10
+
+
+def test_three_non_finite_steps_stop_the_run_and_keep_the_last_good_checkpoint(tiny_teacher, dataset, tmp_path,
+                                                                               monkeypatch, capsys):
+    from edgedistill.losses.output import FeatureLoss
+    calls = {"n": 0}
+    original = FeatureLoss.forward
+
+    def flaky(self, e):
+        calls["n"] += 1
+        value = original(self, e)
+        return value * float("nan") if calls["n"] > 4 else value
+
+    monkeypatch.setattr(FeatureLoss, "forward", flaky)
+    recipe, out = recipe_for(tmp_path, tiny_teacher, dataset, train={"checkpoint_every": 2})
+    assert main(["distill", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert "not finite for 3 steps in a row" in err and "last.pt" in err
+    ckpt = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
+    assert ckpt["state"]["step"] == 4 and ckpt["state"]["skipped"] == 0
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+
+
+@pytest.mark.parametrize("override, names", [
+    ("loss.terms=[feature,similarty]", ["unknown loss term 'similarty'", "did you mean 'similarity'", "vl_align"]),
+    ("loss.balancer=gradnrom", ["gradnrom", "gradnorm", "uncertainty"]),
+    ("loss.terms={contrastive: {queue: 5}}", ["queue_size"]),
+])
+def test_unknown_loss_and_balancer_names_list_the_valid_ones(tiny_teacher, dataset, tmp_path, capsys,
+                                                              override, names):
+    recipe, _ = recipe_for(tmp_path, tiny_teacher, dataset)
+    assert main(["distill", str(recipe), override]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    for name in names:
+        assert name in err
+
+
+def test_unknown_student_tower_exit_2(tiny_teacher, dataset, tmp_path, capsys):
+    recipe, out = recipe_for(tmp_path, tiny_teacher, dataset)
+    assert main(["distill", str(recipe), "student.vision=mobilenet_v9"]) == 2
+    assert "unknown timm model 'mobilenet_v9'" in capsys.readouterr().err
+    assert not (out / "checkpoints").exists()
+
+
+def test_student_text_tower_and_online_teacher(tiny_teacher, dataset, tmp_path):
+    recipe, out = recipe_for(tmp_path, tiny_teacher, dataset, name="textonline",
+                             student={"text": {"width": 32, "layers": 1, "heads": 2}, "embed_dim": 16},
+                             train={"teacher": "online", "max_steps": 3, "epochs": 1})
+    assert main(["distill", str(recipe)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 3 and SUMMARY_KEYS <= set(summary["student"])
+    ckpt = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
+    assert ckpt["projection"]["weight"].shape == (32, 16)  # student width 16 -> teacher width 32
+    model = open_clip.create_model(f"local-dir:{out / 'student'}")
+    assert model.encode_text(open_clip.get_tokenizer(f"local-dir:{out / 'student'}")(["a"])).shape == (1, 16)
+    first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["terms"]["feature"] > 0 and not (tmp_path / "cache").exists()  # online: no cache built
+
+
+def test_epoch_batches_are_a_function_of_seed_and_epoch():
+    import numpy as np
+    sampler = EpochBatches(np.arange(10), 3, seed=5)
+    assert sampler.per_epoch == 3
+    sampler.set_epoch(1)
+    full = list(sampler)
+    sampler.set_epoch(1, start=2)
+    assert list(sampler) == full[2:]
+    sampler.set_epoch(2)
+    assert list(sampler) != full
+    assert sorted(i for b in full for i in b) == sorted(set(i for b in full for i in b))
+
+
+def test_augmentation_depends_on_epoch_and_index_only(dataset):
+    from edgedistill.data.manifest import load_manifest
+    from edgedistill.data.transforms import student_train_transform
+    paths = [e.image for e in load_manifest(dataset["train"]).entries]
+    ds = TrainImages(paths, student_train_transform(32, [0.5] * 3, [0.5] * 3), seed=0)
+    a = ds[3][1]
+    torch.rand(5)  # global RNG use in between changes nothing
+    assert torch.equal(ds[3][1], a)
+    ds.epoch = 1
+    assert not torch.equal(ds[3][1], a)
+
+
+def test_cosine_schedule_warms_up_then_decays_to_zero():
+    f = cosine_schedule(100, 10)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(10) == pytest.approx(1.0) and f(55) == pytest.approx(0.5, abs=0.02) and f(100) == pytest.approx(0.0)
