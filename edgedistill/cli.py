@@ -174,6 +174,11 @@ def evaluate(
 
 
 INTERRUPTED = "interrupted; run the same command again to continue where it stopped\n"
+INTERRUPTED_DISTILL = "interrupted; add --resume to the same command to continue from checkpoints/last.pt\n"
+
+
+def _interrupted_hint(args: list[str]) -> str:
+    return INTERRUPTED_DISTILL if "distill" in args and "--resume" not in args else INTERRUPTED
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -187,7 +192,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
         if code == 130:  # typer turns Ctrl-C into exit 130
-            sys.stderr.write(INTERRUPTED)
+            sys.stderr.write(_interrupted_hint(args))
         return code
     except UserError as e:
         if debug:
@@ -195,7 +200,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         sys.stderr.write(f"error: {e}\n")
         return 2
     except KeyboardInterrupt:
-        sys.stderr.write(INTERRUPTED)
+        sys.stderr.write(_interrupted_hint(args))
         return 130
 
 

@@ -206,3 +206,27 @@ def test_cosine_schedule_warms_up_then_decays_to_zero():
     f = cosine_schedule(100, 10)
     assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
     assert f(10) == pytest.approx(1.0) and f(55) == pytest.approx(0.5, abs=0.02) and f(100) == pytest.approx(0.0)
+
+
+def test_ctrl_c_finishes_the_step_saves_and_resumes(tiny_teacher, dataset, tmp_path):
+    import signal
+    import time
+    recipe, out = recipe_for(tmp_path, tiny_teacher, dataset, name="ctrlc",
+                             train={"epochs": 40, "checkpoint_every": 1000}, data={"workers": 1})
+    proc = subprocess.Popen([sys.executable, "-m", "edgedistill", "distill", str(recipe)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole process group, workers too
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "add --resume" in err and "Traceback" not in err
+    ckpt = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
+    assert 3 <= ckpt["state"]["step"] < 200  # saved at the step it stopped, not at a checkpoint interval
+    resumed = run_subprocess("distill", str(recipe), "--resume", "train.epochs=" + str(ckpt["state"]["epoch"] + 1))
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads((out / "summary.json").read_text())["steps"] == 5 * (ckpt["state"]["epoch"] + 1)
