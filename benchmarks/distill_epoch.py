@@ -47,8 +47,12 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=2, help="epochs per mode, alternating")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--no-malloc-tuning", action="store_true",
+                    help="leave glibc's allocator as it is (edgedistill.runtime.keep_freed_memory off)")
     ap.add_argument("--no-record", action="store_true")
     args = ap.parse_args()
+    if args.no_malloc_tuning:
+        os.environ["EDGEDISTILL_MALLOC_TUNING"] = "0"
     torch.set_num_threads(args.threads)
     console = Console(stderr=True, soft_wrap=True)
     size = tuple(int(v) for v in args.size.split("x"))
@@ -95,6 +99,7 @@ def main() -> None:
         "teacher": args.teacher, "student": args.student,
         "images": args.images, "size": args.size, "captions_per_image": 2,
         "batch": args.batch, "workers": args.workers, "threads": args.threads, "repeats": args.repeats,
+        "malloc_tuning": not args.no_malloc_tuning,
         "cache_build_s": round(build_s, 1),
         "epoch_cached_s": round(cached, 2), "epoch_online_s": round(online, 2),
         "cached_images_per_s": round(args.images // args.batch * args.batch / cached, 1),

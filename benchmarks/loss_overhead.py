@@ -41,6 +41,7 @@ from cache_build import cpu_model  # noqa: E402
 from edgedistill.balance import build_balancer, validate_balancer  # noqa: E402
 from edgedistill.losses import Embeddings, LossContext, build_losses, validate_term_options  # noqa: E402
 from edgedistill.recipe import DEFAULT_TERMS  # noqa: E402
+from edgedistill.runtime import keep_freed_memory  # noqa: E402
 
 BALANCERS = ["static", "dsmd", "dwa", "uncertainty", "gradnorm"]
 
@@ -79,9 +80,11 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--no-record", action="store_true")
+    ap.add_argument("--no-malloc-tuning", action="store_true", help="as the trainer runs without it")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    tuned = False if args.no_malloc_tuning else keep_freed_memory()  # what the trainer does on CPU
     B, D = args.batch, args.dim
 
     model = timm.create_model(args.student, num_classes=D).to(memory_format=torch.channels_last)
@@ -142,7 +145,7 @@ def main() -> None:
         "date": datetime.date.today().isoformat(),
         "machine": f"{cpu_model()}, {os.cpu_count()} cores",
         "torch": torch.__version__, "student": args.student, "size": args.size, "batch": B, "dim": D,
-        "threads": args.threads, "rounds": args.rounds, "terms": "+".join(DEFAULT_TERMS),
+        "threads": args.threads, "rounds": args.rounds, "terms": "+".join(DEFAULT_TERMS), "malloc_tuning": tuned,
         "plain_step_s": round(plain, 4),
     }
     for b in BALANCERS:

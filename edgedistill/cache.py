@@ -40,6 +40,7 @@ from edgedistill.data.images import BadImages, ImageDataset, collate_images
 from edgedistill.data.manifest import Manifest, load_manifest
 from edgedistill.errors import UserError
 from edgedistill.recipe import Recipe
+from edgedistill.runtime import keep_freed_memory
 from edgedistill.teachers import Teacher, sha256_file, sha256_json
 
 CACHE_VERSION = 1
@@ -352,6 +353,8 @@ def build_or_load(teacher: Teacher, manifest: Manifest, root: Path, *, batch_siz
                   console: Console | None = None, rebuild: bool = False) -> CacheResult:
     """Return the verified cache of ``manifest`` under ``root``, building (or resuming) it when needed."""
     console = console or Console(stderr=True, soft_wrap=True)
+    if teacher.device.type == "cpu":
+        keep_freed_memory()
     try:
         return _build_or_load(teacher, manifest, Path(root), batch_size, workers, chunk_size, max_bad_fraction,
                               what, console, rebuild)

@@ -35,6 +35,7 @@ from edgedistill.errors import UserError
 from edgedistill.evaluate import ValData, evaluate_student, prepare_val, teacher_metrics
 from edgedistill.losses import Embeddings, LossContext, build_losses, validate_term_options
 from edgedistill.recipe import Recipe, save_recipe
+from edgedistill.runtime import keep_freed_memory
 from edgedistill.students import Student, build_student, save_student
 from edgedistill.teachers import Teacher, load_teacher, resolve_device
 
@@ -223,6 +224,8 @@ class Trainer:
         self.paths = RunPaths(Path(recipe.out))
         refuse_existing_run(self.paths, resume)
         self.device = resolve_device(recipe.device)
+        if self.device.type == "cpu":
+            keep_freed_memory()
         self.train_manifest = manifests["train"]
         self.train_cache = caches.get("train")
         torch.manual_seed(recipe.seed)
