@@ -164,7 +164,10 @@ def evaluate(
     The student is loaded from RUN_DIR/student exactly as a user would load it (open_clip, local-dir) and
     embeds captions with its own text tower.
 
-    Example: `edgedistill eval runs/clip_to_mobilenet`
+    Examples:
+
+    * `edgedistill eval runs/clip_to_mobilenet`
+    * `edgedistill eval runs/clip_to_mobilenet --device cpu`
     """
     from edgedistill.evaluate import run_eval
 

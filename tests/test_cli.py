@@ -23,8 +23,8 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300) -> subpro
 def test_help_lists_commands_with_examples(capsys):
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
-    assert "cache" in out and "check" in out and "--debug" in out
-    for command in ("cache", "check"):
+    assert "cache" in out and "check" in out and "distill" in out and "eval" in out and "--debug" in out
+    for command in ("cache", "check", "distill", "eval"):
         assert main([command, "--help"]) == 0
         assert "Examples" in capsys.readouterr().out
 
