@@ -59,8 +59,10 @@ def check(recipe: Path = RECIPE_ARG, overrides: Optional[list[str]] = OVERRIDES_
     """
     from edgedistill.cache import load_split_manifests
     from edgedistill.recipe import load_recipe, recipe_to_yaml
+    from edgedistill.students import check_vision_tower
 
     resolved = load_recipe(recipe, overrides or [])
+    check_vision_tower(resolved.student.vision, resolved.student.image_size)
     manifests = load_split_manifests(resolved)
     typer.echo(recipe_to_yaml(resolved), nl=False)
     err = Console(stderr=True, soft_wrap=True)

@@ -55,8 +55,8 @@ class Student:
         return int(self.config["embed_dim"])
 
 
-def check_vision_tower(name: str, image_size: int) -> None:
-    """UserError unless ``name`` is a timm model that can run at ``image_size``."""
+def check_vision_tower(name: str, image_size: int | None = None) -> None:
+    """UserError unless ``name`` is a timm model (that can run at ``image_size``, when given)."""
     if name not in timm.list_models():
         close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)
         hint = f"did you mean {', '.join(close)}? " if close else ""
@@ -64,7 +64,8 @@ def check_vision_tower(name: str, image_size: int) -> None:
                         f"{', '.join(STUDENT_ZOO)} (any name from timm.list_models() works)")
     cfg = timm.models.get_pretrained_cfg(name) or timm.models.get_pretrained_cfg(name + ".")
     native = getattr(cfg, "input_size", None) if cfg is not None else None
-    if cfg is not None and getattr(cfg, "fixed_input_size", False) and native and native[-1] != image_size:
+    if image_size and cfg is not None and getattr(cfg, "fixed_input_size", False) and native \
+            and native[-1] != image_size:
         raise UserError(f"student.vision: {name} takes {native[-1]} px inputs only; set student.image_size: "
                         f"{native[-1]} or choose a convolutional tower ({', '.join(list(STUDENT_ZOO)[:4])})")
 

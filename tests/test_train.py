@@ -157,6 +157,8 @@ def test_unknown_loss_and_balancer_names_list_the_valid_ones(tiny_teacher, datas
 
 def test_unknown_student_tower_exit_2(tiny_teacher, dataset, tmp_path, capsys):
     recipe, out = recipe_for(tmp_path, tiny_teacher, dataset)
+    assert main(["check", str(recipe), "student.vision=mobilenet_v9"]) == 2  # caught before any work
+    assert "unknown timm model 'mobilenet_v9'" in capsys.readouterr().err
     assert main(["distill", str(recipe), "student.vision=mobilenet_v9"]) == 2
     assert "unknown timm model 'mobilenet_v9'" in capsys.readouterr().err
     assert not (out / "checkpoints").exists()
@@ -230,3 +232,36 @@ def test_ctrl_c_finishes_the_step_saves_and_resumes(tiny_teacher, dataset, tmp_p
     resumed = run_subprocess("distill", str(recipe), "--resume", "train.epochs=" + str(ckpt["state"]["epoch"] + 1))
     assert resumed.returncode == 0, resumed.stderr
     assert json.loads((out / "summary.json").read_text())["steps"] == 5 * (ckpt["state"]["epoch"] + 1)
+
+
+def test_the_student_moves_towards_the_teacher(tiny_teacher, dataset, tmp_path):
+    recipe, out = recipe_for(tmp_path, tiny_teacher, dataset, name="learns",
+                             train={"epochs": 6, "lr": 0.003, "warmup_steps": 0},
+                             loss={"terms": ["feature", "similarity", "contrastive"], "balancer": "static"})
+    assert main(["distill", str(recipe)]) == 0
+    evals = [json.loads(x)["eval"] for x in (out / "metrics.jsonl").read_text().splitlines() if '"eval"' in x]
+    assert len(evals) == 6
+    # Held-out images: the student's distance to the teacher (1 - cosine) shrinks as training goes on.
+    first, last = 1 - evals[0]["cosine_to_teacher"], 1 - evals[-1]["cosine_to_teacher"]
+    assert last < 0.5 * first, (first, last)
+    losses = [json.loads(x)["terms"]["feature"] for x in (out / "metrics.jsonl").read_text().splitlines()
+              if '"loss"' in x]
+    assert sum(losses[-5:]) < 0.5 * sum(losses[:5])
+
+
+def test_images_without_captions_train_on_image_terms_only(tiny_teacher, tmp_path):
+    from tests.conftest import write_images
+    images = write_images(tmp_path / "data" / "images", 24)
+    val_images = write_images(tmp_path / "data" / "val", 8, seed=3)
+    for name, files in (("train", images), ("val", val_images)):
+        with open(tmp_path / "data" / f"{name}.jsonl", "w") as f:
+            for img in files:
+                f.write(json.dumps({"image": str(img)}) + "\n")
+    data = {"train": tmp_path / "data" / "train.jsonl", "val": tmp_path / "data" / "val.jsonl"}
+    recipe, out = recipe_for(tmp_path, tiny_teacher, data, name="nocaptions", train={"epochs": 1})
+    assert main(["distill", str(recipe)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["teacher"] == {} and summary["retention"] is None
+    assert 0 < summary["student"]["cosine_to_teacher"] <= 1 and "rsum" not in summary["student"]
+    first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert set(first["terms"]) == {"feature", "similarity", "relation", "contrastive", "hard_negative"}  # no clip
