@@ -17,74 +17,23 @@ hundred JPEGs of realistic size (500x375 by default) and two captions each. Meas
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
-import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-import open_clip
 import torch
 import yaml
-from PIL import Image, ImageDraw
 from rich.console import Console
+
+from common import cpu_model, random_checkpoint, report, write_dataset
 
 from edgedistill.cache import caches_for_recipe, load_split_manifests
 from edgedistill.recipe import validate_recipe
 from edgedistill.teachers import load_teacher
-
-HERE = Path(__file__).resolve().parent
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-COLOURS = {"red": (200, 30, 30), "green": (30, 160, 60), "blue": (30, 60, 200), "yellow": (230, 210, 40),
-           "purple": (130, 40, 160), "orange": (240, 140, 20), "white": (245, 245, 245), "black": (15, 15, 15)}
-
-
-def write_scenes(folder: Path, n: int, size: tuple[int, int], seed: int = 0) -> list[tuple[Path, list[str]]]:
-    """Photo stand-ins (gradient, shapes, sensor-like noise) with two COCO-length captions (10-25 words) each."""
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    w, h = size
-    ramp = np.linspace(0, 1, w)[None, :, None]
-    out = []
-    for i in range(n):
-        top, bottom = rng.integers(0, 256, 3), rng.integers(0, 256, 3)
-        base = (top * (1 - ramp) + bottom * ramp) * np.ones((h, 1, 1))
-        base += rng.normal(0, 8, size=(h, w, 3))
-        img = Image.fromarray(np.clip(base, 0, 255).astype(np.uint8))
-        draw = ImageDraw.Draw(img)
-        things = []
-        for _ in range(rng.integers(2, 5)):
-            x0, y0 = int(rng.integers(0, w - 40)), int(rng.integers(0, h - 40))
-            box = [x0, y0, x0 + int(rng.integers(20, w // 2)), y0 + int(rng.integers(20, h // 2))]
-            colour = str(rng.choice(list(COLOURS)))
-            shape = "ellipse" if rng.random() < 0.5 else "rectangle"
-            (draw.ellipse if shape == "ellipse" else draw.rectangle)(box, fill=COLOURS[colour])
-            side = "left" if x0 < w / 2 else "right"
-            things.append(f"a {colour} {shape} on the {side}")
-        path = folder / f"{i:05d}.jpg"
-        img.save(path, quality=90)
-        captions = [f"a picture of {', '.join(things[:-1])} and {things[-1]} over a smooth background",
-                    f"{len(things)} coloured shapes: {' and '.join(things[:2])}"]
-        out.append((path, captions))
-    return out
-
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -102,13 +51,8 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="edgedistill-bench-") as tmp:
         work = Path(tmp)
-        scenes = write_scenes(work / "images", args.images, size)  # type: ignore[arg-type]
-        with open(work / "train.jsonl", "w") as f:
-            for path, captions in scenes:
-                f.write(json.dumps({"image": str(path), "captions": captions}) + "\n")
-        torch.manual_seed(0)
-        checkpoint = work / f"{args.model}.pt"
-        torch.save(open_clip.create_model(args.model).state_dict(), checkpoint)
+        write_dataset(work, args.images, size)  # type: ignore[arg-type]
+        checkpoint = random_checkpoint(args.model, work)
         raw = {"name": "bench", "device": "cpu",
                "teacher": {"model": args.model, "pretrained": str(checkpoint)},
                "data": {"train": str(work / "train.jsonl"), "batch_size": args.batch, "workers": args.workers},
@@ -164,17 +108,7 @@ def main() -> None:
         "hit_cli_command_s": round(cli_hit_s, 2),
         "cache_mb": round(cache_mb, 2),
     }
-    for k, v in row.items():
-        print(f"{k:>18}: {v}")
-    if not args.no_record:
-        out = HERE / "results" / "cache_build.csv"
-        new = not out.exists()
-        with open(out, "a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(row))
-            if new:
-                writer.writeheader()
-            writer.writerow(row)
-        print(f"appended to {out}")
+    report(row, "cache_build", record=not args.no_record)
 
 
 if __name__ == "__main__":

@@ -13,9 +13,7 @@ is of the medians. The one-off cache build is reported separately.
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
-import json
 import os
 import statistics
 import sys
@@ -23,13 +21,12 @@ import tempfile
 import time
 from pathlib import Path
 
-import open_clip
 import torch
 from rich.console import Console
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from cache_build import cpu_model, write_scenes  # noqa: E402
+from common import cpu_model, random_checkpoint, report, write_dataset  # noqa: E402
 
 from edgedistill.cache import caches_for_recipe, load_split_manifests  # noqa: E402
 from edgedistill.recipe import validate_recipe  # noqa: E402
@@ -59,13 +56,8 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="edgedistill-bench-") as tmp:
         work = Path(tmp)
-        scenes = write_scenes(work / "images", args.images, size)  # type: ignore[arg-type]
-        with open(work / "train.jsonl", "w") as f:
-            for path, captions in scenes:
-                f.write(json.dumps({"image": str(path), "captions": captions}) + "\n")
-        torch.manual_seed(0)
-        checkpoint = work / f"{args.teacher}.pt"
-        torch.save(open_clip.create_model(args.teacher).state_dict(), checkpoint)
+        write_dataset(work, args.images, size)  # type: ignore[arg-type]
+        checkpoint = random_checkpoint(args.teacher, work)
         raw = {"name": "bench", "device": "cpu", "out": str(work / "runs" / "x"),
                "teacher": {"model": args.teacher, "pretrained": str(checkpoint)},
                "student": {"vision": args.student},
@@ -107,17 +99,7 @@ def main() -> None:
         "speedup": round(online / cached, 2),
         "break_even_epochs": round(build_s / max(online - cached, 1e-9), 2),
     }
-    for k, v in row.items():
-        print(f"{k:>20}: {v}")
-    if not args.no_record:
-        out = HERE / "results" / "distill_epoch.csv"
-        new = not out.exists()
-        with open(out, "a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(row))
-            if new:
-                writer.writeheader()
-            writer.writerow(row)
-        print(f"appended to {out}")
+    report(row, "distill_epoch", record=not args.no_record)
 
 
 if __name__ == "__main__":

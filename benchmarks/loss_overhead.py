@@ -20,7 +20,6 @@ projection head, the queue update) over many repetitions, as a share of the plai
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import os
 import random
@@ -36,7 +35,7 @@ import torch.nn.functional as F
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from cache_build import cpu_model  # noqa: E402
+from common import cpu_model, report  # noqa: E402
 
 from edgedistill.balance import build_balancer, validate_balancer  # noqa: E402
 from edgedistill.losses import Embeddings, LossContext, build_losses, validate_term_options  # noqa: E402
@@ -155,17 +154,7 @@ def main() -> None:
     for b in BALANCERS:
         row[f"{b}_terms_alone_ms"] = round(component_ms[b], 2)
         row[f"{b}_terms_alone_pct"] = round(100 * component_ms[b] / 1000 / plain, 2)
-    for k, v in row.items():
-        print(f"{k:>22}: {v}")
-    if not args.no_record:
-        out = HERE / "results" / "loss_overhead.csv"
-        new = not out.exists()
-        with open(out, "a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(row))
-            if new:
-                writer.writeheader()
-            writer.writerow(row)
-        print(f"appended to {out}")
+    report(row, "loss_overhead", record=not args.no_record)
 
 
 if __name__ == "__main__":

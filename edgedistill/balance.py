@@ -24,12 +24,13 @@ Adding a balancer is one decorated class with an ``Options`` model; the option d
 
 from __future__ import annotations
 
-import difflib
-from typing import Any, Callable, ClassVar, TypeVar
+from typing import Any, ClassVar
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
+
+from edgedistill.registry import Registry
 
 
 class BalancerOptions(BaseModel):
@@ -97,19 +98,8 @@ class Balancer(nn.Module):
         return total, dict(zip(active, weights.tolist()))
 
 
-BALANCERS: dict[str, type[Balancer]] = {}
-B = TypeVar("B", bound=type[Balancer])
-
-
-def register_balancer(name: str) -> Callable[[B], B]:
-    """Class decorator: register a balancer under ``name`` (its Options model gives the options)."""
-    def wrap(cls: B) -> B:
-        if name in BALANCERS:
-            raise ValueError(f"balancer {name!r} registered twice")
-        cls.name = name
-        BALANCERS[name] = cls
-        return cls
-    return wrap
+BALANCERS = Registry("balancer", hidden_options=("name",))
+register_balancer = BALANCERS.register
 
 
 def _detached(values: Tensor) -> Tensor:
@@ -380,13 +370,6 @@ class GradNormBalancer(Balancer):
 # validation and construction
 
 
-def _unknown_balancer(name: str) -> ValueError:
-    valid = sorted(BALANCERS)
-    close = difflib.get_close_matches(name, valid, n=1, cutoff=0.5)
-    hint = f"did you mean '{close[0]}'? " if close else ""
-    return ValueError(f"unknown balancer '{name}'; {hint}valid: {', '.join(valid)}")
-
-
 def validate_balancer(raw: str | dict[str, Any]) -> BalancerOptions:
     """Options from the recipe: a name (``"gradnorm"``) or a mapping (``{"name": "gradnorm", "alpha": 2}``).
 
@@ -399,27 +382,12 @@ def validate_balancer(raw: str | dict[str, Any]) -> BalancerOptions:
     if "name" not in raw:
         raise ValueError(f"a balancer mapping needs a 'name'; valid: {', '.join(sorted(BALANCERS))}")
     name = str(raw["name"])
-    if name not in BALANCERS:
-        raise _unknown_balancer(name)
-    options_model = BALANCERS[name].Options
-    try:
-        return options_model.model_validate({**raw, "name": name})
-    except ValidationError as e:
-        err = e.errors()[0]
-        key = ".".join(str(p) for p in err["loc"])
-        if err["type"] == "extra_forbidden":
-            fields = [f for f in options_model.model_fields if f != "name"]
-            close = difflib.get_close_matches(key, fields, n=1, cutoff=0.5)
-            hint = f"did you mean '{close[0]}'?" if close else f"valid: {', '.join(fields) or '(none)'}"
-            raise ValueError(f"unknown option '{key}' of balancer '{name}'; {hint}") from None
-        raise ValueError(f"option '{key}' of balancer '{name}': {err['msg']}") from None
+    return BALANCERS.validate_options(name, {**raw, "name": name})  # type: ignore[return-value]
 
 
 def build_balancer(options: BalancerOptions, names: list[str], base_weights: dict[str, float]) -> Balancer:
     """The balancer named by ``options`` for the terms ``names`` (fixed order) with the recipe's base weights."""
-    if options.name not in BALANCERS:
-        raise _unknown_balancer(options.name)
-    cls = BALANCERS[options.name]
+    cls = BALANCERS.lookup(options.name)
     if not isinstance(options, cls.Options):  # e.g. options dumped to a dict and re-read as the base model
         options = validate_balancer(options.model_dump())
     return cls(names, base_weights, options)

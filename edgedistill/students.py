@@ -22,7 +22,7 @@ from typing import Any
 import open_clip
 import timm
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from edgedistill.errors import UserError
 from edgedistill.recipe import StudentConfig, StudentTextConfig

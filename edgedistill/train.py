@@ -469,14 +469,14 @@ class Trainer:
     # ------------------------------------------------------------------------------------------- the loop
 
     def fit(self) -> dict[str, Any]:
-        r, s = self.recipe, self.state
+        """Train to the end (or train.max_steps), then save the student and the summary."""
+        r = self.recipe
         per_epoch = self.batches.per_epoch
         eval_every = r.train.eval_every or per_epoch
         ckpt_every = r.train.checkpoint_every or per_epoch
         fault_step = int(os.environ.get(FAULT_ENV, "0") or 0)
         columns = [TextColumn("[bold]distill[/]"), BarColumn(), TextColumn("step {task.completed}/{task.total}"),
                    TextColumn("{task.fields[info]}"), TimeRemainingColumn()]
-        last_eval = -1
         self._stop_requested = False
         previous = self._install_interrupt_handler()
         try:

@@ -15,13 +15,14 @@ run. Adding a term is one decorated class in a module of this package.
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, TypeVar
+from typing import Any, ClassVar
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
+
+from edgedistill.registry import Registry
 
 
 class TermOptions(BaseModel):
@@ -73,42 +74,14 @@ class LossTerm(nn.Module):
         """Called once after each optimizer step with that step's batch (e.g. to enqueue teacher keys)."""
 
 
-LOSSES: dict[str, type[LossTerm]] = {}
-T = TypeVar("T", bound=type[LossTerm])
-
-
-def register_loss(name: str) -> Callable[[T], T]:
-    def wrap(cls: T) -> T:
-        if name in LOSSES:
-            raise ValueError(f"loss term {name!r} registered twice")
-        cls.name = name
-        LOSSES[name] = cls
-        return cls
-    return wrap
-
-
-def _unknown(kind: str, name: str, valid: list[str]) -> ValueError:
-    close = difflib.get_close_matches(name, valid, n=1, cutoff=0.5)
-    hint = f"did you mean '{close[0]}'? " if close else ""
-    return ValueError(f"unknown {kind} '{name}'; {hint}valid: {', '.join(sorted(valid))}")
+LOSSES = Registry("loss term")
+register_loss = LOSSES.register
 
 
 def validate_term_options(name: str, raw: Any) -> TermOptions:
     """Options of term ``name`` from the recipe (None or a mapping); ValueError naming the bad key."""
     _load_builtin_terms()
-    if name not in LOSSES:
-        raise _unknown("loss term", name, list(LOSSES))
-    options_model = LOSSES[name].Options
-    try:
-        return options_model.model_validate(raw or {})
-    except ValidationError as e:
-        err = e.errors()[0]
-        key = ".".join(str(p) for p in err["loc"])
-        if err["type"] == "extra_forbidden":
-            close = difflib.get_close_matches(key, list(options_model.model_fields), n=1, cutoff=0.5)
-            hint = f"did you mean '{close[0]}'?" if close else f"valid: {', '.join(options_model.model_fields)}"
-            raise ValueError(f"unknown option '{key}' of loss term '{name}'; {hint}") from None
-        raise ValueError(f"option '{key}' of loss term '{name}': {err['msg']}") from None
+    return LOSSES.validate_options(name, raw or {})  # type: ignore[return-value]
 
 
 def build_losses(terms: dict[str, TermOptions], context: LossContext) -> nn.ModuleDict:
