@@ -40,7 +40,6 @@ from edgedistill.students import Student, build_student, save_student
 from edgedistill.teachers import Teacher, load_teacher, resolve_device
 
 MAX_BAD_STEPS = 3          # non-finite losses in a row before the run stops
-VL_BANK_SIZE = 8192        # teacher caption embeddings vl_align ranks against (a fixed seeded subset)
 FAULT_ENV = "EDGEDISTILL_FAULT_KILL_AFTER_STEP"  # tests: SIGKILL this process after that step (crash-resume test)
 
 # Recipe keys that may change between a run and its resume (they do not change what is computed).
@@ -289,9 +288,9 @@ class Trainer:
     def _text_bank(self) -> torch.Tensor | None:
         if "vl_align" not in self.recipe.loss.terms or self.train_cache is None or self.train_cache.n_texts == 0:
             return None
-        n = self.train_cache.n_texts
-        rows = np.arange(n) if n <= VL_BANK_SIZE else \
-            np.sort(np.random.default_rng(self.recipe.seed).choice(n, VL_BANK_SIZE, replace=False))
+        n, size = self.train_cache.n_texts, int(self.recipe.loss.terms["vl_align"]["bank_size"])
+        rows = np.arange(n) if n <= size else \
+            np.sort(np.random.default_rng(self.recipe.seed).choice(n, size, replace=False))
         return self.train_cache.text_features(rows).float().to(self.device)
 
     def _shared_layer(self) -> list[torch.nn.Parameter]:

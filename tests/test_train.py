@@ -265,3 +265,21 @@ def test_images_without_captions_train_on_image_terms_only(tiny_teacher, tmp_pat
     assert 0 < summary["student"]["cosine_to_teacher"] <= 1 and "rsum" not in summary["student"]
     first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
     assert set(first["terms"]) == {"feature", "similarity", "relation", "contrastive", "hard_negative"}  # no clip
+
+
+def test_vl_align_ranks_against_a_bank_of_training_captions(tiny_teacher, dataset, tmp_path, monkeypatch):
+    from edgedistill.losses.alignment import VLAlignLoss
+    banks = []
+    original = VLAlignLoss.__init__
+
+    def spy(self, options, context):
+        banks.append(context.text_bank)
+        original(self, options, context)
+
+    monkeypatch.setattr(VLAlignLoss, "__init__", spy)
+    recipe, out = recipe_for(tmp_path, tiny_teacher, dataset, name="vlalign", train={"epochs": 1},
+                             loss={"terms": {"vl_align": {"k": 8, "bank_size": 50}, "image_contrastive": {}}})
+    assert main(["distill", str(recipe)]) == 0
+    first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert set(first["terms"]) == {"vl_align", "image_contrastive"} and first["terms"]["vl_align"] > 0
+    assert banks[0].shape == (50, 32)  # 50 of the 80 training captions, at the teacher's width

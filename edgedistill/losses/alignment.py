@@ -25,6 +25,8 @@ class VLAlignLoss(LossTerm):
         temperature: float = Field(0.07, gt=0.0, description="softmax temperature of the image-text logits")
         filter_wrong: bool = Field(False, description="with class texts and labels: skip samples the teacher "
                                                       "misclassifies and unlabelled samples (label -1)")
+        bank_size: int = Field(8192, ge=2, description="without class texts: how many training captions (a fixed "
+                                                        "seeded sample) the teacher's top-k is taken from")
 
     options: Options
 
