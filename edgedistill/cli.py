@@ -136,24 +136,31 @@ def distill(
     _print_summary(summary, Path(resolved.out))
 
 
-def _print_summary(summary: dict, out: Path) -> None:
-    table = Table(title=f"val retrieval ({summary.get('val_images', 0)} images)")
-    keys = ["i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum", "zs_mean_class",
-            "agreement_top1", "cosine_to_teacher"]
-    rows = {k: v for k, v in (("teacher", summary.get("teacher")), ("student", summary.get("student"))) if v}
-    if rows:
-        shown = [k for k in keys if any(k in r for r in rows.values())]
-        table.add_column("model")
-        for k in shown:
-            table.add_column(k, justify="right")
-        for name, r in rows.items():
-            table.add_row(name, *[("-" if k not in r else f"{r[k]:.3f}" if k == "cosine_to_teacher"
-                                   else f"{r[k]:.1f}") for k in shown])
-        Console().print(table)
+METRIC_LABELS = {"i2t_r1": "image->text R@1", "i2t_r5": "image->text R@5", "i2t_r10": "image->text R@10",
+                 "t2i_r1": "text->image R@1", "t2i_r5": "text->image R@5", "t2i_r10": "text->image R@10",
+                 "rsum": "RSUM", "zs_mean_class": "zero-shot (mean per class)", "zs_top1": "zero-shot top-1",
+                 "agreement_top1": "top-1 agreement with teacher", "cosine_to_teacher": "cosine to teacher"}
+
+
+def _print_summary(summary: dict, out: Path, trained: bool = True) -> None:
+    """One row per metric, a column per model: fits any terminal width."""
+    models = {k: v for k, v in (("teacher", summary.get("teacher")), ("student", summary.get("student"))) if v}
+    console = Console()
+    if models:
+        table = Table(title=f"val ({summary.get('val_images', 0)} images; recall in %)")
+        table.add_column("metric")
+        for name in models:
+            table.add_column(name, justify="right")
+        for key, label in METRIC_LABELS.items():
+            if any(key in m for m in models.values()):
+                table.add_row(label, *["-" if key not in m else f"{m[key]:.3f}" if key == "cosine_to_teacher"
+                                       else f"{m[key]:.1f}" for m in models.values()])
+        console.print(table)
     retention = (summary.get("retention") or {}).get("rsum")
-    extra = f", RSUM retention {retention:.1%}" if retention is not None else ""
-    Console().print(f"{summary['steps']} steps, {summary['train_images_per_s']:.1f} images/s{extra}; "
-                    f"student in {out / 'student'}", highlight=False)
+    parts = [f"RSUM retention {retention:.1%}"] if retention is not None else []
+    if trained:
+        parts.insert(0, f"{summary['steps']} steps, {summary['train_images_per_s']:.1f} training images/s")
+    console.print("; ".join(parts + [f"student in {out / 'student'}"]), highlight=False)
 
 
 @app.command("eval")
@@ -175,7 +182,8 @@ def evaluate(
 
     console = Console(stderr=True, soft_wrap=True)
     result = run_eval(run_dir, device, console)
-    _print_summary(result, run_dir)
+    _print_summary(result, run_dir, trained=False)
+    console.print(f"written to {run_dir / 'eval.json'}", highlight=False)
 
 
 INTERRUPTED = "interrupted; run the same command again to continue where it stopped\n"
