@@ -16,12 +16,15 @@ import open_clip
 import torch
 from rich.console import Console
 
-from edgedistill.cache import FeatureCache
+from edgedistill import atomic
+from edgedistill.cache import FeatureCache, caches_for_recipe, load_split_manifests
 from edgedistill.data.images import BadImages, ImageDataset, collate_images
 from edgedistill.data.manifest import Manifest
+from edgedistill.errors import UserError
 from edgedistill.metrics import agreement, retrieval_metrics, zero_shot_accuracy
-from edgedistill.students import Student
-from edgedistill.teachers import Teacher
+from edgedistill.recipe import load_recipe
+from edgedistill.students import Student, load_student
+from edgedistill.teachers import Teacher, load_teacher, resolve_device
 
 
 @dataclass
@@ -172,13 +175,6 @@ def evaluate_student(student: Student, val: ValData, tokenizer: Any, device: tor
 
 def run_eval(run_dir: Path, device: str, console: Console) -> dict[str, Any]:
     """``edgedistill eval RUN_DIR``: the saved student against the teacher on the run's val split -> eval.json."""
-    from edgedistill import atomic
-    from edgedistill.cache import caches_for_recipe, load_split_manifests
-    from edgedistill.errors import UserError
-    from edgedistill.recipe import load_recipe
-    from edgedistill.students import load_student
-    from edgedistill.teachers import load_teacher, resolve_device
-
     run_dir = Path(run_dir)
     if not (run_dir / "recipe.yaml").is_file():
         raise UserError(f"{run_dir} is not a run directory (no recipe.yaml); give the out folder of a distill run")

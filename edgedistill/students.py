@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 
 from edgedistill.errors import UserError
 from edgedistill.recipe import StudentConfig, StudentTextConfig
-from edgedistill.teachers import Teacher, quiet_open_clip
+from edgedistill.teachers import Teacher, quiet_open_clip, register_open_clip_config
 
 # The towers the project tests and documents (any timm model name works; these are the edge-friendly ones).
 STUDENT_ZOO: dict[str, str] = {
@@ -111,19 +111,11 @@ def student_config(cfg: StudentConfig, teacher: Teacher) -> dict[str, Any]:
     return config
 
 
-def _register(name: str, config: dict[str, Any]) -> None:
-    # add_model_config registers a file by its stem and keeps the entry after the file is gone.
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / f"{name}.json"
-        path.write_text(json.dumps(config))
-        open_clip.add_model_config(path)
-
-
 def build_student(cfg: StudentConfig, teacher: Teacher, name: str, seed: int = 0) -> Student:
     """A randomly initialised student; with ``text: teacher`` it holds a frozen copy of the teacher's text tower."""
     config = student_config(cfg, teacher)
     model_name = f"edgedistill-{name}"
-    _register(model_name, config)
+    register_open_clip_config(model_name, config)
     torch.manual_seed(seed)
     with quiet_open_clip():  # "initialized randomly" is the point here
         model = open_clip.create_model(model_name, device="cpu")

@@ -92,12 +92,19 @@ def _register_config_json(path: Path) -> tuple[str, dict[str, Any], dict[str, An
     # A name unique to the content, so a file called e.g. ViT-B-32.json never shadows the built-in config.
     name = f"{path.stem}-{sha256_json(cfg)[:10]}"
     if name not in open_clip.list_models():
-        # open_clip registers configs from files only; it keeps the entry after the file is gone.
-        with tempfile.TemporaryDirectory(prefix="edgedistill-config-") as tmp:
-            target = Path(tmp) / f"{name}.json"
-            target.write_text(json.dumps(cfg), encoding="utf-8")
-            open_clip.add_model_config(target)
+        register_open_clip_config(name, cfg)
     return name, cfg, preprocess
+
+
+def register_open_clip_config(name: str, cfg: dict[str, Any]) -> None:
+    """Make ``open_clip.create_model(name)`` build ``cfg``.
+
+    open_clip registers configs from files only (by file stem) and keeps the entry after the file is gone.
+    """
+    with tempfile.TemporaryDirectory(prefix="edgedistill-config-") as tmp:
+        target = Path(tmp) / f"{name}.json"
+        target.write_text(json.dumps(cfg), encoding="utf-8")
+        open_clip.add_model_config(target)
 
 
 def resolve_source(cfg: TeacherConfig, seed: int = 0) -> TeacherSource:

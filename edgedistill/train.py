@@ -34,7 +34,7 @@ from edgedistill.data.transforms import student_train_transform
 from edgedistill.errors import UserError
 from edgedistill.evaluate import ValData, evaluate_student, prepare_val, teacher_metrics
 from edgedistill.losses import Embeddings, LossContext, build_losses, validate_term_options
-from edgedistill.recipe import Recipe, save_recipe
+from edgedistill.recipe import Recipe, read_yaml, save_recipe
 from edgedistill.runtime import keep_freed_memory
 from edgedistill.students import Student, build_student, save_student
 from edgedistill.teachers import Teacher, load_teacher, resolve_device
@@ -302,11 +302,9 @@ class Trainer:
 
     def _prepare_run_dir(self, resume: bool) -> None:
         paths = self.paths
-        new = json.loads(json.dumps(self.recipe.model_dump(mode="json")))
         if resume and paths.last.exists():
-            import yaml
-            old = yaml.safe_load(paths.recipe.read_text()) if paths.recipe.exists() else {}
-            changed = _recipe_differences(old or {}, new)
+            old = read_yaml(paths.recipe, "run recipe") if paths.recipe.exists() else {}
+            changed = _recipe_differences(old or {}, self.recipe.model_dump(mode="json"))
             if changed:
                 raise UserError(f"--resume: the recipe changed since the run started ({', '.join(changed[:3])}); "
                                 f"resume with the recipe in {paths.recipe}, or start a new run with out=...")
