@@ -2,8 +2,8 @@
 
 glibc returns every large freed block (above its mmap threshold, at most 32 MB by default) to the kernel at
 once, so a CPU training step that frees and re-allocates its activations page-faults all of them again on
-every step: a third of the step went to the kernel in our measurement (benchmarks/README.md). Raising the
-threshold keeps freed activations in the heap for the next step, which is what PyTorch's performance guide gets
+every step: the plain student step of benchmarks/loss_overhead.py takes 1.74 s without this tuning, 1.25 s
+with it. Raising the threshold keeps freed activations in the heap for the next step, which is what PyTorch's performance guide gets
 from jemalloc or tcmalloc. The cost: the process keeps its peak memory instead of handing it back.
 """
 
