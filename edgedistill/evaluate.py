@@ -42,7 +42,7 @@ class ValData:
     teacher_class_text: torch.Tensor | None  # (C, D)
 
 
-def _select_rows(manifest: Manifest, ok: np.ndarray) -> tuple[np.ndarray, list[str], np.ndarray, np.ndarray]:
+def select_rows(manifest: Manifest, ok: np.ndarray) -> tuple[np.ndarray, list[str], np.ndarray, np.ndarray]:
     """Readable images, their caption rows in the manifest, and each caption's image position."""
     rows = np.flatnonzero(ok)
     offsets = manifest.caption_offsets
@@ -59,13 +59,13 @@ def prepare_val(manifest: Manifest, teacher: Teacher, cache: FeatureCache | None
     """Teacher embeddings of the val split: from ``cache``, or computed now when there is none (online mode)."""
     if cache is not None:
         ok = cache.image_ok.astype(bool)
-        rows, captions, text_rows, t2i = _select_rows(manifest, ok)
+        rows, captions, text_rows, t2i = select_rows(manifest, ok)
         teacher_image = cache.image_features(rows).float()
         teacher_text = cache.text_features(text_rows).float() if len(text_rows) else torch.zeros(0, cache.dim)
     else:
         teacher_image, ok = embed_images(lambda x: teacher.embed_images(x), manifest, teacher.preprocess,
                                          teacher.device, batch_size, workers, console, "val (teacher)")
-        rows, captions, text_rows, t2i = _select_rows(manifest, ok)
+        rows, captions, text_rows, t2i = select_rows(manifest, ok)
         teacher_image = teacher_image[torch.from_numpy(ok)]
         teacher_text = torch.cat([teacher.embed_texts(captions[i:i + 256]).cpu()
                                   for i in range(0, len(captions), 256)]) if captions else \

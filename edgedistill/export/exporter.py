@@ -1,0 +1,429 @@
+"""``edgedistill export``: a distilled run -> ONNX fp32 / fp16 / INT8 QDQ -> TensorRT engines or Torch-TensorRT.
+
+Every artifact is checked against PyTorch on real images of the recipe's val split before it gets its final
+name: a graph that disagrees is deleted and the export stops (exit 2), so nothing that looks good is wrong.
+``export.json`` is written last and lists only verified artifacts.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import open_clip
+import torch
+from rich.console import Console
+
+from edgedistill import atomic
+from edgedistill.cache import default_cache_root, load_split_manifests
+from edgedistill.data.images import BadImages, ImageDataset, collate_images, open_image
+from edgedistill.data.manifest import Manifest
+from edgedistill.errors import UserError
+from edgedistill.evaluate import select_rows, student_eval_transform
+from edgedistill.export import artifacts
+from edgedistill.export.graph import (IMAGE_INPUT, IMAGE_OUTPUT, TEXT_INPUT, TEXT_OUTPUT, ImageEncoder,
+                                      TextEncoder, cosine_parity, export_onnx, ort_session, run_session)
+from edgedistill.export.precision import (CALIBRATION_METHODS, ImageCalibrationReader, calibration_data_hash,
+                                          quantize_int8, to_fp16)
+from edgedistill.metrics import retrieval_metrics, zero_shot_accuracy
+from edgedistill.recipe import Recipe, load_recipe
+from edgedistill.students import Student, load_student
+
+FORMATS = ("onnx", "trt", "torchtrt")
+PARITY_IMAGES = 64            # val images every artifact is compared on
+PARITY_CAPTIONS = 64
+MIN_PARITY = {"fp32": 0.9999, "fp16": 0.999}  # mean cosine vs PyTorch; INT8 is reported, not gated
+MAX_INT8_R1_DROP = 1.0        # points of val Recall@1: above this INT8 is kept but flagged
+DEFAULT_PROFILE = (1, 8, 32)  # TensorRT batch profile without a target
+DEFAULT_WORKSPACE_MB = 4096
+
+
+@dataclass
+class ExportOptions:
+    run_dir: Path | None = None
+    format: str = "onnx"
+    fp16: bool = False
+    int8: bool = False
+    calib_method: str | None = None
+    calib_size: int | None = None
+    target: str | None = None
+    out: Path | None = None
+    text_embeddings: Path | None = None
+    threads: int | None = None
+    runs_root: Path = field(default_factory=lambda: Path("runs"))
+
+
+def latest_run(root: Path) -> Path:
+    """The most recently finished run under ``root`` (a folder with student/ and recipe.yaml)."""
+    runs = [p for p in Path(root).glob("*") if (p / "student").is_dir() and (p / "recipe.yaml").is_file()] \
+        if Path(root).is_dir() else []
+    if not runs:
+        raise UserError(f"no finished run under {root}/ (a folder with student/ and recipe.yaml); "
+                        "give the run directory: edgedistill export RUN_DIR")
+    return max(runs, key=lambda p: (p / "student").stat().st_mtime)
+
+
+@dataclass
+class Plan:
+    """What to build, resolved from the flags and the target preset."""
+    precisions: list[str]            # image encoder precisions beyond fp32
+    profile: tuple[int, int, int]
+    calib_method: str
+    calib_size: int
+    workspace_mb: int
+    target: dict[str, Any] | None
+
+
+def make_plan(opts: ExportOptions) -> Plan:
+    """Flags win over the target preset; the preset wins over the defaults."""
+    if opts.format not in FORMATS:
+        raise UserError(f"unknown --format {opts.format!r}; choose one of {', '.join(FORMATS)}")
+    target = None
+    if opts.target:
+        from edgedistill.export.targets import load_target
+
+        target = load_target(opts.target)
+    precisions = [p for p, on in (("fp16", opts.fp16), ("int8", opts.int8)) if on]
+    if not precisions and target is not None and target.precision != "fp32":
+        precisions = [target.precision]
+    if not precisions and opts.format in ("trt", "torchtrt"):
+        precisions = ["fp16"]  # an fp32 engine is rarely what a device wants; ask for it with a target
+    if opts.format == "torchtrt" and "int8" in precisions:
+        raise UserError("--format torchtrt compiles fp32 or fp16 only; for INT8 use --format trt --int8 "
+                        "(a calibrated QDQ graph)")
+    method = opts.calib_method or (target.calibration.method if target else "entropy")
+    if method not in CALIBRATION_METHODS:
+        raise UserError(f"unknown --calib-method {method!r}; choose one of {', '.join(CALIBRATION_METHODS)}")
+    size = opts.calib_size if opts.calib_size is not None else (target.calibration.size if target else 512)
+    if size < 1:
+        raise UserError(f"--calib-size must be at least 1, not {size}")
+    profile = (target.batch.min, target.batch.opt, target.batch.max) if target else DEFAULT_PROFILE
+    workspace = target.workspace_mb if target else DEFAULT_WORKSPACE_MB
+    return Plan(precisions, profile, method, size, workspace, target.model_dump() if target else None)
+
+
+def _check_backend(fmt: str) -> None:
+    """Fail before any work when the machine cannot build the requested format."""
+    if fmt == "trt":
+        from edgedistill.export.tensorrt import require_tensorrt
+
+        require_tensorrt()
+    elif fmt == "torchtrt":
+        from edgedistill.export.torchtrt import require_torch_tensorrt
+
+        require_torch_tensorrt()
+
+
+class _Images:
+    """Decoded, preprocessed images of a manifest, loaded on demand (unreadable ones skipped and counted)."""
+
+    def __init__(self, manifest: Manifest, transform: Any) -> None:
+        self.manifest, self.transform = manifest, transform
+
+    def load(self, index: int) -> np.ndarray | None:
+        try:
+            return self.transform(open_image(self.manifest.entries[index].image)).numpy()
+        except Exception:  # noqa: BLE001 - an unreadable image is skipped, like everywhere else
+            return None
+
+
+def _preprocess_desc(student: Student) -> dict[str, Any]:
+    return {k: student.preprocess_cfg.get(k) for k in ("size", "mean", "std", "interpolation", "resize_mode")}
+
+
+def run_export(opts: ExportOptions, console: Console | None = None) -> dict[str, Any]:
+    """Export the run's student as the options ask; returns the export.json document."""
+    console = console or Console(stderr=True, soft_wrap=True)
+    plan = make_plan(opts)
+    _check_backend(opts.format)
+    run_dir = Path(opts.run_dir) if opts.run_dir else latest_run(opts.runs_root)
+    if not (run_dir / "recipe.yaml").is_file():
+        raise UserError(f"{run_dir} is not a run directory (no recipe.yaml); give the out folder of a distill run")
+    out = Path(opts.out) if opts.out else run_dir / "export"
+    prompts = _read_prompts(opts.text_embeddings) if opts.text_embeddings else None
+    recipe = load_recipe(run_dir / "recipe.yaml", ["device=cpu"])
+    student = load_student(run_dir / "student", "cpu")
+    tokenizer = open_clip.get_tokenizer(f"local-dir:{run_dir / 'student'}")
+    manifests = load_split_manifests(recipe)
+    val = manifests.get("val") or manifests["train"]
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    out.mkdir(parents=True, exist_ok=True)
+    console.print(f"exporting {run_dir / 'student'} ({student.config['vision_cfg'].get('timm_model_name')}) "
+                  f"-> {out}", highlight=False)
+    job = _Job(opts, plan, recipe, student, tokenizer, val, manifests["train"], out, console)
+    entries = job.run()
+    if prompts is not None:
+        entries.append(job.text_embeddings(prompts))
+    header = {"run_dir": str(run_dir.resolve()), "student": student.name,
+              "vision": student.config["vision_cfg"].get("timm_model_name"),
+              "embed_dim": student.embed_dim, "text_is_teacher": student.text_is_teacher,
+              "preprocess": _preprocess_desc(student),
+              "tokenizer": {"open_clip": f"local-dir:{run_dir / 'student'}",
+                            "context_length": int(tokenizer.context_length)},
+              "inputs": {"image": IMAGE_INPUT, "text": TEXT_INPUT},
+              "outputs": {"image": IMAGE_OUTPUT, "text": TEXT_OUTPUT},
+              "target": plan.target, "batch_profile": list(plan.profile),
+              "val": {"manifest": str(val.path), "images": job.val_images, "captions": job.val_captions}}
+    artifacts.write_manifest(out, header, entries)
+    return {**header, "artifacts": entries, "out": str(out)}
+
+
+def _read_prompts(path: Path) -> list[str]:
+    if not Path(path).is_file():
+        raise UserError(f"--text-embeddings: {path} does not exist; give a text file with one prompt a line")
+    prompts = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not prompts:
+        raise UserError(f"--text-embeddings: {path} holds no prompts; write one prompt a line")
+    return prompts
+
+
+class _Job:
+    """One export: holds the student, the parity and val data, and the artifacts made so far."""
+
+    def __init__(self, opts: ExportOptions, plan: Plan, recipe: Recipe, student: Student, tokenizer: Any,
+                 val: Manifest, train: Manifest, out: Path, console: Console) -> None:
+        self.opts, self.plan, self.recipe, self.student = opts, plan, recipe, student
+        self.tokenizer, self.val_manifest, self.train, self.out, self.console = tokenizer, val, train, out, console
+        self.transform = student_eval_transform(student)
+        self.model = student.model.eval().float()
+        self.image_encoder, self.text_encoder = ImageEncoder(self.model), TextEncoder(self.model)
+        self.val_images = 0
+        self.val_captions = 0
+
+    # -- data -----------------------------------------------------------------------------------------------
+    def _val_data(self) -> None:
+        """Decode the val split once: images (N, 3, H, W), captions, their image index, labels."""
+        dataset = ImageDataset([e.image for e in self.val_manifest.entries], self.transform)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=64, num_workers=0, collate_fn=collate_images)
+        bad = BadImages(len(dataset), 1.0, "val", self.console)
+        images = [None] * len(dataset)
+        for indices, batch, failed in loader:
+            for i, why in failed:
+                bad.add(i, dataset.paths[i], why)
+            if batch is not None:
+                for i, img in zip(indices.tolist(), batch):
+                    images[i] = img.numpy()
+        ok = np.array([im is not None for im in images])
+        if not ok.any():
+            raise UserError(f"{self.val_manifest.path}: no readable image to check the export against")
+        rows, captions, _, t2i = select_rows(self.val_manifest, ok)
+        self.images = np.stack([images[i] for i in rows]).astype(np.float32)
+        self.captions, self.text_to_image = captions, torch.as_tensor(np.asarray(t2i, dtype=np.int64))
+        labels = [self.val_manifest.entries[i].label for i in rows]
+        self.class_names = sorted({label for label in labels if label is not None})
+        index = {n: k for k, n in enumerate(self.class_names)}
+        self.labels = torch.tensor([index.get(label, -1) if label else -1 for label in labels]) \
+            if self.class_names else None
+        self.val_images, self.val_captions = len(rows), len(captions)
+        self.parity_images = self.images[:PARITY_IMAGES]
+        self.tokens = self.tokenizer(captions[:PARITY_CAPTIONS] or ["a photo"]).numpy().astype(np.int64)
+
+    @torch.no_grad()
+    def _torch_embed(self, encoder: torch.nn.Module, inputs: np.ndarray, batch: int = 64) -> np.ndarray:
+        return np.concatenate([encoder(torch.from_numpy(inputs[i:i + batch])).numpy()
+                               for i in range(0, len(inputs), batch)]).astype(np.float32)
+
+    @torch.no_grad()
+    def _reference_text(self) -> None:
+        """Caption and class-prompt embeddings from the student's own text tower (fp32 PyTorch)."""
+        tok = [self.tokenizer(self.captions[i:i + 256]) for i in range(0, len(self.captions), 256)]
+        self.text = torch.cat([self.text_encoder(t) for t in tok]) if tok else torch.zeros(0, self.student.embed_dim)
+        prompts = [self.recipe.eval.prompt.format(label=n) for n in self.class_names]
+        self.class_text = self.text_encoder(self.tokenizer(prompts)) if prompts else None
+
+    def _val_metrics(self, image_emb: np.ndarray) -> dict[str, float]:
+        image = torch.from_numpy(image_emb)
+        metrics: dict[str, float] = {}
+        if len(self.captions):
+            metrics.update(retrieval_metrics(image, self.text, self.text_to_image))
+        if self.labels is not None and self.class_text is not None:
+            metrics.update(zero_shot_accuracy(image, self.class_text, self.labels))
+        return {k: round(float(v), 4) for k, v in metrics.items()}
+
+    # -- artifacts ------------------------------------------------------------------------------------------
+    def run(self) -> list[dict[str, Any]]:
+        with self.console.status("reading val images"):
+            self._val_data()
+            self._reference_text()
+        ref_image = self._torch_embed(self.image_encoder, self.parity_images)
+        ref_text = self._torch_embed(self.text_encoder, self.tokens)
+        self.torch_val = self._val_metrics(self._torch_embed(self.image_encoder, self.images))
+        entries: list[dict[str, Any]] = []
+        onnx_paths: dict[tuple[str, str], Path] = {}
+        for encoder, module, example, inp, outp, ref in (
+                ("image", self.image_encoder, torch.from_numpy(self.parity_images[:2]), IMAGE_INPUT,
+                 IMAGE_OUTPUT, ref_image),
+                ("text", self.text_encoder, torch.from_numpy(self.tokens[:2]), TEXT_INPUT, TEXT_OUTPUT, ref_text)):
+            precisions = ["fp32"] + [p for p in self.plan.precisions if not (encoder == "text" and p == "int8")]
+            for precision in precisions:
+                path = self.out / f"{encoder}_{precision}.onnx"
+                with self.console.status(f"{encoder} encoder -> ONNX {precision}"):
+                    entry = self._onnx(encoder, precision, path, module, example, inp, outp, ref, onnx_paths)
+                onnx_paths[(encoder, precision)] = path
+                entries.append(entry)
+                self._say(entry)
+        self._flag_int8(entries)
+        if self.opts.format == "trt":
+            entries += self._engines(onnx_paths, ref_image, ref_text)
+        elif self.opts.format == "torchtrt":
+            entries += self._torchtrt(ref_image, ref_text)
+        return entries
+
+    def _say(self, entry: dict[str, Any]) -> None:
+        val = entry.get("val") or {}
+        r1 = f", val i2t R@1 {val['i2t_r1']:.1f}" if "i2t_r1" in val else ""
+        self.console.print(f"  {entry['path']}: {entry['size_mb']:.1f} MB, cosine to PyTorch "
+                           f"{entry['parity']['cosine_mean']:.6f}{r1}", highlight=False)
+
+    def _onnx(self, encoder: str, precision: str, path: Path, module: torch.nn.Module, example: torch.Tensor,
+              inp: str, outp: str, ref: np.ndarray, made: dict[tuple[str, str], Path]) -> dict[str, Any]:
+        """Make one ONNX artifact under a hidden name, check it against PyTorch, then give it its name."""
+        staging = path.with_name(f".{path.stem}.unverified.onnx")
+        info: dict[str, Any] = {}
+        try:
+            if precision == "fp32":
+                info = export_onnx(module, example, staging, inp, outp)
+            elif precision == "fp16":
+                to_fp16(made[(encoder, "fp32")], staging)
+            else:
+                info = {"calibration": self._calibrate(made[(encoder, "fp32")], staging, inp)}
+            session = ort_session(staging, self.opts.threads, precision=precision)
+            inputs = self.parity_images if encoder == "image" else self.tokens
+            parity = cosine_parity(run_session(session, inputs), ref)
+            floor = MIN_PARITY.get(precision)
+            if floor is not None and parity["cosine_mean"] < floor:
+                raise UserError(f"{encoder} encoder ONNX {precision} disagrees with PyTorch on val data (mean "
+                                f"cosine {parity['cosine_mean']:.6f} < {floor}); nothing was kept. Run with "
+                                f"--debug and report it")
+            val = self._val_metrics(run_session(session, self.images)) if encoder == "image" else None
+            staging.replace(path)
+            atomic.fsync_dir(path.parent)
+        finally:
+            staging.unlink(missing_ok=True)
+        parity["against"] = "pytorch fp32"
+        parity["samples"] = len(ref)
+        entry = artifacts.artifact_entry(self.out, path, name=f"{encoder}_{precision}_onnx", encoder=encoder,
+                                         fmt="onnx", precision=precision, parity=parity, **info)
+        if val is not None:
+            entry["val"] = val
+            entry["val_pytorch_fp32"] = self.torch_val
+        return entry
+
+    def _calibrate(self, fp32: Path, staging: Path, inp: str) -> dict[str, Any]:
+        """INT8 ranges from ``calib_size`` training images, drawn with the recipe's seed."""
+        n = len(self.train)
+        picks = sorted(random.Random(self.recipe.seed).sample(range(n), min(self.plan.calib_size, n)))
+        images = _Images(self.train, self.transform)
+        loaded = [(i, images.load(i)) for i in picks]
+        good = [arr for _, arr in loaded if arr is not None]
+        if not good:
+            raise UserError(f"{self.train.path}: none of the {len(picks)} calibration images could be read")
+        if len(good) < len(picks):
+            self.console.print(f"[yellow]calibration: {len(picks) - len(good)} unreadable images skipped[/]")
+        data_hash = calibration_data_hash([self.train.entries[i].image for i, a in loaded if a is not None],
+                                          _preprocess_desc(self.student))
+        reader = ImageCalibrationReader(inp, len(good), lambda i: good[i])
+        root = (self.recipe.cache.dir or default_cache_root())
+        return quantize_int8(fp32, staging, reader, self.plan.calib_method, root, data_hash, self.console)
+
+    def _flag_int8(self, entries: list[dict[str, Any]]) -> None:
+        """Say when INT8 costs more than a point of val Recall@1 (kept: the user decides)."""
+        for e in entries:
+            if e["precision"] != "int8" or "i2t_r1" not in (e.get("val") or {}):
+                continue
+            drop = self.torch_val["i2t_r1"] - e["val"]["i2t_r1"]
+            e["val_r1_drop"] = round(drop, 4)
+            if drop > MAX_INT8_R1_DROP:
+                self.console.print(f"[yellow]INT8 loses {drop:.1f} points of val image->text R@1; try "
+                                   f"--calib-method percentile or a larger --calib-size[/]", highlight=False)
+
+    def _engines(self, onnx_paths: dict[tuple[str, str], Path], ref_image: np.ndarray,
+                 ref_text: np.ndarray) -> list[dict[str, Any]]:
+        """A strongly typed TensorRT engine per non-fp32 graph (the precision is the graph's)."""
+        from edgedistill.export.tensorrt import BatchProfile, TrtRunner, build_engine, device_metadata, \
+            require_tensorrt
+
+        trt = require_tensorrt()
+        meta = device_metadata(trt)
+        gpu = "".join(c if c.isalnum() else "-" for c in str(meta.get("gpu_name", "gpu")))
+        timing_cache = (self.recipe.cache.dir or default_cache_root()) / "tensorrt" / \
+            f"timing-{gpu}-sm{meta.get('compute_capability')}-trt{meta.get('tensorrt_version')}.cache"
+        profile = BatchProfile(*self.plan.profile)
+        entries = []
+        for (encoder, precision), path in onnx_paths.items():
+            if precision == "fp32" and self.plan.precisions:
+                continue
+            engine = path.with_suffix(".engine")
+            info = build_engine(path, engine, profile, self.plan.workspace_mb, timing_cache, precision,
+                                console=self.console)
+            runner = TrtRunner(engine)
+            inputs = self.parity_images if encoder == "image" else self.tokens
+            got = np.concatenate([np.asarray(runner(inputs[i:i + profile.max]))
+                                  for i in range(0, len(inputs), profile.max)])
+            parity = {**cosine_parity(got, ref_image if encoder == "image" else ref_text),
+                      "against": "pytorch fp32", "samples": len(inputs)}
+            floor = MIN_PARITY.get(precision)
+            if floor is not None and parity["cosine_mean"] < floor:
+                engine.unlink(missing_ok=True)
+                raise UserError(f"TensorRT {precision} engine of the {encoder} encoder disagrees with PyTorch "
+                                f"(mean cosine {parity['cosine_mean']:.6f} < {floor}); it was deleted")
+            entry = artifacts.artifact_entry(self.out, engine, name=f"{encoder}_{precision}_trt", encoder=encoder,
+                                             fmt="trt", precision=precision, parity=parity, engine=info)
+            if encoder == "image":
+                emb = np.concatenate([np.asarray(runner(self.images[i:i + profile.max]))
+                                      for i in range(0, len(self.images), profile.max)])
+                entry["val"] = self._val_metrics(emb.astype(np.float32))
+            entries.append(entry)
+            self._say(entry)
+        return entries
+
+    def _torchtrt(self, ref_image: np.ndarray, ref_text: np.ndarray) -> list[dict[str, Any]]:
+        """Torch-TensorRT (dynamo) programs of both encoders, at the plan's precision."""
+        from edgedistill.export.tensorrt import BatchProfile
+        from edgedistill.export.torchtrt import compile_torchtrt, load_torchtrt
+
+        profile = BatchProfile(*self.plan.profile)
+        precision = self.plan.precisions[0] if self.plan.precisions else "fp32"
+        entries = []
+        for encoder, module, inputs, ref in (("image", self.image_encoder, self.parity_images, ref_image),
+                                             ("text", self.text_encoder, self.tokens, ref_text)):
+            path = self.out / f"{encoder}_{precision}.torchtrt.ep"
+            example = torch.from_numpy(inputs[:1])
+            info = compile_torchtrt(module, example, profile, precision, path, console=self.console)
+            compiled = load_torchtrt(path)
+            with torch.no_grad():
+                got = torch.cat([compiled(torch.from_numpy(inputs[i:i + profile.max]).cuda()).float().cpu()
+                                 for i in range(0, len(inputs), profile.max)]).numpy()
+            parity = {**cosine_parity(got, ref), "against": "pytorch fp32", "samples": len(inputs)}
+            floor = MIN_PARITY.get(precision)
+            if floor is not None and parity["cosine_mean"] < floor:
+                path.unlink(missing_ok=True)
+                raise UserError(f"Torch-TensorRT {precision} {encoder} encoder disagrees with PyTorch (mean "
+                                f"cosine {parity['cosine_mean']:.6f} < {floor}); it was deleted")
+            entry = artifacts.artifact_entry(self.out, path, name=f"{encoder}_{precision}_torchtrt",
+                                             encoder=encoder, fmt="torchtrt", precision=precision, parity=parity,
+                                             compile=info)
+            entries.append(entry)
+            self._say(entry)
+        return entries
+
+    @torch.no_grad()
+    def text_embeddings(self, prompts: list[str]) -> dict[str, Any]:
+        """(P, D) float32 embeddings of a fixed vocabulary, for devices that never run a text encoder."""
+        emb = torch.cat([self.text_encoder(self.tokenizer(prompts[i:i + 256]))
+                         for i in range(0, len(prompts), 256)]).numpy().astype(np.float32)
+        path = self.out / "text_embeddings.npy"
+        with atomic.atomic_path(path) as tmp:
+            with open(tmp, "wb") as f:
+                np.save(f, emb)
+        atomic.write_text(self.out / "text_prompts.txt", "\n".join(prompts) + "\n")
+        entry = artifacts.artifact_entry(self.out, path, name="text_embeddings", encoder="text", fmt="npy",
+                                         precision="fp32", prompts="text_prompts.txt", count=len(prompts))
+        self.console.print(f"  {entry['path']}: {len(prompts)} prompt embeddings", highlight=False)
+        return entry
+
+

@@ -1,0 +1,175 @@
+"""PyTorch -> ONNX: the student's encoders as graphs with a dynamic batch axis, checked and simplified.
+
+Each encoder is exported on its own (an image encoder for the device, a text encoder where text must be
+embedded on the device) and ends in L2 normalisation, so its output is the embedding a search index stores.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import warnings
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import onnx
+import torch
+
+from edgedistill import atomic
+from edgedistill.errors import UserError
+
+IMAGE_INPUT, IMAGE_OUTPUT = "image", "image_embedding"
+# "embedding" alone collides with a value name inside open_clip's text graph under the dynamo exporter.
+TEXT_INPUT, TEXT_OUTPUT = "text", "text_embedding"
+OPSET = 18  # the dynamo exporter's own; TensorRT 10.x and onnxruntime >= 1.16 read it (the issue asks >= 17)
+
+
+def l2_normalize(x: torch.Tensor) -> torch.Tensor:
+    """(B, D) -> rows of unit length. Broadcasting instead of F.normalize's Expand keeps the graph free of
+    shape arithmetic that onnxruntime's symbolic shape inference (quant_pre_process) cannot follow."""
+    return x * torch.rsqrt((x * x).sum(dim=-1, keepdim=True).clamp_min(1e-24))
+
+
+class ImageEncoder(torch.nn.Module):
+    """(B, 3, H, W) float32 normalised pixels -> (B, D) L2-normalised embeddings."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return l2_normalize(self.model.encode_image(image))
+
+
+class TextEncoder(torch.nn.Module):
+    """(B, L) int64 token ids (open_clip's tokenizer, padded to the context length) -> (B, D) L2-normalised."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, text: torch.Tensor) -> torch.Tensor:
+        return l2_normalize(self.model.encode_text(text))
+
+
+@contextlib.contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """The exporters print progress lines and warnings a user cannot act on; keep them for --debug."""
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "onnxscript", "torch._dynamo")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def _export(module: torch.nn.Module, example: torch.Tensor, path: Path, input_name: str, output_name: str,
+            dynamo: bool) -> None:
+    if dynamo:
+        batch = torch.export.Dim("batch", min=1, max=4096)
+        program = torch.onnx.export(module, (example,), dynamo=True, input_names=[input_name],
+                                    output_names=[output_name], dynamic_shapes={input_name: {0: batch}},
+                                    opset_version=OPSET, verbose=False)
+        program.save(str(path))
+    else:
+        torch.onnx.export(module, (example,), str(path), dynamo=False, input_names=[input_name],
+                          output_names=[output_name], opset_version=17,
+                          dynamic_axes={input_name: {0: "batch"}, output_name: {0: "batch"}})
+
+
+class _ExportFailed(Exception):
+    pass
+
+
+def export_onnx(module: torch.nn.Module, example: torch.Tensor, path: Path, input_name: str,
+                output_name: str) -> dict[str, Any]:
+    """Export ``module`` (eval mode, CPU, fp32) to ``path`` with a dynamic batch axis; checked and simplified.
+
+    The dynamo exporter first (torch's default, needs onnxscript); the TorchScript exporter when dynamo cannot
+    trace the model. The file appears under ``path`` only when complete and valid.
+    Returns ``{"exporter", "opset", "simplified", "nodes"}``.
+    """
+    module = module.eval().float().cpu()
+    errors = []
+    for dynamo in (True, False):
+        try:
+            with atomic.atomic_path(path) as tmp:  # an exception inside removes the temporary file
+                try:
+                    with _quiet_exporter(), torch.no_grad():
+                        _export(module, example, tmp, input_name, output_name, dynamo)
+                except Exception as e:  # noqa: BLE001 - any exporter failure falls back / becomes one line
+                    raise _ExportFailed(f"{'dynamo' if dynamo else 'torchscript'}: {type(e).__name__}: "
+                                        f"{str(e).splitlines()[0][:200] if str(e) else ''}") from e
+                model = onnx.load(str(tmp))
+                onnx.checker.check_model(model)
+                model, simplified = simplify(model)
+                onnx.save(model, str(tmp))
+        except _ExportFailed as e:
+            errors.append(str(e))
+            continue
+        return {"exporter": "dynamo" if dynamo else "torchscript", "opset": opset_of(model),
+                "simplified": simplified, "nodes": len(model.graph.node)}
+    raise UserError(f"cannot export {type(module.model).__name__} to ONNX ({'; '.join(errors)}); "
+                    "run with --debug and report it")
+
+
+def opset_of(model: onnx.ModelProto) -> int:
+    return max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
+
+
+def simplify(model: onnx.ModelProto) -> tuple[onnx.ModelProto, bool]:
+    """onnxslim's constant folding and fusion, kept only when it removes nodes and the result checks."""
+    try:
+        import onnxslim
+    except ImportError:  # optional: the graph is valid without it
+        return model, False
+    try:
+        with _quiet_exporter():
+            slim = onnxslim.slim(model)
+        onnx.checker.check_model(slim)
+    except Exception:  # noqa: BLE001 - a simplifier failure must never lose a valid export
+        return model, False
+    if slim is None or len(slim.graph.node) >= len(model.graph.node):
+        return model, False
+    return slim, True
+
+
+def ort_session(path: Path, threads: int | None = None, providers: list[str] | None = None,
+                precision: str = "fp32") -> Any:
+    """An onnxruntime session with full graph optimisation (CPU unless ``providers`` say otherwise).
+
+    fp16 graphs stop at the extended level: onnxruntime 1.32's CPU layout optimisations crash (segfault) on a
+    float16 transformer text encoder; the extended level runs it.
+    """
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED if precision == "fp16" \
+        else ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"])
+
+
+def run_session(session: Any, inputs: np.ndarray, batch_size: int = 32) -> np.ndarray:
+    """(N, ...) -> (N, D) float32, in batches of ``batch_size``."""
+    name = session.get_inputs()[0].name
+    outs = [session.run(None, {name: inputs[i:i + batch_size]})[0] for i in range(0, len(inputs), batch_size)]
+    return np.concatenate(outs).astype(np.float32) if outs else np.zeros((0, 0), np.float32)
+
+
+def cosine_parity(candidate: np.ndarray, reference: np.ndarray) -> dict[str, float]:
+    """Per-row cosine between two (N, D) embedding sets: mean and worst row."""
+    a = candidate / np.maximum(np.linalg.norm(candidate, axis=1, keepdims=True), 1e-12)
+    b = reference / np.maximum(np.linalg.norm(reference, axis=1, keepdims=True), 1e-12)
+    cos = (a.astype(np.float64) * b).sum(axis=1)
+    return {"cosine_mean": float(cos.mean()), "cosine_min": float(cos.min())}

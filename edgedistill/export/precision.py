@@ -1,0 +1,182 @@
+"""Precision in the ONNX graph (DESIGN decision 3): float16 conversion and calibrated INT8 QDQ quantisation.
+
+FP16: every float32 initializer and op in float16, float32 inputs and outputs (so callers feed the same
+arrays). INT8: ``onnxruntime.quantization`` after ``quant_pre_process`` (shape inference and graph
+optimisation; without it INT8 on CPU is often slower than FP32), QDQ format, symmetric int8 activations and
+weights, per-channel weights — the explicit quantisation TensorRT's strongly typed builder consumes as is.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import onnx
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from edgedistill import atomic
+from edgedistill.errors import UserError
+
+CALIBRATION_METHODS = ("entropy", "minmax", "percentile")
+CALIBRATION_BATCH = 8  # images per calibration inference
+CALIBRATION_STRIDE = 8  # batches per histogram update: bounds memory, since ORT keeps every activation until then
+
+
+def to_fp16(src: Path, dst: Path) -> None:
+    """``dst`` = ``src`` with float16 weights and compute, float32 inputs/outputs (written atomically)."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+    from onnxruntime.transformers.onnx_model import OnnxModel
+
+    model = onnx.load(str(src))
+    # keep_io_types: callers keep feeding float32 arrays; casts sit at the graph's edges.
+    half = OnnxModel(convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=False))
+    half.topological_sort()  # the converter appends the input casts last; the checker (and TensorRT) want order
+    half = half.model
+    onnx.checker.check_model(half)
+    with atomic.atomic_path(dst) as tmp:
+        onnx.save(half, str(tmp))
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+class ImageCalibrationReader:
+    """``onnxruntime.quantization.CalibrationDataReader`` over images: batches of (B, 3, H, W) float32.
+
+    ``load(i)`` gives image ``i`` preprocessed; supports ``set_range`` so onnxruntime can calibrate in strides
+    (histograms are merged stride by stride instead of holding every activation of every image at once).
+    """
+
+    def __init__(self, input_name: str, n_images: int, load: Callable[[int], np.ndarray],
+                 progress: Callable[[int], None] | None = None, batch_size: int = CALIBRATION_BATCH) -> None:
+        self.input_name = input_name
+        self.load = load
+        self.progress = progress
+        self.batches = [list(range(i, min(i + batch_size, n_images))) for i in range(0, n_images, batch_size)]
+        self.start, self.end = 0, len(self.batches)
+        self.position = 0
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def set_range(self, start_index: int, end_index: int) -> None:
+        self.start, self.end = start_index, min(end_index, len(self.batches))
+        self.position = self.start
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        if self.position >= self.end:
+            return None
+        batch = self.batches[self.position]
+        self.position += 1
+        images = np.stack([self.load(i) for i in batch]).astype(np.float32)
+        if self.progress is not None:
+            self.progress(len(batch))
+        return {self.input_name: images}
+
+    def rewind(self) -> None:
+        self.position = self.start
+
+
+def _stride(n_batches: int) -> int:
+    """The largest stride <= CALIBRATION_STRIDE dividing ``n_batches`` (onnxruntime requires a divisor)."""
+    return max(s for s in range(1, min(CALIBRATION_STRIDE, n_batches) + 1) if n_batches % s == 0)
+
+
+def calibration_cache_path(root: Path, model_sha256: str, method: str, data_hash: str) -> Path:
+    """Where the tensor ranges of one (model, method, calibration images) live."""
+    key = hashlib.sha256(json.dumps([model_sha256, method, data_hash]).encode()).hexdigest()[:24]
+    return root / "calibration" / f"{method}-{key}.json"
+
+
+def _supports_calibration_cache() -> bool:
+    from onnxruntime.quantization import quantize_static
+
+    return "calibration_cache_path" in inspect.signature(quantize_static).parameters
+
+
+def quantize_int8(src: Path, dst: Path, reader: ImageCalibrationReader, method: str, cache_root: Path,
+                  data_hash: str, console: Console | None = None) -> dict[str, Any]:
+    """``dst`` = INT8 QDQ graph of the fp32 ``src``, calibrated with ``method`` on ``reader``'s images.
+
+    Ranges are cached by (sha256 of ``src``, method, ``data_hash``): a second export with the same model and
+    images skips calibration. Returns ``{"method", "images", "cache", "cache_hit"}``.
+    """
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    if method not in CALIBRATION_METHODS:
+        raise UserError(f"unknown calibration method {method!r}; choose one of {', '.join(CALIBRATION_METHODS)}")
+    calib_method = {"entropy": CalibrationMethod.Entropy, "minmax": CalibrationMethod.MinMax,
+                    "percentile": CalibrationMethod.Percentile}[method]
+    n_images = sum(len(b) for b in reader.batches)
+    cache = calibration_cache_path(cache_root, sha256_file(src), method, data_hash)
+    hit = cache.is_file()
+    with tempfile.TemporaryDirectory(prefix="edgedistill-int8-") as work:
+        pre = Path(work) / "preprocessed.onnx"
+        quant_pre_process(str(src), str(pre), skip_symbolic_shape=False)
+        options: dict[str, Any] = {"ActivationSymmetric": True, "WeightSymmetric": True,
+                                   "CalibStridedMinMax": _stride(len(reader))}
+        if method == "percentile":
+            options["CalibPercentile"] = 99.999
+        kwargs: dict[str, Any] = {}
+        new_cache = Path(work) / "ranges.json"
+        if _supports_calibration_cache():
+            kwargs["calibration_cache_path"] = str(cache if hit else new_cache)
+        else:
+            hit = False
+        with atomic.atomic_path(dst) as tmp:
+            with _calibration_progress(console, 0 if hit else n_images, method) as advance:
+                own = reader.progress
+                reader.progress = advance if own is None else (lambda n: (advance(n), own(n)) and None)
+                quantize_static(str(pre), str(tmp), None if hit else reader, quant_format=QuantFormat.QDQ,
+                                per_channel=True, reduce_range=False, activation_type=QuantType.QInt8,
+                                weight_type=QuantType.QInt8, calibrate_method=calib_method,
+                                extra_options=options, **kwargs)
+            onnx.checker.check_model(str(tmp))
+        if not hit and new_cache.is_file():
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            atomic.write_bytes(cache, new_cache.read_bytes())
+    return {"method": method, "images": n_images, "cache": str(cache) if cache.is_file() else None,
+            "cache_hit": hit}
+
+
+class _calibration_progress:
+    """A rich progress bar over calibration images (nothing when there is no console or nothing to do)."""
+
+    def __init__(self, console: Console | None, total: int, method: str) -> None:
+        self.bar = Progress(TextColumn(f"INT8 calibration ({method})"), BarColumn(), MofNCompleteColumn(),
+                            TimeElapsedColumn(), console=console, transient=True) \
+            if console is not None and total else None
+        self.total = total
+
+    def __enter__(self) -> Callable[[int], None]:
+        if self.bar is None:
+            return lambda n: None
+        self.bar.start()
+        task = self.bar.add_task("calibrate", total=self.total)
+        return lambda n: self.bar.advance(task, n)
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+def calibration_data_hash(paths: Sequence[Path], transform_desc: dict[str, Any]) -> str:
+    """Identity of the calibration images: their paths, sizes and modification times, and the preprocessing."""
+    h = hashlib.sha256(json.dumps(transform_desc, sort_keys=True, default=str).encode())
+    for p in paths:
+        st = os.stat(p)
+        h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()

@@ -1,0 +1,196 @@
+"""Torch-TensorRT: compile a student's torch module to TensorRT-backed ExportedProgram (``.ep``) and load it back.
+
+The ONNX -> TensorRT path (``tensorrt.py``) is the main one; this is the route for people who stay in PyTorch.
+It offers fp32 and fp16 only: INT8 needs a calibrated QDQ graph, which the ONNX path makes.
+
+Torch-TensorRT changed its precision API: up to 2.8 ``enabled_precisions={torch.float16}`` asked for fp16 (weak
+typing); newer releases build strongly typed networks (``use_explicit_typing=True`` by default, required by
+TensorRT 11), ignore ``enabled_precisions`` and lower to fp16 with ``enable_autocast=True`` +
+``autocast_low_precision_type``. The installed version's signature decides which one is used.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Callable, Collection
+
+from edgedistill import atomic
+from edgedistill.errors import UserError
+from edgedistill.export.tensorrt import (BatchProfile, check_compatible, read_sidecar, require_cuda, sha256_file,
+                                         sidecar_path, verify_sha256)
+
+REBUILD_HINT = "recompile it here with `edgedistill export --format torchtrt`"
+DEVICE = "cuda"  # where compilation runs; the CPU tests swap it to run the orchestration without a GPU
+
+
+def require_torch_tensorrt() -> ModuleType:
+    """The ``torch_tensorrt`` module, or a one-line UserError saying which requirement is missing."""
+    try:
+        import torch_tensorrt
+    except ImportError as e:
+        if e.name == "torch_tensorrt":
+            raise UserError("Torch-TensorRT export needs torch-tensorrt, which is not installed (the gpu extra): "
+                            "pip install -e '.[gpu]' on a machine with an NVIDIA GPU and CUDA") from None
+        raise UserError(f"Torch-TensorRT export needs torch-tensorrt, which is installed but does not load ({e}): "
+                        f"install the torch-tensorrt release that matches torch with pip install -e '.[gpu]'") from None
+    except OSError as e:
+        raise UserError(f"Torch-TensorRT export needs torch-tensorrt, which is installed but does not load ({e}): "
+                        f"install the torch-tensorrt release that matches torch with pip install -e '.[gpu]'") from None
+    require_cuda("Torch-TensorRT export")
+    return torch_tensorrt
+
+
+def _parameters(*functions: Any) -> set[str]:
+    names: set[str] = set()
+    for fn in functions:
+        try:
+            names |= set(inspect.signature(fn).parameters)
+        except (TypeError, ValueError):
+            continue
+    return names
+
+
+def _settings_fields(torch_tensorrt: ModuleType) -> set[str]:
+    # options a release takes through **kwargs are still fields of its CompilationSettings
+    settings = getattr(getattr(torch_tensorrt, "dynamo", None), "CompilationSettings", None)
+    try:
+        return {f.name for f in dataclasses.fields(settings)} if settings is not None else set()
+    except TypeError:
+        return set()
+
+
+def precision_kwargs(params: Collection[str], precision: str, torch: Any) -> dict[str, Any]:
+    """Compile options asking for ``precision`` ('fp32'|'fp16') in the API that ``params`` (names) describes."""
+    half = precision == "fp16"
+    if "enable_autocast" in params:
+        # strongly typed releases: enabled_precisions is deprecated and ignored; autocast inserts the casts
+        kwargs: dict[str, Any] = {"use_explicit_typing": True}
+        if half:
+            low = "autocast_low_precision_type" if "autocast_low_precision_type" in params else "low_precision_type"
+            kwargs.update({"enable_autocast": True, low: torch.float16})
+        return kwargs
+    kwargs = {"enabled_precisions": {torch.float16, torch.float32} if half else {torch.float32}}
+    if "use_explicit_typing" in params:
+        kwargs["use_explicit_typing"] = False  # weak typing, so that enabled_precisions takes effect
+    return kwargs
+
+
+def _example_batch(profile: BatchProfile) -> int:
+    # torch.export specialises a size-1 example to the constant 1; trace with 2 when the profile allows more
+    return 1 if profile.max == 1 else min(max(2, profile.opt), profile.max)
+
+
+def _device_metadata() -> dict[str, Any]:
+    from edgedistill.export.tensorrt import device_metadata
+    import tensorrt as trt  # torch-tensorrt depends on it: present whenever torch_tensorrt imports
+    return device_metadata(trt)
+
+
+def compile_torchtrt(module: Any, example: Any, profile: BatchProfile, precision: str, out_path: Path,
+                     console: Any = None) -> dict[str, Any]:
+    """Compile ``module`` with Torch-TensorRT for inputs like ``example`` (B, ...): its item shape and dtype
+    (float32 images, int64 tokens), with the batch axis dynamic over ``profile``.
+
+    Writes the ExportedProgram to ``out_path`` (``.ep``) and its metadata to ``<out_path>.json`` atomically;
+    returns the metadata.
+    """
+    if precision == "int8":
+        raise UserError("Torch-TensorRT export offers fp32 and fp16; for INT8 use --format trt --int8 "
+                        "(a calibrated QDQ ONNX graph)")
+    if precision not in ("fp32", "fp16"):
+        raise UserError(f"unknown precision '{precision}' for Torch-TensorRT; choose fp32 or fp16")
+    import torch
+    from rich.console import Console
+
+    torch_tensorrt = require_torch_tensorrt()
+    console = console or Console(stderr=True)
+    out_path = Path(out_path)
+    module = module.eval().to(DEVICE)
+    item_shape = tuple(example.shape[1:])
+    batch = _example_batch(profile)
+    # the example's own values and dtype (float images, int64 token ids), repeated to the tracing batch
+    trace_input = example.detach()[:1].to(DEVICE).repeat(batch, *([1] * len(item_shape)))
+    if trace_input.is_floating_point():
+        trace_input = trace_input.float()
+    dtype = trace_input.dtype
+    dynamic = profile.max > 1
+    dynamic_shapes = ({0: torch.export.Dim("batch", min=profile.min, max=profile.max)},) if dynamic else None
+
+    if dynamic:
+        spec = torch_tensorrt.Input(min_shape=(profile.min, *item_shape), opt_shape=(profile.opt, *item_shape),
+                                    max_shape=(profile.max, *item_shape), dtype=dtype)
+    else:
+        spec = torch_tensorrt.Input(shape=(1, *item_shape), dtype=dtype)
+    compile_fn = torch_tensorrt.dynamo.compile
+    params = _parameters(torch_tensorrt.compile, compile_fn) | _settings_fields(torch_tensorrt)
+    kwargs = precision_kwargs(params, precision, torch)
+    inputs_key = "arg_inputs" if "arg_inputs" in _parameters(compile_fn) else "inputs"
+
+    with console.status(f"compiling with Torch-TensorRT ({precision}, batch {profile.describe()})"):
+        with torch.no_grad():
+            # our own export (not torch_tensorrt.compile's) so the batch range is exactly the profile's
+            program = torch.export.export(module, (trace_input,), dynamic_shapes=dynamic_shapes)
+            trt_module = compile_fn(program, **{inputs_key: [spec]}, **kwargs)
+        _save(torch_tensorrt, trt_module, trace_input, dynamic_shapes, out_path)
+
+    digest = sha256_file(out_path)
+    meta: dict[str, Any] = {
+        "format": "torch_tensorrt",
+        "program": out_path.name,
+        "sha256": digest,
+        **_device_metadata(),
+        "torch_tensorrt_version": str(getattr(torch_tensorrt, "__version__", "unknown")),
+        "torch_version": str(torch.__version__),
+        "precision": precision,
+        "profile": {"min": profile.min, "opt": profile.opt, "max": profile.max},
+        "input_shape": ["B", *[int(d) for d in item_shape]],
+        "input_dtype": str(dtype).removeprefix("torch."),
+        "precision_api": "autocast" if kwargs.get("enable_autocast") else
+                         "explicit_typing" if kwargs.get("use_explicit_typing") else "enabled_precisions",
+    }
+    atomic.write_json(sidecar_path(out_path), meta)
+    console.print(f"Torch-TensorRT program {out_path} ({precision}, batch {profile.describe()})")
+    return meta
+
+
+def _save(torch_tensorrt: ModuleType, trt_module: Any, trace_input: Any, dynamic_shapes: Any,
+          out_path: Path) -> None:
+    """``torch_tensorrt.save`` to a staging folder, then an atomic rename onto ``out_path``."""
+    params = _parameters(torch_tensorrt.save)
+    kwargs: dict[str, Any] = {("arg_inputs" if "arg_inputs" in params else "inputs"): [trace_input]}
+    if dynamic_shapes is not None:
+        if "dynamic_shapes" in params:
+            kwargs["dynamic_shapes"] = dynamic_shapes
+        elif "retrace" in params:
+            kwargs["retrace"] = False  # older releases: keep the graph's symbolic batch instead of re-tracing
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.", dir=out_path.parent))
+    try:
+        staged = staging / out_path.name  # keeps the .ep name: some releases look at the suffix
+        torch_tensorrt.save(trt_module, str(staged), **kwargs)
+        with atomic.atomic_path(out_path) as tmp:
+            os.replace(staged, tmp)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def load_torchtrt(path: Path) -> Callable[..., Any]:
+    """A saved Torch-TensorRT program as a callable module, after checking it was built for this GPU."""
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"Torch-TensorRT program {path} not found; compile it with "
+                        f"`edgedistill export --format torchtrt`")
+    kind = "Torch-TensorRT program"
+    meta = read_sidecar(path, kind=kind, hint=REBUILD_HINT)
+    require_torch_tensorrt()  # registers the tensorrt ops the program calls
+    check_compatible(meta, _device_metadata(), what=f"{kind} {path}", hint=REBUILD_HINT)
+    verify_sha256(path, meta, kind=kind, hint=REBUILD_HINT)
+    return torch.export.load(str(path)).module()

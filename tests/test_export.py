@@ -1,0 +1,267 @@
+"""`edgedistill export` on CPU: ONNX fp32/fp16/INT8 artifacts, parity against PyTorch, export.json, bad input."""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import open_clip
+import pytest
+import torch
+import yaml
+
+from edgedistill.cli import main
+from edgedistill.errors import UserError
+from edgedistill.export import artifacts
+from edgedistill.export.exporter import ExportOptions, latest_run, make_plan
+from edgedistill.export.graph import ImageEncoder, cosine_parity, export_onnx, ort_session, run_session
+from edgedistill.export.precision import ImageCalibrationReader, _stride, quantize_int8, to_fp16
+from tests.conftest import write_images, write_manifest, write_recipe
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_teacher, tmp_path_factory):
+    """A distilled tiny student (mobilenetv3_small at 32 px, the teacher's text tower) and its data."""
+    root = tmp_path_factory.mktemp("export")
+    train = write_manifest(root / "data" / "train.jsonl", write_images(root / "data" / "images", 40))
+    val = write_manifest(root / "data" / "val.jsonl", write_images(root / "data" / "val_images", 12, seed=1))
+    recipe = write_recipe(root / "tiny.yaml", tiny_teacher, train, val, cache_dir=root / "cache",
+                          student={"image_size": 32},
+                          train={"epochs": 1, "warmup_steps": 1, "tensorboard": False, "log_every": 1})
+    raw = yaml.safe_load(recipe.read_text())
+    raw["out"] = str(root / "runs" / "tiny")
+    recipe.write_text(yaml.safe_dump(raw))
+    assert main(["distill", str(recipe)]) == 0
+    return root / "runs" / "tiny"
+
+
+@pytest.fixture(scope="module")
+def exported(finished_run):
+    """One export with every ONNX precision (shared by the checks below: exporting is the slow part)."""
+    out = finished_run.parent / "export-all"
+    prompts = finished_run.parent / "prompts.txt"
+    prompts.write_text("a red circle\n\na blue star\n")
+    assert main(["export", str(finished_run), "--fp16", "--int8", "--calib-size", "24", "--out", str(out),
+                 "--text-embeddings", str(prompts)]) == 0
+    return out
+
+
+def test_export_writes_every_onnx_artifact_with_parity_and_hashes(exported):
+    doc = json.loads((exported / "export.json").read_text())
+    by_name = {a["name"]: a for a in doc["artifacts"]}
+    assert set(by_name) == {"image_fp32_onnx", "image_fp16_onnx", "image_int8_onnx", "text_fp32_onnx",
+                            "text_fp16_onnx", "text_embeddings"}
+    for a in doc["artifacts"]:
+        path = exported / a["path"]
+        assert artifacts.verify_artifact(exported, a) == path
+        assert a["size_mb"] == pytest.approx(path.stat().st_size / 2**20, abs=1e-3)
+    for name in ("image_fp32_onnx", "text_fp32_onnx"):
+        assert by_name[name]["parity"]["cosine_mean"] >= 0.9999
+    for name in ("image_fp16_onnx", "text_fp16_onnx"):
+        assert by_name[name]["parity"]["cosine_mean"] >= 0.999
+    assert 0 < by_name["image_int8_onnx"]["parity"]["cosine_mean"] <= 1
+    assert by_name["image_int8_onnx"]["calibration"]["images"] == 24
+    for name in ("image_fp32_onnx", "image_int8_onnx"):  # val Recall@1 recorded next to FP32 PyTorch
+        assert {"i2t_r1", "t2i_r1", "rsum"} <= set(by_name[name]["val"])
+        assert "i2t_r1" in by_name[name]["val_pytorch_fp32"]
+    assert doc["val"]["images"] == 12 and doc["preprocess"]["size"]
+    assert {"torch", "onnx", "onnxruntime"} <= set(doc["tools"])
+    assert not list(exported.glob(".*"))  # no staging files left behind
+
+
+def test_onnx_graphs_are_valid_dynamic_and_typed(exported):
+    for name in ("image_fp32", "image_fp16", "image_int8", "text_fp32"):
+        model = onnx.load(str(exported / f"{name}.onnx"))
+        onnx.checker.check_model(model)
+        assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= 17
+        inp = model.graph.input[0].type.tensor_type
+        assert inp.shape.dim[0].dim_value == 0  # symbolic batch axis
+        elem = onnx.TensorProto.INT64 if name.startswith("text") else onnx.TensorProto.FLOAT
+        assert inp.elem_type == elem
+        assert model.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    fp16 = onnx.load(str(exported / "image_fp16.onnx"))
+    assert any(init.data_type == onnx.TensorProto.FLOAT16 for init in fp16.graph.initializer)
+    int8 = onnx.load(str(exported / "image_int8.onnx"))
+    ops = {n.op_type for n in int8.graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    # symmetric: every activation zero point is 0
+    zero_points = [onnx.numpy_helper.to_array(i) for i in int8.graph.initializer if i.name.endswith("zero_point")]
+    assert zero_points and all(int(np.abs(z).max()) == 0 for z in zero_points)
+
+
+def test_onnx_matches_the_saved_student_loaded_by_open_clip(exported, finished_run):
+    """The graph a device runs gives the embeddings a user of the open_clip student gets (batch 5 and 1)."""
+    model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{finished_run / 'student'}")
+    model.eval()
+    images = torch.randn(5, 3, 32, 32)
+    with torch.no_grad():
+        ref = model.encode_image(images, normalize=True).numpy()
+    session = ort_session(exported / "image_fp32.onnx")
+    assert cosine_parity(run_session(session, images.numpy()), ref)["cosine_min"] > 0.9999
+    assert cosine_parity(run_session(session, images.numpy()[:1]), ref[:1])["cosine_min"] > 0.9999
+    tokenizer = open_clip.get_tokenizer(f"local-dir:{finished_run / 'student'}")
+    tokens = tokenizer(["a red circle", "two blue stars on the left"])
+    with torch.no_grad():
+        ref_text = model.encode_text(tokens, normalize=True).numpy()
+    got = run_session(ort_session(exported / "text_fp32.onnx"), tokens.numpy().astype(np.int64))
+    assert cosine_parity(got, ref_text)["cosine_min"] > 0.9999
+
+
+def test_text_embeddings_file_holds_the_prompts(exported, finished_run):
+    emb = np.load(exported / "text_embeddings.npy")
+    assert emb.shape[0] == 2 and (exported / "text_prompts.txt").read_text().split("\n")[:2] == \
+        ["a red circle", "a blue star"]
+    model = open_clip.create_model(f"local-dir:{finished_run / 'student'}").eval()
+    tokenizer = open_clip.get_tokenizer(f"local-dir:{finished_run / 'student'}")
+    with torch.no_grad():
+        ref = model.encode_text(tokenizer(["a red circle", "a blue star"]), normalize=True).numpy()
+    assert cosine_parity(emb, ref)["cosine_min"] > 0.9999
+
+
+def test_failed_parity_leaves_no_artifact_and_exits_2(finished_run, monkeypatch, capsys):
+    import edgedistill.export.exporter as exporter
+
+    monkeypatch.setitem(exporter.MIN_PARITY, "fp32", 1.5)  # unreachable: the check must fail
+    out = finished_run.parent / "export-bad"
+    assert main(["export", str(finished_run), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "disagrees with PyTorch" in err and "Traceback" not in err
+    assert not list(out.glob("*.onnx")) and not list(out.glob(".*")) and not (out / "export.json").exists()
+
+
+def test_default_run_dir_is_the_latest_run(finished_run, tmp_path):
+    assert latest_run(finished_run.parent) == finished_run
+    with pytest.raises(UserError, match="no finished run"):
+        latest_run(tmp_path)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--format", "engine"], "unknown --format"),
+    (["--int8", "--calib-method", "kl"], "unknown --calib-method"),
+    (["--int8", "--calib-size", "0"], "--calib-size must be at least 1"),
+    (["--format", "torchtrt", "--int8"], "INT8 use --format trt"),
+    (["--target", "jetson-orin-nanoo"], "jetson-orin-nano"),
+])
+def test_bad_flags_exit_2_with_one_line(finished_run, args, message, capsys):
+    assert main(["export", str(finished_run), *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+
+
+def test_bad_paths_exit_2(finished_run, tmp_path, capsys):
+    assert main(["export", str(tmp_path)]) == 2
+    assert "not a run directory" in capsys.readouterr().err
+    assert main(["export", str(finished_run), "--text-embeddings", str(tmp_path / "none.txt")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    (tmp_path / "empty.txt").write_text("\n\n")
+    assert main(["export", str(finished_run), "--text-embeddings", str(tmp_path / "empty.txt")]) == 2
+    assert "holds no prompts" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU path")
+@pytest.mark.parametrize("fmt", ["trt", "torchtrt"])
+def test_gpu_formats_without_a_gpu_exit_2_saying_what_is_missing(finished_run, fmt, capsys):
+    out = finished_run.parent / f"export-{fmt}"
+    assert main(["export", str(finished_run), "--format", fmt, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "gpu" in err.lower()
+    assert not out.exists()  # refused before any work
+
+
+def test_target_sets_precision_profile_and_calibration():
+    plan = make_plan(ExportOptions(format="trt", target="jetson-orin-nano"))
+    assert plan.precisions == ["int8"] and plan.profile[0] == 1 and plan.calib_method in ("entropy", "minmax",
+                                                                                           "percentile")
+    flags = make_plan(ExportOptions(format="trt", fp16=True, calib_method="minmax", target="jetson-orin-nano"))
+    assert flags.precisions == ["fp16"] and flags.calib_method == "minmax"  # flags win over the preset
+    assert make_plan(ExportOptions(format="onnx")).precisions == []
+    assert make_plan(ExportOptions(format="trt")).precisions == ["fp16"]
+
+
+# -- the graph and precision building blocks on a small real model -----------------------------------------
+
+@pytest.fixture(scope="module")
+def small_graph(tmp_path_factory):
+    torch.manual_seed(0)
+    cfg = {"embed_dim": 16, "vision_cfg": {"timm_model_name": "resnet18", "timm_model_pretrained": False,
+                                           "timm_pool": "avg", "timm_proj": "", "image_size": 32},
+           "text_cfg": {"context_length": 8, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+    from edgedistill.teachers import register_open_clip_config
+    register_open_clip_config("export-test-resnet", cfg)
+    model = open_clip.create_model("export-test-resnet").eval()
+    folder = tmp_path_factory.mktemp("graph")
+    path = folder / "image.onnx"
+    info = export_onnx(ImageEncoder(model), torch.randn(2, 3, 32, 32), path, "image", "image_embedding")
+    return model, path, info
+
+
+def test_export_onnx_reports_its_exporter_and_is_atomic(small_graph, tmp_path, monkeypatch):
+    model, path, info = small_graph
+    assert info["exporter"] in ("dynamo", "torchscript") and info["opset"] >= 17
+    import edgedistill.export.graph as graph
+
+    def broken(*a, **k):
+        raise RuntimeError("exporter exploded")
+    monkeypatch.setattr(graph, "_export", broken)
+    with pytest.raises(UserError, match="exporter exploded"):
+        export_onnx(ImageEncoder(model), torch.randn(2, 3, 32, 32), tmp_path / "x.onnx", "image", "e")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_fp16_and_int8_run_on_cpu_and_calibration_is_cached(small_graph, tmp_path):
+    model, path, _ = small_graph
+    rng = np.random.default_rng(0)
+    images = rng.normal(size=(20, 3, 32, 32)).astype(np.float32)
+    with torch.no_grad():
+        ref = ImageEncoder(model)(torch.from_numpy(images)).numpy()
+    to_fp16(path, tmp_path / "half.onnx")
+    half = run_session(ort_session(tmp_path / "half.onnx", precision="fp16"), images)
+    assert cosine_parity(half, ref)["cosine_mean"] > 0.999
+    seen = []
+    info = quantize_int8(path, tmp_path / "int8.onnx", ImageCalibrationReader("image", 20, lambda i: images[i],
+                                                                              progress=seen.append),
+                         "minmax", tmp_path / "cache", "data-v1")
+    assert not info["cache_hit"] and sum(seen) == 20 and Path(info["cache"]).is_file()
+    q = run_session(ort_session(tmp_path / "int8.onnx"), images)
+    assert cosine_parity(q, ref)["cosine_mean"] > 0.9
+    calls = []
+    again = quantize_int8(path, tmp_path / "int8b.onnx",
+                          ImageCalibrationReader("image", 20, lambda i: calls.append(i) or images[i]),
+                          "minmax", tmp_path / "cache", "data-v1")
+    assert again["cache_hit"] and calls == []  # ranges from the cache: no calibration inference
+    assert np.allclose(run_session(ort_session(tmp_path / "int8b.onnx"), images), q, atol=1e-6)
+    other = quantize_int8(path, tmp_path / "int8c.onnx", ImageCalibrationReader("image", 20, lambda i: images[i]),
+                          "minmax", tmp_path / "cache", "data-v2")
+    assert not other["cache_hit"]  # other images, other ranges
+
+
+def test_calibration_reader_strides_cover_every_image_once():
+    reader = ImageCalibrationReader("x", 21, lambda i: np.full((1,), i, np.float32), batch_size=4)
+    assert len(reader) == 6 and 6 % _stride(6) == 0
+    seen = []
+    for start in range(0, len(reader), _stride(len(reader))):
+        reader.set_range(start, start + _stride(len(reader)))
+        while (batch := reader.get_next()) is not None:
+            seen += batch["x"][:, 0].astype(int).tolist()
+    assert seen == list(range(21))
+    assert _stride(7) == 7 and _stride(13) == 1 and _stride(64) == 8
+
+
+def test_read_manifest_and_verify_reject_bad_exports(exported, tmp_path):
+    with pytest.raises(UserError, match="no export.json"):
+        artifacts.read_manifest(tmp_path)
+    (tmp_path / "export.json").write_text("{not json")
+    with pytest.raises(UserError, match="not valid JSON"):
+        artifacts.read_manifest(tmp_path)
+    copy = tmp_path / "copy"
+    shutil.copytree(exported, copy)
+    doc = artifacts.read_manifest(copy)
+    entry = next(a for a in doc["artifacts"] if a["name"] == "image_fp32_onnx")
+    with open(copy / entry["path"], "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(UserError, match="does not match the sha256"):
+        artifacts.verify_artifact(copy, entry)
+    (copy / entry["path"]).unlink()
+    with pytest.raises(UserError, match="is missing"):
+        artifacts.verify_artifact(copy, entry)
