@@ -85,9 +85,10 @@ def test_onnx_graphs_are_valid_dynamic_and_typed(exported):
     int8 = onnx.load(str(exported / "image_int8.onnx"))
     ops = {n.op_type for n in int8.graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops
-    # symmetric: every activation zero point is 0
-    zero_points = [onnx.numpy_helper.to_array(i) for i in int8.graph.initializer if i.name.endswith("zero_point")]
-    assert zero_points and all(int(np.abs(z).max()) == 0 for z in zero_points)
+    # --format onnx targets onnxruntime on CPU: int8 weights with zero point 0, uint8 activations
+    zero_points = [onnx.numpy_helper.to_array(i) for i in int8.graph.initializer if "zero_point" in i.name]
+    assert {np.dtype(np.int8), np.dtype(np.uint8)} <= {z.dtype for z in zero_points}  # (+ int32 for biases)
+    assert all(int(np.abs(z).max()) == 0 for z in zero_points if z.dtype != np.uint8)
 
 
 def test_onnx_matches_the_saved_student_loaded_by_open_clip(exported, finished_run):
@@ -177,6 +178,9 @@ def test_target_sets_precision_profile_and_calibration():
     assert flags.precisions == ["fp16"] and flags.calib_method == "minmax"  # flags win over the preset
     assert make_plan(ExportOptions(format="onnx")).precisions == []
     assert make_plan(ExportOptions(format="trt")).precisions == ["fp16"]
+    assert make_plan(ExportOptions(format="trt")).for_tensorrt
+    assert not make_plan(ExportOptions(format="onnx", target="cpu")).for_tensorrt
+    assert make_plan(ExportOptions(format="onnx", target="jetson-orin-nano")).for_tensorrt
 
 
 # -- the graph and precision building blocks on a small real model -----------------------------------------
@@ -234,6 +238,12 @@ def test_fp16_and_int8_run_on_cpu_and_calibration_is_cached(small_graph, tmp_pat
     other = quantize_int8(path, tmp_path / "int8c.onnx", ImageCalibrationReader("image", 20, lambda i: images[i]),
                           "minmax", tmp_path / "cache", "data-v2")
     assert not other["cache_hit"]  # other images, other ranges
+    trt = quantize_int8(path, tmp_path / "int8-trt.onnx", ImageCalibrationReader("image", 20, lambda i: images[i]),
+                        "minmax", tmp_path / "cache", "data-v1", symmetric_activations=True)
+    assert not trt["cache_hit"] and trt["activations"] == "int8 symmetric"
+    zero_points = [onnx.numpy_helper.to_array(i) for i in onnx.load(str(tmp_path / "int8-trt.onnx")).graph.initializer
+                   if "zero_point" in i.name]
+    assert zero_points and all(z.dtype != np.uint8 and int(np.abs(z).max()) == 0 for z in zero_points)
 
 
 def test_calibration_reader_strides_cover_every_image_once():

@@ -75,6 +75,7 @@ class Plan:
     calib_size: int
     workspace_mb: int
     target: dict[str, Any] | None
+    for_tensorrt: bool               # INT8 graphs for TensorRT: symmetric activations (else uint8 for ORT CPU)
 
 
 def make_plan(opts: ExportOptions) -> Plan:
@@ -102,7 +103,9 @@ def make_plan(opts: ExportOptions) -> Plan:
         raise UserError(f"--calib-size must be at least 1, not {size}")
     profile = (target.batch.min, target.batch.opt, target.batch.max) if target else DEFAULT_PROFILE
     workspace = target.workspace_mb if target else DEFAULT_WORKSPACE_MB
-    return Plan(precisions, profile, method, size, workspace, target.model_dump() if target else None)
+    for_tensorrt = opts.format == "trt" or (target is not None and target.format == "trt")
+    return Plan(precisions, profile, method, size, workspace, target.model_dump() if target else None,
+                for_tensorrt)
 
 
 def _check_backend(fmt: str) -> None:
@@ -328,7 +331,8 @@ class _Job:
                                           _preprocess_desc(self.student))
         reader = ImageCalibrationReader(inp, len(good), lambda i: good[i])
         root = (self.recipe.cache.dir or default_cache_root())
-        return quantize_int8(fp32, staging, reader, self.plan.calib_method, root, data_hash, self.console)
+        return quantize_int8(fp32, staging, reader, self.plan.calib_method, root, data_hash, self.console,
+                             symmetric_activations=self.plan.for_tensorrt)
 
     def _flag_int8(self, entries: list[dict[str, Any]]) -> None:
         """Say when INT8 costs more than a point of val Recall@1 (kept: the user decides)."""
