@@ -30,6 +30,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
+from edgedistill import distributed
 from edgedistill.registry import Registry
 
 
@@ -312,6 +313,11 @@ class GradNormBalancer(Balancer):
         if not loss.requires_grad:
             return torch.zeros((), device=loss.device)
         grads = torch.autograd.grad(loss, self._shared, retain_graph=True, allow_unused=True)
+        if distributed.current().enabled:
+            # Each rank holds its share of the gradient (DDP has not averaged it: this is not .backward()); the
+            # mean over ranks is the whole batch's gradient, so every rank updates the same weights.
+            grads = tuple(distributed.all_reduce_mean(
+                [g if g is not None else torch.zeros_like(p) for g, p in zip(grads, self._shared)]))
         sq = [g.detach().float().pow(2).sum() for g in grads if g is not None]
         return torch.stack(sq).sum().sqrt() if sq else torch.zeros((), device=loss.device)
 

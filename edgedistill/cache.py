@@ -35,7 +35,7 @@ from rich.console import Console
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn,
                            TimeRemainingColumn)
 
-from edgedistill import atomic
+from edgedistill import atomic, distributed
 from edgedistill.data.images import BadImages, ImageDataset, collate_images
 from edgedistill.data.manifest import Manifest, load_manifest
 from edgedistill.errors import UserError
@@ -202,16 +202,26 @@ def _reserve_disk(path: Path) -> None:
 
 
 class _Builder:
-    """Fills a ``.partial`` directory chunk by chunk, persisting progress after each flushed chunk."""
+    """Fills a ``.partial`` directory chunk by chunk, persisting progress after each flushed chunk.
+
+    With ``world`` > 1 it builds one rank's share of a sharded build: the chunks ``k`` with ``k % world == rank``
+    (images and captions alike), their rows packed in chunk order into ``<final>.partial/shard-R-of-W/``; rank 0
+    assembles the shards (``_assemble``). The batches are those of a single-process build, so the numbers are too.
+    """
 
     def __init__(self, teacher: Teacher, manifest: Manifest, final: Path, key: str, fields: dict[str, Any],
                  batch_size: int, workers: int, chunk_size: int, max_bad_fraction: float, console: Console,
-                 what: str) -> None:
+                 what: str, rank: int = 0, world: int = 1) -> None:
         self.teacher, self.manifest, self.final, self.key, self.fields = teacher, manifest, final, key, fields
         self.batch_size, self.workers, self.chunk_size = batch_size, workers, chunk_size
         self.console, self.what = console, what
+        self.rank, self.world = rank, world
         self.partial = final.with_name(final.name + ".partial")
+        if world > 1:
+            self.partial = self.partial / _shard_name(rank, world)
         self.progress_file = self.partial / "progress.json"
+        self.n_rows = _own_rows(len(manifest), chunk_size, rank, world)              # image rows of this builder
+        self.t_rows = _own_rows(manifest.n_captions, chunk_size, rank, world)        # caption rows
         self.state = self._resume_or_start()
         self.bad = BadImages(len(manifest), max_bad_fraction, what, console,
                              known=[tuple(b) for b in self.state["bad_images"]])  # type: ignore[misc]
@@ -219,7 +229,7 @@ class _Builder:
         self.seconds = {"images": 0.0, "texts": 0.0}  # wall time of each phase in this process
 
     def _resume_or_start(self) -> dict[str, Any]:
-        n, t, d = len(self.manifest), self.manifest.n_captions, self.teacher.embed_dim
+        n, t, d = self.n_rows, self.t_rows, self.teacher.embed_dim
         if self.progress_file.is_file():
             try:
                 state = json.loads(self.progress_file.read_text(encoding="utf-8"))
@@ -240,7 +250,8 @@ class _Builder:
             arr.flush()
             del arr
             _reserve_disk(self.partial / f"{name}.npy")
-        np.save(self.partial / "text_offsets.npy", self.manifest.caption_offsets)
+        if self.world == 1:
+            np.save(self.partial / "text_offsets.npy", self.manifest.caption_offsets)
         state = {"key": self.key, "chunk_size": self.chunk_size, "batch_size": self.batch_size,
                  "images_done": 0, "texts_done": 0, "bad_images": []}
         atomic.write_json(self.progress_file, state)
@@ -248,7 +259,9 @@ class _Builder:
 
     def _arrays_fit(self, n: int, t: int, d: int) -> bool:
         """Whether the partial arrays exist with the shapes this build needs (a crash can leave them short)."""
-        expected = {"image_emb": (n, d), "image_ok": (n,), "text_emb": (t, d), "text_offsets": (n + 1,)}
+        expected = {"image_emb": (n, d), "image_ok": (n,), "text_emb": (t, d)}
+        if self.world == 1:
+            expected["text_offsets"] = (len(self.manifest) + 1,)
         try:
             return all(np.load(self.partial / f"{k}.npy", mmap_mode="r").shape == v for k, v in expected.items())
         except (OSError, ValueError):
@@ -259,11 +272,19 @@ class _Builder:
         atomic.write_json(self.progress_file, self.state)
 
     def _batches(self, start: int, total: int) -> Iterator[list[int]]:
-        """Batches that never cross a chunk boundary, from ``start`` (always a chunk boundary) to ``total``."""
-        for c in range(start, total, self.chunk_size):
+        """Batches (global indices) that never cross a chunk boundary, of this builder's chunks, from its row
+        ``start`` (always a chunk boundary) on; ``total`` is the global count (images or captions)."""
+        for c in _own_chunks(total, self.chunk_size, self.rank, self.world):
             end = min(c + self.chunk_size, total)
+            if self._row(end - 1) < start:
+                continue
             for b in range(c, end, self.batch_size):
                 yield list(range(b, min(b + self.batch_size, end)))
+
+    def _row(self, index: int) -> int:
+        """Row in this builder's arrays of global index ``index`` (the index itself with one process)."""
+        k = index // self.chunk_size
+        return (k // self.world) * self.chunk_size + index - k * self.chunk_size
 
     def _rate(self, done: int, started: float) -> str:
         return f"{done / max(time.perf_counter() - started, 1e-9):.1f}/s"
@@ -273,12 +294,13 @@ class _Builder:
         with _progress_bar(self.console) as bar:
             self._images(bar, n)
             self._texts(bar, t)
-        self._finish()
+        if self.world == 1:
+            self._finish()
 
     def _images(self, bar: Progress, n: int) -> None:
         start = self.state["images_done"]
-        task = bar.add_task(f"{self.what}: teacher image features", total=n, completed=start, rate="")
-        if start >= n:
+        task = bar.add_task(f"{self.what}: teacher image features", total=self.n_rows, completed=start, rate="")
+        if start >= self.n_rows:
             return
         emb = np.load(self.partial / "image_emb.npy", mmap_mode="r+")
         ok = np.load(self.partial / "image_ok.npy", mmap_mode="r+")
@@ -288,18 +310,18 @@ class _Builder:
             pin_memory=self.teacher.device.type == "cuda", persistent_workers=False)
         started, done = time.perf_counter(), 0
         for indices, images, failures in loader:
-            rows = indices.numpy()
+            rows = np.asarray([self._row(i) for i in indices.tolist()], dtype=np.int64)
             if images is not None:
                 emb[rows] = self.teacher.embed_images(images).cpu().numpy().astype(np.float16)
                 ok[rows] = True
                 self.forward_batches += 1
             for i, why in failures:
-                ok[i] = False
+                ok[self._row(i)] = False
                 self.bad.add(i, self.manifest.entries[i].image, why)
-            last = int(max(rows.max(initial=-1), max((i for i, _ in failures), default=-1)))
+            last = max(int(rows.max(initial=-1)), max((self._row(i) for i, _ in failures), default=-1))
             done += len(rows) + len(failures)
             bar.update(task, completed=last + 1, rate=self._rate(done, started))
-            if (last + 1) % self.chunk_size == 0 or last + 1 == n:
+            if (last + 1) % self.chunk_size == 0 or last + 1 == self.n_rows:
                 emb.flush()
                 ok.flush()
                 self._save_progress(images_done=last + 1)
@@ -308,35 +330,98 @@ class _Builder:
 
     def _texts(self, bar: Progress, t: int) -> None:
         start = self.state["texts_done"]
-        task = bar.add_task(f"{self.what}: teacher text features", total=t, completed=start, rate="")
-        if start >= t:
+        task = bar.add_task(f"{self.what}: teacher text features", total=self.t_rows, completed=start, rate="")
+        if start >= self.t_rows:
             return
         emb = np.load(self.partial / "text_emb.npy", mmap_mode="r+")
         captions = self.manifest.all_captions()
         started, done = time.perf_counter(), 0
         for batch in self._batches(start, t):
-            emb[batch[0]:batch[-1] + 1] = self.teacher.embed_texts(captions[batch[0]:batch[-1] + 1]).cpu().numpy()
+            first, last = self._row(batch[0]), self._row(batch[-1])
+            emb[first:last + 1] = self.teacher.embed_texts(captions[batch[0]:batch[-1] + 1]).cpu().numpy()
             self.forward_batches += 1
             done += len(batch)
-            bar.update(task, completed=batch[-1] + 1, rate=self._rate(done, started))
-            if (batch[-1] + 1) % self.chunk_size == 0 or batch[-1] + 1 == t:
+            bar.update(task, completed=last + 1, rate=self._rate(done, started))
+            if (last + 1) % self.chunk_size == 0 or last + 1 == self.t_rows:
                 emb.flush()
-                self._save_progress(texts_done=batch[-1] + 1)
+                self._save_progress(texts_done=last + 1)
         self.seconds["texts"] = time.perf_counter() - started
         del emb
 
     def _finish(self) -> None:
-        meta = {"version": CACHE_VERSION, "key": self.key, **self.fields,
-                "dim": self.teacher.embed_dim, "bad_images": [list(b) for b in self.bad.items],
-                "arrays": _sha256_arrays(self.partial), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                "builder": {"device": str(self.teacher.device), "torch": torch.__version__,
-                            "seconds": {k: round(v, 3) for k, v in self.seconds.items()}}}
-        atomic.write_json(self.partial / "meta.json", meta)
-        self.progress_file.unlink()
-        if self.final.exists():  # a stale, mismatching cache the caller decided to replace
-            shutil.rmtree(self.final)
-        os.replace(self.partial, self.final)
-        atomic.fsync_dir(self.final.parent)
+        _finalize(self.partial, self.final, self.key, self.fields, self.teacher, self.bad.items, self.seconds)
+
+
+def _own_chunks(total: int, chunk_size: int, rank: int, world: int) -> range:
+    """First global index of each chunk that ``rank`` of ``world`` builds (chunks dealt out in turn)."""
+    return range(rank * chunk_size, total, world * chunk_size)
+
+
+def _own_rows(total: int, chunk_size: int, rank: int, world: int) -> int:
+    return sum(min(c + chunk_size, total) - c for c in _own_chunks(total, chunk_size, rank, world))
+
+
+def _shard_name(rank: int, world: int) -> str:
+    return f"shard-{rank}-of-{world}"
+
+
+def _finalize(partial: Path, final: Path, key: str, fields: dict[str, Any], teacher: Teacher,
+              bad: list[tuple[int, str, str]], seconds: dict[str, float], world: int = 1) -> None:
+    """Hash the finished arrays in ``partial``, write meta.json last, and rename the folder to ``final``."""
+    meta = {"version": CACHE_VERSION, "key": key, **fields,
+            "dim": teacher.embed_dim, "bad_images": [list(b) for b in bad],
+            "arrays": _sha256_arrays(partial), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "builder": {"device": str(teacher.device), "torch": torch.__version__, "processes": world,
+                        "seconds": {k: round(v, 3) for k, v in seconds.items()}}}
+    atomic.write_json(partial / "meta.json", meta)
+    (partial / "progress.json").unlink(missing_ok=True)
+    if final.exists():  # a stale, mismatching cache the caller decided to replace
+        shutil.rmtree(final)
+    os.replace(partial, final)
+    atomic.fsync_dir(final.parent)
+
+
+def _assemble(teacher: Teacher, manifest: Manifest, final: Path, key: str, fields: dict[str, Any],
+              chunk_size: int, world: int, max_bad_fraction: float, console: Console,
+              what: str, seconds: dict[str, float]) -> list[tuple[int, str, str]]:
+    """Rank 0 of a sharded build: the ranks' shards -> the arrays of one cache, hashed and renamed atomically.
+
+    Returns the unreadable images of all ranks."""
+    partial = final.with_name(final.name + ".partial")
+    n, t, d = len(manifest), manifest.n_captions, teacher.embed_dim
+    shards = [partial / _shard_name(r, world) for r in range(world)]
+    bad: list[tuple[int, str, str]] = []
+    for r, folder in enumerate(shards):
+        try:
+            state = json.loads((folder / "progress.json").read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            raise UserError(f"{what}: rank 0 cannot read the cache part of rank {r} in {folder}: with several "
+                            f"machines, cache.dir must be a folder they all share") from None
+        if state.get("key") != key or state.get("images_done") != _own_rows(n, chunk_size, r, world) \
+                or state.get("texts_done") != _own_rows(t, chunk_size, r, world):
+            raise UserError(f"{what}: the cache part of rank {r} in {folder} is unfinished; run again to resume it")
+        bad += [tuple(b) for b in state["bad_images"]]  # type: ignore[misc]
+    bad.sort()
+    BadImages(n, max_bad_fraction, what, console, known=bad).check()
+    with console.status(f"{what}: assembling the cache from {world} parts"):
+        out = {name: np.lib.format.open_memmap(partial / f"{name}.npy", mode="w+", dtype=dtype, shape=shape)
+               for name, dtype, shape in (("image_emb", np.float16, (n, d)), ("image_ok", np.bool_, (n,)),
+                                          ("text_emb", np.float16, (t, d)))}
+        for names, total in ((("image_emb", "image_ok"), n), (("text_emb",), t)):
+            parts = [{name: np.load(f / f"{name}.npy", mmap_mode="r") for name in names} for f in shards]
+            for k, c in enumerate(range(0, total, chunk_size)):
+                end, row = min(c + chunk_size, total), (k // world) * chunk_size
+                for name in names:
+                    out[name][c:end] = parts[k % world][name][row:row + end - c]
+            del parts
+        for arr in out.values():
+            arr.flush()
+        del out
+        np.save(partial / "text_offsets.npy", manifest.caption_offsets)
+        for folder in shards:
+            shutil.rmtree(folder)
+        _finalize(partial, final, key, fields, teacher, bad, seconds, world)
+    return bad
 
 
 @dataclass
@@ -368,27 +453,40 @@ def build_or_load(teacher: Teacher, manifest: Manifest, root: Path, *, batch_siz
         raise
 
 
+def _open_existing(final: Path, key: str, manifest: Manifest, rebuild: bool, console: Console,
+                   what: str) -> FeatureCache | None:
+    """The verified finished cache at ``final``, or None after clearing whatever must be rebuilt."""
+    if rebuild and final.exists():
+        console.print(f"{what}: --rebuild: removing {final}", highlight=False)
+        shutil.rmtree(final)
+    try:
+        cache = open_cache(final, key, manifest)
+        if cache.bad_images:
+            console.print(BadImages(len(manifest), 1.0, what, console, known=cache.bad_images).summary()
+                          + " (recorded when the cache was built)", highlight=False)
+        return cache
+    except FileNotFoundError:
+        return None
+    except CacheMismatch as e:
+        console.print(f"[yellow]{what}: cache {final} does not match ({e}); rebuilding it[/]", highlight=False)
+        shutil.rmtree(final)
+        return None
+
+
 def _build_or_load(teacher: Teacher, manifest: Manifest, root: Path, batch_size: int, workers: int,
                    chunk_size: int, max_bad_fraction: float, what: str, console: Console,
                    rebuild: bool) -> CacheResult:
     started = time.perf_counter()
     key, fields = cache_key(teacher, manifest)
     final = cache_dir(root, teacher, manifest)
+    ctx = distributed.current()
+    if ctx.enabled:
+        return _build_or_load_sharded(teacher, manifest, final, key, fields, batch_size, workers, chunk_size,
+                                      max_bad_fraction, what, console, rebuild, ctx, started)
     with _lock(final):
-        if rebuild and final.exists():
-            console.print(f"{what}: --rebuild: removing {final}", highlight=False)
-            shutil.rmtree(final)
-        try:
-            cache = open_cache(final, key, manifest)
-            if cache.bad_images:
-                console.print(BadImages(len(manifest), 1.0, what, console, known=cache.bad_images).summary()
-                              + " (recorded when the cache was built)", highlight=False)
+        cache = _open_existing(final, key, manifest, rebuild, console, what)
+        if cache is not None:
             return CacheResult(cache, True, 0, time.perf_counter() - started)
-        except FileNotFoundError:
-            pass
-        except CacheMismatch as e:
-            console.print(f"[yellow]{what}: cache {final} does not match ({e}); rebuilding it[/]", highlight=False)
-            shutil.rmtree(final)
         builder = _Builder(teacher, manifest, final, key, fields, batch_size, workers, chunk_size,
                            max_bad_fraction, console, what)
         builder.run()
@@ -397,11 +495,57 @@ def _build_or_load(teacher: Teacher, manifest: Manifest, root: Path, batch_size:
         return CacheResult(cache, False, builder.forward_batches, time.perf_counter() - started, builder.seconds)
 
 
+def _build_or_load_sharded(teacher: Teacher, manifest: Manifest, final: Path, key: str, fields: dict[str, Any],
+                           batch_size: int, workers: int, chunk_size: int, max_bad_fraction: float, what: str,
+                           console: Console, rebuild: bool, ctx: distributed.Context,
+                           started: float) -> CacheResult:
+    """The build of a distributed run: every rank embeds its chunks, rank 0 assembles and renames.
+
+    Rank 0 alone checks the existing cache (hashes once, not once per rank) and holds the builder lock for the
+    whole build; the others follow its word. ``cache.dir`` must be a folder every machine of the run sees.
+    """
+    with contextlib.ExitStack() as stack:
+        word = "build"
+        if ctx.is_main:
+            stack.enter_context(_lock(final))
+            if _open_existing(final, key, manifest, rebuild, console, what) is not None:
+                word = "hit"
+            else:
+                partial = final.with_name(final.name + ".partial")
+                parts = {_shard_name(r, ctx.world_size) for r in range(ctx.world_size)}
+                if partial.exists() and any(p.name not in parts for p in partial.iterdir()):
+                    console.print(f"{what}: the unfinished cache build in {partial} was made by another number of "
+                                  f"processes; starting over", highlight=False)
+                    shutil.rmtree(partial)
+                partial.mkdir(parents=True, exist_ok=True)
+        word = distributed.broadcast_object(word)
+        forward_batches, seconds = 0, {}
+        if word == "build":
+            builder = _Builder(teacher, manifest, final, key, fields, batch_size, workers, chunk_size,
+                               max_bad_fraction, console, what, rank=ctx.rank, world=ctx.world_size)
+            builder.run()
+            forward_batches, seconds = builder.forward_batches, builder.seconds
+            distributed.barrier()
+            if ctx.is_main:
+                bad = _assemble(teacher, manifest, final, key, fields, chunk_size, ctx.world_size,
+                                max_bad_fraction, console, what, seconds)
+                console.print(BadImages(len(manifest), 1.0, what, console, known=bad).summary(), highlight=False)
+        distributed.barrier()
+    try:
+        cache = open_cache(final, key, manifest, verify_hashes=False)  # rank 0 verified or hashed it
+    except FileNotFoundError:
+        raise UserError(f"{what}: rank {ctx.rank} cannot see the teacher feature cache {final} that rank 0 "
+                        f"{'built' if word == 'build' else 'found'}: with several machines, set cache.dir to a "
+                        f"folder they all share") from None
+    return CacheResult(cache, word == "hit", forward_batches, time.perf_counter() - started, seconds)
+
 
 def load_split_manifests(recipe: Recipe) -> dict[str, Manifest]:
     """The recipe's manifests by split name ('train', and 'val' when given)."""
     splits = {"train": recipe.data.train, "val": recipe.data.val}
-    return {name: load_manifest(path, recipe.data.image_root) for name, path in splits.items() if path is not None}
+    index_dir = (recipe.cache.dir or default_cache_root()) / "shards"  # indexes of webdataset shards
+    return {name: load_manifest(path, recipe.data.image_root, index_dir)
+            for name, path in splits.items() if path is not None}
 
 
 def caches_for_recipe(recipe: Recipe, teacher: Teacher, manifests: dict[str, Manifest],

@@ -128,6 +128,9 @@ class TrainConfig(_Section):
     eval_every: NonNegativeInt = Field(0, description="steps between val evaluations; 0 = after each epoch")
     checkpoint_every: NonNegativeInt = Field(200, description="steps between checkpoints/last.pt; 0 = each epoch")
     tensorboard: bool = Field(True, description="also write TensorBoard logs to <out>/tensorboard")
+    sync_batchnorm: bool = Field(True, description="distributed on GPUs: BatchNorm statistics over the global "
+                                                   "batch (SyncBatchNorm), so the GPU count does not change the "
+                                                   "result; CPU processes always use their own slice")
 
 
 class EvalConfig(_Section):

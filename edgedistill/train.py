@@ -11,10 +11,12 @@ optimizer, scheduler, AMP scaler, balancer, loss state (queues) and RNG states.
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
 import signal
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +27,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-from edgedistill import atomic
+from edgedistill import atomic, distributed
 from edgedistill.balance import Balancer, build_balancer, validate_balancer
 from edgedistill.cache import FeatureCache, caches_for_recipe, load_split_manifests
 from edgedistill.data.images import BadImages, open_image, why_unreadable
@@ -41,6 +43,7 @@ from edgedistill.teachers import Teacher, load_teacher, resolve_device
 
 MAX_BAD_STEPS = 3          # non-finite losses in a row before the run stops
 FAULT_ENV = "EDGEDISTILL_FAULT_KILL_AFTER_STEP"  # tests: SIGKILL this process after that step (crash-resume test)
+FAULT_RANK_ENV = "EDGEDISTILL_FAULT_RANK"          # tests: ... only the process of that rank (default: every one)
 
 # Recipe keys that may change between a run and its resume (they do not change what is computed).
 RESUMABLE_CHANGES = {"train.epochs", "train.max_steps", "train.log_every", "train.eval_every",
@@ -112,10 +115,16 @@ def collate_train(items: list) -> tuple[torch.Tensor, torch.Tensor | None, torch
 
 
 class EpochBatches(torch.utils.data.Sampler):
-    """Batches of an epoch: a permutation seeded by (seed, epoch), optionally starting at a given batch."""
+    """Batches of an epoch: a permutation seeded by (seed, epoch), optionally starting at a given batch.
 
-    def __init__(self, indices: np.ndarray, batch_size: int, seed: int) -> None:
+    ``batch_size`` is the global batch. With ``world_size`` > 1 each rank takes its contiguous slice of every
+    batch; the slices of all ranks, in rank order, are the batch one process takes, so the run does not depend
+    on the number of processes.
+    """
+
+    def __init__(self, indices: np.ndarray, batch_size: int, seed: int, rank: int = 0, world_size: int = 1) -> None:
         self.indices, self.batch_size, self.seed = indices, batch_size, seed
+        self.rank, self.world_size = rank, world_size
         self.drop_last = len(indices) >= batch_size  # in-batch terms need full batches; tiny sets keep one
         self.epoch, self.start = 0, 0
 
@@ -133,7 +142,8 @@ class EpochBatches(torch.utils.data.Sampler):
     def __iter__(self) -> Iterator[list[int]]:
         perm = np.random.default_rng(_seed_of(self.seed, self.epoch)).permutation(self.indices)
         for b in range(self.start, self.per_epoch):
-            yield perm[b * self.batch_size:(b + 1) * self.batch_size].tolist()
+            batch = perm[b * self.batch_size:(b + 1) * self.batch_size]
+            yield np.array_split(batch, self.world_size)[self.rank].tolist()
 
 
 class TeacherFeatures:
@@ -151,6 +161,73 @@ class TeacherFeatures:
         if self.cache is not None:
             return self.cache.text_features(rows).float()
         return self.teacher.embed_texts(captions).float()
+
+
+@dataclass
+class RankBatch:
+    """What one rank feeds a step: its own images and captions, and what it needs of the whole batch."""
+    step: int
+    views: torch.Tensor                  # (b, 3, H, W) this rank's student views
+    texts: list[str]                     # this rank's drawn captions (read by a student text tower)
+    teacher_image: torch.Tensor          # (B, D) teacher embeddings of the whole batch's images
+    teacher_text: torch.Tensor | None    # (P, D) ... of the whole batch's drawn captions; None without captions
+    pair_image: torch.Tensor | None      # (P,) which of the B images each caption belongs to
+    image_sizes: list[int]               # images of each rank (sum B)
+    text_sizes: list[int]                # drawn captions of each rank (sum P)
+
+
+class DistillStep(torch.nn.Module):
+    """One step's forward: a rank's batch -> the balanced total loss of the whole batch. What DDP wraps.
+
+    The student embeds this rank's images (and captions); the embeddings of all ranks are gathered with
+    autograd (``distributed.gather_with_grad``), so every loss term and the balancer see the whole batch, exactly
+    as in one process, and keep identical state (queues, EMAs) on every rank. DDP wraps this module rather than
+    the student alone so that it sees which parameters the total reaches in a step (the logit scale without the
+    clip term, a text tower in a batch without captions) and leaves the others alone.
+    ``last`` holds (Embeddings, active term values, weights) of the latest call.
+    """
+
+    def __init__(self, model: torch.nn.Module, projection: torch.nn.Linear | None, losses: torch.nn.ModuleDict,
+                 balancer: Balancer, text_is_teacher: bool, tokenizer: Callable, amp_dtype: torch.dtype | None
+                 ) -> None:
+        super().__init__()
+        self.model, self.projection, self.losses, self.balancer = model, projection, losses, balancer
+        self.text_is_teacher, self.tokenizer, self.amp_dtype = text_is_teacher, tokenizer, amp_dtype
+        self.last: tuple[Embeddings, dict[str, torch.Tensor], dict[str, float]] | None = None
+
+    def forward(self, batch: RankBatch) -> torch.Tensor:
+        dev = batch.views.device
+        t_txt = batch.teacher_text
+        with torch.autocast(dev.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            s_img = self.model.encode_image(batch.views)
+            s_txt = None
+            if t_txt is not None and not self.text_is_teacher and batch.texts:
+                s_txt = self.model.encode_text(self.tokenizer(batch.texts).to(dev))
+        s_img = s_img.float()
+        s_txt = s_txt.float() if s_txt is not None else None
+        if self.projection is not None:
+            s_img = self.projection(s_img)
+            s_txt = self.projection(s_txt) if s_txt is not None else None
+        s_img = distributed.gather_with_grad(s_img, batch.image_sizes)
+        if t_txt is None:
+            s_txt = None
+        elif self.text_is_teacher:
+            s_txt = t_txt
+        else:
+            if s_txt is None:  # this rank drew no caption: an empty part of the batch's captions
+                s_txt = t_txt.new_zeros((0, t_txt.shape[1]))
+            s_txt = distributed.gather_with_grad(s_txt, batch.text_sizes)
+        e = Embeddings(student_image=s_img, teacher_image=batch.teacher_image, student_text=s_txt,
+                       teacher_text=t_txt, pair_image=batch.pair_image if t_txt is not None else None,
+                       logit_scale=self.model.logit_scale, text_is_student=not self.text_is_teacher)
+        values = {name: term(e) for name, term in self.losses.items()}
+        active = {k: v for k, v in values.items() if v is not None}
+        if not active:
+            raise UserError("no loss term applies to this data (terms needing captions on a dataset without "
+                            "captions?); add feature or similarity to loss.terms")
+        total, weights = self.balancer(active, batch.step)
+        self.last = (e, active, weights)
+        return total
 
 
 def cosine_schedule(total: int, warmup: int) -> Callable[[int], float]:
@@ -219,10 +296,18 @@ class Trainer:
 
     def __init__(self, recipe: Recipe, teacher: Teacher, manifests: dict[str, Manifest],
                  caches: dict[str, FeatureCache], console: Console, resume: bool = False) -> None:
+        # In a distributed run (torchrun) only rank 0 prints, writes and evaluates; every rank trains.
+        self.dist = distributed.current()
+        if not self.dist.is_main:
+            console = Console(quiet=True)
         self.recipe, self.teacher, self.console = recipe, teacher, console
         self.paths = RunPaths(Path(recipe.out))
         refuse_existing_run(self.paths, resume)
-        self.device = resolve_device(recipe.device)
+        world = self.dist.world_size
+        if recipe.data.batch_size % world:
+            raise UserError(f"data.batch_size {recipe.data.batch_size} (the global batch) does not split over "
+                            f"{world} processes; make it a multiple of {world}")
+        self.device = resolve_device(distributed.rank_device(recipe.device, self.dist))
         if self.device.type == "cpu":
             keep_freed_memory()
         self.train_manifest = manifests["train"]
@@ -232,6 +317,11 @@ class Trainer:
         # channels_last: the layout oneDNN (CPU) and tensor cores run convolutions fastest in.
         self.model = self.student.model.to(self.device)
         self.model.visual.to(memory_format=torch.channels_last)
+        if self.dist.enabled and recipe.train.sync_batchnorm and self.device.type == "cuda":
+            # BatchNorm statistics of the global batch: the number of GPUs does not change the result. (CPU/gloo
+            # cannot: torch's SyncBatchNorm runs on GPUs only, so CPU ranks normalise with their own slice.)
+            self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+            self.student.model = self.model
         self.projection: torch.nn.Linear | None = None
         if self.student.embed_dim != teacher.embed_dim:  # another width: a learned map to the teacher's space
             self.projection = torch.nn.Linear(self.student.embed_dim, teacher.embed_dim, bias=False).to(self.device)
@@ -248,7 +338,7 @@ class Trainer:
 
         ok = self.train_cache.image_ok.astype(bool) if self.train_cache is not None \
             else np.ones(len(self.train_manifest), dtype=bool)
-        self.batches = EpochBatches(np.flatnonzero(ok), recipe.data.batch_size, recipe.seed)
+        self.batches = EpochBatches(np.flatnonzero(ok), recipe.data.batch_size, recipe.seed, self.dist.rank, world)
         if self.batches.per_epoch == 0:
             raise UserError(f"data.train: no readable images in {self.train_manifest.path}")
         total = recipe.train.epochs * self.batches.per_epoch
@@ -274,14 +364,31 @@ class Trainer:
         self.bad = BadImages(len(self.train_manifest), recipe.data.max_bad_fraction, "train", console)
         self.state = TrainState()
         self.val: ValData | None = None
-        if "val" in manifests:
+        self.has_val = "val" in manifests  # the same on every rank; only rank 0 holds (and evaluates) the val data
+        if self.has_val and self.dist.is_main:
             self.val = prepare_val(manifests["val"], teacher, caches.get("val"), recipe.eval.prompt,
                                    recipe.data.batch_size, recipe.data.workers, console)
         self._prepare_run_dir(resume)
         self.tb = None
-        if recipe.train.tensorboard:
+        if recipe.train.tensorboard and self.dist.is_main:
             from torch.utils.tensorboard import SummaryWriter
             self.tb = SummaryWriter(str(self.paths.tensorboard), purge_step=self.state.step + 1)
+        self.step_module = DistillStep(self.model, self.projection, self.losses, self.balancer,
+                                       self.student.text_is_teacher, teacher.tokenizer, self.amp_dtype)
+        self.step_fn: torch.nn.Module = self.step_module
+        self._batch_images = 0  # images of the latest batch, all ranks together
+        if self.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+            # find_unused_parameters: a step's total may not reach every parameter (see DistillStep); DDP then
+            # leaves the gradient of a parameter no rank used at None, as one process would. No buffer sync in
+            # forward: queues and balancer state are identical by construction, and rank 0's BatchNorm running
+            # statistics are the ones saved.
+            no_sync = {"forward_sync_buffers": False} \
+                if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters \
+                else {"broadcast_buffers": False}
+            self.step_fn = DistributedDataParallel(
+                self.step_module, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=True, **no_sync)
 
     # ------------------------------------------------------------------------------------------ set-up
 
@@ -308,13 +415,16 @@ class Trainer:
             if changed:
                 raise UserError(f"--resume: the recipe changed since the run started ({', '.join(changed[:3])}); "
                                 f"resume with the recipe in {paths.recipe}, or start a new run with out=...")
-            self._load_checkpoint(paths.last)
+            self._load_checkpoint(paths.last)  # every rank: they continue from the same state
             self.console.print(f"resuming {paths.out} at step {self.state.step} (epoch {self.state.epoch + 1}, "
                                f"batch {self.state.batch})", highlight=False)
-            self._truncate_metrics(self.state.step)
+            if self.dist.is_main:
+                self._truncate_metrics(self.state.step)
         elif resume:
             self.console.print(f"--resume: no checkpoint in {paths.checkpoints} yet; starting the run",
                                highlight=False)
+        if not self.dist.is_main:
+            return
         if not resume or not paths.last.exists():
             paths.metrics.unlink(missing_ok=True)
         save_recipe(self.recipe, paths.recipe)
@@ -346,6 +456,8 @@ class Trainer:
         }
 
     def _save(self, path: Path, payload: dict[str, Any] | None = None) -> None:
+        if not self.dist.is_main:  # every rank holds the same state; rank 0 writes it
+            return
         with atomic.atomic_path(path) as tmp:
             torch.save(payload if payload is not None else self._checkpoint(), tmp)
 
@@ -369,6 +481,8 @@ class Trainer:
     # ------------------------------------------------------------------------------------------- logging
 
     def _log(self, record: dict[str, Any]) -> None:
+        if not self.dist.is_main:
+            return
         with open(self.paths.metrics, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
         if self.tb is not None:
@@ -390,58 +504,71 @@ class Trainer:
         return np.asarray(rows, dtype=np.int64), np.asarray(positions, dtype=np.int64), \
             [self.captions[r] for r in rows]
 
-    def _embeddings(self, indices: torch.Tensor, views: torch.Tensor,
-                    teacher_views: torch.Tensor | None) -> Embeddings:
-        dev = self.device
-        rows, positions, texts = self._pairs(indices)
-        with torch.no_grad():
-            t_img = self.features.images(indices, teacher_views).to(dev)
-            t_txt = self.features.texts(rows, texts).to(dev) if len(rows) else None
-        with torch.autocast(dev.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-            s_img = self.model.encode_image(views.to(dev, non_blocking=True, memory_format=torch.channels_last))
-            s_txt = None
-            if t_txt is not None:
-                if self.student.text_is_teacher:
-                    s_txt = t_txt
-                else:
-                    s_txt = self.model.encode_text(self.teacher.tokenizer(texts).to(dev))
-        s_img = s_img.float()
-        s_txt = s_txt.float() if s_txt is not None else None
-        if self.projection is not None:
-            s_img = self.projection(s_img)
-            s_txt = self.projection(s_txt) if s_txt is not None and not self.student.text_is_teacher else s_txt
-        return Embeddings(
-            student_image=s_img, teacher_image=t_img, student_text=s_txt, teacher_text=t_txt,
-            pair_image=torch.from_numpy(positions).to(dev) if t_txt is not None else None,
-            logit_scale=self.model.logit_scale, text_is_student=not self.student.text_is_teacher)
+    def _rank_batch(self, indices: torch.Tensor, views: torch.Tensor | None,
+                    teacher_views: torch.Tensor | None) -> RankBatch | None:
+        """This rank's part of the step and the whole batch's bookkeeping; None when the batch is too small.
 
-    def _step(self, indices: torch.Tensor, views: torch.Tensor, teacher_views: torch.Tensor | None
+        The caption draw is made for the whole batch (the indices of all ranks, in rank order), so it is the
+        draw one process makes; each rank then embeds its own captions.
+        """
+        dev, ctx = self.device, self.dist
+        sizes = distributed.gather_sizes(len(indices))
+        self._batch_images = sum(sizes)
+        if sum(sizes) < 2 or min(sizes) == 0:  # in-batch terms need 2 images; a rank without any cannot step
+            return None
+        everyone = distributed.all_gather_rows(indices, sizes)
+        rows, positions, texts = self._pairs(everyone)
+        bounds = np.cumsum([0, *sizes])
+        text_sizes = [int(((positions >= a) & (positions < b)).sum()) for a, b in zip(bounds[:-1], bounds[1:])]
+        mine = np.flatnonzero((positions >= bounds[ctx.rank]) & (positions < bounds[ctx.rank + 1]))
+        my_texts = [texts[i] for i in mine]
+        with torch.no_grad():
+            t_img = distributed.all_gather_rows(self.features.images(indices, teacher_views).to(dev), sizes)
+            t_txt = None
+            if len(rows):
+                local = self.features.texts(rows[mine], my_texts).to(dev) if len(mine) else \
+                    torch.zeros(0, self.teacher.embed_dim, device=dev)
+                t_txt = distributed.all_gather_rows(local, text_sizes)
+        assert views is not None
+        return RankBatch(
+            step=self.state.step, views=views.to(dev, non_blocking=True, memory_format=torch.channels_last),
+            texts=my_texts, teacher_image=t_img, teacher_text=t_txt,
+            pair_image=torch.from_numpy(positions).to(dev) if t_txt is not None else None,
+            image_sizes=sizes, text_sizes=text_sizes)
+
+    def _step(self, indices: torch.Tensor, views: torch.Tensor | None, teacher_views: torch.Tensor | None
               ) -> dict[str, Any] | None:
-        """One optimizer step; None when the loss was not finite and the step was skipped."""
-        e = self._embeddings(indices, views, teacher_views)
-        values = {name: term(e) for name, term in self.losses.items()}
-        active = {k: v for k, v in values.items() if v is not None}
-        if not active:
-            raise UserError("no loss term applies to this data (terms needing captions on a dataset without "
-                            "captions?); add feature or similarity to loss.terms")
-        total, weights = self.balancer(active, self.state.step)
-        if not torch.isfinite(total):
+        """One optimizer step; None when the loss was not finite (or the batch too small) and it was skipped."""
+        batch = self._rank_batch(indices, views, teacher_views)
+        if batch is None:
+            return None
+        total = self.step_fn(batch)
+        assert self.step_module.last is not None
+        e, active, weights = self.step_module.last
+        finite = bool(torch.isfinite(total))
+        if self.dist.enabled:  # every rank computes the same total; agree anyway, or DDP would wait forever
+            finite = not distributed.any_rank(not finite)
+        if not finite:
             self.optimizer.zero_grad(set_to_none=True)
             return None
         self.scaler.scale(total).backward()
+        grad_norm = None
         if self.recipe.train.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)
             params = [p for g in self.optimizer.param_groups for p in g["params"]]
-            torch.nn.utils.clip_grad_norm_(params, self.recipe.train.grad_clip)
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.recipe.train.grad_clip))
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():
             self.model.logit_scale.clamp_(0, math.log(100))
         for term in self.losses.values():
-            term.after_step(e)
-        return {"loss": float(total.detach()), "terms": {k: float(v.detach()) for k, v in active.items()},
-                "weights": weights}
+            term.after_step(e)  # the whole batch: every rank's queue gets the same keys
+        out = {"loss": float(total.detach()), "terms": {k: float(v.detach()) for k, v in active.items()},
+               "weights": weights}
+        if grad_norm is not None:
+            out["grad_norm"] = grad_norm  # before clipping; the same on every rank (DDP averaged the gradients)
+        return out
 
     # ---------------------------------------------------------------------------------------- evaluation
 
@@ -451,17 +578,21 @@ class Trainer:
         return evaluate_student(self.student, self.val, self.teacher.tokenizer, self.device, r.eval.batch_size,
                                 r.data.workers, self.projection, text_from_cache=True, console=self.console)
 
-    def _eval_and_keep_best(self) -> dict[str, float]:
-        metrics = self.evaluate()
+    def _eval_and_keep_best(self) -> None:
+        """Rank 0 evaluates and keeps the best model; the others wait for the outcome (the same TrainState)."""
         s = self.state
-        self._log({"step": s.step, "epoch": s.epoch, "eval": metrics})
-        score = metrics.get("rsum", metrics.get("cosine_to_teacher", 0.0))  # no captions: closeness to the teacher
-        if score > s.best_rsum:
-            s.best_rsum, s.best_step, s.best_metrics = score, s.step, metrics
-            self._save(self.paths.best, {"format": 1, "step": s.step, "model": self.model.state_dict(),
-                                         "projection": self.projection.state_dict() if self.projection else None,
-                                         "metrics": metrics})
-        return metrics
+        if self.dist.is_main:
+            metrics = self.evaluate()
+            self._log({"step": s.step, "epoch": s.epoch, "eval": metrics})
+            score = metrics.get("rsum", metrics.get("cosine_to_teacher", 0.0))  # no captions: closeness to teacher
+            if score > s.best_rsum:
+                s.best_rsum, s.best_step, s.best_metrics = score, s.step, metrics
+                self._save(self.paths.best, {"format": 1, "step": s.step, "model": self.model.state_dict(),
+                                             "projection": self.projection.state_dict() if self.projection else None,
+                                             "metrics": metrics})
+        if self.dist.enabled:
+            s.best_rsum, s.best_step, s.best_metrics = distributed.broadcast_object(
+                (s.best_rsum, s.best_step, s.best_metrics))
 
     # ------------------------------------------------------------------------------------------- the loop
 
@@ -472,6 +603,9 @@ class Trainer:
         eval_every = r.train.eval_every or per_epoch
         ckpt_every = r.train.checkpoint_every or per_epoch
         fault_step = int(os.environ.get(FAULT_ENV, "0") or 0)
+        fault_rank = os.environ.get(FAULT_RANK_ENV, "")
+        if fault_rank and int(fault_rank) != self.dist.rank:
+            fault_step = 0
         columns = [TextColumn("[bold]distill[/]"), BarColumn(), TextColumn("step {task.completed}/{task.total}"),
                    TextColumn("{task.fields[info]}"), TimeRemainingColumn()]
         self._stop_requested = False
@@ -515,11 +649,10 @@ class Trainer:
                         self.bad.add(i, self.dataset.paths[i], why)
                     s.step += 1
                     s.batch += 1
-                    out = self._step(indices, views, teacher_views) if views is not None and len(indices) > 1 \
-                        else None
+                    out = self._step(indices, views, teacher_views)
                     now = time.perf_counter()
                     s.train_seconds += now - tick
-                    s.images += len(indices)
+                    s.images += self._batch_images
                     if out is None:
                         s.skipped += 1
                         s.bad_streak += 1
@@ -543,7 +676,7 @@ class Trainer:
                     end_of_epoch = s.batch >= per_epoch
                     if end_of_epoch:
                         s.epoch, s.batch = s.epoch + 1, 0
-                    if self.val is not None and (s.step % eval_every == 0 or s.step == self.total_steps):
+                    if self.has_val and (s.step % eval_every == 0 or s.step == self.total_steps):
                         self._eval_and_keep_best()
                         last_eval = s.step
                     due = s.step % ckpt_every == 0 or end_of_epoch or s.step == self.total_steps
@@ -551,19 +684,23 @@ class Trainer:
                         self._save(self.paths.last)
                     if fault_step and s.step == fault_step:
                         os.kill(os.getpid(), signal.SIGKILL)
-                    if self._stop_requested:
+                    if distributed.any_rank(self._stop_requested):  # every rank stops after the same step
                         if not due and s.bad_streak == 0:
                             self._save(self.paths.last)
+                        distributed.barrier()  # rank 0 has written last.pt before anyone exits
                         raise KeyboardInterrupt
                     if s.step >= self.total_steps:
                         break
                     tick = time.perf_counter()
-        if self.val is not None and last_eval != s.step and s.best_step != s.step:
+        if self.has_val and last_eval != s.step and s.best_step != s.step:
             self._eval_and_keep_best()
 
     def finish(self) -> dict[str, Any]:
-        """Save the student (best by val RSUM when there is a val split) and write summary.json."""
+        """Save the student (best by val RSUM when there is a val split) and write summary.json (rank 0)."""
         s = self.state
+        if not self.dist.is_main:
+            distributed.barrier()  # until rank 0 has written everything
+            return {}
         if self.val is not None and self.paths.best.exists():
             best = torch.load(self.paths.best, map_location="cpu", weights_only=True)
             self.model.load_state_dict(best["model"])
@@ -581,13 +718,14 @@ class Trainer:
             "steps": s.step, "skipped_steps": s.skipped, "epochs": s.epoch,
             "wall_s": s.train_seconds, "train_images_per_s": s.images / max(s.train_seconds, 1e-9),
             "bad_images": len(self.bad.items) + (len(self.train_cache.bad_images) if self.train_cache else 0),
-            "device": str(self.device), "student_vision": self.recipe.student.vision,
+            "device": str(self.device), "processes": self.dist.world_size, "student_vision": self.recipe.student.vision,
             "student_parameters": sum(p.numel() for p in self.model.visual.parameters()),
             "val_images": len(self.val.image_rows) if self.val is not None else 0,
         })
         atomic.write_json(self.paths.summary, summary)
         if self.tb is not None:
             self.tb.close()
+        distributed.barrier()
         return summary
 
 
@@ -607,18 +745,52 @@ def _flatten(record: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def distill(recipe: Recipe, console: Console | None = None, resume: bool = False) -> dict[str, Any]:
-    """Everything ``edgedistill distill`` does: teacher, caches, student, training, summary."""
+def distill(recipe: Recipe, console: Console | None = None, resume: bool = False) -> dict[str, Any] | None:
+    """Everything ``edgedistill distill`` does: teacher, caches, student, training, summary.
+
+    Under torchrun every process runs this; it joins the process group from the environment. Returns the
+    summary on rank 0 and None on the other ranks.
+    """
+    ctx = distributed.init_from_env(recipe.device)
+    if not ctx.is_main:
+        console = Console(quiet=True)
     console = console or Console(stderr=True, soft_wrap=True)
+    try:
+        summary = _distill(recipe, console, resume, ctx)
+        return summary if ctx.is_main else None
+    except UserError as e:
+        if ctx.is_main:
+            raise
+        if "--debug" in sys.argv:
+            raise UserError(f"rank {ctx.rank}: {e}") from e
+        raise SystemExit(2) from e  # every rank meets the same error; rank 0 says it once
+    except Exception as e:
+        if ctx.enabled and distributed.is_comm_failure(e):
+            if os.environ.get(distributed.LAUNCHED_ENV):  # `--nproc`: the launcher names the rank that stopped
+                raise SystemExit(distributed.LOST_CONTACT_EXIT) from e
+            last = RunPaths(Path(recipe.out)).last
+            why = (str(e).splitlines() or [type(e).__name__])[0][:160]
+            raise UserError(f"rank {ctx.rank} lost contact with the other processes of this run: another rank "
+                            f"stopped or hangs ({why}); {last} is intact: run the same command again with "
+                            f"--resume") from e
+        raise
+    finally:
+        distributed.cleanup()
+
+
+def _distill(recipe: Recipe, console: Console, resume: bool, ctx: distributed.Context) -> dict[str, Any]:
     refuse_existing_run(RunPaths(Path(recipe.out)), resume)
-    manifests = load_split_manifests(recipe)
+    with distributed.main_first():  # rank 0 indexes webdataset shards first; the others read its index
+        manifests = load_split_manifests(recipe)
     with console.status(f"loading teacher {recipe.teacher.model}"):
-        teacher = load_teacher(recipe.teacher, recipe.device, seed=recipe.seed)
+        teacher = load_teacher(recipe.teacher, distributed.rank_device(recipe.device, ctx), seed=recipe.seed)
     caches: dict[str, FeatureCache] = {}
     if recipe.train.teacher == "cached":
         caches = {k: v.cache for k, v in caches_for_recipe(recipe, teacher, manifests, console).items()}
     trainer = Trainer(recipe, teacher, manifests, caches, console, resume=resume)
+    per_rank = f" ({recipe.data.batch_size // ctx.world_size} on each of {ctx.world_size} processes)" \
+        if ctx.enabled else ""
     console.print(f"student {recipe.student.vision} ({sum(p.numel() for p in trainer.model.visual.parameters()) / 1e6:.2f}M "
-                  f"vision parameters), {trainer.total_steps} steps of {recipe.data.batch_size} on "
+                  f"vision parameters), {trainer.total_steps} steps of {recipe.data.batch_size}{per_rank} on "
                   f"{trainer.device}; run directory {trainer.paths.out}", highlight=False)
     return trainer.fit()

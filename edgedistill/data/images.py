@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -9,12 +10,16 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from rich.console import Console
 
+from edgedistill.data.shards import ShardMember
 from edgedistill.errors import UserError
 
 
-def open_image(path: str | Path) -> Image.Image:
-    """Decode an image file fully into an RGB PIL image (raises on missing, truncated or non-image files)."""
-    with Image.open(path) as im:
+def open_image(path: str | Path | ShardMember) -> Image.Image:
+    """Decode an image file (or a member of a tar shard) fully into an RGB PIL image.
+
+    Raises on missing, truncated or non-image files.
+    """
+    with Image.open(io.BytesIO(path.read_bytes()) if isinstance(path, ShardMember) else path) as im:
         im.load()
         return im.convert("RGB")
 

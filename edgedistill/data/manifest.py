@@ -76,11 +76,20 @@ class Manifest:
         return self._hash
 
 
-def load_manifest(path: str | Path, image_root: str | Path | None = None) -> Manifest:
+def load_manifest(path: str | Path, image_root: str | Path | None = None,
+                  index_dir: str | Path | None = None) -> Manifest:
     """Read a .jsonl or .csv manifest; relative image paths resolve against ``image_root`` or the manifest's folder.
 
+    Webdataset tar shards (``shards/{00000..00099}.tar``) are read too (see ``edgedistill.data.shards``); their
+    index is kept in ``index_dir`` (default: ``shards/`` in the default cache root).
     Raises UserError for a missing or empty manifest, an unknown format, or a bad line (with its line number).
     """
+    from edgedistill.data.shards import is_shard_spec, load_shards
+    if is_shard_spec(path):
+        if index_dir is None:
+            from edgedistill.cache import default_cache_root
+            index_dir = default_cache_root() / "shards"
+        return load_shards(path, Path(index_dir))
     path = Path(path)
     if not path.is_file():
         raise UserError(f"manifest {path} not found; check data.train / data.val in the recipe")
