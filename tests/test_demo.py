@@ -1,0 +1,88 @@
+"""`edgedistill demo --quick` end to end (scenes -> teacher -> distill -> export -> table), and `data scenes`."""
+
+import json
+
+import pytest
+
+from edgedistill.cli import main
+from edgedistill.demo import MARKER, _prepare_out
+from edgedistill.errors import UserError
+
+SUMMARY_KEYS = {"i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum"}
+
+
+@pytest.fixture(scope="module")
+def quick_demo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("EDGEDISTILL_CACHE", str(root / "cache"))
+    try:
+        code = main(["demo", "--quick", "--out", str(root / "demo")])
+    finally:
+        mp.undo()
+    return code, root / "demo", root / "cache"
+
+
+def test_quick_demo_runs_every_stage_and_reports(quick_demo, capsys):
+    code, out, cache = quick_demo
+    assert code == 0
+    report = json.loads((out / MARKER).read_text())
+    assert set(report["stages"]) == {"scenes", "teacher", "distill", "export", "latency"}
+    # loose checks: the teacher learned the scenes (chance is 0.5 % on 200 held-out images) ...
+    assert report["teacher"]["held_out"]["i2t_r1"] > 5
+    summary = json.loads((out / "summary.json").read_text())  # the distill contract
+    assert SUMMARY_KEYS <= set(summary["teacher"]) and SUMMARY_KEYS <= set(summary["student"])
+    assert summary["steps"] == 120 and summary["retention"]["rsum"] > 0.1
+    # ... and the table has the teacher, the PyTorch student and both ONNX precisions, with latencies
+    models = [r["model"] for r in report["rows"]]
+    assert models[0].startswith("teacher") and models[1] == "student (PyTorch)"
+    precisions = [r["precision"] for r in report["rows"][2:]]
+    assert precisions == ["fp32", "int8"]
+    assert all(r["latency_ms"] > 0 for r in report["rows"] if r["model"] != "student (PyTorch)")
+    assert all(r["rsum"] is not None for r in report["rows"])
+    exported = json.loads((out / "export" / "export.json").read_text())
+    assert {"image_fp32_onnx", "image_int8_onnx", "text_fp32_onnx"} <= {a["name"] for a in exported["artifacts"]}
+    assert "| model |" in (out / "demo.md").read_text()
+    # data and teacher live in the cache, for the next demo to reuse
+    assert list((cache / "teachers").glob("tiny-*/pretrain.json"))
+    assert list((cache / "scenes").glob("demo-quick-*/scenes.json"))
+
+
+def test_demo_replaces_only_a_previous_demo(tmp_path):
+    other = tmp_path / "mine"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep me")
+    with pytest.raises(UserError, match="not a demo run"):
+        _prepare_out(other)
+    assert (other / "notes.txt").read_text() == "keep me"
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "recipe.yaml").write_text("name: x\n")
+    with pytest.raises(UserError, match="not a demo"):
+        _prepare_out(run)
+    previous = tmp_path / "demo"
+    previous.mkdir()
+    (previous / MARKER).write_text("{}")
+    (previous / "recipe.yaml").write_text("name: demo\n")
+    _prepare_out(previous)
+    assert not previous.exists()
+
+
+def test_demo_into_a_foreign_folder_exits_2(tmp_path, capsys):
+    (tmp_path / "x.txt").write_text("x")
+    assert main(["demo", "--quick", "--out", str(tmp_path)]) == 2
+    assert "not a demo run" in capsys.readouterr().err
+
+
+def test_data_scenes_command_writes_and_reuses(tmp_path, capsys):
+    out = tmp_path / "scenes"
+    args = ["data", "scenes", "--out", str(out), "--n", "30", "--n-val", "10", "--n-hard", "7", "--n-ood", "7"]
+    assert main(args) == 0
+    assert "wrote" in capsys.readouterr().err
+    lines = (out / "train.jsonl").read_text().splitlines()
+    assert len(lines) == 30 and json.loads(lines[0])["captions"]
+    assert main(args) == 0
+    assert "reused" in capsys.readouterr().err
+    assert main([*args[:4], "--n", "31"]) == 2
+    err = capsys.readouterr().err
+    assert "other settings" in err and len(err.strip().splitlines()) == 1
