@@ -198,8 +198,8 @@ def _unwrap_model(annotation: Any) -> type[BaseModel] | None:
     return None
 
 
-def _section_at(loc: Sequence[Any]) -> type[BaseModel] | None:
-    model: type[BaseModel] | None = Recipe
+def _section_at(loc: Sequence[Any], root: type[BaseModel] | None = None) -> type[BaseModel] | None:
+    model: type[BaseModel] | None = root or Recipe
     for part in loc:
         if model is None or part not in model.model_fields:
             return None
@@ -213,12 +213,13 @@ def valid_keys(section: str = "") -> list[str]:
     return list(model.model_fields) if model else []
 
 
-def _describe(error: dict[str, Any]) -> str:
+def describe_error(error: dict[str, Any], root: type[BaseModel] | None = None) -> str:
+    """One pydantic error of a ``root`` model (default Recipe) as a line naming the key and the nearest valid one."""
     loc = [p for p in error["loc"] if isinstance(p, str)]
     path = ".".join(str(p) for p in error["loc"])
     if error["type"] == "extra_forbidden":
         parent, key = loc[:-1], loc[-1]
-        section = _section_at(parent)
+        section = _section_at(parent, root)
         names = list(section.model_fields) if section else []
         prefix = ".".join(parent) + "." if parent else ""
         close = difflib.get_close_matches(key, names, n=1, cutoff=0.5)
@@ -243,7 +244,7 @@ def validate_recipe(raw: Any, source: str = "recipe") -> Recipe:
     except ValidationError as e:
         errors = e.errors()
         more = f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
-        raise UserError(f"{source}: {_describe(errors[0])}{more}") from e
+        raise UserError(f"{source}: {describe_error(errors[0])}{more}") from e
 
 
 # -------------------------------------------------------------------------------------------- overrides

@@ -14,7 +14,7 @@ from typing import Any
 
 from edgedistill import atomic
 from edgedistill.errors import UserError
-from edgedistill.export.precision import sha256_file
+from edgedistill.teachers import sha256_file
 
 MANIFEST = "export.json"
 MANIFEST_VERSION = 1

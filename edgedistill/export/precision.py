@@ -26,6 +26,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from edgedistill import atomic
 from edgedistill.errors import UserError
+from edgedistill.teachers import sha256_file
 
 CALIBRATION_METHODS = ("entropy", "minmax", "percentile")
 CALIBRATION_BATCH = 8  # images per calibration inference
@@ -45,14 +46,6 @@ def to_fp16(src: Path, dst: Path) -> None:
     onnx.checker.check_model(half)
     with atomic.atomic_path(dst) as tmp:
         onnx.save(half, str(tmp))
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 class ImageCalibrationReader:

@@ -17,7 +17,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
 
 from edgedistill.errors import UserError
-from edgedistill.recipe import read_yaml
+from edgedistill.recipe import describe_error, read_yaml
 
 if typing.TYPE_CHECKING:
     from edgedistill.export.tensorrt import BatchProfile
@@ -75,36 +75,6 @@ def list_targets() -> list[str]:
 # ----------------------------------------------------------------------------------------------- validation
 
 
-def _model_at(loc: list[str]) -> type[BaseModel] | None:
-    model: type[BaseModel] | None = Target
-    for part in loc:
-        if model is None or part not in model.model_fields:
-            return None
-        annotation = model.model_fields[part].annotation
-        model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
-    return model
-
-
-def _describe(error: dict[str, Any]) -> str:
-    """One pydantic error as 'what is wrong with which key' (the full dotted path)."""
-    loc = [str(p) for p in error["loc"]]
-    path = ".".join(loc)
-    if error["type"] == "extra_forbidden":
-        section = _model_at(loc[:-1])
-        names = list(section.model_fields) if section else []
-        prefix = ".".join(loc[:-1]) + "." if len(loc) > 1 else ""
-        close = difflib.get_close_matches(loc[-1], names, n=1, cutoff=0.5)
-        if close:
-            return f"unknown key '{path}'; did you mean '{prefix}{close[0]}'?"
-        return f"unknown key '{path}'; valid keys there: {', '.join(names)}"
-    if error["type"] == "missing":
-        return f"missing required key '{path}'"
-    got = error.get("input")
-    got_text = f" (got {got!r})" if not isinstance(got, (dict, list)) else ""
-    msg = error["msg"].removeprefix("Value error, ")
-    return f"'{path}': {msg}{got_text}" if path else f"{msg}{got_text}"
-
-
 def validate_target(raw: Any, source: str = "target") -> Target:
     """A raw mapping validated into a Target, or a one-line UserError naming the first bad key."""
     if not isinstance(raw, dict):
@@ -115,7 +85,7 @@ def validate_target(raw: Any, source: str = "target") -> Target:
     except ValidationError as e:
         errors = e.errors()
         more = f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
-        raise UserError(f"{source}: {_describe(errors[0])}{more}") from e
+        raise UserError(f"{source}: {describe_error(errors[0], Target)}{more}") from e
 
 
 def _looks_like_path(text: str) -> bool:

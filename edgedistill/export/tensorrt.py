@@ -24,6 +24,7 @@ import numpy as np
 
 from edgedistill import atomic
 from edgedistill.errors import UserError
+from edgedistill.teachers import sha256_file
 
 REBUILD_HINT = "rebuild it here with `edgedistill export --format trt`"
 
@@ -163,14 +164,6 @@ def torch_dtype(trt_dtype: Any) -> Any:
     if not isinstance(dtype, torch.dtype):
         raise UserError(f"the engine has a tensor of TensorRT type {name}, which this runner does not handle")
     return dtype
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def sidecar_path(artifact: Path) -> Path:
