@@ -390,3 +390,53 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+@app.command()
+def bench(
+    export_dir: Optional[Path] = typer.Argument(None, help="An export folder with export.json (default: the "
+                                                "latest run's export/).", show_default=False),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda or jetson (Jetson: power and energy too)."),
+    host: Optional[str] = typer.Option(None, "--host", help="user@address: run the bench on that machine over "
+                                       "ssh (your own keys) and bring the report back."),
+    batch: str = typer.Option("1,8,32", "--batch", help="Batch sizes, comma-separated."),
+    warmup: int = typer.Option(10, "--warmup", help="Untimed calls before timing each batch size."),
+    iters: int = typer.Option(50, "--iters", help="Timed calls per batch size (percentiles over them)."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads (default: torch's default)."),
+    teacher: bool = typer.Option(False, "--teacher", help="Also time the teacher's image encoder (PyTorch and "
+                                 "its fp32 ONNX graph)."),
+    e2e: bool = typer.Option(False, "--e2e", help="Time decode + preprocessing + inference, not inference alone."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Report folder (default EXPORT_DIR/bench)."),
+    val: Optional[Path] = typer.Option(None, "--val", help="Val manifest for accuracy (default: the export's)."),
+    port: Optional[int] = typer.Option(None, "--port", help="ssh port of --host."),
+    remote_cmd: str = typer.Option("edgedistill", "--remote-cmd", help="edgedistill on the target, if not on its "
+                                   "PATH (e.g. ~/venv/bin/edgedistill)."),
+    ssh_option: list[str] = typer.Option([], "--ssh-option", help="Extra ssh -o option (repeatable), e.g. "
+                                         "ConnectTimeout=20."),
+    timeout: float = typer.Option(3600, "--timeout", help="Seconds the remote bench may take."),
+) -> None:
+    """Latency and accuracy of every exported artifact on every backend of a device, next to the teacher.
+
+    Writes bench.json (one row per artifact x backend x batch, every row naming its conditions), bench.md (the
+    table) and pareto.png (accuracy vs latency), and prints the table. What cannot run on the device is
+    listed with the reason. A faulty artifact (missing, sha256 mismatch, engine for another GPU) is reported
+    and the others are still measured; the command then exits 2.
+
+    Examples:
+
+    * `edgedistill bench runs/clip_to_mobilenet/export --teacher`
+    * `edgedistill bench --device cuda --batch 1,16,64`
+    * `edgedistill bench --device jetson --host nvidia@orin.local --remote-cmd ~/venv/bin/edgedistill`
+    """
+    from edgedistill.bench.runner import BenchOptions, parse_batches, run_bench
+    from edgedistill.export.exporter import latest_run
+
+    console = Console(stderr=True, soft_wrap=True)
+    if export_dir is None:
+        export_dir = latest_run(Path("runs")) / "export"
+    options = []
+    for opt in ssh_option:
+        options += ["-o", opt]
+    run_bench(BenchOptions(export_dir=export_dir, device=device, batches=parse_batches(batch), warmup=warmup,
+                           iters=iters, threads=threads, teacher=teacher, e2e=e2e, out=out, val=val, host=host,
+                           port=port, remote_cmd=remote_cmd, ssh_options=options, timeout_s=timeout), console)

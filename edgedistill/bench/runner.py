@@ -1,0 +1,564 @@
+"""``edgedistill bench``: every artifact of an export on every backend of a device, latency and accuracy.
+
+One pass per (artifact, backend): check the sha256 against export.json, build the runner, score accuracy on
+the val split, then time each batch size (warm-up, N iterations, inputs staged in advance; ``--e2e`` times
+decode + preprocessing + inference instead). A fault that belongs to one artifact (missing file, sha256
+mismatch, an engine built for another GPU) becomes a failed row and the others are still measured; the
+command then ends with one line per failure and exit status 2. ``--host`` runs all of it on a remote target
+(bench/remote.py) with a bundle of the artifacts, the student folder, the val split and the teacher's scores.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from rich.console import Console
+
+from edgedistill import atomic
+from edgedistill.bench import report as rep
+from edgedistill.bench.accuracy import DEFAULT_PROMPT, ValSet, image_transform, load_valset, metrics
+from edgedistill.bench.backends import Candidate, OrtRunner, Runner, TorchRunner, candidates
+from edgedistill.bench.devices import DEVICES, describe_device, describe_short
+from edgedistill.bench.timing import summarize, time_cpu, time_cuda
+from edgedistill.data.images import open_image
+from edgedistill.errors import UserError
+from edgedistill.export import artifacts
+
+BUNDLE_TEACHER = "teacher"   # bundle folder: teacher.json (scores, preprocess) and image_fp32.onnx
+BUNDLE_VAL = "val"           # bundle folder: val.jsonl + images/
+BUNDLE_STUDENT = "student"   # bundle folder: the open_clip student (tokenizer, PyTorch backend)
+BUNDLE_CONTEXT = "bench_context.json"
+
+
+@dataclass
+class BenchOptions:
+    export_dir: Path
+    device: str = "cpu"
+    batches: list[int] = field(default_factory=lambda: [1, 8, 32])
+    warmup: int = 10
+    iters: int = 50
+    threads: int | None = None
+    teacher: bool = False
+    e2e: bool = False
+    out: Path | None = None
+    val: Path | None = None
+    host: str | None = None
+    port: int | None = None
+    remote_cmd: str = "edgedistill"
+    ssh_options: list[str] = field(default_factory=list)
+    timeout_s: float = 3600.0
+
+
+def parse_batches(text: str) -> list[int]:
+    """'1,8,32' -> [1, 8, 32] (UserError on anything else)."""
+    try:
+        values = [int(x) for x in str(text).replace(" ", "").split(",") if x]
+    except ValueError:
+        values = []
+    if not values or any(v < 1 for v in values):
+        raise UserError(f"--batch {text!r}: give positive batch sizes separated by commas, e.g. 1,8,32")
+    return sorted(set(values))
+
+
+def check_options(opts: BenchOptions) -> None:
+    if opts.device not in DEVICES:
+        raise UserError(f"--device {opts.device!r} is not one of {', '.join(DEVICES)}")
+    if opts.iters < 2:
+        raise UserError(f"--iters {opts.iters}: time at least 2 iterations (percentiles need a sample)")
+    if opts.warmup < 0:
+        raise UserError(f"--warmup {opts.warmup} must be 0 or more")
+    if opts.val is not None and not Path(opts.val).is_file():
+        raise UserError(f"--val {opts.val} does not exist; give a val manifest (.jsonl or .csv)")
+    if opts.threads is not None and opts.threads < 1:
+        raise UserError(f"--threads {opts.threads} must be 1 or more")
+
+
+# ------------------------------------------------------------------------------------------------ sources
+@dataclass
+class Sources:
+    """Where the student, the val split, the class prompt and the teacher come from for this export."""
+    export_dir: Path
+    doc: dict[str, Any]
+    student_dir: Path | None
+    run_dir: Path | None
+    val: Path | None
+    prompt: str
+    teacher: dict[str, Any] | None          # bundle teacher.json: metrics, preprocess, onnx file
+    notes: list[str] = field(default_factory=list)
+
+
+def resolve_sources(export_dir: Path, doc: dict[str, Any], val: Path | None) -> Sources:
+    export_dir = Path(export_dir)
+    context = json.loads((export_dir / BUNDLE_CONTEXT).read_text()) if (export_dir / BUNDLE_CONTEXT).is_file() else {}
+    run_dir = Path(doc["run_dir"]) if doc.get("run_dir") else None
+    if run_dir is not None and not (run_dir / "recipe.yaml").is_file():
+        run_dir = None
+    student = export_dir / BUNDLE_STUDENT
+    if not student.is_dir():
+        student = run_dir / "student" if run_dir is not None and (run_dir / "student").is_dir() else None
+    prompt = context.get("prompt") or DEFAULT_PROMPT
+    if run_dir is not None and not context:
+        from edgedistill.recipe import load_recipe
+        prompt = load_recipe(run_dir / "recipe.yaml", ["device=cpu"]).eval.prompt
+    notes = []
+    if val is None:
+        for cand in (export_dir / BUNDLE_VAL / "val.jsonl", Path((doc.get("val") or {}).get("manifest") or "")):
+            if str(cand) and cand.is_file():
+                val = cand
+                break
+        else:
+            notes.append("no val split found (export.json's val manifest is gone and no --val given): "
+                         "accuracy not measured")
+    teacher_json = export_dir / BUNDLE_TEACHER / "teacher.json"
+    teacher = json.loads(teacher_json.read_text()) if teacher_json.is_file() else None
+    return Sources(export_dir, doc, student, run_dir, Path(val) if val else None, prompt, teacher, notes)
+
+
+# ------------------------------------------------------------------------------------------------ teacher
+def teacher_side(src: Sources, val: ValSet | None, want_timing: bool, console: Console) -> dict[str, Any] | None:
+    """The teacher's val scores and preprocess, and (for ``--teacher``) its fp32 ONNX image graph.
+
+    From the bundle on a remote target; else from the run's recipe, with the teacher's val embeddings taken
+    from the feature cache (built when missing) so scoring costs no teacher pass over the val images.
+    """
+    if src.teacher is not None:
+        info = dict(src.teacher)
+        if info.get("onnx"):
+            info["onnx_path"] = src.export_dir / BUNDLE_TEACHER / info["onnx"]
+        return info
+    if src.run_dir is None:
+        src.notes.append("teacher not scored: the export's run folder is not on this machine")
+        return None
+    from edgedistill.cache import caches_for_recipe, default_cache_root
+    from edgedistill.data.manifest import load_manifest
+    from edgedistill.evaluate import prepare_val, teacher_metrics
+    from edgedistill.recipe import load_recipe
+    from edgedistill.teachers import load_teacher, sha256_json
+
+    recipe = load_recipe(src.run_dir / "recipe.yaml", ["device=cpu"])
+    with console.status("loading the teacher"):
+        teacher = load_teacher(recipe.teacher, "cpu", seed=recipe.seed)
+    info: dict[str, Any] = {"name": teacher.source.model_name, "identity": teacher.identity,
+                            "preprocess": teacher.preprocess_cfg, "module": teacher.model}
+    if val is not None:
+        manifest = load_manifest(val.manifest)
+        cache = caches_for_recipe(recipe, teacher, {"val": manifest}, console=console)["val"].cache
+        scores = teacher_metrics(prepare_val(manifest, teacher, cache, src.prompt, console=console))
+        info["metrics"] = {k: round(float(v), 4) for k, v in scores.items()}
+    if want_timing:
+        from edgedistill.export.graph import IMAGE_INPUT, IMAGE_OUTPUT, ImageEncoder, export_onnx
+
+        key = sha256_json(teacher.identity)[:16]
+        path = (recipe.cache.dir or default_cache_root()) / "bench" / f"teacher-{key}" / "image_fp32.onnx"
+        if not path.is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            size = int(teacher.preprocess_cfg["size"] if isinstance(teacher.preprocess_cfg["size"], int)
+                       else teacher.preprocess_cfg["size"][0])
+            with console.status("exporting the teacher's image encoder to ONNX (once)"):
+                export_onnx(ImageEncoder(teacher.model.float()), torch.zeros(2, 3, size, size), path, IMAGE_INPUT,
+                            IMAGE_OUTPUT)
+        info["onnx_path"] = path
+        info["onnx"] = path.name
+    return info
+
+
+# ------------------------------------------------------------------------------------------------ jobs
+@dataclass
+class Job:
+    """One model to run: an export artifact, the PyTorch student, or the teacher; on one backend."""
+    name: str
+    role: str                  # student | teacher
+    encoder: str               # image | text
+    fmt: str
+    precision: str
+    size_mb: float | None
+    candidate: Candidate
+
+
+def _torch_candidate(artifact: dict[str, Any], backend: str, make: Callable[[], Runner]) -> Candidate:
+    return Candidate(artifact, backend, make=make)
+
+
+def plan_jobs(src: Sources, opts: BenchOptions, teacher: dict[str, Any] | None,
+              failures: list[tuple[dict[str, Any], str]]) -> list[Job]:
+    """Every (model, backend) this device can run; artifacts that fail their checks go to ``failures``."""
+    jobs: list[Job] = []
+    device = opts.device
+    for entry in src.doc["artifacts"]:
+        try:
+            path = artifacts.verify_artifact(src.export_dir, entry)
+        except UserError as e:
+            failures.append((entry, str(e)))
+            continue
+        for cand in candidates(entry, path, device, opts.threads):
+            jobs.append(Job(entry.get("name", entry["path"]), "student", entry.get("encoder", "image"),
+                            entry.get("format", "?"), entry.get("precision", "fp32"), entry.get("size_mb"), cand))
+    if src.student_dir is not None:
+        from edgedistill.export.graph import ImageEncoder, TextEncoder
+        from edgedistill.students import load_student
+
+        weights = src.student_dir / "open_clip_model.safetensors"
+        size = round(weights.stat().st_size / 2**20, 3) if weights.is_file() else None
+        holder: dict[str, Any] = {}
+
+        def model() -> Any:  # loaded once, on first use
+            if "m" not in holder:
+                holder["m"] = load_student(src.student_dir, "cpu").model.float().eval()
+            return holder["m"]
+
+        for encoder, wrap in (("image", ImageEncoder), ("text", TextEncoder)):
+            art = {"name": f"{encoder}_fp32_pytorch", "encoder": encoder, "format": "pytorch", "precision": "fp32"}
+            jobs.append(Job(art["name"], "student", encoder, "pytorch", "fp32", size, _torch_candidate(
+                art, f"pytorch-{'cuda' if device != 'cpu' else 'cpu'}",
+                lambda w=wrap: TorchRunner(w(model()), device))))
+    if opts.teacher and teacher is not None:
+        from edgedistill.export.graph import ImageEncoder
+
+        art = {"name": "teacher_image_fp32", "encoder": "image", "format": "pytorch", "precision": "fp32"}
+        if teacher.get("module") is not None:
+            jobs.append(Job("teacher_image_pytorch", "teacher", "image", "pytorch", "fp32", None, _torch_candidate(
+                art, f"pytorch-{'cuda' if device != 'cpu' else 'cpu'}",
+                lambda: TorchRunner(ImageEncoder(teacher["module"].float()), device))))
+        onnx_path = teacher.get("onnx_path")
+        if onnx_path is not None and Path(onnx_path).is_file():
+            entry = {"name": "teacher_image_fp32_onnx", "encoder": "image", "format": "onnx", "precision": "fp32",
+                     "size_mb": round(Path(onnx_path).stat().st_size / 2**20, 3)}
+            for cand in candidates(entry, Path(onnx_path), device, opts.threads):
+                jobs.append(Job(entry["name"], "teacher", "image", "onnx", "fp32", entry["size_mb"], cand))
+    return jobs
+
+
+# ------------------------------------------------------------------------------------------------ references
+@dataclass
+class References:
+    """fp32 embeddings of the other tower, for scoring each artifact on its own."""
+    image: np.ndarray | None = None          # (N, D)
+    text: np.ndarray | None = None           # (T, D)
+    class_text: np.ndarray | None = None     # (C, D)
+    source: str = ""
+
+
+def references(src: Sources, val: ValSet, jobs: list[Job], threads: int | None) -> References:
+    """fp32 ONNX graphs on onnxruntime CPU (or the PyTorch student when a graph is missing)."""
+    ref = References()
+    by_name = {(e.get("encoder"), e.get("format"), e.get("precision")): e for e in src.doc["artifacts"]}
+    for encoder in ("image", "text"):
+        runner: Runner | None = None
+        entry = by_name.get((encoder, "onnx", "fp32"))
+        if entry is not None:
+            try:
+                runner = OrtRunner(artifacts.verify_artifact(src.export_dir, entry), "fp32", "onnxruntime-cpu",
+                                   threads)
+                ref.source += f"{encoder}: {entry['name']} on onnxruntime-cpu; "
+            except UserError:
+                runner = None
+        if runner is None:
+            job = next((j for j in jobs if j.fmt == "pytorch" and j.role == "student" and j.encoder == encoder), None)
+            if job is None:
+                continue
+            runner = job.candidate.make()  # type: ignore[misc]
+            runner = TorchRunner(runner.module, "cpu")  # references always on CPU
+            ref.source += f"{encoder}: PyTorch student fp32; "
+        if encoder == "image":
+            ref.image = runner.embed(val.images)
+        else:
+            ref.text = runner.embed(val.tokens) if val.has_captions else None
+            ref.class_text = runner.embed(val.class_tokens) if val.class_tokens is not None else None
+    return ref
+
+
+def score(job: Job, runner: Runner, val: ValSet, ref: References) -> dict[str, float]:
+    if job.encoder == "image":
+        return metrics(val, runner.embed(val.images), ref.text, ref.class_text)
+    if ref.image is None:
+        return {}
+    text = runner.embed(val.tokens) if val.has_captions else None
+    class_text = runner.embed(val.class_tokens) if val.class_tokens is not None else None
+    return metrics(val, ref.image, text, class_text)
+
+
+# ------------------------------------------------------------------------------------------------ timing
+def _tile(x: np.ndarray, batch: int) -> np.ndarray:
+    reps = -(-batch // len(x))
+    return np.ascontiguousarray(np.concatenate([x] * reps)[:batch])
+
+
+def _inputs(job: Job, val: ValSet | None, preprocess: dict[str, Any], context: int) -> tuple[np.ndarray, Any]:
+    """The batch source for timing: real val images/captions when there are some, else seeded noise / tokens."""
+    if job.encoder == "image":
+        if val is not None and (job.role == "student"):
+            return val.images, None
+        size = preprocess["size"] if isinstance(preprocess["size"], int) else preprocess["size"][0]
+        return np.random.default_rng(0).standard_normal((8, 3, size, size)).astype(np.float32), None
+    if val is not None and val.has_captions:
+        return val.tokens, None
+    tokens = np.zeros((8, context), np.int64)
+    tokens[:, 0], tokens[:, 1:6], tokens[:, 6] = 49406, 320, 49407   # <start> "a a a a a" <end>
+    return tokens, None
+
+
+def time_job(job: Job, runner: Runner, opts: BenchOptions, batch: int, source: np.ndarray,
+             e2e_call: Callable[[int], Any] | None, power: Any) -> dict[str, Any]:
+    """Latency of one batch size: staged input (or ``e2e_call`` timing decode + preprocessing too)."""
+    if e2e_call is not None:
+        call = lambda: e2e_call(batch)  # noqa: E731
+    else:
+        staged = runner.stage(_tile(source, batch))
+        call = lambda: runner.call(staged)  # noqa: E731
+    timer = time_cuda if runner.timer == "cuda" else time_cpu
+    runner.peak_memory_reset()
+    for _ in range(opts.warmup):
+        call()
+    sampler = power() if power is not None else None
+    if sampler is not None:
+        sampler.__enter__()
+    import time
+    start = time.monotonic()
+    try:
+        times = timer(call, 0, opts.iters)
+    finally:
+        end = time.monotonic()
+        if sampler is not None:
+            sampler.__exit__(None, None, None)
+    lat = summarize(times, batch, opts.warmup)
+    out = lat.as_dict()
+    out["peak_mem_mb"], out["peak_mem_kind"] = runner.peak_memory()
+    if sampler is not None:
+        from edgedistill.bench.jetson import power_summary
+        summary = power_summary(sampler.samples, start, end, batch * opts.iters)
+        out["avg_power_w"] = summary.get("avg_power_w")
+        out["energy_mj_per_item"] = summary.get("energy_mj_per_image")
+    return out
+
+
+def _e2e(job: Job, runner: Runner, val: ValSet | None, preprocess: dict[str, Any], tokenizer: Any,
+         captions: list[str]) -> Callable[[int], Any] | None:
+    """Decode + preprocess + stage + run, for ``--e2e`` (image files, or caption strings to tokenize)."""
+    if val is None:
+        return None
+    if job.encoder == "image":
+        transform = image_transform(preprocess)
+        paths = val.paths
+
+        def call(batch: int) -> Any:
+            picks = [paths[i % len(paths)] for i in range(batch)]
+            x = torch.stack([transform(open_image(p)) for p in picks]).numpy()
+            return runner.call(runner.stage(x))
+        return call
+    if tokenizer is None or not captions:
+        return None
+
+    def call_text(batch: int) -> Any:
+        texts = [captions[i % len(captions)] for i in range(batch)]
+        return runner.call(runner.stage(tokenizer(texts).numpy().astype(np.int64)))
+    return call_text
+
+
+# ------------------------------------------------------------------------------------------------ main
+def run_bench(opts: BenchOptions, console: Console | None = None) -> dict[str, Any]:
+    """Measure every artifact; write bench.json, bench.md and pareto.png into ``opts.out``; return the report."""
+    console = console or Console(stderr=True, soft_wrap=True)
+    check_options(opts)
+    export_dir = Path(opts.export_dir)
+    doc = artifacts.read_manifest(export_dir)
+    out = Path(opts.out) if opts.out else export_dir / "bench"
+    if opts.host:
+        return run_remote(opts, export_dir, doc, out, console)
+    threads = opts.threads or torch.get_num_threads()
+    torch.set_num_threads(threads)
+    device_info = describe_device(opts.device, threads)
+    device_line = describe_short(device_info)
+    console.print(f"bench {export_dir} on {device_line}", highlight=False)
+    src = resolve_sources(export_dir, doc, opts.val)
+    tokenizer = _tokenizer(src)
+    val = None
+    if src.val is not None:
+        if tokenizer is None:
+            src.notes.append("accuracy not measured: no tokenizer (the student folder is not on this machine)")
+        else:
+            with console.status(f"reading val images from {src.val}"):
+                val = load_valset(src.val, doc["preprocess"], tokenizer, src.prompt, console=console)
+    teacher = teacher_side(src, val, opts.teacher, console)
+    failures: list[tuple[dict[str, Any], str]] = []
+    jobs = plan_jobs(src, opts, teacher, failures)
+    ref = references(src, val, jobs, threads) if val is not None else References()
+    power = _power_sampler(opts.device)
+    captions = _captions(val) if opts.e2e and val is not None else []
+    rows: list[dict[str, Any]] = []
+    common = {"device": opts.device, "threads": threads, "warmup": opts.warmup, "iters": opts.iters,
+              "mode": "e2e" if opts.e2e else "inference"}
+    for entry, why in failures:
+        rows.append(rep.make_row(artifact=entry.get("name", entry.get("path")), role="student",
+                                 encoder=entry.get("encoder"), format=entry.get("format"),
+                                 precision=entry.get("precision"), size_mb=entry.get("size_mb"), status="failed",
+                                 reason=why, device=opts.device))
+    if teacher is not None and teacher.get("metrics"):
+        rows.append(rep.make_row(artifact="teacher", role="teacher", encoder="image", format="-", precision="fp32",
+                                 backend="(scores)", device=opts.device, status="ok",
+                                 reason="val scores of the teacher (cached embeddings); time it with --teacher",
+                                 **{k: v for k, v in teacher["metrics"].items() if k in rep.ACCURACY}))
+    context = int((doc.get("tokenizer") or {}).get("context_length") or 77)
+    for job in jobs:
+        base = dict(artifact=job.name, role=job.role, encoder=job.encoder, format=job.fmt, precision=job.precision,
+                    backend=job.candidate.backend, size_mb=job.size_mb, **common)
+        if job.candidate.reason is not None:
+            rows.append(rep.make_row(**base, status="skipped", reason=job.candidate.reason))
+            continue
+        try:
+            with console.status(f"{job.name} on {job.candidate.backend}: loading"):
+                runner = job.candidate.make()  # type: ignore[misc]
+            base["backend_version"] = runner.version
+            acc: dict[str, float] = {}
+            if job.role == "teacher" and teacher is not None:
+                acc = {k: v for k, v in (teacher.get("metrics") or {}).items() if k in rep.ACCURACY}
+            elif val is not None:
+                with console.status(f"{job.name} on {job.candidate.backend}: val accuracy"):
+                    acc = score(job, runner, val, ref)
+            preprocess = (teacher or {}).get("preprocess") if job.role == "teacher" else doc["preprocess"]
+            source, _ = _inputs(job, val, preprocess or doc["preprocess"], context)
+            e2e = _e2e(job, runner, val if job.role == "student" else None, preprocess or doc["preprocess"],
+                       tokenizer, captions) if opts.e2e else None
+            for batch in opts.batches:
+                if not runner.min_batch <= batch <= (runner.max_batch or batch):
+                    rows.append(rep.make_row(**base, batch=batch, status="skipped", reason=(
+                        f"batch {batch} is outside the engine's profile {runner.min_batch}..{runner.max_batch}")))
+                    continue
+                if opts.e2e and e2e is None:
+                    rows.append(rep.make_row(**base, batch=batch, status="skipped",
+                                             reason="--e2e needs the val images and captions"))
+                    continue
+                with console.status(f"{job.name} on {job.candidate.backend}: batch {batch}"):
+                    lat = time_job(job, runner, opts, batch, source, e2e, power)
+                lat.pop("min_ms", None)
+                rows.append(rep.make_row(**{**base, **{k: v for k, v in lat.items() if k in rep.ROW_FIELDS},
+                                            **acc, "status": "ok"}))
+                console.print(f"  {job.name:<28} {job.candidate.backend:<22} batch {batch:>3}: p50 "
+                              f"{lat['p50_ms']:.3f} ms", highlight=False)
+            del runner
+        except UserError as e:
+            failures.append(({"name": job.name}, str(e)))
+            rows.append(rep.make_row(**base, status="failed", reason=str(e)))
+    report = {"export_dir": str(export_dir.resolve()), "device_info": device_info, "device_line": device_line,
+              "conditions": {"warmup": opts.warmup, "iters": opts.iters, "threads": threads,
+                             "mode": common["mode"], "batches": opts.batches},
+              "val": str(src.val) if src.val else None,
+              "val_images": int(len(val.images)) if val is not None else 0,
+              "accuracy_note": "; ".join(src.notes) or (f"val split {src.val}; the other tower from "
+                                                        f"{ref.source.strip('; ')}" if val is not None else None),
+              "teacher": {k: v for k, v in (teacher or {}).items() if k in ("name", "identity", "metrics")},
+              "rows": rows, "failures": [{"artifact": e.get("name"), "reason": why} for e, why in failures]}
+    paths = rep.write_report(out, report)
+    rep.print_table(report, console)
+    console.print(f"report: {paths['md']}  json: {paths['json']}  plot: {paths['png']}", highlight=False)
+    if failures:
+        for entry, why in failures:
+            console.print(f"error: {entry.get('name')}: {why}", highlight=False, markup=False)
+        raise UserError(f"{len(failures)} artifact(s) failed (listed above); the report in {out} has the rest")
+    return report
+
+
+def _tokenizer(src: Sources) -> Any:
+    if src.student_dir is None:
+        return None
+    import open_clip
+    return open_clip.get_tokenizer(f"local-dir:{src.student_dir}")
+
+
+def _captions(val: ValSet) -> list[str]:
+    from edgedistill.data.manifest import load_manifest
+    return [c for e in load_manifest(val.manifest).entries for c in e.captions]
+
+
+def _power_sampler(device: str) -> Any:
+    """A TegrastatsSampler factory on a Jetson, None elsewhere (power is measured only on Jetsons)."""
+    if device != "jetson":
+        return None
+    from edgedistill.bench.jetson import TegrastatsSampler
+    return TegrastatsSampler
+
+
+# ------------------------------------------------------------------------------------------------ remote
+def make_bundle(export_dir: Path, doc: dict[str, Any], src: Sources, teacher: dict[str, Any] | None,
+                dest: Path) -> Path:
+    """A self-contained folder for a remote target: artifacts + export.json, student/, val/, teacher/."""
+    dest.mkdir(parents=True)
+    for entry in doc["artifacts"]:
+        path = export_dir / entry["path"]
+        if path.is_file():  # a missing one is reported by the remote bench like a local one
+            (dest / entry["path"]).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(path, dest / entry["path"])
+            for side in (path.with_name(path.name + ".json"),):  # engine sidecars
+                if side.is_file():
+                    shutil.copy2(side, dest / (entry["path"] + ".json"))
+    shutil.copy2(export_dir / artifacts.MANIFEST, dest / artifacts.MANIFEST)
+    if src.student_dir is not None:
+        shutil.copytree(src.student_dir, dest / BUNDLE_STUDENT)
+    if src.val is not None:
+        from edgedistill.data.manifest import load_manifest
+
+        manifest = load_manifest(src.val)
+        images = dest / BUNDLE_VAL / "images"
+        images.mkdir(parents=True)
+        lines = []
+        for i, entry in enumerate(manifest.entries):
+            name = f"{i:06d}{Path(str(entry.image)).suffix.lower() or '.jpg'}"
+            if Path(entry.image).is_file():
+                shutil.copy2(entry.image, images / name)
+            record: dict[str, Any] = {"image": f"images/{name}", "captions": list(entry.captions)}
+            if entry.label is not None:
+                record["label"] = entry.label
+            lines.append(json.dumps(record))
+        (dest / BUNDLE_VAL / "val.jsonl").write_text("\n".join(lines) + "\n")
+    if teacher is not None:
+        (dest / BUNDLE_TEACHER).mkdir()
+        info = {k: v for k, v in teacher.items() if k in ("name", "identity", "metrics", "preprocess")}
+        if teacher.get("onnx_path") is not None:
+            shutil.copy2(teacher["onnx_path"], dest / BUNDLE_TEACHER / "image_fp32.onnx")
+            info["onnx"] = "image_fp32.onnx"
+        (dest / BUNDLE_TEACHER / "teacher.json").write_text(json.dumps(info, indent=1, default=str))
+    (dest / BUNDLE_CONTEXT).write_text(json.dumps({"prompt": src.prompt, "from": str(export_dir.resolve())}))
+    return dest
+
+
+def remote_args(opts: BenchOptions) -> list[str]:
+    """The bench options the remote command gets (the bundle path and --out are added by bench/remote.py)."""
+    args = ["--device", opts.device, "--batch", ",".join(str(b) for b in opts.batches), "--warmup",
+            str(opts.warmup), "--iters", str(opts.iters)]
+    if opts.threads:
+        args += ["--threads", str(opts.threads)]
+    if opts.teacher:
+        args.append("--teacher")
+    if opts.e2e:
+        args.append("--e2e")
+    return args
+
+
+def run_remote(opts: BenchOptions, export_dir: Path, doc: dict[str, Any], out: Path,
+               console: Console) -> dict[str, Any]:
+    from edgedistill.bench.remote import run_remote_bench
+
+    src = resolve_sources(export_dir, doc, opts.val)
+    tokenizer = _tokenizer(src)
+    val = load_valset(src.val, doc["preprocess"], tokenizer, src.prompt) if src.val and tokenizer else None
+    teacher = teacher_side(src, val, opts.teacher, console)
+    with tempfile.TemporaryDirectory(prefix="edgedistill-bundle-") as tmp:
+        with console.status("packing the export for the target"):
+            bundle = make_bundle(export_dir, doc, src, teacher, Path(tmp) / "bundle")
+        run_remote_bench(opts.host, bundle, remote_args(opts), out, remote_cmd=opts.remote_cmd, port=opts.port,
+                         ssh_options=opts.ssh_options, timeout_s=opts.timeout_s, console=console)
+    report = json.loads((out / rep.REPORT_JSON).read_text())
+    report["remote"] = {"host": opts.host, "from": str(export_dir.resolve())}
+    atomic.write_text(out / rep.REPORT_JSON, json.dumps(report, indent=2, default=str) + "\n")
+    rep.print_table(report, console)
+    console.print(f"report from {opts.host}: {out / rep.REPORT_MD}  plot: {out / rep.PARETO_PNG}", highlight=False)
+    if report.get("failures"):
+        raise UserError(f"{len(report['failures'])} artifact(s) failed on {opts.host}; the report in {out} says why")
+    return report
+

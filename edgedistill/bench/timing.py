@@ -1,0 +1,106 @@
+"""Latency statistics: warm-up, then N timed calls; percentiles, never one run (DESIGN decision 4).
+
+Inputs are staged by the caller before timing starts, so only inference is timed (``--e2e`` stages nothing and
+times decode + preprocessing too). GPU calls are timed with CUDA events recorded on the stream the work runs
+on; CPU calls with ``time.perf_counter``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+
+@dataclass
+class Latency:
+    """Per-call latency of one (artifact, backend, batch) in milliseconds."""
+    batch: int
+    warmup: int
+    iters: int
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    mean_ms: float
+    std_ms: float
+    min_ms: float
+    throughput_ips: float      # items per second: batch / mean latency
+    peak_mem_mb: float | None = None
+    peak_mem_kind: str | None = None   # "cuda allocated", "process rss", ...
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def summarize(times_ms: list[float] | np.ndarray, batch: int, warmup: int) -> Latency:
+    """Percentiles of ``times_ms``; throughput = items per second at the mean latency."""
+    t = np.asarray(times_ms, dtype=np.float64)
+    if t.size == 0:
+        raise ValueError("no timed iterations")
+    p50, p90, p99 = np.percentile(t, [50, 90, 99])
+    mean = float(t.mean())
+    return Latency(batch=batch, warmup=warmup, iters=int(t.size), p50_ms=round(float(p50), 4),
+                   p90_ms=round(float(p90), 4), p99_ms=round(float(p99), 4), mean_ms=round(mean, 4),
+                   std_ms=round(float(t.std(ddof=1)) if t.size > 1 else 0.0, 4), min_ms=round(float(t.min()), 4),
+                   throughput_ips=round(batch * 1000.0 / mean, 2) if mean > 0 else float("inf"))
+
+
+def time_cpu(call: Callable[[], Any], warmup: int, iters: int) -> list[float]:
+    """Wall time of ``iters`` calls after ``warmup`` untimed ones (ms)."""
+    import time
+
+    for _ in range(warmup):
+        call()
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        call()
+        times.append((time.perf_counter() - t0) * 1000.0)
+    return times
+
+
+def time_cuda(call: Callable[[], Any], warmup: int, iters: int) -> list[float]:
+    """GPU time of each call between two CUDA events on the current stream (ms).
+
+    ``call`` must enqueue its work on torch's current stream (or order it after it, as TrtRunner does), so the
+    end event waits for it; the host-side enqueue cost is inside the window too, as for any real caller.
+    """
+    import torch
+
+    for _ in range(warmup):
+        call()
+    torch.cuda.synchronize()
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
+    for start, end in zip(starts, ends):
+        start.record()
+        call()
+        end.record()
+        end.synchronize()  # one call at a time: latency, not pipelined throughput
+    return [s.elapsed_time(e) for s, e in zip(starts, ends)]
+
+
+# ------------------------------------------------------------------------------------------- peak memory
+_STATUS = Path("/proc/self/status")
+_CLEAR_REFS = Path("/proc/self/clear_refs")
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's peak resident set (VmHWM) of this process; False where Linux does not allow it."""
+    try:
+        _CLEAR_REFS.write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_mb() -> float | None:
+    """This process's peak resident set since the last reset (VmHWM), in MiB; None off Linux."""
+    try:
+        match = re.search(r"^VmHWM:\s+(\d+)\s+kB", _STATUS.read_text(), re.M)
+    except OSError:
+        return None
+    return round(int(match.group(1)) / 1024, 1) if match else None

@@ -1,0 +1,206 @@
+"""`edgedistill bench` on CPU: rows per artifact x backend x batch, accuracy, report files, bad input."""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from edgedistill.bench import report as rep
+from edgedistill.bench.backends import candidates
+from edgedistill.bench.runner import BenchOptions, parse_batches, run_bench
+from edgedistill.bench.timing import summarize, time_cpu
+from edgedistill.cli import main
+from edgedistill.errors import UserError
+from edgedistill.export import artifacts
+from tests.conftest import write_images, write_manifest, write_recipe
+
+FAST = ["--iters", "3", "--warmup", "1", "--threads", "1"]
+
+
+@pytest.fixture(scope="module")
+def export_dir(tiny_teacher, tmp_path_factory):
+    """A distilled tiny student (labelled val data, so zero-shot is scored too) exported to ONNX fp32 + INT8."""
+    root = tmp_path_factory.mktemp("bench")
+    train = write_manifest(root / "data" / "train.jsonl", write_images(root / "data" / "images", 32))
+    val = write_manifest(root / "data" / "val.jsonl", write_images(root / "data" / "val_images", 10, seed=1))
+    lines = [json.loads(x) for x in val.read_text().splitlines()]
+    val.write_text("".join(json.dumps({**r, "label": ["circle", "square"][i % 2]}) + "\n"
+                           for i, r in enumerate(lines)))
+    recipe = write_recipe(root / "tiny.yaml", tiny_teacher, train, val, cache_dir=root / "cache",
+                          student={"image_size": 32},
+                          train={"epochs": 1, "warmup_steps": 1, "tensorboard": False, "log_every": 1})
+    raw = yaml.safe_load(recipe.read_text())
+    raw["out"] = str(root / "runs" / "tiny")
+    recipe.write_text(yaml.safe_dump(raw))
+    assert main(["distill", str(recipe)]) == 0
+    out = root / "runs" / "tiny" / "export"
+    assert main(["export", str(root / "runs" / "tiny"), "--int8", "--calib-size", "16"]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def cpu_report(export_dir):
+    out = export_dir.parent / "bench-cpu"
+    assert main(["bench", str(export_dir), "--batch", "1,3", "--teacher", "--out", str(out), *FAST]) == 0
+    return out
+
+
+def _rows(out: Path) -> list[dict]:
+    return json.loads((out / rep.REPORT_JSON).read_text())["rows"]
+
+
+def test_every_artifact_runs_on_every_cpu_backend_at_every_batch(cpu_report, export_dir):
+    rows = _rows(cpu_report)
+    manifest = artifacts.read_manifest(export_dir)
+    timed = {(r["artifact"], r["backend"], r["batch"]) for r in rows if r["status"] == "ok" and r["p50_ms"]}
+    for entry in manifest["artifacts"]:
+        for batch in (1, 3):
+            assert (entry["name"], "onnxruntime-cpu", batch) in timed
+    for name in ("image_fp32_pytorch", "text_fp32_pytorch", "teacher_image_pytorch"):
+        assert {(name, "pytorch-cpu", 1), (name, "pytorch-cpu", 3)} <= timed
+    assert ("teacher_image_fp32_onnx", "onnxruntime-cpu", 1) in timed
+    for r in rows:
+        assert set(r) == set(rep.ROW_FIELDS)
+        if r["status"] != "ok" or r["p50_ms"] is None:
+            continue
+        # every number names its conditions
+        assert r["device"] == "cpu" and r["threads"] == 1 and r["warmup"] == 1 and r["iters"] == 3
+        assert r["backend_version"] and r["precision"] in ("fp32", "int8") and r["mode"] == "inference"
+        assert 0 < r["p50_ms"] <= r["p90_ms"] <= r["p99_ms"]
+        assert r["throughput_ips"] == pytest.approx(r["batch"] * 1000 / r["mean_ms"], rel=1e-3)
+        assert r["peak_mem_mb"] > 0
+
+
+def test_accuracy_matches_the_export_and_the_teacher_is_scored(cpu_report, export_dir):
+    rows = _rows(cpu_report)
+    manifest = artifacts.read_manifest(export_dir)
+    by_name = {r["artifact"]: r for r in rows if r["status"] == "ok"}
+    for entry in manifest["artifacts"]:
+        if entry["encoder"] != "image":
+            continue
+        got = by_name[entry["name"]]
+        for key in ("i2t_r1", "t2i_r1", "rsum", "zs_mean_class"):
+            # export scored with the PyTorch text tower, bench with the fp32 text graph: same numbers
+            assert got[key] == pytest.approx(entry["val"][key], abs=1e-3), (entry["name"], key)
+    assert by_name["image_fp32_pytorch"]["rsum"] == pytest.approx(by_name["image_fp32_onnx"]["rsum"], abs=1e-3)
+    teacher = next(r for r in rows if r["artifact"] == "teacher")
+    assert teacher["role"] == "teacher" and teacher["rsum"] is not None and teacher["zs_top1"] is not None
+    timed_teacher = next(r for r in rows if r["artifact"] == "teacher_image_pytorch")
+    assert timed_teacher["rsum"] == teacher["rsum"]
+
+
+def test_report_files_markdown_and_plot(cpu_report):
+    md = (cpu_report / rep.REPORT_MD).read_text()
+    assert "| image_int8_onnx | onnxruntime-cpu" in md and "warm-up 1, 3 timed iterations" in md
+    assert (cpu_report / rep.PARETO_PNG).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    doc = json.loads((cpu_report / rep.REPORT_JSON).read_text())
+    assert doc["device_info"]["device"] == "cpu" and doc["conditions"]["batches"] == [1, 3]
+    assert doc["pareto_batch"] == 1 and doc["failures"] == []
+    assert not list(cpu_report.glob(".*"))  # nothing half-written left behind
+
+
+def _copy_export(export_dir: Path, dest: Path) -> Path:
+    shutil.copytree(export_dir, dest)
+    return dest
+
+
+def test_a_corrupt_artifact_fails_alone_and_exits_2(export_dir, tmp_path, capsys):
+    exp = _copy_export(export_dir, tmp_path / "export")
+    (exp / "image_int8.onnx").write_bytes(b"not the exported graph")
+    (exp / "text_fp32.onnx").unlink()
+    out = tmp_path / "report"
+    assert main(["bench", str(exp), "--batch", "1", "--out", str(out), *FAST]) == 2
+    err = capsys.readouterr().err
+    assert "error: image_int8_onnx:" in err and "sha256" in err
+    assert "error: text_fp32_onnx:" in err and "missing" in err
+    assert "Traceback" not in err
+    rows = _rows(out)
+    status = {(r["artifact"], r["status"]) for r in rows}
+    assert ("image_int8_onnx", "failed") in status and ("text_fp32_onnx", "failed") in status
+    assert ("image_fp32_onnx", "ok") in status  # the others are still measured
+    ok = next(r for r in rows if r["artifact"] == "image_fp32_onnx")
+    assert ok["rsum"] is not None  # the text side falls back to the PyTorch student
+
+
+def test_what_cannot_run_is_listed_with_the_reason(export_dir, tmp_path):
+    exp = _copy_export(export_dir, tmp_path / "export")
+    engine = exp / "image_fp16.engine"
+    engine.write_bytes(b"engine bytes")
+    doc = json.loads((exp / "export.json").read_text())
+    doc["artifacts"].append(artifacts.artifact_entry(exp, engine, name="image_fp16_trt", encoder="image",
+                                                     fmt="trt", precision="fp16"))
+    (exp / "export.json").write_text(json.dumps(doc))
+    report = run_bench(BenchOptions(export_dir=exp, batches=[1], iters=2, warmup=0, threads=1,
+                                    out=tmp_path / "r"))
+    row = next(r for r in report["rows"] if r["artifact"] == "image_fp16_trt")
+    assert row["status"] == "skipped" and "GPU" in row["reason"] and row["backend"] == "tensorrt"
+
+
+def test_e2e_times_decoding_too(export_dir, tmp_path):
+    report = run_bench(BenchOptions(export_dir=export_dir, batches=[2], iters=2, warmup=0, threads=1, e2e=True,
+                                    out=tmp_path / "r"))
+    timed = [r for r in report["rows"] if r["p50_ms"] is not None]
+    assert timed and all(r["mode"] == "e2e" for r in timed)
+    assert {r["encoder"] for r in timed} == {"image", "text"}
+
+
+def test_missing_export_json_and_bad_flags_exit_2_with_one_line(tmp_path, export_dir, capsys):
+    cases = [([str(tmp_path)], "no export.json"),
+             ([str(export_dir), "--batch", "0,x"], "--batch"),
+             ([str(export_dir), "--iters", "1"], "--iters"),
+             ([str(export_dir), "--device", "tpu"], "--device"),
+             ([str(export_dir), "--val", str(tmp_path / "nope.jsonl")], "--val")]
+    for args, needle in cases:
+        assert main(["bench", *args, "--out", str(tmp_path / "r")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error:") and needle in err[0], (args, err)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
+def test_cuda_without_a_gpu_exits_2(export_dir, tmp_path, capsys):
+    assert main(["bench", str(export_dir), "--device", "cuda", "--out", str(tmp_path / "r")]) == 2
+    assert "no CUDA GPU" in capsys.readouterr().err
+
+
+def test_jetson_on_a_machine_that_is_not_one_exits_2(export_dir, tmp_path, capsys):
+    if Path("/etc/nv_tegra_release").exists():
+        pytest.skip("this machine is a Jetson")
+    assert main(["bench", str(export_dir), "--device", "jetson", "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "not a Jetson" in err and "--host" in err and "Traceback" not in err
+
+
+def test_gpu_backends_are_listed_for_gpu_devices(export_dir):
+    entry = artifacts.read_manifest(export_dir)["artifacts"][0]
+    names = [c.backend for c in candidates(entry, export_dir / entry["path"], "cuda", 1)]
+    assert names == ["onnxruntime-cuda", "onnxruntime-tensorrt"]
+    assert [c.backend for c in candidates(entry, export_dir / entry["path"], "cpu", 1)] == ["onnxruntime-cpu"]
+    npy = {"name": "text_embeddings", "format": "npy"}
+    assert candidates(npy, export_dir, "cpu", 1)[0].reason.startswith("precomputed")
+
+
+def test_latency_statistics():
+    times = [5.0, 1.0, 2.0, 3.0, 4.0]
+    lat = summarize(times, batch=4, warmup=2)
+    assert lat.p50_ms == 3.0 and lat.mean_ms == 3.0 and lat.iters == 5 and lat.min_ms == 1.0
+    assert lat.p90_ms == pytest.approx(np.percentile(times, 90)) and lat.p99_ms <= 5.0
+    assert lat.throughput_ips == pytest.approx(4 * 1000 / 3.0, rel=1e-3)
+    calls = []
+    assert len(time_cpu(lambda: calls.append(1), warmup=3, iters=7)) == 7 and len(calls) == 10
+    assert parse_batches("32, 1,8,8") == [1, 8, 32]
+    with pytest.raises(UserError):
+        parse_batches("-1")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+def test_cuda_bench_times_pytorch_with_cuda_events(export_dir, tmp_path):
+    report = run_bench(BenchOptions(export_dir=export_dir, device="cuda", batches=[1, 4], iters=5, warmup=2,
+                                    out=tmp_path / "r"))
+    rows = [r for r in report["rows"] if r["backend"] == "pytorch-cuda" and r["status"] == "ok"]
+    assert {r["batch"] for r in rows} == {1, 4} and all(r["peak_mem_kind"].startswith("cuda") for r in rows)
+    assert report["device_info"]["gpu"]
