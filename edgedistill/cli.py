@@ -220,7 +220,8 @@ def demo(
     retention = report.get("retention_rsum")
     console.print(f"{'student RSUM retention ' + format(retention, '.1%') + '; ' if retention else ''}"
                   f"{report['seconds']:.0f} s in all. Report: {out / 'demo.md'}, run: {out}, export: "
-                  f"{out / 'export' / 'export.json'}", highlight=False)
+                  f"{out / 'export' / 'export.json'}, bench: {report['bench']['md']}, plot: {report['bench']['plot']}",
+                  highlight=False)
 
 
 data_app = typer.Typer(help="Datasets: generate the procedural scenes data (offline, exact ground truth).",

@@ -2,10 +2,11 @@
 
 scenes (procedural images with exact captions) -> a small open_clip CLIP teacher trained on them (once per
 machine, then reused) -> teacher feature cache -> a distilled MobileNetV3 student -> ONNX FP32 and calibrated
-INT8 -> a table of teacher vs student artifacts: retrieval Recall@1/5/10, RSUM, size, CPU latency.
+INT8 -> ``bench`` on the CPU -> a table of teacher vs student artifacts: retrieval Recall@1/5/10, RSUM, size,
+CPU latency, with bench's full report (bench.json, bench.md, pareto.png) beside it.
 
 Every stage is the toolkit's ordinary code path (the same functions ``data scenes``, ``distill`` and
-``export`` run), so the demo is also an end-to-end check of a machine.
+``export`` and ``bench`` run), so the demo is also an end-to-end check of a machine.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from rich.console import Console
 from rich.table import Table
@@ -82,30 +82,13 @@ def _prepare_out(out: Path) -> None:
         shutil.rmtree(out)
 
 
-def _latency_ms(path: Path, x: np.ndarray, iters: int, threads: int) -> float:
-    """Median batch-1 latency of an ONNX graph on onnxruntime CPU (warm-up first)."""
-    from edgedistill.export.graph import ort_session
-
-    session = ort_session(path, threads)
-    name = session.get_inputs()[0].name
-    for _ in range(3):
-        session.run(None, {name: x})
-    times = []
-    for _ in range(iters):
-        t = time.perf_counter()
-        session.run(None, {name: x})
-        times.append((time.perf_counter() - t) * 1000)
-    return float(np.median(times))
-
-
 def run_demo(out: Path = Path("runs/demo"), quick: bool = False, console: Console | None = None) -> dict[str, Any]:
     """Run every stage; returns the report written to ``out/demo.json``."""
     from edgedistill.data.scenes import write_scenes
+    from edgedistill.bench.runner import BenchOptions, run_bench
     from edgedistill.export.exporter import ExportOptions, run_export
-    from edgedistill.export.graph import ImageEncoder, export_onnx
     from edgedistill.pretrain import pretrain_config, pretrain_teacher
     from edgedistill.recipe import validate_recipe
-    from edgedistill.teachers import load_teacher
     from edgedistill.train import distill
 
     console = console or Console(stderr=True, soft_wrap=True)
@@ -142,52 +125,48 @@ def run_demo(out: Path = Path("runs/demo"), quick: bool = False, console: Consol
 
     console.rule("4/5 export: ONNX FP32 and calibrated INT8, checked against PyTorch")
     t0 = time.perf_counter()
-    exported = run_export(ExportOptions(run_dir=out, format="onnx", int8=True, calib_size=size.calib,
-                                        out=out / "export"), console)
-    # the teacher's image tower too, for the latency comparison
-    teacher_model = load_teacher(recipe.teacher, "cpu", seed=recipe.seed).model
-    example = torch.zeros(2, 3, IMAGE_SIZE, IMAGE_SIZE)
-    export_onnx(ImageEncoder(teacher_model), example, out / "export" / "teacher_image_fp32.onnx", "image",
-                "image_embedding")
+    run_export(ExportOptions(run_dir=out, format="onnx", int8=True, calib_size=size.calib, out=out / "export"),
+               console)
     stage("export", t0)
 
-    console.rule("5/5 latency: onnxruntime CPU, batch 1")
+    console.rule("5/5 bench: every artifact and the teacher on onnxruntime / PyTorch CPU")
     t0 = time.perf_counter()
     threads = torch.get_num_threads()
-    x = np.random.default_rng(0).normal(size=(1, 3, IMAGE_SIZE, IMAGE_SIZE)).astype(np.float32)
-    latency = {"teacher": _latency_ms(out / "export" / "teacher_image_fp32.onnx", x, size.latency_iters, threads)}
-    for a in exported["artifacts"]:
-        if a["encoder"] == "image" and a["format"] == "onnx" and a["precision"] in ("fp32", "int8"):
-            latency[a["name"]] = _latency_ms(out / "export" / a["path"], x, size.latency_iters, threads)
-    stage("latency", t0)
+    bench = run_bench(BenchOptions(export_dir=out / "export", device="cpu", batches=[1, 8], warmup=5,
+                                   iters=size.latency_iters, threads=threads, teacher=True, out=out / "bench"),
+                      console)
+    stage("bench", t0)
 
-    rows = _rows(summary, exported, latency, out)
+    rows = _rows(summary, bench)
     report = {"size": size.name, "seconds": round(time.perf_counter() - started, 1), "stages": stages,
               "teacher": {"folder": str(teacher.folder), "preset": size.teacher, "reused": teacher.reused,
                           "held_out": teacher.metrics},
               "summary": str(out / "summary.json"), "export": str(out / "export" / "export.json"),
-              "latency": {"backend": "onnxruntime CPU", "batch": 1, "threads": threads,
-                          "iterations": size.latency_iters, "statistic": "p50 ms"},
+              "latency": {"backend": "onnxruntime CPU (PyTorch for the PyTorch student)", "batch": 1,
+                          "threads": threads, "iterations": size.latency_iters, "statistic": "p50 ms"},
+              "bench": {"json": str(out / "bench" / "bench.json"), "md": str(out / "bench" / "bench.md"),
+                        "plot": str(out / "bench" / "pareto.png")},
               "rows": rows, "retention_rsum": summary.get("retention", {}).get("rsum")}
     atomic.write_json(out / MARKER, report)
     atomic.write_text(out / "demo.md", _markdown(report))
     return report
 
 
-def _rows(summary: dict[str, Any], exported: dict[str, Any], latency: dict[str, float],
-          out: Path) -> list[dict[str, Any]]:
-    """One row per model: the teacher, the PyTorch student, each ONNX image artifact."""
+def _rows(summary: dict[str, Any], bench: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per image model at batch 1: the teacher, the PyTorch student, each ONNX image artifact."""
     keys = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "rsum")
-    teacher_onnx = out / "export" / "teacher_image_fp32.onnx"
-    rows = [{"model": "teacher (open_clip ViT)", "precision": "fp32", "size_mb": teacher_onnx.stat().st_size / 2**20,
-             "latency_ms": latency.get("teacher"), **{k: summary["teacher"].get(k) for k in keys}},
-            {"model": "student (PyTorch)", "precision": "fp32", "size_mb": None, "latency_ms": None,
-             **{k: summary["student"].get(k) for k in keys}}]
-    for a in exported["artifacts"]:
-        if a["encoder"] == "image" and a["name"] in latency:
-            rows.append({"model": f"student ONNX ({a['path']})", "precision": a["precision"],
-                         "size_mb": a["size_mb"], "latency_ms": latency[a["name"]],
-                         **{k: (a.get("val") or {}).get(k) for k in keys}})
+    timed = {r["artifact"]: r for r in bench["rows"]
+             if r["status"] == "ok" and r["batch"] == 1 and r["encoder"] == "image"}
+    teacher = timed.get("teacher_image_fp32_onnx") or {}
+    rows = [{"model": "teacher (open_clip ViT, ONNX)", "precision": "fp32", "size_mb": teacher.get("size_mb"),
+             "latency_ms": teacher.get("p50_ms"), **{k: summary["teacher"].get(k) for k in keys}}]
+    student = timed.get("image_fp32_pytorch") or {}
+    rows.append({"model": "student (PyTorch)", "precision": "fp32", "size_mb": None,
+                 "latency_ms": student.get("p50_ms"), **{k: summary["student"].get(k) for k in keys}})
+    for name, r in timed.items():
+        if r["role"] == "student" and r["format"] == "onnx":
+            rows.append({"model": f"student ONNX ({name})", "precision": r["precision"], "size_mb": r["size_mb"],
+                         "latency_ms": r["p50_ms"], **{k: r.get(k) for k in keys}})
     return rows
 
 

@@ -27,7 +27,7 @@ def test_quick_demo_runs_every_stage_and_reports(quick_demo, capsys):
     code, out, cache = quick_demo
     assert code == 0
     report = json.loads((out / MARKER).read_text())
-    assert set(report["stages"]) == {"scenes", "teacher", "distill", "export", "latency"}
+    assert set(report["stages"]) == {"scenes", "teacher", "distill", "export", "bench"}
     # loose checks: the teacher learned the scenes (chance is 0.5 % on 200 held-out images) ...
     assert report["teacher"]["held_out"]["i2t_r1"] > 5
     summary = json.loads((out / "summary.json").read_text())  # the distill contract
@@ -43,6 +43,11 @@ def test_quick_demo_runs_every_stage_and_reports(quick_demo, capsys):
     exported = json.loads((out / "export" / "export.json").read_text())
     assert {"image_fp32_onnx", "image_int8_onnx", "text_fp32_onnx"} <= {a["name"] for a in exported["artifacts"]}
     assert "| model |" in (out / "demo.md").read_text()
+    # bench's own report sits beside it: every artifact and the timed teacher, at batch 1 and 8
+    bench = json.loads((out / "bench" / "bench.json").read_text())
+    timed = {(r["artifact"], r["batch"]) for r in bench["rows"] if r["status"] == "ok" and r["p50_ms"]}
+    assert {("image_int8_onnx", 1), ("image_int8_onnx", 8), ("teacher_image_fp32_onnx", 1)} <= timed
+    assert (out / "bench" / "pareto.png").is_file() and report["bench"]["plot"].endswith("pareto.png")
     # data and teacher live in the cache, for the next demo to reuse
     assert list((cache / "teachers").glob("tiny-*/pretrain.json"))
     assert list((cache / "scenes").glob("demo-quick-*/scenes.json"))
