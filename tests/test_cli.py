@@ -130,8 +130,17 @@ def _interrupt_mid_build(tiny_teacher, tmp_path: Path, sig: int) -> tuple[Path, 
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     fd = _wait_for_reader(images[20], proc)
     proc.send_signal(sig)
-    _, stderr = proc.communicate(timeout=60)
-    os.close(fd)
+    try:
+        _, stderr = proc.communicate(timeout=5)
+    except subprocess.TimeoutExpired:
+        # The kernel may hand a process-directed SIGINT to one of torch's worker threads: Python then only sees
+        # it when the main thread runs again, and that thread sits in read() on the FIFO. Closing the write end
+        # ends the read (EOF), and the pending KeyboardInterrupt fires before the empty image is used.
+        os.close(fd)
+        fd = None
+        _, stderr = proc.communicate(timeout=60)
+    if fd is not None:
+        os.close(fd)
     images[20].unlink()
     images[20].write_bytes(real_bytes)
     assert proc.returncode in (-sig, 130), stderr
