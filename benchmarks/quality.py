@@ -76,6 +76,9 @@ def overrides_for(method: str, track: str, paths: dict[str, Path], steps: int, o
     return recipe, ov
 
 
+_TEACHER_SCORES: dict[tuple[str, Path], dict[str, Any]] = {}
+
+
 @torch.no_grad()
 def split_scores(model: Any, tokenizer: Any, preprocess: Any, manifest_path: Path, twins_path: Path | None,
                  teacher: Any) -> dict[str, Any]:
@@ -89,10 +92,14 @@ def split_scores(model: Any, tokenizer: Any, preprocess: Any, manifest_path: Pat
     captions = [c for e in manifest.entries for c in e.captions]
     t2i = torch.tensor([i for i, e in enumerate(manifest.entries) for _ in e.captions])
     out = {}
+    if ("teacher", manifest_path) in _TEACHER_SCORES:  # the teacher is the same for every run: score it once
+        out["teacher"] = _TEACHER_SCORES[("teacher", manifest_path)]
     for who, (encode_image, encode_text, prep) in {
             "student": (lambda x: model.encode_image(x, normalize=True),
                         lambda t: model.encode_text(tokenizer(t), normalize=True), preprocess),
             "teacher": (teacher.embed_images, teacher.embed_texts, teacher.preprocess)}.items():
+        if who in out:
+            continue
         images = torch.cat([encode_image(torch.stack([prep(open_image(e.image)) for e in manifest.entries[i:i + 256]]))
                             for i in range(0, len(manifest), 256)]).float()
         texts = torch.cat([encode_text(captions[i:i + 512]) for i in range(0, len(captions), 512)]).float()
@@ -102,6 +109,7 @@ def split_scores(model: Any, tokenizer: Any, preprocess: Any, manifest_path: Pat
             twins = json.loads(twins_path.read_text())
             row["twins"] = twin_accuracy(images, texts, twins, t2i)
         out[who] = row
+    _TEACHER_SCORES[("teacher", manifest_path)] = out["teacher"]
     return out
 
 

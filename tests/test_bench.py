@@ -204,3 +204,31 @@ def test_cuda_bench_times_pytorch_with_cuda_events(export_dir, tmp_path):
     rows = [r for r in report["rows"] if r["backend"] == "pytorch-cuda" and r["status"] == "ok"]
     assert {r["batch"] for r in rows} == {1, 4} and all(r["peak_mem_kind"].startswith("cuda") for r in rows)
     assert report["device_info"]["gpu"]
+
+
+def test_a_bundle_for_a_remote_target_benches_on_its_own(export_dir, tmp_path):
+    """What --host ships: artifacts, student, val split (images copied), teacher scores and graph."""
+    from edgedistill.bench.runner import make_bundle, resolve_sources, teacher_side
+    from edgedistill.bench.accuracy import load_valset
+    import open_clip
+    from rich.console import Console
+
+    doc = artifacts.read_manifest(export_dir)
+    src = resolve_sources(export_dir, doc, None)
+    tok = open_clip.get_tokenizer(f"local-dir:{src.student_dir}")
+    val = load_valset(src.val, doc["preprocess"], tok, src.prompt)
+    teacher = teacher_side(src, val, True, Console(stderr=True))
+    bundle = make_bundle(export_dir, doc, src, teacher, tmp_path / "bundle")
+    assert (bundle / "val" / "val.jsonl").is_file() and len(list((bundle / "val" / "images").iterdir())) == 10
+    assert (bundle / "teacher" / "image_fp32.onnx").is_file() and (bundle / "student").is_dir()
+    bundled = resolve_sources(bundle, artifacts.read_manifest(bundle), None)
+    assert bundled.run_dir is None and bundled.val == bundle / "val" / "val.jsonl"
+    report = run_bench(BenchOptions(export_dir=bundle, batches=[1], iters=2, warmup=0, threads=1, teacher=True,
+                                    out=tmp_path / "r"))
+    local = run_bench(BenchOptions(export_dir=export_dir, batches=[1], iters=2, warmup=0, threads=1,
+                                   out=tmp_path / "l"))
+    remote_rows = {r["artifact"]: r for r in report["rows"] if r["status"] == "ok"}
+    for r in local["rows"]:
+        if r["status"] == "ok" and r["rsum"] is not None:
+            assert remote_rows[r["artifact"]]["rsum"] == pytest.approx(r["rsum"], abs=1e-3), r["artifact"]
+    assert "teacher_image_fp32_onnx" in remote_rows and "teacher_image_pytorch" not in remote_rows

@@ -97,14 +97,15 @@ class Sources:
 def resolve_sources(export_dir: Path, doc: dict[str, Any], val: Path | None) -> Sources:
     export_dir = Path(export_dir)
     context = json.loads((export_dir / BUNDLE_CONTEXT).read_text()) if (export_dir / BUNDLE_CONTEXT).is_file() else {}
-    run_dir = Path(doc["run_dir"]) if doc.get("run_dir") else None
+    # a bundle (made by --host for a remote target) carries everything itself: never reach for the run folder
+    run_dir = Path(doc["run_dir"]) if doc.get("run_dir") and not context else None
     if run_dir is not None and not (run_dir / "recipe.yaml").is_file():
         run_dir = None
     student = export_dir / BUNDLE_STUDENT
     if not student.is_dir():
         student = run_dir / "student" if run_dir is not None and (run_dir / "student").is_dir() else None
     prompt = context.get("prompt") or DEFAULT_PROMPT
-    if run_dir is not None and not context:
+    if run_dir is not None:
         from edgedistill.recipe import load_recipe
         prompt = load_recipe(run_dir / "recipe.yaml", ["device=cpu"]).eval.prompt
     notes = []
