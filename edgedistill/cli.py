@@ -411,7 +411,7 @@ def bench(
     val: Optional[Path] = typer.Option(None, "--val", help="Val manifest for accuracy (default: the export's)."),
     port: Optional[int] = typer.Option(None, "--port", help="ssh port of --host."),
     remote_cmd: str = typer.Option("edgedistill", "--remote-cmd", help="edgedistill on the target, if not on its "
-                                   "PATH (e.g. ~/venv/bin/edgedistill)."),
+                                   "login PATH (e.g. '~/venv/bin/edgedistill', quoted so ~ is the target's home)."),
     ssh_option: list[str] = typer.Option([], "--ssh-option", help="Extra ssh -o option (repeatable), e.g. "
                                          "ConnectTimeout=20."),
     timeout: float = typer.Option(3600, "--timeout", help="Seconds the remote bench may take."),
@@ -427,7 +427,7 @@ def bench(
 
     * `edgedistill bench runs/clip_to_mobilenet/export --teacher`
     * `edgedistill bench --device cuda --batch 1,16,64`
-    * `edgedistill bench --device jetson --host nvidia@orin.local --remote-cmd ~/venv/bin/edgedistill`
+    * `edgedistill bench --device jetson --host nvidia@orin.local --remote-cmd '~/venv/bin/edgedistill'`
     """
     from edgedistill.bench.runner import BenchOptions, parse_batches, run_bench
     from edgedistill.export.exporter import latest_run

@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import open_clip
@@ -95,3 +101,83 @@ def write_recipe(path: Path, teacher: tuple[Path, Path], train_manifest: Path, v
         recipe.setdefault(key, {}).update(value)
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     return path
+
+
+# ---------------------------------------------------------------------------------------------- a private sshd
+SSHD = "/usr/sbin/sshd"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Sshd:
+    def __init__(self, host: str, port: int, options: list[str]) -> None:
+        self.host, self.port, self.options = host, port, options
+
+    def bench(self, bundle: Path, out: Path, remote_cmd: str, args: list[str] | None = None,
+              **kw: object) -> Path:
+        from edgedistill.bench.remote import run_remote_bench
+
+        return run_remote_bench(self.host, bundle, args or [], out, remote_cmd=remote_cmd, port=self.port,
+                                ssh_options=self.options, connect_timeout_s=5, **kw)
+
+
+@pytest.fixture(scope="module")
+def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sshd]:
+    """A private sshd on 127.0.0.1 that lets this user in with a key made here, and nobody else."""
+    if not os.path.exists(SSHD):
+        pytest.skip("sshd not installed: apt-get install openssh-server")
+    if shutil.which("ssh") is None or shutil.which("ssh-keygen") is None:
+        pytest.skip("ssh client not installed: apt-get install openssh-client")
+    if not os.path.isdir("/run/sshd"):  # sshd's privilege separation folder
+        try:
+            os.makedirs("/run/sshd", mode=0o755)
+        except OSError as e:
+            pytest.skip(f"cannot create /run/sshd for sshd ({e})")
+    d = tmp_path_factory.mktemp("sshd")
+    for name in ("host_key", "client_key"):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / name)], check=True)
+    shutil.copy(d / "client_key.pub", d / "authorized_keys")
+    port = free_port()
+    (d / "sshd_config").write_text(f"""\
+ListenAddress 127.0.0.1
+Port {port}
+HostKey {d / 'host_key'}
+AuthorizedKeysFile {d / 'authorized_keys'}
+PidFile {d / 'sshd.pid'}
+StrictModes no
+UsePAM no
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+PubkeyAuthentication yes
+PermitRootLogin prohibit-password
+""")
+    log = open(d / "sshd.log", "wb")
+    proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(d / "sshd_config")], stdout=log, stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 15
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"sshd exited with {proc.returncode}: {(d / 'sshd.log').read_text()[-2000:]}")
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    pytest.fail(f"sshd did not listen on port {port}: {(d / 'sshd.log').read_text()[-2000:]}")
+                time.sleep(0.05)
+        options = ["-F", "/dev/null", "-i", str(d / "client_key"), "-o", "IdentitiesOnly=yes",
+                   "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR"]
+        yield Sshd(f"{pwd.getpwuid(os.getuid()).pw_name}@127.0.0.1", port, options)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()

@@ -232,3 +232,48 @@ def test_a_bundle_for_a_remote_target_benches_on_its_own(export_dir, tmp_path):
         if r["status"] == "ok" and r["rsum"] is not None:
             assert remote_rows[r["artifact"]]["rsum"] == pytest.approx(r["rsum"], abs=1e-3), r["artifact"]
     assert "teacher_image_fp32_onnx" in remote_rows and "teacher_image_pytorch" not in remote_rows
+
+
+def test_remote_bench_over_a_real_sshd_brings_the_report_back(export_dir, sshd, tmp_path):
+    """--host end to end: bundle -> ssh -> `edgedistill bench` on the 'target' -> report back, teacher included."""
+    import sys
+
+    remote_cmd = Path(sys.executable).parent / "edgedistill"
+    if not remote_cmd.is_file():
+        pytest.skip("no edgedistill console script beside this python (install with pip install -e .)")
+    out = tmp_path / "report"
+    report = run_bench(BenchOptions(export_dir=export_dir, batches=[1, 2], iters=2, warmup=0, threads=1,
+                                    teacher=True, out=out, host=sshd.host, port=sshd.port,
+                                    ssh_options=sshd.options, remote_cmd=str(remote_cmd), timeout_s=600))
+    assert report["remote"]["host"] == sshd.host
+    rows = _rows(out)
+    timed = {(r["artifact"], r["batch"]) for r in rows if r["status"] == "ok" and r["p50_ms"]}
+    assert {("image_int8_onnx", 1), ("image_int8_onnx", 2), ("teacher_image_fp32_onnx", 1)} <= timed
+    assert all(r["rsum"] is not None for r in rows if r["status"] == "ok")
+    assert (out / rep.REPORT_MD).is_file() and (out / rep.PARETO_PNG).is_file()
+
+
+def test_jetson_power_is_sampled_around_the_timed_calls(tmp_path, monkeypatch):
+    """On a Jetson, tegrastats runs while a batch size is timed: average board power and mJ per item."""
+    import time as _time
+
+    from edgedistill.bench import jetson
+    from edgedistill.bench.backends import Runner
+    from edgedistill.bench.runner import time_job
+    from tests.test_bench_jetson import _fake_tegrastats, device_lines
+
+    line = device_lines("tegrastats_orin_nano_jp6.txt")[0]          # VDD_IN 4556 mW
+    exe = _fake_tegrastats(tmp_path, [line])
+
+    class Sleepy(Runner):
+        def call(self, staged):
+            _time.sleep(0.03)
+
+    opts = BenchOptions(export_dir=tmp_path, iters=12, warmup=1)
+    sampler = lambda: jetson.TegrastatsSampler(interval_ms=50, command=(str(exe),))  # noqa: E731
+    lat = time_job(None, Sleepy(), opts, batch=4, source=np.zeros((4, 3), np.float32), e2e_call=None,
+                   power=sampler)
+    assert lat["avg_power_w"] == pytest.approx(4.556)
+    # energy per item = power x timed window / items; the window is at least the 12 sleeps
+    assert lat["energy_mj_per_item"] >= 4556 * 0.03 * 12 / (4 * 12) * 0.99
+    assert lat["power"]["board_rail"] == "VDD_IN" and lat["power"]["sample_count"] >= 2

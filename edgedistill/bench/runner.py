@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -315,17 +316,16 @@ def time_job(job: Job, runner: Runner, opts: BenchOptions, batch: int, source: n
         call = lambda: runner.call(staged)  # noqa: E731
     timer = time_cuda if runner.timer == "cuda" else time_cpu
     runner.peak_memory_reset()
-    for _ in range(opts.warmup):
-        call()
     sampler = power() if power is not None else None
-    if sampler is not None:
+    if sampler is not None:  # started before the warm-up, so tegrastats is already printing when timing starts
         sampler.__enter__()
-    import time
-    start = time.monotonic()
     try:
+        for _ in range(opts.warmup):
+            call()
+        start = time.monotonic()
         times = timer(call, 0, opts.iters)
-    finally:
         end = time.monotonic()
+    finally:
         if sampler is not None:
             sampler.__exit__(None, None, None)
     lat = summarize(times, batch, opts.warmup)
@@ -334,8 +334,10 @@ def time_job(job: Job, runner: Runner, opts: BenchOptions, batch: int, source: n
     if sampler is not None:
         from edgedistill.bench.jetson import power_summary
         summary = power_summary(sampler.samples, start, end, batch * opts.iters)
-        out["avg_power_w"] = summary.get("avg_power_w")
-        out["energy_mj_per_item"] = summary.get("energy_mj_per_image")
+        out["avg_power_w"] = summary.get("avg_board_power_w")
+        out["energy_mj_per_item"] = summary.get("energy_per_image_mj")
+        out["power"] = {k: summary.get(k) for k in ("board_rail", "board_power_is_sum", "sample_count",
+                                                     "rails_avg_mw", "avg_gpu_load_pct")}
     return out
 
 
