@@ -540,9 +540,47 @@ def _build_or_load_sharded(teacher: Teacher, manifest: Manifest, final: Path, ke
     return CacheResult(cache, word == "hit", forward_batches, time.perf_counter() - started, seconds)
 
 
+def class_text_features(teacher: Teacher, prompts: list[list[str]], root: Path | None = None) -> torch.Tensor:
+    """The teacher's class texts: for each class the normalised mean of its prompts' embeddings -> (C, D) float32.
+
+    With a ``root`` (the feature cache root) they are kept next to the feature cache
+    (``<root>/class_text/<model>__<key16>.npz``), keyed by the teacher's identity and the prompt texts, so each set
+    of class prompts is embedded once; a file whose key does not match is recomputed. Without one (a run with the
+    teacher online) nothing is written.
+    """
+    key = sha256_json({"version": CACHE_VERSION, "teacher": teacher.identity, "prompts": prompts})
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", teacher.source.model_name)[:48]
+    path = Path(root) / "class_text" / f"{slug}__{key[:16]}.npz" if root is not None else None
+    if path is not None and path.is_file():
+        try:
+            with np.load(path) as z:
+                if str(z["key"]) == key and z["emb"].shape == (len(prompts), teacher.embed_dim):
+                    return torch.from_numpy(z["emb"].astype(np.float32))
+        except (OSError, ValueError, KeyError):
+            pass
+    flat = [p for group in prompts for p in group]
+    emb = torch.cat([teacher.embed_texts(flat[i:i + 256]).float().cpu() for i in range(0, len(flat), 256)]) \
+        if flat else torch.zeros(0, teacher.embed_dim)
+    out, start = [], 0
+    for group in prompts:
+        if not group:
+            raise ValueError("every class needs at least one prompt")
+        out.append(torch.nn.functional.normalize(emb[start:start + len(group)].mean(0), dim=-1))
+        start += len(group)
+    result = torch.stack(out) if out else torch.zeros(0, teacher.embed_dim)
+    if path is None:
+        return result
+    try:
+        with atomic.atomic_path(path) as tmp, open(tmp, "wb") as f:
+            np.savez(f, emb=result.numpy(), key=np.array(key))
+    except OSError:
+        pass  # a read-only cache folder: the texts are cheap to embed again
+    return result
+
+
 def load_split_manifests(recipe: Recipe) -> dict[str, Manifest]:
-    """The recipe's manifests by split name ('train', and 'val' when given)."""
-    splits = {"train": recipe.data.train, "val": recipe.data.val}
+    """The recipe's manifests by split name ('train', and 'val' / 'ood_val' when given)."""
+    splits = {"train": recipe.data.train, "val": recipe.data.val, "ood_val": recipe.data.ood_val}
     index_dir = (recipe.cache.dir or default_cache_root()) / "shards"  # indexes of webdataset shards
     return {name: load_manifest(path, recipe.data.image_root, index_dir)
             for name, path in splits.items() if path is not None}

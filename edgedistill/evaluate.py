@@ -17,11 +17,12 @@ import torch
 from rich.console import Console
 
 from edgedistill import atomic
-from edgedistill.cache import FeatureCache, caches_for_recipe, load_split_manifests
+from edgedistill.cache import (FeatureCache, caches_for_recipe, class_text_features, default_cache_root,
+                              load_split_manifests)
 from edgedistill.data.images import BadImages, ImageDataset, collate_images
 from edgedistill.data.manifest import Manifest
 from edgedistill.errors import UserError
-from edgedistill.metrics import agreement, retrieval_metrics, zero_shot_accuracy
+from edgedistill.metrics import agreement, few_shot_accuracy, retrieval_metrics, zero_shot_accuracy
 from edgedistill.recipe import load_recipe
 from edgedistill.students import Student, load_student
 from edgedistill.teachers import Teacher, load_teacher, resolve_device
@@ -38,8 +39,53 @@ class ValData:
     text_to_image: torch.Tensor       # (T,) long, into the N images
     labels: torch.Tensor | None       # (N,) long class index, -1 = unlabelled; None when the split has no labels
     class_names: list[str]
-    class_prompts: list[str]
-    teacher_class_text: torch.Tensor | None  # (C, D)
+    class_prompts: list[str]          # (C,) the first prompt of each class
+    teacher_class_text: torch.Tensor | None  # (C, D) the normalised mean over each class's prompts
+    class_prompt_sets: list[list[str]] | None = None  # (C,) every prompt of each class (None: class_prompts)
+
+
+DEFAULT_DESCRIPTION_PROMPT = "a photo of {label} . {description}"
+
+
+def read_class_descriptions(path: Path) -> dict[str, list[str]]:
+    """``data.class_descriptions``: a JSON object, class name -> list of attribute sentences (or one sentence)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"data.class_descriptions {path} not found; give a JSON file mapping each class name to a "
+                        f"list of attribute sentences")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"data.class_descriptions {path} is not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"data.class_descriptions {path}: expected a JSON object (class name -> list of sentences)")
+    out: dict[str, list[str]] = {}
+    for name, sentences in raw.items():
+        if isinstance(sentences, str):
+            sentences = [sentences]
+        if not isinstance(sentences, list) or not sentences or not all(isinstance(x, str) and x.strip()
+                                                                        for x in sentences):
+            raise UserError(f"data.class_descriptions {path}: class '{name}' needs a non-empty list of sentences")
+        out[str(name)] = [x.strip() for x in sentences]
+    return out
+
+
+def class_prompt_sets(names: list[str], prompt: str, descriptions: dict[str, list[str]] | None = None,
+                      description_prompt: str = DEFAULT_DESCRIPTION_PROMPT) -> list[list[str]]:
+    """Each class's prompts: ``description_prompt`` once per attribute sentence of a described class, else
+    ``prompt`` (e.g. "a photo of red star . it has five points", or "a photo of a red star.")."""
+    descriptions = descriptions or {}
+    return [[description_prompt.format(label=n, description=d) for d in descriptions[n]] if n in descriptions
+            else [prompt.format(label=n)] for n in names]
+
+
+def label_index(labels: list[str | None]) -> tuple[list[str], torch.Tensor | None]:
+    """Sorted class names and (N,) long class index per item (-1: no label); (names, None) without any label."""
+    if not any(label is not None for label in labels):
+        return [], None
+    names = sorted({label for label in labels if label is not None})
+    index = {n: k for k, n in enumerate(names)}
+    return names, torch.tensor([index[label] if label is not None else -1 for label in labels], dtype=torch.long)
 
 
 def select_rows(manifest: Manifest, ok: np.ndarray) -> tuple[np.ndarray, list[str], np.ndarray, np.ndarray]:
@@ -55,8 +101,14 @@ def select_rows(manifest: Manifest, ok: np.ndarray) -> tuple[np.ndarray, list[st
 
 
 def prepare_val(manifest: Manifest, teacher: Teacher, cache: FeatureCache | None, prompt: str,
-                batch_size: int = 64, workers: int = 0, console: Console | None = None) -> ValData:
-    """Teacher embeddings of the val split: from ``cache``, or computed now when there is none (online mode)."""
+                batch_size: int = 64, workers: int = 0, console: Console | None = None,
+                descriptions: dict[str, list[str]] | None = None,
+                description_prompt: str = DEFAULT_DESCRIPTION_PROMPT, cache_root: Path | None = None) -> ValData:
+    """Teacher embeddings of the val split: from ``cache``, or computed now when there is none (online mode).
+
+    Class texts: ``descriptions`` (class -> attribute sentences) make a class's text the mean of its described
+    prompts; with a ``cache_root`` they are embedded once and kept there (see ``cache.class_text_features``).
+    """
     if cache is not None:
         ok = cache.image_ok.astype(bool)
         rows, captions, text_rows, t2i = select_rows(manifest, ok)
@@ -70,16 +122,12 @@ def prepare_val(manifest: Manifest, teacher: Teacher, cache: FeatureCache | None
         teacher_text = torch.cat([teacher.embed_texts(captions[i:i + 256]).cpu()
                                   for i in range(0, len(captions), 256)]) if captions else \
             torch.zeros(0, teacher.embed_dim)
-    labels, names = None, []
-    entry_labels = [manifest.entries[i].label for i in rows]
-    if any(label is not None for label in entry_labels):
-        names = sorted({label for label in entry_labels if label is not None})
-        index = {n: k for k, n in enumerate(names)}
-        labels = torch.tensor([index[label] if label is not None else -1 for label in entry_labels])
-    prompts = [prompt.format(label=n) for n in names]
-    class_text = teacher.embed_texts(prompts).cpu() if prompts else None
+    names, labels = label_index([manifest.entries[i].label for i in rows])
+    sets = class_prompt_sets(names, prompt, descriptions, description_prompt)
+    class_text = class_text_features(teacher, sets, cache_root) if sets else None
     return ValData(manifest, rows, teacher_image.cpu(), captions, teacher_text.cpu(),
-                   torch.from_numpy(np.asarray(t2i, dtype=np.int64)), labels, names, prompts, class_text)
+                   torch.from_numpy(np.asarray(t2i, dtype=np.int64)), labels, names, [p[0] for p in sets], class_text,
+                   sets)
 
 
 @torch.no_grad()
@@ -122,6 +170,17 @@ def student_text_embeddings(student: Student, tokenizer: Any, texts: list[str], 
                       for i in range(0, len(texts), batch_size)])
 
 
+def student_class_text(student: Student, tokenizer: Any, val: ValData, device: torch.device) -> torch.Tensor | None:
+    """(C, D) the student's own class texts: the normalised mean over each class's prompts."""
+    sets = val.class_prompt_sets or [[p] for p in val.class_prompts]
+    if not sets:
+        return None
+    emb = student_text_embeddings(student, tokenizer, [p for group in sets for p in group], device)
+    bounds = np.cumsum([0, *[len(g) for g in sets]])
+    return torch.nn.functional.normalize(torch.stack([emb[a:b].mean(0) for a, b in zip(bounds[:-1], bounds[1:])]),
+                                         dim=-1)
+
+
 def teacher_metrics(val: ValData) -> dict[str, float]:
     metrics = retrieval_metrics(val.teacher_image, val.teacher_text, val.text_to_image) if len(val.captions) else {}
     if val.labels is not None and val.teacher_class_text is not None:
@@ -150,8 +209,7 @@ def evaluate_student(student: Student, val: ValData, tokenizer: Any, device: tor
             text, class_text = val.teacher_text, val.teacher_class_text
         else:
             text = student_text_embeddings(student, tokenizer, val.captions, device)
-            class_text = student_text_embeddings(student, tokenizer, val.class_prompts, device) \
-                if val.class_prompts else None
+            class_text = student_class_text(student, tokenizer, val, device)
     finally:
         model.train(was_training)
     metrics: dict[str, float] = {}
@@ -173,6 +231,48 @@ def evaluate_student(student: Student, val: ValData, tokenizer: Any, device: tor
     return metrics
 
 
+@torch.no_grad()
+def evaluate_ood(student: Student, ood: ValData, tokenizer: Any, device: torch.device, few_shot: list[int],
+                 repeats: int = 3, alpha: float = 1.0, beta: float = 5.5, seed: int = 0, batch_size: int = 128,
+                 workers: int = 0, text_from_cache: bool = True, console: Console | None = None,
+                 prompts: str = "plain") -> tuple[dict[str, Any], dict[str, Any]]:
+    """Zero-shot and few-shot accuracy on classes never trained on (``data.ood_val``), student and teacher.
+
+    Zero-shot: mean per-class top-1 % against the class texts (``*_mean_class``) and overall top-1 %. Few-shot:
+    for each k, ``k`` support images per class, the rest are queries; the prototype classifier and Tip-Adapter
+    over the embeddings, without training (``metrics.few_shot_accuracy``), mean per-class top-1 %.
+    Returns (``ood_zero_shot``, ``ood_few_shot``) as written to summary.json.
+    """
+    if ood.labels is None or ood.teacher_class_text is None:
+        raise UserError(f"data.ood_val {ood.manifest.path} has no class labels; OOD evaluation needs a \"label\" "
+                        f"on its images")
+    model = student.model
+    was_training = model.training
+    model.eval()
+    try:
+        image, _ = embed_images(lambda x: model.encode_image(x, normalize=True), ood.manifest,
+                                student_eval_transform(student), device, batch_size, workers, console, "ood_val")
+        image = image[torch.from_numpy(ood.image_rows)]
+        class_text = ood.teacher_class_text if (text_from_cache and student.text_is_teacher) \
+            else student_class_text(student, tokenizer, ood, device)
+    finally:
+        model.train(was_training)
+    s_zs = zero_shot_accuracy(image, class_text, ood.labels)
+    t_zs = zero_shot_accuracy(ood.teacher_image, ood.teacher_class_text, ood.labels)
+    zero_shot = {"student_mean_class": s_zs["zs_mean_class"], "student_top1": s_zs["zs_top1"],
+                 "teacher_mean_class": t_zs["zs_mean_class"], "teacher_top1": t_zs["zs_top1"],
+                 "classes": len(ood.class_names), "images": int((ood.labels >= 0).sum()), "prompts": prompts}
+    few: dict[str, Any] = {"repeats": repeats, "k": {}}
+    for k in few_shot:
+        s_fs = few_shot_accuracy(image, ood.labels, k, class_text, repeats, seed, alpha, beta)
+        t_fs = few_shot_accuracy(ood.teacher_image, ood.labels, k, ood.teacher_class_text, repeats, seed, alpha, beta)
+        if s_fs:
+            few["k"][str(k)] = {"prototype": s_fs["prototype"], "tip_adapter": s_fs["tip_adapter"],
+                                "teacher_prototype": t_fs["prototype"], "teacher_tip_adapter": t_fs["tip_adapter"],
+                                "classes": int(s_fs["classes"])}
+    return zero_shot, few
+
+
 def run_eval(run_dir: Path, device: str, console: Console) -> dict[str, Any]:
     """``edgedistill eval RUN_DIR``: the saved student against the teacher on the run's val split -> eval.json."""
     run_dir = Path(run_dir)
@@ -185,7 +285,10 @@ def run_eval(run_dir: Path, device: str, console: Console) -> dict[str, Any]:
     student = load_student(run_dir / "student", resolve_device(device))
     teacher = load_teacher(recipe.teacher, recipe.device, seed=recipe.seed)
     caches = caches_for_recipe(recipe, teacher, {"val": manifests["val"]}, console)
-    val = prepare_val(manifests["val"], teacher, caches["val"].cache, recipe.eval.prompt)
+    descriptions = read_class_descriptions(recipe.data.class_descriptions) if recipe.data.class_descriptions else None
+    val = prepare_val(manifests["val"], teacher, caches["val"].cache, recipe.eval.prompt, descriptions=descriptions,
+                      description_prompt=recipe.data.description_prompt,
+                      cache_root=recipe.cache.dir or default_cache_root())
     student_metrics = evaluate_student(student, val, teacher.tokenizer, teacher.device, recipe.eval.batch_size,
                                        recipe.data.workers, console=console)
     t = teacher_metrics(val)

@@ -181,4 +181,86 @@ def agreement(student_image: Tensor, student_text: Tensor, teacher_image: Tensor
     return {"agreement_top1": 100.0 * same.mean().item(), "cosine_to_teacher": cos.mean().item()}
 
 
-__all__ = ["agreement", "retrieval_metrics", "zero_shot_accuracy"]
+def mean_class_top1(pred: Tensor, labels: Tensor, n_classes: int) -> float:
+    """Mean over the classes present in ``labels`` (N,) of each class's top-1 % of predictions ``pred`` (N,)."""
+    correct = (pred == labels).double()
+    hits = torch.zeros(n_classes, dtype=torch.float64, device=labels.device).index_add_(0, labels, correct)
+    count = torch.bincount(labels, minlength=n_classes).double()
+    present = count > 0
+    return 100.0 * (hits[present] / count[present]).mean().item()
+
+
+def prototype_logits(queries: Tensor, support: Tensor, support_labels: Tensor, n_classes: int) -> Tensor:
+    """Cosine to each class prototype (the normalised mean of its normalised support embeddings).
+
+    queries (Q, D), support (S, D), support_labels (S,) long in 0..C-1 -> (Q, C); a class without support
+    scores -inf.
+    """
+    s = _unit(support)
+    proto = torch.zeros(n_classes, s.shape[1], dtype=s.dtype, device=s.device).index_add_(0, support_labels, s)
+    has = torch.bincount(support_labels, minlength=n_classes) > 0
+    logits = _unit(queries).to(s.dtype) @ _unit(proto).T
+    return logits.masked_fill(~has.unsqueeze(0), float("-inf"))
+
+
+def tip_adapter_logits(queries: Tensor, support: Tensor, support_labels: Tensor, n_classes: int,
+                       class_emb: Tensor | None = None, alpha: float = 1.0, beta: float = 5.5) -> Tensor:
+    """Tip-Adapter (Zhang et al. 2022) without training: ``100 q^ W^T + alpha * exp(-beta (1 - q^ F^T)) L``.
+
+    queries (Q, D), support F (S, D) with labels (S,) as one-hot L (S, C), class_emb W (C, D) the zero-shot class
+    texts (left out when None) -> (Q, C).
+    """
+    q, f = _unit(queries), _unit(support).to(_unit(queries).dtype)
+    onehot = F.one_hot(support_labels, n_classes).to(q.dtype)
+    logits = alpha * torch.exp(-beta * (1.0 - q @ f.T)) @ onehot
+    if class_emb is not None:
+        logits = logits + 100.0 * q @ _unit(class_emb).to(q.dtype).T
+    return logits
+
+
+@torch.no_grad()
+def few_shot_accuracy(image_emb: Tensor, labels: Tensor, k: int, class_emb: Tensor | None = None,
+                      repeats: int = 3, seed: int = 0, alpha: float = 1.0, beta: float = 5.5) -> dict[str, float]:
+    """Few-shot classification of new classes from ``k`` support images per class, without training.
+
+    image_emb (N, D), labels (N,) long (-1 = unlabelled, ignored). For each of ``repeats`` seeded draws, k images
+    of every class are the support set and the rest of the labelled images the queries; a class needs more than
+    k images to take part. Returns the mean over draws of the mean per-class top-1 % of the prototype classifier
+    (``prototype``) and of Tip-Adapter (``tip_adapter``; with ``class_emb`` (C, D) its zero-shot part is on),
+    and ``classes`` (how many classes took part). Empty dict when no class has more than k images.
+    """
+    import numpy as np
+
+    if image_emb.ndim != 2 or labels.shape != (image_emb.shape[0],):
+        raise ValueError(f"need (N, D) embeddings and (N,) labels; got {tuple(image_emb.shape)} and "
+                         f"{tuple(labels.shape)}")
+    labels = labels.long().cpu()
+    emb = image_emb.float().cpu()
+    n_classes = int(labels.max().item()) + 1 if len(labels) and int(labels.max()) >= 0 else 0
+    if class_emb is not None:
+        n_classes = max(n_classes, class_emb.shape[0])
+    members = {c: np.flatnonzero(labels.numpy() == c) for c in range(n_classes)}
+    usable = [c for c, m in members.items() if len(m) > k]
+    if not usable:
+        return {}
+    scores: dict[str, list[float]] = {"prototype": [], "tip_adapter": []}
+    for r in range(repeats):
+        rng = np.random.default_rng([seed, k, r])
+        support, query = [], []
+        for c in usable:
+            perm = rng.permutation(members[c])
+            support.append(perm[:k])
+            query.append(perm[k:])
+        s_idx, q_idx = torch.from_numpy(np.concatenate(support)), torch.from_numpy(np.concatenate(query))
+        s_lab, q_lab = labels[s_idx], labels[q_idx]
+        pred = prototype_logits(emb[q_idx], emb[s_idx], s_lab, n_classes).argmax(dim=1)
+        scores["prototype"].append(mean_class_top1(pred, q_lab, n_classes))
+        tip = tip_adapter_logits(emb[q_idx], emb[s_idx], s_lab, n_classes, class_emb, alpha, beta)
+        no_support = torch.bincount(s_lab, minlength=n_classes).unsqueeze(0) == 0
+        tip = tip.masked_fill(no_support, float("-inf"))  # the same candidates as the prototypes
+        scores["tip_adapter"].append(mean_class_top1(tip.argmax(dim=1), q_lab, n_classes))
+    return {**{name: float(np.mean(v)) for name, v in scores.items()}, "classes": float(len(usable))}
+
+
+__all__ = ["agreement", "few_shot_accuracy", "mean_class_top1", "prototype_logits", "retrieval_metrics",
+           "tip_adapter_logits", "zero_shot_accuracy"]

@@ -77,6 +77,21 @@ class DataConfig(_Section):
     max_bad_fraction: float = Field(0.05, ge=0.0, le=1.0,
                                     description="stop when more than this share of images cannot be read")
     augment: AugmentConfig = AugmentConfig()
+    class_descriptions: Path | None = Field(
+        None, description="JSON file: class name -> list of attribute sentences; each class's text becomes the mean "
+                          "teacher embedding of description_prompt over its sentences (classes not in the file "
+                          "keep eval.prompt)")
+    description_prompt: str = Field("a photo of {label} . {description}",
+                                    description="class prompt with a description; {label} and {description}")
+    ood_val: Path | None = Field(None, description="manifest of out-of-distribution classes (disjoint from the "
+                                                   "training classes) for zero-shot and few-shot evaluation")
+
+    @field_validator("description_prompt")
+    @classmethod
+    def _has_placeholders(cls, v: str) -> str:
+        if "{label}" not in v or "{description}" not in v:
+            raise ValueError("the prompt needs {label} and {description} placeholders")
+        return v
 
 
 class CacheConfig(_Section):
@@ -87,7 +102,25 @@ class CacheConfig(_Section):
 DEFAULT_TERMS = ["feature", "similarity", "relation", "contrastive", "hard_negative", "clip"]
 
 
+class LayerwiseConfig(_Section):
+    weight: float = Field(1.0, ge=0.0, description="base weight of each module's hidden-state term")
+    grid: PositiveInt = Field(4, description="pool student and teacher maps to a common g x g grid (at most the "
+                                             "smaller map's side)")
+    num_modules: PositiveInt = Field(4, description="at most this many student modules: timm's stage points, "
+                                                    "grouped into runs of consecutive blocks when there are more")
+    student_modules: list[str] | None = Field(None, description="trunk submodules that end the modules (timm "
+                                                                "module paths, e.g. [blocks.1, blocks.3]); "
+                                                                "default: from timm's feature_info")
+    teacher_layers: list[int] | None = Field(None, description="teacher ViT block of each module (negative: from "
+                                                               "the end); default: the uniform map")
+    normalize_teacher: bool = Field(True, description="layer-normalise the teacher's tokens (no affine) before "
+                                                      "the loss, so every layer's target has one scale")
+
+
 class LossConfig(_Section):
+    layerwise: LayerwiseConfig | None = Field(
+        None, description="hidden-state distillation, module by module (true, or a mapping of its options); "
+                          "needs train.teacher: online (set automatically when train.teacher is not given)")
     terms: dict[str, Any] = Field(
         default_factory=lambda: {t: {} for t in DEFAULT_TERMS}, validate_default=True,
         description="loss terms by name, each with its options ({} = defaults); a plain list of names also works")
@@ -113,6 +146,15 @@ class LossConfig(_Section):
             raise ValueError("give a balancer name or a mapping {name: ..., options}")
         return validate_balancer(v).model_dump()
 
+    @field_validator("layerwise", mode="before")
+    @classmethod
+    def _layerwise(cls, v: Any) -> Any:
+        if v is True:
+            return {}
+        if v is False:
+            return None
+        return v
+
 
 class TrainConfig(_Section):
     epochs: PositiveInt = 10
@@ -136,6 +178,10 @@ class TrainConfig(_Section):
 class EvalConfig(_Section):
     prompt: str = Field("a photo of a {label}.", description="zero-shot class prompt; {label} is the class name")
     batch_size: PositiveInt = Field(128, description="images per batch when embedding val data")
+    few_shot: list[PositiveInt] = Field([1, 4], description="data.ood_val few-shot: k support images per new class")
+    few_shot_repeats: PositiveInt = Field(3, description="seeded support draws per k (the mean is reported)")
+    tip_alpha: float = Field(1.0, ge=0.0, description="Tip-Adapter: weight of the support-cache logits")
+    tip_beta: float = Field(5.5, gt=0.0, description="Tip-Adapter: sharpness of the support affinities")
 
     @field_validator("prompt")
     @classmethod
@@ -157,6 +203,19 @@ class Recipe(_Section):
     loss: LossConfig = LossConfig()
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
+    select: Any = Field(None, validate_default=True,
+                        description="module selection for loss.layerwise: a method name (optima, thompson, random, "
+                                    "uniform) or {method: ..., options}; default with layerwise: optima")
+
+    @field_validator("select", mode="before")
+    @classmethod
+    def _select(cls, v: Any) -> dict[str, Any] | None:
+        if v is None:
+            return None
+        from edgedistill.select import validate_selector
+        if not isinstance(v, (str, dict)):
+            raise ValueError("give a selection method name or a mapping {method: ..., options}")
+        return validate_selector(v).model_dump()
 
     @field_validator("name")
     @classmethod
@@ -180,6 +239,18 @@ class Recipe(_Section):
                              "with student.text: teacher the student embeds at the teacher's width")
         if self.out is None:
             self.out = Path("runs") / self.name
+        if self.loss.layerwise is not None:
+            if self.train.teacher == "cached":
+                if "teacher" in self.train.model_fields_set:
+                    raise ValueError("loss.layerwise needs the teacher's hidden states, which are not cached: set "
+                                     "train.teacher: online (or leave it out), or turn loss.layerwise off")
+                self.train.teacher = "online"
+            if self.select is None:
+                from edgedistill.select import validate_selector
+                self.select = validate_selector("optima").model_dump()
+        elif self.select is not None:
+            raise ValueError("select chooses among the modules of loss.layerwise; add loss.layerwise: true or "
+                             "remove select")
         return self
 
 
@@ -229,7 +300,7 @@ def describe_error(error: dict[str, Any], root: type[BaseModel] | None = None) -
     if error["type"] == "missing":
         return f"missing required key '{path}'"
     got = error.get("input")
-    got_text = f" (got {got!r})" if not isinstance(got, (dict, list)) else ""
+    got_text = f" (got {got!r})" if not isinstance(got, (dict, list, BaseModel)) else ""
     msg = error["msg"].removeprefix("Value error, ")
     return f"'{path}': {msg}{got_text}" if path else f"{msg}{got_text}"
 

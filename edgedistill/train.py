@@ -29,15 +29,19 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from edgedistill import atomic, distributed
 from edgedistill.balance import Balancer, build_balancer, validate_balancer
-from edgedistill.cache import FeatureCache, caches_for_recipe, load_split_manifests
+from edgedistill.cache import (FeatureCache, caches_for_recipe, class_text_features, default_cache_root,
+                              load_split_manifests)
 from edgedistill.data.images import BadImages, open_image, why_unreadable
 from edgedistill.data.manifest import Manifest
 from edgedistill.data.transforms import student_train_transform
 from edgedistill.errors import UserError
-from edgedistill.evaluate import ValData, evaluate_student, prepare_val, teacher_metrics
+from edgedistill.evaluate import (ValData, class_prompt_sets, evaluate_ood, evaluate_student, label_index, prepare_val,
+                                  read_class_descriptions, student_eval_transform, teacher_metrics)
+from edgedistill.layerwise import Layerwise
 from edgedistill.losses import Embeddings, LossContext, build_losses, validate_term_options
 from edgedistill.recipe import Recipe, read_yaml, save_recipe
 from edgedistill.runtime import keep_freed_memory
+from edgedistill.select import Selector, build_selector
 from edgedistill.students import Student, build_student, save_student
 from edgedistill.teachers import Teacher, load_teacher, resolve_device
 
@@ -174,6 +178,9 @@ class RankBatch:
     pair_image: torch.Tensor | None      # (P,) which of the B images each caption belongs to
     image_sizes: list[int]               # images of each rank (sum B)
     text_sizes: list[int]                # drawn captions of each rank (sum P)
+    labels: torch.Tensor | None = None   # (B,) class index of each image, -1 = none; None without class texts
+    arms: list[int] = field(default_factory=list)        # layerwise: the modules whose hidden-state terms are on
+    hidden: list[torch.Tensor | None] | None = None      # layerwise: (B, g*g, D_t) teacher targets per module
 
 
 class DistillStep(torch.nn.Module):
@@ -188,18 +195,26 @@ class DistillStep(torch.nn.Module):
     """
 
     def __init__(self, model: torch.nn.Module, projection: torch.nn.Linear | None, losses: torch.nn.ModuleDict,
-                 balancer: Balancer, text_is_teacher: bool, tokenizer: Callable, amp_dtype: torch.dtype | None
-                 ) -> None:
+                 balancer: Balancer, text_is_teacher: bool, tokenizer: Callable, amp_dtype: torch.dtype | None,
+                 layerwise: Layerwise | None = None) -> None:
         super().__init__()
         self.model, self.projection, self.losses, self.balancer = model, projection, losses, balancer
         self.text_is_teacher, self.tokenizer, self.amp_dtype = text_is_teacher, tokenizer, amp_dtype
+        self.layerwise = layerwise
         self.last: tuple[Embeddings, dict[str, torch.Tensor], dict[str, float]] | None = None
 
     def forward(self, batch: RankBatch) -> torch.Tensor:
         dev = batch.views.device
         t_txt = batch.teacher_text
+        lw = self.layerwise if batch.hidden is not None and batch.arms else None
         with torch.autocast(dev.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-            s_img = self.model.encode_image(batch.views)
+            if lw is not None:
+                lw.capturing = True
+            try:
+                s_img = self.model.encode_image(batch.views)
+            finally:
+                if lw is not None:
+                    lw.capturing = False
             s_txt = None
             if t_txt is not None and not self.text_is_teacher and batch.texts:
                 s_txt = self.model.encode_text(self.tokenizer(batch.texts).to(dev))
@@ -219,8 +234,16 @@ class DistillStep(torch.nn.Module):
             s_txt = distributed.gather_with_grad(s_txt, batch.text_sizes)
         e = Embeddings(student_image=s_img, teacher_image=batch.teacher_image, student_text=s_txt,
                        teacher_text=t_txt, pair_image=batch.pair_image if t_txt is not None else None,
-                       logit_scale=self.model.logit_scale, text_is_student=not self.text_is_teacher)
+                       logit_scale=self.model.logit_scale, text_is_student=not self.text_is_teacher,
+                       labels=batch.labels)
         values = {name: term(e) for name, term in self.losses.items()}
+        if lw is not None:
+            assert batch.hidden is not None
+            for i in batch.arms:  # the selected modules' hidden-state terms (whole batch, like every term)
+                tokens = lw.student_tokens(i)  # (b, g*g, D_t)
+                tokens = distributed.gather_with_grad(tokens.flatten(1), batch.image_sizes).view(-1, *tokens.shape[1:])
+                values[lw.term_name(i)] = lw.mse(tokens, batch.hidden[i])
+            lw.student_outputs.clear()
         active = {k: v for k, v in values.items() if v is not None}
         if not active:
             raise UserError("no loss term applies to this data (terms needing captions on a dataset without "
@@ -322,6 +345,13 @@ class Trainer:
             # cannot: torch's SyncBatchNorm runs on GPUs only, so CPU ranks normalise with their own slice.)
             self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
             self.student.model = self.model
+        self.layerwise: Layerwise | None = None
+        self.selector: Selector | None = None
+        if recipe.loss.layerwise is not None:
+            size = self.student.preprocess_cfg["size"]
+            size = int(size[-1] if isinstance(size, (list, tuple)) else size)
+            self.layerwise = Layerwise(recipe.loss.layerwise, self.model, teacher.model, size).to(self.device)
+            self.selector = build_selector(recipe.select, self.layerwise.names, seed=recipe.seed)
         self.projection: torch.nn.Linear | None = None
         if self.student.embed_dim != teacher.embed_dim:  # another width: a learned map to the teacher's space
             self.projection = torch.nn.Linear(self.student.embed_dim, teacher.embed_dim, bias=False).to(self.device)
@@ -329,11 +359,22 @@ class Trainer:
         self.captions = self.train_manifest.all_captions()
         self.offsets = self.train_manifest.caption_offsets
 
-        context = LossContext(embed_dim=teacher.embed_dim, text_bank=self._text_bank())
+        self.descriptions = read_class_descriptions(recipe.data.class_descriptions) \
+            if recipe.data.class_descriptions else None
+        # Class texts are kept next to the feature cache; a run with the teacher online writes no cache at all.
+        self._class_text_root = (recipe.cache.dir or default_cache_root()) if recipe.train.teacher == "cached" \
+            else None
+        context = LossContext(embed_dim=teacher.embed_dim, text_bank=self._text_bank(),
+                              class_text=self._class_text())
         terms = {n: validate_term_options(n, o) for n, o in recipe.loss.terms.items()}
         self.losses = build_losses(terms, context).to(self.device)
-        self.balancer: Balancer = build_balancer(validate_balancer(recipe.loss.balancer), list(terms),
-                                                 {n: o.weight for n, o in terms.items()}).to(self.device)
+        names, base = list(terms), {n: o.weight for n, o in terms.items()}
+        if self.layerwise is not None:  # one term per module; a module that is off leaves the balancer untouched
+            for i in range(len(self.layerwise.specs)):
+                names.append(self.layerwise.term_name(i))
+                base[self.layerwise.term_name(i)] = recipe.loss.layerwise.weight
+        self.balancer: Balancer = build_balancer(validate_balancer(recipe.loss.balancer), names,
+                                                 base).to(self.device)
         self.balancer.bind_shared(self._shared_layer())
 
         ok = self.train_cache.image_ok.astype(bool) if self.train_cache is not None \
@@ -344,7 +385,8 @@ class Trainer:
         total = recipe.train.epochs * self.batches.per_epoch
         self.total_steps = min(total, recipe.train.max_steps or total)
 
-        modules: list[torch.nn.Module] = [self.model] + ([self.projection] if self.projection else [])
+        modules: list[torch.nn.Module] = [self.model] + ([self.projection] if self.projection else []) + \
+            ([self.layerwise] if self.layerwise is not None else [])
         groups = _param_groups(modules, recipe.train.weight_decay)
         if self.balancer.learned:
             groups.append({"params": list(self.balancer.parameters()), "weight_decay": 0.0})
@@ -367,14 +409,26 @@ class Trainer:
         self.has_val = "val" in manifests  # the same on every rank; only rank 0 holds (and evaluates) the val data
         if self.has_val and self.dist.is_main:
             self.val = prepare_val(manifests["val"], teacher, caches.get("val"), recipe.eval.prompt,
-                                   recipe.data.batch_size, recipe.data.workers, console)
+                                   recipe.data.batch_size, recipe.data.workers, console, self.descriptions,
+                                   recipe.data.description_prompt, self._class_text_root)
+        self.ood: ValData | None = None
+        if "ood_val" in manifests and self.dist.is_main:
+            self.ood = prepare_val(manifests["ood_val"], teacher, caches.get("ood_val"), recipe.eval.prompt,
+                                   recipe.data.batch_size, recipe.data.workers, console, self.descriptions,
+                                   recipe.data.description_prompt, self._class_text_root)
+            check_ood_classes(manifests)
+        self._held: tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]] | None = None
+        if self.selector is not None and self.selector.needs_reward:
+            self._held = self._held_batch()
         self._prepare_run_dir(resume)
         self.tb = None
         if recipe.train.tensorboard and self.dist.is_main:
             from torch.utils.tensorboard import SummaryWriter
             self.tb = SummaryWriter(str(self.paths.tensorboard), purge_step=self.state.step + 1)
         self.step_module = DistillStep(self.model, self.projection, self.losses, self.balancer,
-                                       self.student.text_is_teacher, teacher.tokenizer, self.amp_dtype)
+                                       self.student.text_is_teacher, teacher.tokenizer, self.amp_dtype,
+                                       self.layerwise)
+        self._arms: list[int] = []
         self.step_fn: torch.nn.Module = self.step_module
         self._batch_images = 0  # images of the latest batch, all ranks together
         if self.dist.enabled:
@@ -399,6 +453,99 @@ class Trainer:
         rows = np.arange(n) if n <= size else \
             np.sort(np.random.default_rng(self.recipe.seed).choice(n, size, replace=False))
         return self.train_cache.text_features(rows).float().to(self.device)
+
+    def _class_text(self) -> torch.Tensor | None:
+        """The teacher's class texts of the training classes, when a term uses them and the images have labels.
+
+        Sets ``train_classes`` (sorted names) and ``train_labels`` ((N,) class index per training image, -1 = none).
+        """
+        r = self.recipe
+        self.train_classes, labels = label_index([e.label for e in self.train_manifest.entries])
+        self.train_labels: np.ndarray | None = None
+        wanted = {"vl_align", "classification"} & set(r.loss.terms)
+        if labels is None:
+            if "classification" in r.loss.terms:
+                raise UserError(f"loss.terms.classification needs class labels in data.train ({self.train_manifest.path} "
+                                f"has no \"label\" on its images); remove the term or add labels")
+            return None
+        if not wanted:
+            return None
+        self.train_labels = labels.numpy()
+        sets = class_prompt_sets(self.train_classes, r.eval.prompt, self.descriptions, r.data.description_prompt)
+        return class_text_features(self.teacher, sets, self._class_text_root).to(self.device)
+
+    def _held_batch(self) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        """The reward's held batch: a seeded sample of training images, clean views for student and teacher.
+
+        -> (student views (H, 3, S, S), teacher embeddings (H, D), teacher targets per module), on the device.
+        """
+        assert self.layerwise is not None and self.selector is not None
+        want = self.selector.options.held_batch
+        order = np.random.default_rng(_seed_of(self.recipe.seed, 31337)).permutation(len(self.train_manifest))
+        transform = student_eval_transform(self.student)
+        views, teacher_views = [], []
+        for i in order:
+            try:
+                image = open_image(self.train_manifest.entries[int(i)].image)
+            except Exception:  # noqa: BLE001 - an unreadable image is simply not held
+                continue
+            views.append(transform(image))
+            teacher_views.append(self.teacher.preprocess(image))
+            if len(views) == want:
+                break
+        if len(views) < 2:
+            raise UserError("select: the held batch needs at least 2 readable training images")
+        t_emb, targets = self.layerwise.teacher_targets(self.teacher, torch.stack(teacher_views).to(self.device))
+        return (torch.stack(views).to(self.device, memory_format=torch.channels_last), t_emb.to(self.device),
+                [t.to(self.device) for t in targets])
+
+    @torch.no_grad()
+    def _held_loss(self) -> float:
+        """The distillation loss on the held batch (eval mode): mean hidden-state MSE over every module plus the
+        squared distance of the normalised output embeddings. The same number on every rank (rank 0's)."""
+        assert self._held is not None and self.layerwise is not None
+        views, t_emb, targets = self._held
+        lw = self.layerwise
+        was = self.model.training
+        self.model.eval()
+        lw.capturing = True
+        try:
+            with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+                s_img = self.model.encode_image(views)
+            s_img = s_img.float()
+            if self.projection is not None:
+                s_img = self.projection(s_img)
+            hidden = torch.stack([lw.mse(lw.student_tokens(i).float(), targets[i]) for i in range(len(lw.specs))])
+            out = (torch.nn.functional.normalize(s_img, dim=-1)
+                   - torch.nn.functional.normalize(t_emb, dim=-1)).pow(2).sum(-1).mean()
+            value = float(hidden.mean() + out)
+        finally:
+            lw.capturing = False
+            lw.student_outputs.clear()
+            self.model.train(was)
+        return float(distributed.broadcast_object(value))
+
+    def _after_selection_step(self) -> dict[str, Any] | None:
+        """Count the step for the selector; at the end of a pull measure the reward -> the record to log."""
+        sel = self.selector
+        if sel is None or not self._arms:
+            return None
+        sel.stepped(self._arms)
+        if not sel.pull_done:
+            return None
+        before = float(sel.loss_before)
+        after = self._held_loss()
+        reward = (before - after) / max(abs(before), 1e-12) if sel.options.reward == "relative" else before - after
+        arm = int(sel.current)
+        sel.observe(reward)
+        sel.loss_before.fill_(after)  # the next pull starts from here: one measurement per pull
+        record: dict[str, Any] = {"module": sel.names[arm], "reward": reward, "loss_before": before,
+                                  "loss_after": after, "counts": sel.counts()}
+        posterior = sel.posterior()
+        if posterior is not None:
+            record["posterior_mean"] = {k: v[0] for k, v in posterior.items()}
+            record["posterior_std"] = {k: v[1] for k, v in posterior.items()}
+        return record
 
     def _shared_layer(self) -> list[torch.nn.Parameter]:
         # The last layer every term's gradient flows through: the vision tower's projection head.
@@ -451,6 +598,8 @@ class Trainer:
             "model": self.model.state_dict(),
             "projection": self.projection.state_dict() if self.projection else None,
             "losses": self.losses.state_dict(), "balancer": self.balancer.state_dict(),
+            "layerwise": self.layerwise.state_dict() if self.layerwise is not None else None,
+            "selector": self.selector.state_dict() if self.selector is not None else None,
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(), "rng": _rng_state(),
         }
@@ -472,6 +621,10 @@ class Trainer:
             self.projection.load_state_dict(ckpt["projection"])
         self.losses.load_state_dict(ckpt["losses"])
         self.balancer.load_state_dict(ckpt["balancer"])
+        if self.layerwise is not None:
+            self.layerwise.load_state_dict(ckpt["layerwise"])
+        if self.selector is not None:
+            self.selector.load_state_dict(ckpt["selector"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.scaler.load_state_dict(ckpt["scaler"])
@@ -522,8 +675,16 @@ class Trainer:
         text_sizes = [int(((positions >= a) & (positions < b)).sum()) for a, b in zip(bounds[:-1], bounds[1:])]
         mine = np.flatnonzero((positions >= bounds[ctx.rank]) & (positions < bounds[ctx.rank + 1]))
         my_texts = [texts[i] for i in mine]
+        hidden: list[torch.Tensor | None] | None = None
         with torch.no_grad():
-            t_img = distributed.all_gather_rows(self.features.images(indices, teacher_views).to(dev), sizes)
+            if self.layerwise is not None and self._arms:
+                assert teacher_views is not None  # layerwise runs the teacher online
+                local, targets = self.layerwise.teacher_targets(self.teacher, teacher_views.to(dev, non_blocking=True))
+                t_img = distributed.all_gather_rows(local.to(dev), sizes)
+                hidden = [distributed.all_gather_rows(t.flatten(1), sizes).view(-1, *t.shape[1:])
+                          if i in self._arms else None for i, t in enumerate(targets)]
+            else:
+                t_img = distributed.all_gather_rows(self.features.images(indices, teacher_views).to(dev), sizes)
             t_txt = None
             if len(rows):
                 local = self.features.texts(rows[mine], my_texts).to(dev) if len(mine) else \
@@ -534,12 +695,22 @@ class Trainer:
             step=self.state.step, views=views.to(dev, non_blocking=True, memory_format=torch.channels_last),
             texts=my_texts, teacher_image=t_img, teacher_text=t_txt,
             pair_image=torch.from_numpy(positions).to(dev) if t_txt is not None else None,
-            image_sizes=sizes, text_sizes=text_sizes)
+            image_sizes=sizes, text_sizes=text_sizes,
+            labels=torch.from_numpy(self.train_labels[everyone.cpu().numpy()]).to(dev)
+            if self.train_labels is not None else None,
+            arms=list(self._arms), hidden=hidden)
 
     def _step(self, indices: torch.Tensor, views: torch.Tensor | None, teacher_views: torch.Tensor | None
               ) -> dict[str, Any] | None:
         """One optimizer step; None when the loss was not finite (or the batch too small) and it was skipped."""
+        self._arms = []
+        if self.selector is not None:
+            if self.selector.needs_reward and bool(torch.isnan(self.selector.loss_before)):
+                self.selector.loss_before.fill_(self._held_loss())  # the first pull's "before"
+            self._arms = self.selector.active()
         batch = self._rank_batch(indices, views, teacher_views)
+        if batch is None:
+            self._arms = []
         if batch is None:
             return None
         total = self.step_fn(batch)
@@ -650,6 +821,7 @@ class Trainer:
                     s.step += 1
                     s.batch += 1
                     out = self._step(indices, views, teacher_views)
+                    selection = self._after_selection_step()
                     now = time.perf_counter()
                     s.train_seconds += now - tick
                     s.images += self._batch_images
@@ -672,6 +844,8 @@ class Trainer:
                         if s.step % r.train.log_every == 0 or s.step == self.total_steps:
                             self._log({"step": s.step, "epoch": s.epoch, "lr": self.scheduler.get_last_lr()[0],
                                        **out, "images_per_s": rate, "skipped": s.skipped})
+                    if selection is not None:
+                        self._log({"step": s.step, "epoch": s.epoch, "selection": selection})
                     self.scheduler.step()
                     end_of_epoch = s.batch >= per_epoch
                     if end_of_epoch:
@@ -714,6 +888,16 @@ class Trainer:
             if t.get("rsum"):
                 summary["retention"] = {"rsum": s.best_metrics.get("rsum", 0.0) / t["rsum"]}
             summary["best_step"] = s.best_step
+        if self.selector is not None and self.layerwise is not None:
+            summary["selection"] = self.selector.summary()
+            summary["layerwise_modules"] = {sp.name: {"teacher_layer": sp.teacher_layer, "grid": sp.grid,
+                                                      "channels": sp.channels} for sp in self.layerwise.specs}
+        if self.ood is not None:
+            r = self.recipe
+            summary["ood_zero_shot"], summary["ood_few_shot"] = evaluate_ood(
+                self.student, self.ood, self.teacher.tokenizer, self.device, r.eval.few_shot, r.eval.few_shot_repeats,
+                r.eval.tip_alpha, r.eval.tip_beta, r.seed, r.eval.batch_size, r.data.workers, console=self.console,
+                prompts="descriptions" if self.descriptions else "plain")
         summary.update({
             "steps": s.step, "skipped_steps": s.skipped, "epochs": s.epoch,
             "wall_s": s.train_seconds, "train_images_per_s": s.images / max(s.train_seconds, 1e-9),
@@ -727,6 +911,20 @@ class Trainer:
             self.tb.close()
         distributed.barrier()
         return summary
+
+
+def check_ood_classes(manifests: dict[str, Manifest]) -> None:
+    """``data.ood_val`` must be labelled, with classes disjoint from the training labels (one-line UserError)."""
+    if "ood_val" not in manifests:
+        return
+    ood = {e.label for e in manifests["ood_val"].entries if e.label is not None}
+    if not ood:
+        raise UserError(f"data.ood_val {manifests['ood_val'].path} has no class labels; out-of-distribution "
+                        f"evaluation needs a \"label\" on its images")
+    both = sorted(ood & {e.label for e in manifests["train"].entries if e.label is not None})
+    if both:
+        raise UserError(f"data.ood_val must hold classes disjoint from the training classes; {len(both)} are in "
+                        f"both (first: '{both[0]}')")
 
 
 def refuse_existing_run(paths: RunPaths, resume: bool) -> None:
@@ -782,6 +980,7 @@ def _distill(recipe: Recipe, console: Console, resume: bool, ctx: distributed.Co
     refuse_existing_run(RunPaths(Path(recipe.out)), resume)
     with distributed.main_first():  # rank 0 indexes webdataset shards first; the others read its index
         manifests = load_split_manifests(recipe)
+    check_ood_classes(manifests)
     with console.status(f"loading teacher {recipe.teacher.model}"):
         teacher = load_teacher(recipe.teacher, distributed.rank_device(recipe.device, ctx), seed=recipe.seed)
     caches: dict[str, FeatureCache] = {}
@@ -793,4 +992,9 @@ def _distill(recipe: Recipe, console: Console, resume: bool, ctx: distributed.Co
     console.print(f"student {recipe.student.vision} ({sum(p.numel() for p in trainer.model.visual.parameters()) / 1e6:.2f}M "
                   f"vision parameters), {trainer.total_steps} steps of {recipe.data.batch_size}{per_rank} on "
                   f"{trainer.device}; run directory {trainer.paths.out}", highlight=False)
+    if trainer.layerwise is not None and trainer.selector is not None:
+        mods = ", ".join(f"{sp.name}->teacher block {sp.teacher_layer} ({sp.grid}x{sp.grid})"
+                         for sp in trainer.layerwise.specs)
+        console.print(f"layerwise distillation, the teacher runs online (hidden states are not cached); modules: "
+                      f"{mods}; selection: {trainer.selector.name}", highlight=False)
     return trainer.fit()

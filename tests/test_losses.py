@@ -319,7 +319,11 @@ def test_gradcheck_wrt_student(name, options, P):
 @pytest.mark.parametrize("name", sorted(LOSSES))
 def test_student_gets_gradients_teacher_none(name):
     e, _ = make_batch(6, 4, seed=14, requires_grad=True, dtype=torch.float32)
-    loss = term(name)
+    context = None
+    if name == "classification":  # needs class texts and labels
+        context = LossContext(embed_dim=8, class_text=torch.randn(5, 8))
+        e.labels = torch.tensor([0, 1, 2, 3, 4, -1])
+    loss = term(name, context=context)
     if name == "contrastive":
         loss.after_step(make_batch(6, 4, seed=15)[0])
     out = loss(e)
@@ -327,7 +331,7 @@ def test_student_gets_gradients_teacher_none(name):
     out.backward()
     assert e.teacher_image.grad is None and e.teacher_text.grad is None
     assert e.student_image.grad.abs().sum() > 0
-    if name not in ("image_contrastive", "vl_align"):  # those two never look at the student's text
+    if name not in ("image_contrastive", "vl_align", "classification"):  # those never look at the student's text
         assert e.student_text.grad.abs().sum() > 0
 
 
@@ -436,10 +440,12 @@ def test_build_every_term_with_defaults():
     validate_term_options("feature", None)  # loads the built-in terms
     names = sorted(LOSSES)
     assert {"feature", "similarity", "relation", "hard_negative", "contrastive", "clip", "image_contrastive",
-            "vl_align"} <= set(names)
-    losses = build_losses({n: validate_term_options(n, None) for n in names}, LossContext(embed_dim=8))
+            "vl_align", "classification"} <= set(names)
+    losses = build_losses({n: validate_term_options(n, None) for n in names},
+                          LossContext(embed_dim=8, class_text=torch.randn(5, 8)))
     assert list(losses) == names
     e, _ = make_batch(6, 4, D=8, dtype=torch.float32)
+    e.labels = torch.tensor([0, 1, 2, 3, 4, 0])  # classification needs labels (and class texts)
     for name, loss in losses.items():
         out = loss(e)
         assert out is not None and out.dim() == 0 and torch.isfinite(out), name

@@ -15,6 +15,9 @@ which scenes are made and the number of worker processes do not change a single 
 - ``hard``: base scenes with a twin that differs by exactly one edit (``EDITS``), edit types in turn.
 - ``ood``: like hard, but every base scene contains one of ``HELD_OUT``, colour-shape combinations that training
   scenes never contain (its twin may lose it: a colour, shape, bind or count edit may touch that object).
+- ``ood_classes`` (``write_ood_classes``, added to an existing dataset): scenes whose label is a ``HELD_OUT``
+  combination, so its classes are disjoint from every training label (``data.ood_val``), with
+  ``class_descriptions.json`` (attribute sentences of every class, ``data.class_descriptions``).
 
 Within an evaluation split, scene keys are unique (colliding draws are redrawn), so ground truth is unambiguous.
 
@@ -694,6 +697,96 @@ def write_scenes(out: str | Path, n: int, seed: int = 0, size: int = 64, n_val: 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return {**info, "reused": False}
+
+
+# ------------------------------------------------------------------------------------- out-of-distribution classes
+
+OOD_CLASSES_SPLIT = 5  # split id of the class-level OOD scenes (SPLITS holds 0..3; 4 is left unused)
+
+_SHAPE_FACTS = {
+    "circle": "a round shape with no corners", "square": "a shape with four equal sides and four square corners",
+    "triangle": "a shape with three straight sides and three pointed corners",
+    "star": "a shape with five sharp points around its middle", "cross": "a plus sign with four straight arms",
+    "diamond": "a narrow shape with four corners, taller than it is wide",
+    "hexagon": "a shape with six equal sides", "ring": "a circle with a round hole in its middle"}
+_COLOUR_FACTS = {
+    "red": "red like a ripe tomato", "green": "green like fresh grass", "blue": "blue like a clear sky",
+    "yellow": "yellow like a lemon", "purple": "purple like a plum", "orange": "orange like an orange",
+    "white": "white like snow", "black": "black like coal"}
+
+
+def class_descriptions() -> dict[str, list[str]]:
+    """Attribute sentences for every scenes class ``"<colour> <shape>"`` (all 64, held-out ones included): the
+    shape's geometry, the colour, and the object in the captions' own words (``data.class_descriptions``)."""
+    return {f"{c} {s}": [f"a {c} {s} is {_SHAPE_FACTS[s]}", f"the {s} is {_COLOUR_FACTS[c]}",
+                         f"a large {c} {s} in the center", f"a small {c} {s}"]
+            for c in COLOURS for s in SHAPES}
+
+
+def write_class_descriptions(path: str | Path) -> Path:
+    """``class_descriptions()`` as the JSON file ``data.class_descriptions`` reads (written atomically)."""
+    write_json(path, class_descriptions())
+    return Path(path)
+
+
+def ood_class_scenes(seed: int, n_per_class: int) -> list[tuple[Scene, tuple[int, ...]]]:
+    """``n_per_class`` scenes for each ``HELD_OUT`` combination whose *label* (main object) is that combination,
+    classes in turn: classes disjoint from every training label, since no training scene contains them. Other
+    objects avoid every held-out combination; scene keys are unique."""
+    keys: set[Key] = set()
+    out = []
+    for j in range(n_per_class):
+        for k, combo in enumerate(HELD_OUT):
+            for attempt in _attempts("ood_classes"):
+                sd = (seed, OOD_CLASSES_SPLIT, k, j, attempt)
+                scene = make_scene(sd, include=combo)
+                if label(scene) == f"{combo[0]} {combo[1]}" and scene_key(scene) not in keys:
+                    break
+            keys.add(scene_key(scene))
+            out.append((scene, sd))
+    return out
+
+
+def write_ood_classes(root: str | Path, n_per_class: int = 50) -> Path:
+    """Add ``ood_classes.jsonl`` (``n_per_class`` captioned images per held-out class, labelled) to the scenes
+    dataset at ``root`` (its seed and image size), for ``data.ood_val``; also write ``class_descriptions.json``.
+
+    Reused when it exists with the same settings (``ood_classes.json``); images go to a temporary folder renamed
+    into place, and the manifest is written last, so a complete manifest means complete images.
+    """
+    root = Path(root)
+    try:
+        info = json.loads((root / "scenes.json").read_text())
+    except (OSError, ValueError):
+        raise UserError(f"{root} is not a scenes dataset (no readable scenes.json); write it with write_scenes "
+                        f"first") from None
+    if not isinstance(n_per_class, int) or n_per_class < 1:
+        raise UserError(f"ood classes: n_per_class must be a whole number >= 1, got {n_per_class!r}")
+    settings = {"version": VERSION, "seed": info["seed"], "size": info["size"], "n_per_class": n_per_class,
+                "classes": [f"{c} {s}" for c, s in HELD_OUT]}
+    manifest = root / "ood_classes.jsonl"
+    if manifest.is_file() and (root / "ood_classes.json").is_file():
+        if json.loads((root / "ood_classes.json").read_text()) == settings:
+            return manifest
+        raise UserError(f"{root} holds ood classes made with other settings; delete {manifest} and "
+                        f"{root / 'ood_classes.json'} or keep n_per_class")
+    scenes = ood_class_scenes(info["seed"], n_per_class)
+    width = _width(len(scenes))
+    folder = root / "images" / "ood_classes"
+    tmp = Path(tempfile.mkdtemp(prefix="ood_classes.tmp-", dir=root / "images"))
+    try:
+        for i, (scene, _) in enumerate(scenes):
+            render(scene, info["size"]).save(tmp / f"{i:0{width}d}.jpg", **_JPEG)
+        shutil.rmtree(folder, ignore_errors=True)
+        os.rename(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    write_class_descriptions(root / "class_descriptions.json")
+    write_json(root / "ood_classes.json", settings)
+    _write_lines(manifest, [_record(f"images/ood_classes/{i:0{width}d}.jpg", captions(sc, _caption_rng(sd)),
+                                    label(sc)) for i, (sc, sd) in enumerate(scenes)])
+    return manifest
 
 
 # ---------------------------------------------------------------------------------------------------- evaluation

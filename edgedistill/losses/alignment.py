@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor
 
@@ -55,3 +56,34 @@ class VLAlignLoss(LossTerm):
             logits_t, logits_s = logits_t[keep], logits_s[keep]
         top = logits_t.topk(min(self.options.k, texts.shape[0]), dim=1).indices  # the teacher's top-k texts
         return row_kl(logits_s.gather(1, top), logits_t.gather(1, top))
+
+
+@register_loss("classification")
+class ClassificationLoss(LossTerm):
+    """Cross-entropy of the student's image against the teacher's class-text embeddings (Li et al. ICCV 2023).
+
+    With C class texts T (C, D) (the teacher's embeddings of the training classes' prompts) and labels y (B,):
+    ``logits = s^_v T^T / tau`` (B, C); mean over the labelled samples (label >= 0) of ``CE(logits, y)``.
+    None without class texts, labels or a labelled sample.
+    """
+
+    class Options(TermOptions):
+        temperature: float = Field(0.07, gt=0.0, description="softmax temperature of the image-class logits")
+
+    options: Options
+
+    def __init__(self, options: Options, context: LossContext) -> None:
+        super().__init__(options, context)
+        bank = context.class_text
+        self.register_buffer("class_text", None if bank is None else teacher_unit(bank), persistent=False)
+
+    def forward(self, e: Embeddings) -> Tensor | None:
+        class_text: Tensor | None = self.class_text
+        if class_text is None or e.labels is None:
+            return None
+        keep = e.labels >= 0
+        if not bool(keep.any()):
+            return None
+        texts = teacher_unit(class_text).to(e.student_image.dtype)
+        logits = unit(e.student_image[keep]) @ texts.T / self.options.temperature
+        return F.cross_entropy(logits, e.labels[keep].long())
