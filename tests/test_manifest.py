@@ -101,3 +101,14 @@ def test_content_hash_follows_paths_and_captions_not_labels(tmp_path):
     assert h([{**base[0], "label": "cat"}]) == first
     assert h([{**base[0], "captions": ["y"]}]) != first
     assert h([{**base[0], "image": "b.jpg"}]) != first
+
+
+def test_content_hash_does_not_depend_on_how_the_path_is_spelt(tmp_path, monkeypatch):
+    """A relative and an absolute path to one manifest key the same cache and the same pretrained teacher."""
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "m.jsonl").write_text('{"image": "a.jpg", "captions": ["x"]}\n')
+    monkeypatch.chdir(tmp_path)
+    relative = load_manifest("d/m.jsonl")
+    absolute = load_manifest(tmp_path / "d" / "m.jsonl")
+    assert relative.entries[0].image.is_absolute()
+    assert relative.content_hash() == absolute.content_hash()

@@ -93,7 +93,8 @@ def load_manifest(path: str | Path, image_root: str | Path | None = None,
     path = Path(path)
     if not path.is_file():
         raise UserError(f"manifest {path} not found; check data.train / data.val in the recipe")
-    root = Path(image_root) if image_root is not None else path.parent
+    # absolute, so the content hash (cache and teacher keys) does not depend on how the path was spelt
+    root = (Path(image_root) if image_root is not None else path.parent).absolute()
     if path.suffix.lower() == ".jsonl":
         raw = _read_jsonl(path)
     elif path.suffix.lower() == ".csv":
