@@ -277,3 +277,9 @@ def test_jetson_power_is_sampled_around_the_timed_calls(tmp_path, monkeypatch):
     # energy per item = power x timed window / items; the window is at least the 12 sleeps
     assert lat["energy_mj_per_item"] >= 4556 * 0.03 * 12 / (4 * 12) * 0.99
     assert lat["power"]["board_rail"] == "VDD_IN" and lat["power"]["sample_count"] >= 2
+
+
+def test_bench_leaves_torch_threads_as_it_found_them(export_dir, tmp_path):
+    before = torch.get_num_threads()
+    run_bench(BenchOptions(export_dir=export_dir, batches=[1], iters=2, warmup=0, threads=1, out=tmp_path / "r"))
+    assert torch.get_num_threads() == before

@@ -374,8 +374,17 @@ def run_bench(opts: BenchOptions, console: Console | None = None) -> dict[str, A
     out = Path(opts.out) if opts.out else export_dir / "bench"
     if opts.host:
         return run_remote(opts, export_dir, doc, out, console)
-    threads = opts.threads or torch.get_num_threads()
+    previous = torch.get_num_threads()
+    threads = opts.threads or previous
     torch.set_num_threads(threads)
+    try:
+        return _bench_here(opts, export_dir, doc, out, threads, console)
+    finally:  # a process-wide setting: leave it as found (the demo and tests call bench in-process)
+        torch.set_num_threads(previous)
+
+
+def _bench_here(opts: BenchOptions, export_dir: Path, doc: dict[str, Any], out: Path, threads: int,
+                console: Console) -> dict[str, Any]:
     device_info = describe_device(opts.device, threads)
     device_line = describe_short(device_info)
     console.print(f"bench {export_dir} on {device_line}", highlight=False)
