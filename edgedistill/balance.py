@@ -377,18 +377,8 @@ class GradNormBalancer(Balancer):
 
 
 def validate_balancer(raw: str | dict[str, Any]) -> BalancerOptions:
-    """Options from the recipe: a name (``"gradnorm"``) or a mapping (``{"name": "gradnorm", "alpha": 2}``).
-
-    ValueError, one line, naming an unknown balancer (with the valid names) or an unknown or bad option.
-    """
-    if isinstance(raw, str):
-        raw = {"name": raw}
-    if not isinstance(raw, dict):
-        raise ValueError("give a balancer name or a mapping {name: ..., options}")
-    if "name" not in raw:
-        raise ValueError(f"a balancer mapping needs a 'name'; valid: {', '.join(sorted(BALANCERS))}")
-    name = str(raw["name"])
-    return BALANCERS.validate_options(name, {**raw, "name": name})  # type: ignore[return-value]
+    """Options from the recipe: a name or a mapping with 'name' (see Registry.validate_named)."""
+    return BALANCERS.validate_named(raw, "name")  # type: ignore[return-value]
 
 
 def build_balancer(options: BalancerOptions, names: list[str], base_weights: dict[str, float]) -> Balancer:

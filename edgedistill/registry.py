@@ -54,3 +54,17 @@ class Registry(dict):
                 hint = f"did you mean '{close[0]}'?" if close else f"valid: {', '.join(fields) or '(none)'}"
                 raise ValueError(f"unknown option '{key}' of {self.kind} '{name}'; {hint}") from None
             raise ValueError(f"option '{key}' of {self.kind} '{name}': {err['msg']}") from None
+
+    def validate_named(self, raw: str | dict[str, Any], key: str) -> BaseModel:
+        """Options from a recipe value: a name (``"gradnorm"``) or a mapping (``{key: "gradnorm", "alpha": 2}``).
+
+        ValueError, one line, naming an unknown name (with the valid ones) or an unknown or bad option.
+        """
+        if isinstance(raw, str):
+            raw = {key: raw}
+        if not isinstance(raw, dict):
+            raise ValueError(f"give a {self.kind} name or a mapping {{{key}: ..., options}}")
+        if key not in raw:
+            raise ValueError(f"a {self.kind} mapping needs a '{key}'; valid: {', '.join(sorted(self))}")
+        name = str(raw[key])
+        return self.validate_options(name, {**raw, key: name})

@@ -249,18 +249,8 @@ class OptimaSelector(ThompsonSelector):
 
 
 def validate_selector(raw: str | dict[str, Any]) -> SelectorOptions:
-    """Options from the recipe: a method name (``"optima"``) or a mapping (``{"method": "optima", "window": 5}``).
-
-    ValueError, one line, naming an unknown method (with the valid names) or an unknown or bad option.
-    """
-    if isinstance(raw, str):
-        raw = {"method": raw}
-    if not isinstance(raw, dict):
-        raise ValueError("give a selection method name or a mapping {method: ..., options}")
-    if "method" not in raw:
-        raise ValueError(f"the select section needs a 'method'; valid: {', '.join(sorted(SELECTORS))}")
-    method = str(raw["method"])
-    return SELECTORS.validate_options(method, {**raw, "method": method})  # type: ignore[return-value]
+    """Options from the recipe: a name or a mapping with 'method' (see Registry.validate_named)."""
+    return SELECTORS.validate_named(raw, "method")  # type: ignore[return-value]
 
 
 def build_selector(options: SelectorOptions | dict[str, Any], names: list[str], seed: int = 0) -> Selector:
