@@ -202,9 +202,7 @@ def evaluate_student(student: Student, val: ValData, tokenizer: Any, device: tor
     was_training = model.training
     model.eval()
     try:
-        image, ok = embed_images(lambda x: model.encode_image(x, normalize=True), val.manifest,
-                                 student_eval_transform(student), device, batch_size, workers, console, "val")
-        image = image[torch.from_numpy(val.image_rows)]
+        image = _student_images(student, val, device, batch_size, workers, console, "val")
         if text_from_cache and student.text_is_teacher:
             text, class_text = val.teacher_text, val.teacher_class_text
         else:
@@ -231,6 +229,14 @@ def evaluate_student(student: Student, val: ValData, tokenizer: Any, device: tor
     return metrics
 
 
+def _student_images(student: Student, val: ValData, device: torch.device, batch_size: int, workers: int,
+                    console: Console | None, what: str) -> torch.Tensor:
+    """(N, D) normalised student embeddings of the split's readable images (the model must be in eval mode)."""
+    image, _ = embed_images(lambda x: student.model.encode_image(x, normalize=True), val.manifest,
+                            student_eval_transform(student), device, batch_size, workers, console, what)
+    return image[torch.from_numpy(val.image_rows)]
+
+
 @torch.no_grad()
 def evaluate_ood(student: Student, ood: ValData, tokenizer: Any, device: torch.device, few_shot: list[int],
                  repeats: int = 3, alpha: float = 1.0, beta: float = 5.5, seed: int = 0, batch_size: int = 128,
@@ -250,9 +256,7 @@ def evaluate_ood(student: Student, ood: ValData, tokenizer: Any, device: torch.d
     was_training = model.training
     model.eval()
     try:
-        image, _ = embed_images(lambda x: model.encode_image(x, normalize=True), ood.manifest,
-                                student_eval_transform(student), device, batch_size, workers, console, "ood_val")
-        image = image[torch.from_numpy(ood.image_rows)]
+        image = _student_images(student, ood, device, batch_size, workers, console, "ood_val")
         class_text = ood.teacher_class_text if (text_from_cache and student.text_is_teacher) \
             else student_class_text(student, tokenizer, ood, device)
     finally:

@@ -217,7 +217,7 @@ def test_a_bundle_for_a_remote_target_benches_on_its_own(export_dir, tmp_path):
     src = resolve_sources(export_dir, doc, None)
     tok = open_clip.get_tokenizer(f"local-dir:{src.student_dir}")
     val = load_valset(src.val, doc["preprocess"], tok, src.prompt)
-    teacher = teacher_side(src, val, True, Console(stderr=True))
+    teacher = teacher_side(src, val.manifest, True, Console(stderr=True))
     bundle = make_bundle(export_dir, doc, src, teacher, tmp_path / "bundle")
     assert (bundle / "val" / "val.jsonl").is_file() and len(list((bundle / "val" / "images").iterdir())) == 10
     assert (bundle / "teacher" / "image_fp32.onnx").is_file() and (bundle / "student").is_dir()

@@ -124,7 +124,8 @@ def resolve_sources(export_dir: Path, doc: dict[str, Any], val: Path | None) -> 
 
 
 # ------------------------------------------------------------------------------------------------ teacher
-def teacher_side(src: Sources, val: ValSet | None, want_timing: bool, console: Console) -> dict[str, Any] | None:
+def teacher_side(src: Sources, val_manifest: Path | None, want_timing: bool,
+                 console: Console) -> dict[str, Any] | None:
     """The teacher's val scores and preprocess, and (for ``--teacher``) its fp32 ONNX image graph.
 
     From the bundle on a remote target; else from the run's recipe, with the teacher's val embeddings taken
@@ -149,8 +150,8 @@ def teacher_side(src: Sources, val: ValSet | None, want_timing: bool, console: C
         teacher = load_teacher(recipe.teacher, "cpu", seed=recipe.seed)
     info: dict[str, Any] = {"name": teacher.source.model_name, "identity": teacher.identity,
                             "preprocess": teacher.preprocess_cfg, "module": teacher.model}
-    if val is not None:
-        manifest = load_manifest(val.manifest)
+    if val_manifest is not None:
+        manifest = load_manifest(val_manifest)
         cache = caches_for_recipe(recipe, teacher, {"val": manifest}, console=console)["val"].cache
         scores = teacher_metrics(prepare_val(manifest, teacher, cache, src.prompt, console=console))
         info["metrics"] = {k: round(float(v), 4) for k, v in scores.items()}
@@ -184,10 +185,6 @@ class Job:
     candidate: Candidate
 
 
-def _torch_candidate(artifact: dict[str, Any], backend: str, make: Callable[[], Runner]) -> Candidate:
-    return Candidate(artifact, backend, make=make)
-
-
 def plan_jobs(src: Sources, opts: BenchOptions, teacher: dict[str, Any] | None,
               failures: list[tuple[dict[str, Any], str]]) -> list[Job]:
     """Every (model, backend) this device can run; artifacts that fail their checks go to ``failures``."""
@@ -217,17 +214,17 @@ def plan_jobs(src: Sources, opts: BenchOptions, teacher: dict[str, Any] | None,
 
         for encoder, wrap in (("image", ImageEncoder), ("text", TextEncoder)):
             art = {"name": f"{encoder}_fp32_pytorch", "encoder": encoder, "format": "pytorch", "precision": "fp32"}
-            jobs.append(Job(art["name"], "student", encoder, "pytorch", "fp32", size, _torch_candidate(
+            jobs.append(Job(art["name"], "student", encoder, "pytorch", "fp32", size, Candidate(
                 art, f"pytorch-{'cuda' if device != 'cpu' else 'cpu'}",
-                lambda w=wrap: TorchRunner(w(model()), device))))
+                make=lambda w=wrap: TorchRunner(w(model()), device))))
     if opts.teacher and teacher is not None:
         from edgedistill.export.graph import ImageEncoder
 
         art = {"name": "teacher_image_fp32", "encoder": "image", "format": "pytorch", "precision": "fp32"}
         if teacher.get("module") is not None:
-            jobs.append(Job("teacher_image_pytorch", "teacher", "image", "pytorch", "fp32", None, _torch_candidate(
+            jobs.append(Job("teacher_image_pytorch", "teacher", "image", "pytorch", "fp32", None, Candidate(
                 art, f"pytorch-{'cuda' if device != 'cpu' else 'cpu'}",
-                lambda: TorchRunner(ImageEncoder(teacher["module"].float()), device))))
+                make=lambda: TorchRunner(ImageEncoder(teacher["module"].float()), device))))
         onnx_path = teacher.get("onnx_path")
         if onnx_path is not None and Path(onnx_path).is_file():
             entry = {"name": "teacher_image_fp32_onnx", "encoder": "image", "format": "onnx", "precision": "fp32",
@@ -292,18 +289,18 @@ def _tile(x: np.ndarray, batch: int) -> np.ndarray:
     return np.ascontiguousarray(np.concatenate([x] * reps)[:batch])
 
 
-def _inputs(job: Job, val: ValSet | None, preprocess: dict[str, Any], context: int) -> tuple[np.ndarray, Any]:
+def _inputs(job: Job, val: ValSet | None, preprocess: dict[str, Any], context: int) -> np.ndarray:
     """The batch source for timing: real val images/captions when there are some, else seeded noise / tokens."""
     if job.encoder == "image":
         if val is not None and (job.role == "student"):
-            return val.images, None
+            return val.images
         size = preprocess["size"] if isinstance(preprocess["size"], int) else preprocess["size"][0]
-        return np.random.default_rng(0).standard_normal((8, 3, size, size)).astype(np.float32), None
+        return np.random.default_rng(0).standard_normal((8, 3, size, size)).astype(np.float32)
     if val is not None and val.has_captions:
-        return val.tokens, None
+        return val.tokens
     tokens = np.zeros((8, context), np.int64)
     tokens[:, 0], tokens[:, 1:6], tokens[:, 6] = 49406, 320, 49407   # <start> "a a a a a" <end>
-    return tokens, None
+    return tokens
 
 
 def time_job(job: Job, runner: Runner, opts: BenchOptions, batch: int, source: np.ndarray,
@@ -397,7 +394,7 @@ def _bench_here(opts: BenchOptions, export_dir: Path, doc: dict[str, Any], out: 
         else:
             with console.status(f"reading val images from {src.val}"):
                 val = load_valset(src.val, doc["preprocess"], tokenizer, src.prompt, console=console)
-    teacher = teacher_side(src, val, opts.teacher, console)
+    teacher = teacher_side(src, val.manifest if val is not None else None, opts.teacher, console)
     failures: list[tuple[dict[str, Any], str]] = []
     jobs = plan_jobs(src, opts, teacher, failures)
     ref = references(src, val, jobs, threads) if val is not None else References()
@@ -434,7 +431,7 @@ def _bench_here(opts: BenchOptions, export_dir: Path, doc: dict[str, Any], out: 
                 with console.status(f"{job.name} on {job.candidate.backend}: val accuracy"):
                     acc = score(job, runner, val, ref)
             preprocess = (teacher or {}).get("preprocess") if job.role == "teacher" else doc["preprocess"]
-            source, _ = _inputs(job, val, preprocess or doc["preprocess"], context)
+            source = _inputs(job, val, preprocess or doc["preprocess"], context)
             e2e = _e2e(job, runner, val if job.role == "student" else None, preprocess or doc["preprocess"],
                        tokenizer, captions) if opts.e2e else None
             for batch in opts.batches:
@@ -557,9 +554,8 @@ def run_remote(opts: BenchOptions, export_dir: Path, doc: dict[str, Any], out: P
     from edgedistill.bench.remote import run_remote_bench
 
     src = resolve_sources(export_dir, doc, opts.val)
-    tokenizer = _tokenizer(src)
-    val = load_valset(src.val, doc["preprocess"], tokenizer, src.prompt) if src.val and tokenizer else None
-    teacher = teacher_side(src, val, opts.teacher, console)
+    scored = src.val if _tokenizer(src) is not None else None  # as a local bench: scores need the tokenizer too
+    teacher = teacher_side(src, scored, opts.teacher, console)
     with tempfile.TemporaryDirectory(prefix="edgedistill-bundle-") as tmp:
         with console.status("packing the export for the target"):
             bundle = make_bundle(export_dir, doc, src, teacher, Path(tmp) / "bundle")
