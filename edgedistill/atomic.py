@@ -6,11 +6,14 @@ A crash at any point leaves either the old file or the new one, never a half-wri
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
+
+from edgedistill.errors import UserError
 
 
 def fsync_dir(path: str | os.PathLike) -> None:
@@ -60,3 +63,51 @@ def write_text(path: str | os.PathLike, text: str) -> None:
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def writable_dir(path: str | os.PathLike, what: str) -> Path:
+    """Create the folder ``path`` (with its parents) and prove a file can be written in it, before any work that
+    would be lost if the results could not be saved. One-line UserError naming ``what`` (e.g. "--out") when the
+    path is a file, sits under a file, or is not writable (permissions, read-only or full file system)."""
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{what} {folder} is a file, not a folder; give a folder path")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-test.", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except (FileExistsError, NotADirectoryError):
+        raise UserError(f"{what} {folder} cannot be a folder: a part of that path is a file") from None
+    except OSError as e:
+        raise UserError(f"{what} {folder} cannot be written ({e.strerror or e}); choose a folder you can write "
+                        f"to") from None
+    return folder
+
+
+TEMPORARY_PATTERNS = (".*.tmp", ".*.unverified.*")  # what atomic_path and the export's staging leave when killed
+
+
+@contextlib.contextmanager
+def exclusive_dir(folder: str | os.PathLike, what: str) -> Iterator[Path]:
+    """Hold ``folder`` for one writer and clear the temporaries a killed writer left there.
+
+    The lock is on the folder itself (flock on its descriptor: nothing is left behind); a second writer gets a
+    one-line UserError instead of racing the first. Only this tool's temporary names are removed
+    (``TEMPORARY_PATTERNS``), never a user's files.
+    """
+    folder = Path(folder)
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(f"another edgedistill command is writing into {what} {folder}; wait for it to finish "
+                            f"or choose another folder") from None
+        for pattern in TEMPORARY_PATTERNS:
+            for stale in folder.glob(pattern):
+                if stale.is_file():
+                    stale.unlink(missing_ok=True)
+        yield folder
+    finally:
+        os.close(fd)  # releases the lock

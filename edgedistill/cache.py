@@ -156,8 +156,8 @@ def open_cache(path: Path, key: str, manifest: Manifest, verify_hashes: bool = T
         file = path / f"{name}.npy"
         try:
             arr = np.load(file, mmap_mode="r")
-        except (OSError, ValueError) as e:
-            raise CacheMismatch(f"{name}.npy is unreadable ({e})") from None
+        except (OSError, ValueError, EOFError) as e:  # EOFError: an empty file
+            raise CacheMismatch(f"{name}.npy is unreadable ({type(e).__name__}: {e})") from None
         if list(arr.shape) != expected.get("shape") or str(arr.dtype) != expected.get("dtype"):
             raise CacheMismatch(f"{name}.npy has shape {list(arr.shape)} {arr.dtype}, meta.json says "
                                 f"{expected.get('shape')} {expected.get('dtype')}")
@@ -169,16 +169,40 @@ def open_cache(path: Path, key: str, manifest: Manifest, verify_hashes: bool = T
     return FeatureCache(path=path, meta=meta, **arrays)
 
 
+READ_ONLY_ERRNOS = (errno.EROFS, errno.EACCES, errno.EPERM)
+
+
 @contextlib.contextmanager
-def _lock(path: Path) -> Iterator[None]:
-    """One builder per cache directory across processes (the lock file is harmless when left behind)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(path.name + ".lock"), "a") as f:
+def _lock(path: Path) -> Iterator[bool]:
+    """One builder per cache directory across processes (the lock file is harmless when left behind).
+
+    Yields False, without a lock, where the cache root cannot be written (read-only storage): a finished cache
+    there can still be read, and nothing can be built.
+    """
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        f = open(path.with_name(path.name + ".lock"), "a")
+    except OSError as e:
+        if e.errno not in READ_ONLY_ERRNOS:
+            raise
+        yield False
+        return
+    with f:
         fcntl.flock(f.fileno(), fcntl.LOCK_EX)
         try:
-            yield
+            yield True
         finally:
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def _read_only_cache(final: Path, key: str, manifest: Manifest, what: str) -> FeatureCache:
+    """The finished cache at ``final`` on storage this process cannot write; UserError when there is none."""
+    try:
+        return open_cache(final, key, manifest)
+    except (FileNotFoundError, CacheMismatch) as e:
+        why = "there is none for this run" if isinstance(e, FileNotFoundError) else f"it does not match ({e})"
+        raise UserError(f"{what}: the teacher feature cache folder {final.parent} is read-only and {why}; set "
+                        f"cache.dir to a writable folder") from None
 
 
 def _progress_bar(console: Console) -> Progress:
@@ -264,7 +288,7 @@ class _Builder:
             expected["text_offsets"] = (len(self.manifest) + 1,)
         try:
             return all(np.load(self.partial / f"{k}.npy", mmap_mode="r").shape == v for k, v in expected.items())
-        except (OSError, ValueError):
+        except (OSError, ValueError, EOFError):
             return False
 
     def _save_progress(self, **done: int) -> None:
@@ -483,7 +507,9 @@ def _build_or_load(teacher: Teacher, manifest: Manifest, root: Path, batch_size:
     if ctx.enabled:
         return _build_or_load_sharded(teacher, manifest, final, key, fields, batch_size, workers, chunk_size,
                                       max_bad_fraction, what, console, rebuild, ctx, started)
-    with _lock(final):
+    with _lock(final) as writable:
+        if not writable:
+            return CacheResult(_read_only_cache(final, key, manifest, what), True, 0, time.perf_counter() - started)
         cache = _open_existing(final, key, manifest, rebuild, console, what)
         if cache is not None:
             return CacheResult(cache, True, 0, time.perf_counter() - started)
@@ -507,8 +533,10 @@ def _build_or_load_sharded(teacher: Teacher, manifest: Manifest, final: Path, ke
     with contextlib.ExitStack() as stack:
         word = "build"
         if ctx.is_main:
-            stack.enter_context(_lock(final))
-            if _open_existing(final, key, manifest, rebuild, console, what) is not None:
+            if not stack.enter_context(_lock(final)):
+                _read_only_cache(final, key, manifest, what)
+                word = "hit"
+            elif _open_existing(final, key, manifest, rebuild, console, what) is not None:
                 word = "hit"
             else:
                 partial = final.with_name(final.name + ".partial")

@@ -7,6 +7,7 @@ prints the traceback.
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 import traceback
@@ -59,12 +60,19 @@ def check(recipe: Path = RECIPE_ARG, overrides: Optional[list[str]] = OVERRIDES_
     * `edgedistill check recipes/clip_to_mobilenet.yaml train.epochs=3 data.batch_size=32`
     """
     from edgedistill.cache import load_split_manifests
+    from edgedistill.evaluate import read_class_descriptions
     from edgedistill.recipe import load_recipe, recipe_to_yaml
     from edgedistill.students import check_vision_tower
+    from edgedistill.teachers import check_teacher
+    from edgedistill.train import check_ood_classes
 
     resolved = load_recipe(recipe, overrides or [])
+    check_teacher(resolved.teacher, seed=resolved.seed)  # the model config builds, the checkpoint fits it
     check_vision_tower(resolved.student.vision, resolved.student.image_size)
     manifests = load_split_manifests(resolved)
+    check_ood_classes(manifests)
+    if resolved.data.class_descriptions is not None:
+        read_class_descriptions(resolved.data.class_descriptions)
     typer.echo(recipe_to_yaml(resolved), nl=False)
     err = Console(stderr=True, soft_wrap=True)
     for name, m in manifests.items():
@@ -285,7 +293,11 @@ def teacher_pretrain(
     """
     from edgedistill.pretrain import pretrain_config, pretrain_teacher
 
+    from edgedistill import atomic
+
     console = Console(stderr=True, soft_wrap=True)
+    if out is not None:
+        atomic.writable_dir(out, "--out")
     train = data / "train.jsonl"
     if not train.is_file():
         raise UserError(f"{data} has no train.jsonl; give a dataset folder (e.g. one `edgedistill data scenes` "
@@ -295,9 +307,6 @@ def teacher_pretrain(
     result = pretrain_teacher(train, val if val.is_file() else None, cfg, console=console)
     config_json, checkpoint = result.config_json, result.checkpoint
     if out is not None:
-        from edgedistill import atomic
-
-        out.mkdir(parents=True, exist_ok=True)
         for src in (result.config_json, result.checkpoint):
             atomic.write_bytes(out / src.name, src.read_bytes())
         config_json, checkpoint = out / result.config_json.name, out / result.checkpoint.name
@@ -366,23 +375,72 @@ def _interrupted_hint(args: list[str]) -> str:
     return INTERRUPTED_DISTILL if "distill" in args and "--resume" not in args else INTERRUPTED
 
 
+# Environment faults a user fixes (a full disk, a read-only or forbidden folder), wherever they surface.
+USER_ERRNOS = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT)
+
+
+def _is_a(e: BaseException, name: str) -> bool:
+    """Whether ``e`` is click's exception ``name``; typer >= 0.20 vendors its own copy of click, older typer uses
+    click itself, so the class is matched by name."""
+    return any(cls.__name__ == name for cls in type(e).__mro__)
+
+
+def _usage_error(e: Exception) -> str:
+    """A usage error as one line, with where to look: 'No such option: --fp61 Did you mean --fp16?'."""
+    ctx = getattr(e, "ctx", None)
+    command = ctx.command_path if ctx is not None else "edgedistill"
+    message = " ".join(e.format_message().split())  # type: ignore[attr-defined]
+    return f"error: {message} (see {command} --help)\n"
+
+
+def _run(args: list[str]) -> int:
+    """typer without its own error handling (``standalone_mode=False``): every way out comes back here."""
+    command = typer.main.get_command(app)
+    try:
+        code = command.main(args=args, prog_name="edgedistill", standalone_mode=False)
+    except Exception as e:  # noqa: BLE001 - usage errors and click's Abort are told apart by class name
+        if _is_a(e, "NoArgsIsHelpError"):  # `edgedistill` / `edgedistill data` alone: the help
+            typer.echo(e.ctx.get_help())  # type: ignore[attr-defined]
+            return 0
+        if _is_a(e, "ClickException"):
+            sys.stderr.write(_usage_error(e))
+            return 2
+        if _is_a(e, "Abort"):
+            if isinstance(e.__cause__, EOFError):  # click turns any EOFError into "Aborted!": show the real one
+                raise e.__cause__ from None
+            raise KeyboardInterrupt from e
+        raise
+    return code if isinstance(code, int) else 0
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     """Entry point: run the CLI and turn user errors into one line and exit status 2."""
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args
     args = [a for a in args if a != "--debug"]  # accepted anywhere on the line, not only before the command
     try:
-        app(args=args, prog_name="edgedistill")  # typer handles --help and usage errors (exit 2) itself
-        return 0
+        code = _run(args)
+        if code == 130:  # typer turns Ctrl-C into exit 130
+            sys.stderr.write(_interrupted_hint(args))
+        return code
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-        if code == 130:  # typer turns Ctrl-C into exit 130
+        if code == 130:
             sys.stderr.write(_interrupted_hint(args))
         return code
     except UserError as e:
         if debug:
             traceback.print_exc()
         sys.stderr.write(f"error: {e}\n")
+        return 2
+    except OSError as e:
+        if e.errno not in USER_ERRNOS:
+            raise
+        if debug:
+            traceback.print_exc()
+        where = f" {e.filename}" if e.filename else ""
+        sys.stderr.write(f"error: cannot write{where} ({e.strerror}); free space, or choose a folder you can "
+                         f"write to\n")
         return 2
     except KeyboardInterrupt:
         sys.stderr.write(_interrupted_hint(args))

@@ -74,7 +74,8 @@ def _recipe(size: DemoSize, data: Path, teacher: dict[str, str], out: Path, cach
 
 def _prepare_out(out: Path) -> None:
     """Replace a previous demo in ``out``; refuse to touch a folder that is something else."""
-    if out.exists() and any(out.iterdir()):
+    atomic.writable_dir(out, "--out")
+    if any(out.iterdir()):
         if not (out / MARKER).is_file() and not (out / "recipe.yaml").is_file():
             raise UserError(f"{out} exists and is not a demo run; choose another --out or delete it")
         if (out / "recipe.yaml").is_file() and not (out / MARKER).is_file():
@@ -146,7 +147,7 @@ def run_demo(out: Path = Path("runs/demo"), quick: bool = False, console: Consol
                           "threads": threads, "iterations": size.latency_iters, "statistic": "p50 ms"},
               "bench": {"json": str(out / "bench" / "bench.json"), "md": str(out / "bench" / "bench.md"),
                         "plot": str(out / "bench" / "pareto.png")},
-              "rows": rows, "retention_rsum": summary.get("retention", {}).get("rsum")}
+              "rows": rows, "retention_rsum": (summary.get("retention") or {}).get("rsum")}
     atomic.write_json(out / MARKER, report)
     atomic.write_text(out / "demo.md", _markdown(report))
     return report

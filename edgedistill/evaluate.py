@@ -21,8 +21,10 @@ from edgedistill.cache import (FeatureCache, caches_for_recipe, class_text_featu
                               load_split_manifests)
 from edgedistill.data.images import BadImages, ImageDataset, collate_images
 from edgedistill.data.manifest import Manifest
+from edgedistill.documents import RunSummary, read_document
 from edgedistill.errors import UserError
-from edgedistill.metrics import agreement, few_shot_accuracy, retrieval_metrics, zero_shot_accuracy
+from edgedistill.metrics import (NonFiniteEmbeddings, agreement, check_finite, few_shot_accuracy, retention,
+                                 retrieval_metrics, zero_shot_accuracy)
 from edgedistill.recipe import load_recipe
 from edgedistill.students import Student, load_student
 from edgedistill.teachers import Teacher, load_teacher, resolve_device
@@ -210,20 +212,30 @@ def evaluate_student(student: Student, val: ValData, tokenizer: Any, device: tor
             class_text = student_class_text(student, tokenizer, val, device)
     finally:
         model.train(was_training)
+    try:
+        return _student_metrics(val, image, text, class_text, projection)
+    except NonFiniteEmbeddings as e:
+        raise UserError(f"the student's {e} on {val.manifest.path}: its weights are damaged or the training "
+                        f"diverged (lower train.lr and distill again)") from e
+
+
+def _student_metrics(val: ValData, image: torch.Tensor, text: torch.Tensor, class_text: torch.Tensor | None,
+                     projection: torch.nn.Module | None) -> dict[str, float]:
     metrics: dict[str, float] = {}
     if len(val.captions):
         metrics.update(retrieval_metrics(image, text, val.text_to_image))
     if val.labels is not None and class_text is not None:
         metrics.update(zero_shot_accuracy(image, class_text, val.labels))
     s_image, s_text = image, text
-    if projection is not None:
-        proj = projection.cpu().float()
-        s_image = torch.nn.functional.normalize(proj(image), dim=-1)
-        s_text = torch.nn.functional.normalize(proj(text), dim=-1) if len(text) else text
-        projection.to(device)
+    if projection is not None:  # applied on the CPU copies; the training module stays where it is
+        w = projection.weight.detach().float().cpu()
+        b = projection.bias.detach().float().cpu() if projection.bias is not None else None
+        s_image = torch.nn.functional.normalize(torch.nn.functional.linear(image, w, b), dim=-1)
+        s_text = torch.nn.functional.normalize(torch.nn.functional.linear(text, w, b), dim=-1) if len(text) else text
     if len(val.captions):
         metrics.update(agreement(s_image, s_text, val.teacher_image, val.teacher_text, val.text_to_image))
     else:
+        check_finite(student_image=s_image)
         cos = torch.nn.functional.cosine_similarity(s_image, val.teacher_image, dim=-1).mean().item()
         metrics["cosine_to_teacher"] = cos
     return metrics
@@ -261,6 +273,11 @@ def evaluate_ood(student: Student, ood: ValData, tokenizer: Any, device: torch.d
             else student_class_text(student, tokenizer, ood, device)
     finally:
         model.train(was_training)
+    try:
+        check_finite(student_image=image, student_class_text=class_text)
+    except NonFiniteEmbeddings as e:
+        raise UserError(f"the {e} on {ood.manifest.path}: the student's weights are damaged or the training "
+                        f"diverged") from e
     s_zs = zero_shot_accuracy(image, class_text, ood.labels)
     t_zs = zero_shot_accuracy(ood.teacher_image, ood.teacher_class_text, ood.labels)
     zero_shot = {"student_mean_class": s_zs["zs_mean_class"], "student_top1": s_zs["zs_top1"],
@@ -297,8 +314,8 @@ def run_eval(run_dir: Path, device: str, console: Console) -> dict[str, Any]:
                                        recipe.data.workers, console=console)
     t = teacher_metrics(val)
     result = {"teacher": t, "student": student_metrics,
-              "retention": {"rsum": student_metrics["rsum"] / t["rsum"]} if t.get("rsum") else None,
-              "steps": json.loads((run_dir / "summary.json").read_text()).get("steps", 0)
+              "retention": retention(student_metrics, t),
+              "steps": read_document(run_dir / "summary.json", RunSummary, "run summary", "distill again").steps
               if (run_dir / "summary.json").exists() else 0,
               "train_images_per_s": 0.0, "val_images": len(val.image_rows)}
     atomic.write_json(run_dir / "eval.json", result)

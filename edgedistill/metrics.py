@@ -18,6 +18,8 @@ Scores are computed in chunks of queries, so memory is O(chunk * max(N, T)) beyo
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -28,6 +30,18 @@ def _unit(x: Tensor) -> Tensor:
     if x.dtype not in (torch.float32, torch.float64):
         x = x.float()
     return F.normalize(x, dim=-1)
+
+
+class NonFiniteEmbeddings(ValueError):
+    """Embeddings holding NaN or inf: every score computed from them would be meaningless (NaN ranks first)."""
+
+
+def check_finite(**embeddings: Tensor) -> None:
+    """NonFiniteEmbeddings naming the first (N, D) tensor that holds NaN or inf."""
+    for name, x in embeddings.items():
+        if x.numel() and not bool(torch.isfinite(x).all()):
+            bad = int((~torch.isfinite(x)).any(dim=-1).sum()) if x.ndim == 2 else int((~torch.isfinite(x)).sum())
+            raise NonFiniteEmbeddings(f"{name} embeddings hold NaN or inf ({bad} of {x.shape[0]} rows)")
 
 
 def _check_pairs(image_emb: Tensor, text_emb: Tensor, text_to_image: Tensor) -> None:
@@ -46,6 +60,7 @@ def _check_pairs(image_emb: Tensor, text_emb: Tensor, text_to_image: Tensor) -> 
         raise ValueError("text_to_image must hold integer image indices")
     if int(text_to_image.min()) < 0 or int(text_to_image.max()) >= image_emb.shape[0]:
         raise ValueError(f"text_to_image holds indices outside 0..{image_emb.shape[0] - 1}")
+    check_finite(image=image_emb, text=text_emb)
 
 
 def _i2t_ranks(img: Tensor, txt: Tensor, t2i: Tensor, chunk: int) -> Tensor:
@@ -126,6 +141,7 @@ def zero_shot_accuracy(image_emb: Tensor, class_emb: Tensor, labels: Tensor,
     keep = labels >= 0
     if not bool(keep.any()):
         raise ValueError("zero-shot accuracy needs at least one labelled image")
+    check_finite(image=image_emb, class_text=class_emb)
     img, cls = _unit(image_emb[keep]), _unit(class_emb).to(image_emb.device)
     if img.dtype != cls.dtype:
         img, cls = img.double(), cls.double()
@@ -236,6 +252,7 @@ def few_shot_accuracy(image_emb: Tensor, labels: Tensor, k: int, class_emb: Tens
                          f"{tuple(labels.shape)}")
     labels = labels.long().cpu()
     emb = image_emb.float().cpu()
+    check_finite(image=emb, **({"class_text": class_emb} if class_emb is not None else {}))
     n_classes = int(labels.max().item()) + 1 if len(labels) and int(labels.max()) >= 0 else 0
     if class_emb is not None:
         n_classes = max(n_classes, class_emb.shape[0])
@@ -262,5 +279,15 @@ def few_shot_accuracy(image_emb: Tensor, labels: Tensor, k: int, class_emb: Tens
     return {**{name: float(np.mean(v)) for name, v in scores.items()}, "classes": float(len(usable))}
 
 
-__all__ = ["agreement", "few_shot_accuracy", "mean_class_top1", "prototype_logits", "retrieval_metrics",
-           "tip_adapter_logits", "zero_shot_accuracy"]
+def retention(student: dict[str, float] | None, teacher: dict[str, float] | None, key: str = "rsum"
+              ) -> dict[str, float] | None:
+    """``{key: student / teacher}``, the share of the teacher's score the student keeps; None when either score is
+    missing, not finite, or the teacher's is not positive (a ratio of those would read as a pass or a failure)."""
+    s, t = (student or {}).get(key), (teacher or {}).get(key)
+    if s is None or t is None or not (math.isfinite(s) and math.isfinite(t)) or t <= 0:
+        return None
+    return {key: s / t}
+
+
+__all__ = ["NonFiniteEmbeddings", "agreement", "check_finite", "few_shot_accuracy", "mean_class_top1",
+           "prototype_logits", "retention", "retrieval_metrics", "tip_adapter_logits", "zero_shot_accuracy"]

@@ -221,7 +221,7 @@ class Recipe(_Section):
     @classmethod
     def _name_is_a_folder_name(cls, v: str) -> str:
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", v):
-            raise ValueError("use letters, digits, '_', '-' and '.' only")
+            raise ValueError("a name starts with a letter or digit, followed by letters, digits, '_', '-' or '.'")
         return v
 
     @field_validator("device")

@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 
 from edgedistill.errors import UserError
 from edgedistill.recipe import StudentConfig, StudentTextConfig
-from edgedistill.teachers import Teacher, quiet_open_clip, register_open_clip_config
+from edgedistill.teachers import Teacher, quiet_open_clip, register_open_clip_config, sha256_file
 
 # The towers the project tests and documents (any timm model name works; these are the edge-friendly ones).
 STUDENT_ZOO: dict[str, str] = {
@@ -155,12 +155,14 @@ def save_student(student: Student, folder: Path, extra: dict[str, Any] | None = 
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
-        (tmp / CONFIG_FILE).write_text(json.dumps({
-            "model_cfg": student.config, "preprocess_cfg": student.preprocess_cfg,
-            "edgedistill": {"name": student.name, "text_is_teacher": student.text_is_teacher, **extra}}, indent=2))
-        (tmp / f"{student.name}.json").write_text(json.dumps(student.config, indent=2))
         state = {k: v.detach().cpu().contiguous() for k, v in student.model.state_dict().items()}
         save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        # export and eval check the weights against this before they use them (a damaged file is refused)
+        (tmp / CONFIG_FILE).write_text(json.dumps({
+            "model_cfg": student.config, "preprocess_cfg": student.preprocess_cfg,
+            "edgedistill": {"name": student.name, "text_is_teacher": student.text_is_teacher,
+                            "weights_sha256": sha256_file(tmp / WEIGHTS_FILE), **extra}}, indent=2))
+        (tmp / f"{student.name}.json").write_text(json.dumps(student.config, indent=2))
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
@@ -183,9 +185,26 @@ def load_student(folder: Path, device: str | torch.device = "cpu") -> Student:
     if not config_path.is_file() or not (folder / WEIGHTS_FILE).is_file():
         raise UserError(f"{folder} is not a saved student (needs {CONFIG_FILE} and {WEIGHTS_FILE}); "
                         "was the run finished?")
-    meta = json.loads(config_path.read_text())
-    name = meta.get("edgedistill", {}).get("name", "edgedistill-student")
-    model = open_clip.create_model(f"local-dir:{folder}", device=device)
+    try:
+        meta = json.loads(config_path.read_text(encoding="utf-8"))
+        info = meta.get("edgedistill") or {}
+        model_cfg, preprocess_cfg = meta["model_cfg"], meta["preprocess_cfg"]
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+        raise UserError(f"{config_path} is not a student config ({type(e).__name__}: {e}); distill again") from None
+    recorded = info.get("weights_sha256")
+    if recorded is not None and sha256_file(folder / WEIGHTS_FILE) != recorded:
+        raise UserError(f"{folder / WEIGHTS_FILE} does not match the sha256 recorded when it was saved (damaged or "
+                        f"changed); distill again, or restore the file")
+    try:
+        with quiet_open_clip():
+            model = open_clip.create_model(f"local-dir:{folder}", device=device)
+    except Exception as e:  # noqa: BLE001 - a damaged folder; say which, not where open_clip stumbled
+        first = (str(e).splitlines() or [type(e).__name__])[0][:200]
+        raise UserError(f"{folder} does not load as an open_clip student ({first}); distill again") from e
     model.eval()
-    text_is_teacher = meta.get("edgedistill", {}).get("text_is_teacher", False)
-    return Student(model, name, meta["model_cfg"], meta["preprocess_cfg"], text_is_teacher)
+    bad = [k for k, v in model.state_dict().items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise UserError(f"{folder}: {len(bad)} weight tensors hold NaN or inf (first: {bad[0]}); the training "
+                        f"diverged or the file is damaged: distill again")
+    return Student(model, info.get("name", "edgedistill-student"), model_cfg, preprocess_cfg,
+                   bool(info.get("text_is_teacher", False)))

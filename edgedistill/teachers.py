@@ -15,8 +15,12 @@ import difflib
 import hashlib
 import json
 import logging
+import os
 import pickle
+import socket
 import tempfile
+import urllib.parse
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -217,6 +221,104 @@ class Teacher:
         return torch.nn.functional.normalize(x, dim=-1)
 
 
+def _build_error(e: Exception, cfg: TeacherConfig, source: TeacherSource) -> UserError:
+    """The one-line error for a teacher that open_clip could not build or load."""
+    if isinstance(e, pickle.UnpicklingError):
+        return UserError(f"teacher checkpoint {cfg.pretrained} holds objects other than tensors and is not loaded "
+                         f"(that would run code); save its state_dict or use safetensors")
+    first = " ".join(str(e).split()) or type(e).__name__
+    first = first if len(first) <= 240 else first[:240] + "..."
+    if source.weights.startswith(("tag:", HF_HUB)):
+        return UserError(f"could not download open_clip weights for {source.model_name} "
+                         f"'{cfg.pretrained or source.model_name}' ({first}); without internet, download the "
+                         f"checkpoint elsewhere and set teacher.pretrained to its local path")
+    if source.weights.startswith("file:") and not isinstance(e, _ConfigError):
+        return UserError(f"teacher checkpoint {cfg.pretrained} does not load into {cfg.model} ({first}); "
+                         f"check that teacher.model matches the checkpoint")
+    return UserError(f"teacher.model {cfg.model}: open_clip cannot build this model ({first}); check the model "
+                     f"config's values (widths, heads, layers, sizes)")
+
+
+class _ConfigError(Exception):
+    """open_clip failed to build the architecture itself (before any weights were read)."""
+
+
+@contextlib.contextmanager
+def _quiet_build() -> Iterator[None]:
+    """open_clip's notes and torch's warnings about checkpoints (pickle protocol, meta copies) stay out of the way:
+    what matters is reported as one line."""
+    with quiet_open_clip(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+def _hub_host(source: TeacherSource) -> str | None:
+    """The host the weights would be downloaded from (None when nothing is downloaded)."""
+    if not source.weights.startswith(("tag:", HF_HUB)):
+        return None
+    url = source.weights.split(":", 2)[-1] if source.weights.startswith("tag:") else ""
+    if url.startswith("http"):
+        return urllib.parse.urlsplit(url).hostname
+    from huggingface_hub import constants
+    return urllib.parse.urlsplit(constants.ENDPOINT).hostname
+
+
+def _reachable(host: str, timeout: float = 5.0) -> bool:
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True  # the proxy resolves names; let the download find out
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def _offline_unless_reachable(source: TeacherSource) -> Iterator[None]:
+    """Without a network the hub client retries for about a minute before it fails; when the download host cannot
+    be reached, ask it for its local cache only, which answers at once (a cached checkpoint still loads)."""
+    host = _hub_host(source)
+    if host is None or _reachable(host):
+        yield
+        return
+    from huggingface_hub import constants
+    previous = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    except Exception as e:
+        raise RuntimeError(f"{host} cannot be reached from this machine and the weights are not in the local "
+                           f"cache") from e
+    finally:
+        constants.HF_HUB_OFFLINE = previous
+
+
+def check_teacher(cfg: TeacherConfig, seed: int = 0) -> TeacherSource:
+    """What ``load_teacher`` would hit first, without its cost: the architecture is built on the meta device (no
+    memory, no weights) and a local checkpoint is loaded into it (shapes and keys checked, nothing kept)."""
+    source = resolve_source(cfg, seed=seed)
+    if source.weights.startswith(HF_HUB):
+        return source  # the hub holds the config; nothing to build without downloading it
+    try:
+        with _quiet_build():
+            model = _meta_model(source)
+            if source.weights.startswith("file:"):
+                open_clip.load_checkpoint(model, source.pretrained, weights_only=True)
+    except Exception as e:
+        raise _build_error(e, cfg, source) from e
+    return source
+
+
+def _meta_model(source: TeacherSource) -> torch.nn.Module:
+    """The architecture on the meta device (shapes only, instant even for ViT-L); _ConfigError when it cannot be
+    built, so a bad config is told apart from a checkpoint that does not fit it."""
+    try:
+        with torch.device("meta"):
+            return open_clip.create_model(source.model_name, device="meta")
+    except Exception as e:
+        raise _ConfigError(str(e)) from e
+
+
 def load_teacher(cfg: TeacherConfig, device: str | torch.device = "cpu", seed: int = 0) -> Teacher:
     """Build the frozen teacher from the recipe's ``teacher`` section (one-line UserError on any failure)."""
     source = resolve_source(cfg, seed=seed)
@@ -225,24 +327,15 @@ def load_teacher(cfg: TeacherConfig, device: str | torch.device = "cpu", seed: i
     kwargs = dict(image_mean=pre.get("mean"), image_std=pre.get("std"),
                   image_interpolation=pre.get("interpolation"), image_resize_mode=pre.get("resize_mode"))
     try:
-        with quiet_open_clip(), torch.random.fork_rng(devices=[]):
+        if not source.weights.startswith(HF_HUB):
+            with _quiet_build():
+                _meta_model(source)
+        with _quiet_build(), _offline_unless_reachable(source), torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)  # random-weight teachers are reproducible, so their cache key holds
             model, _, preprocess = open_clip.create_model_and_transforms(
                 source.model_name, pretrained=source.pretrained, weights_only=True, **kwargs)
-    except pickle.UnpicklingError as e:
-        raise UserError(f"teacher checkpoint {cfg.pretrained} holds objects other than tensors and is not loaded "
-                        f"(that would run code); save its state_dict or use safetensors") from e
     except Exception as e:
-        first = (str(e).splitlines() or [type(e).__name__])[0]
-        first = first if len(first) <= 240 else first[:240] + "..."
-        if source.weights.startswith(("tag:", HF_HUB)):
-            raise UserError(f"could not download open_clip weights for {source.model_name} "
-                            f"'{cfg.pretrained or source.model_name}' ({first}); without internet, download the "
-                            f"checkpoint elsewhere and set teacher.pretrained to its local path") from e
-        if source.weights.startswith("file:"):
-            raise UserError(f"teacher checkpoint {cfg.pretrained} does not load into {cfg.model} ({first}); "
-                            f"check that teacher.model matches the checkpoint") from e
-        raise
+        raise _build_error(e, cfg, source) from e
     if source.weights.startswith(HF_HUB):
         # A hub repository can change under the same name: key the cache by the bytes that were loaded.
         weights_file = open_clip.pretrained.download_pretrained_from_hf(source.model_name[len(HF_HUB):])

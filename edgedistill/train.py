@@ -38,6 +38,7 @@ from edgedistill.errors import UserError
 from edgedistill.evaluate import (ValData, class_prompt_sets, evaluate_ood, evaluate_student, label_index, prepare_val,
                                   read_class_descriptions, student_eval_transform, teacher_metrics)
 from edgedistill.layerwise import Layerwise
+from edgedistill.metrics import retention
 from edgedistill.losses import Embeddings, LossContext, build_losses, validate_term_options
 from edgedistill.recipe import Recipe, read_yaml, save_recipe
 from edgedistill.runtime import keep_freed_memory
@@ -885,8 +886,7 @@ class Trainer:
             t = teacher_metrics(self.val)
             summary["teacher"] = t
             summary["student"] = s.best_metrics
-            if t.get("rsum"):
-                summary["retention"] = {"rsum": s.best_metrics.get("rsum", 0.0) / t["rsum"]}
+            summary["retention"] = retention(s.best_metrics, t)
             summary["best_step"] = s.best_step
         if self.selector is not None and self.layerwise is not None:
             summary["selection"] = self.selector.summary()
@@ -978,6 +978,8 @@ def distill(recipe: Recipe, console: Console | None = None, resume: bool = False
 
 def _distill(recipe: Recipe, console: Console, resume: bool, ctx: distributed.Context) -> dict[str, Any]:
     refuse_existing_run(RunPaths(Path(recipe.out)), resume)
+    if ctx.is_main:  # rank 0 writes the run directory; find out now, not after the cache build and training
+        atomic.writable_dir(recipe.out, "out")
     with distributed.main_first():  # rank 0 indexes webdataset shards first; the others read its index
         manifests = load_split_manifests(recipe)
     check_ood_classes(manifests)

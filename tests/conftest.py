@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pwd
@@ -181,3 +182,44 @@ PermitRootLogin prohibit-password
             proc.kill()
             proc.wait()
         log.close()
+
+
+# ---------------------------------------------------------------------------------------------- unwritable storage
+@pytest.fixture
+def unwritable_dir(tmp_path: Path) -> Iterator[Path]:
+    """A folder nothing can be written into: read-only permissions, or (as root, whom permissions do not stop) a
+    read-only tmpfs mounted for the test. Skips where neither is possible."""
+    folder = tmp_path / "readonly"
+    folder.mkdir()
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        yield folder
+        folder.chmod(0o755)
+        return
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(folder)],
+                             capture_output=True).returncode == 0
+    if not mounted:
+        pytest.skip("cannot make a read-only folder here (root, and mount is not permitted)")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], capture_output=True)  # lazy: open memmaps keep it busy
+
+
+@contextlib.contextmanager
+def read_only_copy(src: Path, dest: Path) -> Iterator[Path]:
+    """``src`` copied to ``dest`` and bind-mounted read-only over itself (root) or made read-only (others)."""
+    shutil.copytree(src, dest)
+    if os.geteuid() != 0:
+        for p in [dest, *dest.rglob("*")]:
+            p.chmod(0o555 if p.is_dir() else 0o444)
+        yield dest
+        for p in [dest, *dest.rglob("*")]:
+            p.chmod(0o755 if p.is_dir() else 0o644)
+        return
+    if subprocess.run(["mount", "--bind", "-o", "ro", str(dest), str(dest)], capture_output=True).returncode:
+        pytest.skip("cannot make a read-only folder here (root, and mount is not permitted)")
+    try:
+        yield dest
+    finally:
+        subprocess.run(["umount", "-l", str(dest)], capture_output=True)  # lazy: open memmaps keep it busy

@@ -283,3 +283,60 @@ def test_bench_leaves_torch_threads_as_it_found_them(export_dir, tmp_path):
     before = torch.get_num_threads()
     run_bench(BenchOptions(export_dir=export_dir, batches=[1], iters=2, warmup=0, threads=1, out=tmp_path / "r"))
     assert torch.get_num_threads() == before
+
+
+# ---------------------------------------------------------------------------------------------- bad input (issue 18)
+def test_an_unwritable_out_is_refused_before_anything_is_measured(export_dir, tmp_path, unwritable_dir, monkeypatch,
+                                                                  capsys):
+    import edgedistill.bench.runner as runner
+
+    def never(*a, **k):
+        raise AssertionError("timed before the output folder was checked")
+
+    monkeypatch.setattr(runner, "time_job", never)
+    for out, message in ((unwritable_dir / "b", "cannot be written"), (export_dir / "export.json", "is a file")):
+        assert main(["bench", str(export_dir), "--out", str(out), *FAST]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and message in err
+
+
+def test_a_report_that_cannot_be_written_after_timing_is_kept_elsewhere(export_dir, tmp_path, monkeypatch, capsys):
+    import edgedistill.bench.report as report_module
+
+    real = report_module.write_report
+    calls = []
+
+    def fails_once(out, report):
+        calls.append(out)
+        if len(calls) == 1:
+            raise OSError(28, "No space left on device")
+        return real(out, report)
+
+    monkeypatch.setattr(report_module, "write_report", fails_once)
+    assert main(["bench", str(export_dir), "--batch", "1", "--out", str(tmp_path / "b"), *FAST]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "could not write the bench report" in err and "the measurements are saved in" in err
+    rescue = Path(err.rsplit("saved in ", 1)[1])
+    rows = json.loads((rescue / rep.REPORT_JSON).read_text())["rows"]
+    assert any(r["status"] == "ok" and r["p50_ms"] for r in rows)
+    shutil.rmtree(rescue)
+
+
+def test_a_non_finite_artifact_is_a_failed_row_not_a_perfect_score(export_dir, monkeypatch, tmp_path, capsys):
+    import edgedistill.bench.backends as backends
+
+    real_embed = backends.Runner.embed
+
+    def nan_for_int8(self, x, batch=32):
+        out = real_embed(self, x, batch)
+        if "int8" in str(getattr(self, "session", None) and self.session._model_path):
+            out[:] = np.nan
+        return out
+
+    monkeypatch.setattr(backends.Runner, "embed", nan_for_int8)
+    assert main(["bench", str(export_dir), "--batch", "1", "--out", str(tmp_path / "b"), *FAST]) == 2
+    rows = _rows(tmp_path / "b")
+    int8 = [r for r in rows if r["artifact"] == "image_int8_onnx"]
+    assert int8 and all(r["status"] == "failed" and "NaN or inf" in r["reason"] for r in int8)
+    assert all(r["i2t_r1"] is None for r in int8)
+    assert any(r["artifact"] == "image_fp32_onnx" and r["status"] == "ok" for r in rows)

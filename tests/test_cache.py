@@ -12,7 +12,7 @@ from edgedistill.data.manifest import load_manifest
 from edgedistill.errors import UserError
 from edgedistill.recipe import TeacherConfig
 from edgedistill.teachers import Teacher, load_teacher
-from tests.conftest import write_images, write_manifest
+from tests.conftest import read_only_copy, write_images, write_manifest
 
 
 def quiet() -> Console:
@@ -101,7 +101,7 @@ def test_a_changed_batch_size_restarts_instead_of_mixing(teacher, dataset, tmp_p
     assert result.forward_batches == 10 + 20  # all 40 images again (batch 4), then 80 captions
 
 
-@pytest.mark.parametrize("damage", ["flip_bytes", "delete_meta", "truncate", "bad_meta_json"])
+@pytest.mark.parametrize("damage", ["flip_bytes", "delete_meta", "truncate", "empty_array", "bad_meta_json"])
 def test_corruption_is_detected_and_rebuilt(teacher, dataset, tmp_path, damage):
     manifest = load_manifest(dataset["train"])
     good = build(teacher, manifest, tmp_path / "cache").cache
@@ -116,6 +116,8 @@ def test_corruption_is_detected_and_rebuilt(teacher, dataset, tmp_path, damage):
         (path / "meta.json").unlink()
     elif damage == "truncate":
         (path / "text_emb.npy").write_bytes((path / "text_emb.npy").read_bytes()[:300])
+    elif damage == "empty_array":  # a 0-byte file: np.load raises EOFError, which once read as "Aborted."
+        (path / "text_emb.npy").write_bytes(b"")
     else:
         (path / "meta.json").write_text("{not json")
     log = tmp_path / "log.txt"
@@ -223,3 +225,17 @@ def test_a_full_disk_is_a_user_error(teacher, dataset, tmp_path, monkeypatch):
     monkeypatch.setattr(cache_module, "_reserve_disk", full)
     with pytest.raises(UserError, match=r"train: no space left writing the teacher feature cache .*set cache.dir"):
         build(teacher, load_manifest(dataset["train"]), tmp_path / "cache", what="train")
+
+
+def test_a_finished_cache_on_read_only_storage_is_read(teacher, dataset, tmp_path):
+    manifest = load_manifest(dataset["train"])
+    built = build(teacher, manifest, tmp_path / "cache").cache
+    reference = np.array(built.image_emb)
+    del built
+    with read_only_copy(tmp_path / "cache", tmp_path / "ro-cache") as ro:
+        result = build(teacher, manifest, ro)
+        assert result.hit and result.forward_batches == 0
+        assert np.array_equal(np.asarray(result.cache.image_emb), reference)
+        other = load_manifest(write_manifest(tmp_path / "other.jsonl", write_images(tmp_path / "o", 3, seed=5)))
+        with pytest.raises(UserError, match="is read-only and there is none for this run; set cache.dir"):
+            build(teacher, other, ro)

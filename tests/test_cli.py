@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 import yaml
 
 from edgedistill.cli import main
@@ -36,6 +37,48 @@ def test_version(capsys):
 def test_usage_error_exits_2(capsys):
     assert main(["cache"]) == 2
     assert "Missing argument" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["export", "--fp61"], "error: No such option: --fp61 (Possible options: --fp16) (see edgedistill export --help)"),
+    (["bench", "--batchsize", "4"], "No such option: --batchsize"),
+    (["nonsense"], "No such command 'nonsense'"),
+    (["data", "scenes", "--out", "x", "--n", "many"], "Invalid value for '--n'"),
+])
+def test_usage_errors_are_one_line(capsys, args, expected):
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert expected in err and len(err.strip().splitlines()) == 1 and "Usage" not in err
+
+
+def test_no_arguments_prints_the_help(capsys):
+    assert main([]) == 0 and "Usage" in capsys.readouterr().out
+    assert main(["data"]) == 0 and "scenes" in capsys.readouterr().out
+
+
+def test_an_eof_error_is_not_hidden_as_aborted(tmp_path, monkeypatch):
+    """click turns any EOFError into 'Aborted!' and exit 1, which once hid a damaged cache file; an unexpected
+    EOFError must show itself (a bug to report), not pose as an interruption."""
+    import edgedistill.recipe
+
+    def eof(*a, **k):
+        raise EOFError("No data left in file")
+
+    monkeypatch.setattr(edgedistill.recipe, "load_recipe", eof)
+    with pytest.raises(EOFError, match="No data left"):
+        main(["check", str(tmp_path / "r.yaml")])
+
+
+def test_storage_faults_anywhere_are_one_line(tmp_path, monkeypatch, capsys):
+    import edgedistill.recipe
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "x"))
+
+    monkeypatch.setattr(edgedistill.recipe, "load_recipe", full)
+    assert main(["check", str(tmp_path / "r.yaml")]) == 2
+    assert capsys.readouterr().err == f"error: cannot write {tmp_path / 'x'} (No space left on device); free " \
+                                      f"space, or choose a folder you can write to\n"
 
 
 def test_bad_recipe_is_one_line_exit_2_no_traceback(tmp_path):

@@ -220,7 +220,7 @@ def test_fp16_and_int8_run_on_cpu_and_calibration_is_cached(small_graph, tmp_pat
     with torch.no_grad():
         ref = ImageEncoder(model)(torch.from_numpy(images)).numpy()
     to_fp16(path, tmp_path / "half.onnx")
-    half = run_session(ort_session(tmp_path / "half.onnx", precision="fp16"), images)
+    half = run_session(ort_session(tmp_path / "half.onnx"), images)
     assert cosine_parity(half, ref)["cosine_mean"] > 0.999
     seen = []
     info = quantize_int8(path, tmp_path / "int8.onnx", ImageCalibrationReader("image", 20, lambda i: images[i],
@@ -275,3 +275,109 @@ def test_read_manifest_and_verify_reject_bad_exports(exported, tmp_path):
     (copy / entry["path"]).unlink()
     with pytest.raises(UserError, match="is missing"):
         artifacts.verify_artifact(copy, entry)
+
+
+# ---------------------------------------------------------------------------------------------- bad input (issue 18)
+def _damaged_copy(finished_run: Path, dest: Path, keep_sha: bool = True) -> Path:
+    """A copy of the run whose student weights have about 40 bytes flipped near the end (NaN-prone floats)."""
+    shutil.copytree(finished_run, dest)
+    weights = dest / "student" / "open_clip_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    for i in range(len(data) - 200, len(data) - 160):
+        data[i] = 0xFF
+    weights.write_bytes(bytes(data))
+    if not keep_sha:  # a student saved before weights got a sha256: the NaN check must still refuse it
+        cfg = dest / "student" / "open_clip_config.json"
+        doc = json.loads(cfg.read_text())
+        doc["edgedistill"].pop("weights_sha256")
+        cfg.write_text(json.dumps(doc))
+    return dest
+
+
+def test_a_damaged_student_is_refused_before_export(finished_run, tmp_path, capsys):
+    run = _damaged_copy(finished_run, tmp_path / "run")
+    assert main(["export", str(run), "--out", str(tmp_path / "e1")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "does not match the sha256 recorded" in err
+    run2 = _damaged_copy(finished_run, tmp_path / "run2", keep_sha=False)
+    assert main(["export", str(run2), "--out", str(tmp_path / "e2")]) == 2
+    assert "hold NaN or inf" in capsys.readouterr().err
+    assert not list((tmp_path / "e2").glob("*.onnx")) and not (tmp_path / "e2" / "export.json").exists()
+
+
+@pytest.mark.parametrize("cosine", [float("nan"), float("inf")])
+def test_a_non_finite_parity_fails_the_gate(finished_run, tmp_path, monkeypatch, capsys, cosine):
+    import edgedistill.export.exporter as exporter
+
+    monkeypatch.setattr(exporter, "cosine_parity", lambda a, b: {"cosine_mean": cosine, "cosine_min": cosine})
+    assert main(["export", str(finished_run), "--out", str(tmp_path / "e")]) == 2
+    assert "disagrees with PyTorch" in capsys.readouterr().err
+    assert not (tmp_path / "e" / "export.json").exists()
+
+
+def test_export_out_that_cannot_be_a_folder_exits_2(finished_run, tmp_path, unwritable_dir, capsys):
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("x")
+    for out, message in ((a_file, "is a file, not a folder"), (a_file / "sub", "a part of that path is a file"),
+                         (unwritable_dir / "export", "cannot be written")):
+        assert main(["export", str(finished_run), "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and message in err and "Traceback" not in err
+
+
+def test_fp16_graphs_run_in_a_default_onnxruntime_session(exported):
+    """A user's plain ``InferenceSession(path)`` (ORT_ENABLE_ALL) once crashed on the fp16 text graph."""
+    import subprocess
+    import sys
+
+    for name, x in (("text_fp16.onnx", "np.zeros((2, 16), np.int64)"), ("image_fp16.onnx", None)):
+        x = x or "np.zeros((2, 3, 32, 32), np.float32)"
+        script = (f"import numpy as np, onnxruntime as ort; s = ort.InferenceSession({str(exported / name)!r}); "
+                  f"print(s.run(None, {{s.get_inputs()[0].name: {x}}})[0].shape)")
+        proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-500:]
+        assert proc.stdout.strip() == "(2, 32)"
+
+
+def test_an_artifact_that_crashes_a_default_session_is_a_failed_gate(finished_run, tmp_path, monkeypatch, capsys):
+    import edgedistill.export.graph as graph
+
+    crash = "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)"
+    monkeypatch.setattr(graph, "_DEFAULT_SESSION_PROBE", crash)
+    out = tmp_path / "e"
+    assert main(["export", str(finished_run), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "crashed onnxruntime (SIGSEGV)" in errors[0] and "Traceback" not in err
+    assert not list(out.glob("*.onnx")) and not list(out.glob(".*"))
+
+
+def test_a_killed_exports_temporaries_are_removed_by_the_next(finished_run, tmp_path):
+    out = tmp_path / "e"
+    out.mkdir()
+    stale = [out / ".image_fp32.onnx.k3j2.tmp", out / ".image_fp32.unverified.onnx"]
+    for p in stale:
+        p.write_bytes(b"half")
+    (out / "notes.txt").write_text("mine")
+    assert main(["export", str(finished_run), "--out", str(out)]) == 0
+    assert not any(p.exists() for p in stale) and (out / "notes.txt").read_text() == "mine"
+    assert not list(out.glob(".*"))
+
+
+def test_export_json_is_checked_field_by_field(exported, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(exported, copy)
+    doc = json.loads((copy / "export.json").read_text())
+    for artifacts_value, field in (([1, "x"], "artifacts.0"), ("none", "artifacts"),
+                                   ([{**doc["artifacts"][0], "path": "../../etc/passwd"}], "artifacts.0.path"),
+                                   ([{**doc["artifacts"][0], "sha256": "abc"}], "artifacts.0.sha256")):
+        (copy / "export.json").write_text(json.dumps({**doc, "artifacts": artifacts_value}))
+        with pytest.raises(UserError, match=f"field '{field}'"):
+            artifacts.read_manifest(copy)
+
+
+def test_export_restores_torchs_thread_count(finished_run, tmp_path):
+    before = torch.get_num_threads()
+    other = 1 if before != 1 else 2
+    assert main(["export", str(finished_run), "--out", str(tmp_path / "e"), "--threads", str(other)]) == 0
+    assert torch.get_num_threads() == before

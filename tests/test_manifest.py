@@ -90,6 +90,21 @@ def test_csv_errors(tmp_path):
         load_manifest(write(tmp_path / "m.csv", "image,caption\na.jpg,x\n,y\n"))
     with pytest.raises(UserError, match="line 3: image 'a.jpg' has label 'cat' here but 'dog' on line 2"):
         load_manifest(write(tmp_path / "m.csv", "image,caption,label\na.jpg,x,dog\na.jpg,y,cat\n"))
+    with pytest.raises(UserError, match="line 3: 1 fields where the header names 2"):  # not silently uncaptioned
+        load_manifest(write(tmp_path / "m.csv", "image,caption\na.jpg,x\nb.jpg\n"))
+    with pytest.raises(UserError, match="line 2: 3 fields where the header names 2"):
+        load_manifest(write(tmp_path / "m.csv", "image,caption\na.jpg,x,y\n"))
+    assert load_manifest(write(tmp_path / "m.csv", "image,caption\na.jpg,\n")).entries[0].captions == ()
+
+
+@pytest.mark.parametrize("suffix, head", [(".jsonl", b'{"image": "a.jpg"}\n{"image": "b.jpg"}\n'),
+                                          (".csv", b"image,caption\na.jpg,x\nb.jpg,y\n")])
+def test_bytes_that_are_not_utf8_name_their_line(tmp_path, suffix, head):
+    path = tmp_path / f"m{suffix}"
+    path.write_bytes(head + b'{"image": "c\xff.jpg"}\n' if suffix == ".jsonl" else head + b"c\xff.jpg,z\n")
+    bad_line = head.count(b"\n") + 1
+    with pytest.raises(UserError, match=f"line {bad_line}: not UTF-8 text"):
+        load_manifest(path)
 
 
 def test_content_hash_follows_paths_and_captions_not_labels(tmp_path):

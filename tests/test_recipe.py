@@ -162,6 +162,7 @@ def test_missing_and_empty_recipe(tmp_path):
 
 @pytest.mark.parametrize("field,value,match", [
     ("name", "'a b'", "letters, digits"),
+    ("name", "'..'", "starts with a letter or digit"),  # once: "use letters, digits, '.'", which '..' obeys
     ("device", "gpu", "auto, cpu, cuda"),
 ])
 def test_field_validators(tmp_path, field, value, match):

@@ -6,7 +6,7 @@ import torch
 
 from edgedistill.errors import UserError
 from edgedistill.recipe import TeacherConfig
-from edgedistill.teachers import load_teacher, resolve_device, resolve_source
+from edgedistill.teachers import check_teacher, load_teacher, resolve_device, resolve_source
 from tests.conftest import TINY_CONFIG
 
 
@@ -204,3 +204,58 @@ def test_config_json_teacher_survives_later_registrations(tiny_teacher, tmp_path
     resolve_source(TeacherConfig(model=str(other)))  # open_clip rescans its config paths here
     assert open_clip.get_model_config(first.source.model_name)["embed_dim"] == 32
     assert open_clip.get_tokenizer(first.source.model_name)(["x"]).shape == (1, 16)
+
+
+def test_a_config_with_bad_values_is_one_line_in_check_and_in_load(tmp_path):
+    bad = tmp_path / "bad.json"
+    vision = {k: v for k, v in TINY_CONFIG["vision_cfg"].items() if k != "head_width"}
+    bad.write_text(json.dumps({**TINY_CONFIG, "vision_cfg": {**vision, "width": 63}}))  # 63 // 64 = 0 heads
+    for call in (check_teacher, load_teacher):
+        with pytest.raises(UserError, match=r"bad.json: open_clip cannot build this model \(embed_dim and num_heads"):
+            call(TeacherConfig(model=str(bad)))
+
+
+def test_check_finds_a_checkpoint_that_does_not_fit_without_loading_a_model(tiny_teacher, tmp_path):
+    state = torch.load(tiny_teacher[1], weights_only=True)
+    state["visual.proj"] = torch.zeros(3, 3)
+    wrong = tmp_path / "wrong.pt"
+    torch.save(state, wrong)
+    with pytest.raises(UserError, match=r"does not load into .*size mismatch for visual.proj"):
+        check_teacher(TeacherConfig(model=str(tiny_teacher[0]), pretrained=str(wrong)))
+    assert check_teacher(TeacherConfig(model=str(tiny_teacher[0]), pretrained=str(tiny_teacher[1]))).weights.startswith(
+        "file:")
+
+
+def test_a_raw_pickle_checkpoint_is_one_line_without_warnings(tiny_teacher, tmp_path):
+    import pickle
+    import subprocess
+    import sys
+
+    raw = tmp_path / "raw.pt"
+    raw.write_bytes(pickle.dumps(torch.load(tiny_teacher[1], weights_only=True), protocol=4))
+    script = ("from edgedistill.recipe import TeacherConfig; from edgedistill.teachers import load_teacher; "
+              f"load_teacher(TeacherConfig(model={str(tiny_teacher[0])!r}, pretrained={str(raw)!r}))")
+    proc = subprocess.run([sys.executable, "-W", "default", "-c", script], capture_output=True, text=True,
+                          timeout=120)
+    assert "UserError: teacher checkpoint" in proc.stderr and "Warning" not in proc.stderr
+
+
+def test_without_a_network_the_hub_is_asked_for_its_cache_only(monkeypatch):
+    """The hub client retries for about a minute when the network is down; an unreachable host is detected first
+    and the download asks the local cache only (which answers at once)."""
+    import huggingface_hub.constants
+    import open_clip
+
+    import edgedistill.teachers as teachers
+
+    seen = {}
+
+    def create(*args, **kwargs):
+        seen["offline"] = huggingface_hub.constants.HF_HUB_OFFLINE
+        raise RuntimeError("LocalEntryNotFoundError: not in the cache")
+
+    monkeypatch.setattr(teachers, "_reachable", lambda host, timeout=5.0: False)
+    monkeypatch.setattr(open_clip, "create_model_and_transforms", create)
+    with pytest.raises(UserError, match=r"could not download .*huggingface.co cannot be reached from this machine"):
+        load_teacher(TeacherConfig(model="ViT-B-32", pretrained="laion2b_s34b_b79k"))
+    assert seen["offline"] is True and huggingface_hub.constants.HF_HUB_OFFLINE is False

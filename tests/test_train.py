@@ -283,3 +283,35 @@ def test_vl_align_ranks_against_a_bank_of_training_captions(tiny_teacher, datase
     first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
     assert set(first["terms"]) == {"vl_align", "image_contrastive"} and first["terms"]["vl_align"] > 0
     assert banks[0].shape == (50, 32)  # 50 of the 80 training captions, at the teacher's width
+
+
+def test_an_out_that_cannot_be_the_run_directory_fails_before_any_work(tiny_teacher, dataset, tmp_path,
+                                                                      unwritable_dir, capsys):
+    recipe, _ = recipe_for(tmp_path, tiny_teacher, dataset)
+    for out, message in ((dataset["train"], "is a file, not a folder"),
+                         (dataset["train"] / "run", "a part of that path is a file"),
+                         (unwritable_dir / "run", "cannot be written")):
+        assert main(["distill", str(recipe), f"out={out}"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and message in err and "Traceback" not in err
+    assert not (tmp_path / "cache").exists()  # refused before the teacher cache was built
+
+
+def test_eval_of_a_student_with_non_finite_weights_exits_2(tiny_teacher, dataset, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    recipe, out = recipe_for(tmp_path, tiny_teacher, dataset, train={"epochs": 1})
+    assert main(["distill", str(recipe)]) == 0
+    weights = out / "student" / "open_clip_model.safetensors"
+    state = load_file(str(weights))
+    key = next(k for k, v in state.items() if k.startswith("visual.") and v.is_floating_point())
+    state[key][...] = float("nan")
+    save_file(state, str(weights), metadata={"format": "pt"})
+    assert main(["eval", str(out)]) == 2
+    assert "does not match the sha256 recorded" in capsys.readouterr().err
+    cfg = out / "student" / "open_clip_config.json"
+    doc = json.loads(cfg.read_text())
+    del doc["edgedistill"]["weights_sha256"]
+    cfg.write_text(json.dumps(doc))
+    assert main(["eval", str(out)]) == 2
+    assert f"{key}); the training diverged or the file is damaged" in capsys.readouterr().err

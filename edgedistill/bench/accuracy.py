@@ -19,7 +19,7 @@ from rich.console import Console
 from edgedistill.data.images import open_image
 from edgedistill.data.manifest import load_manifest
 from edgedistill.errors import UserError
-from edgedistill.metrics import retrieval_metrics, zero_shot_accuracy
+from edgedistill.metrics import NonFiniteEmbeddings, retrieval_metrics, zero_shot_accuracy
 
 DEFAULT_PROMPT = "a photo of a {label}."
 
@@ -89,8 +89,11 @@ def metrics(val: ValSet, image: np.ndarray, text: np.ndarray | None, class_text:
     """Retrieval R@1/5/10 + RSUM (when there are captions) and zero-shot top-1 (when there are labels)."""
     out: dict[str, float] = {}
     img = torch.from_numpy(np.asarray(image, dtype=np.float32))
-    if val.has_captions and text is not None:
-        out.update(retrieval_metrics(img, torch.from_numpy(np.asarray(text, np.float32)), val.text_to_image))
-    if val.labels is not None and class_text is not None:
-        out.update(zero_shot_accuracy(img, torch.from_numpy(np.asarray(class_text, np.float32)), val.labels))
+    try:
+        if val.has_captions and text is not None:
+            out.update(retrieval_metrics(img, torch.from_numpy(np.asarray(text, np.float32)), val.text_to_image))
+        if val.labels is not None and class_text is not None:
+            out.update(zero_shot_accuracy(img, torch.from_numpy(np.asarray(class_text, np.float32)), val.labels))
+    except NonFiniteEmbeddings as e:  # a broken artifact is a failed row, never a perfect score
+        raise UserError(f"the artifact's {e} on the val split; export again") from e
     return {k: round(float(v), 4) for k, v in out.items()}

@@ -94,7 +94,7 @@ class OrtRunner(Runner):
                                                                              "CPUExecutionProvider"]
         if provider == "TensorrtExecutionProvider":
             providers = [provider, "CUDAExecutionProvider"]
-        self.session = ort_session(path, threads, providers=providers, precision=precision)
+        self.session = ort_session(path, threads, providers=providers)
         used = self.session.get_providers()
         if used[0] != provider:
             raise UserError(f"onnxruntime fell back to {used[0]} for {Path(path).name} instead of {provider}; "

@@ -29,6 +29,7 @@ from edgedistill.bench.backends import Candidate, OrtRunner, Runner, TorchRunner
 from edgedistill.bench.devices import DEVICES, describe_device, describe_short
 from edgedistill.bench.timing import summarize, time_cpu, time_cuda
 from edgedistill.data.images import open_image
+from edgedistill.documents import BenchReport, BundleContext, BundleTeacher, read_document
 from edgedistill.errors import UserError
 from edgedistill.export import artifacts
 
@@ -97,7 +98,8 @@ class Sources:
 
 def resolve_sources(export_dir: Path, doc: dict[str, Any], val: Path | None) -> Sources:
     export_dir = Path(export_dir)
-    context = json.loads((export_dir / BUNDLE_CONTEXT).read_text()) if (export_dir / BUNDLE_CONTEXT).is_file() else {}
+    context = read_document(export_dir / BUNDLE_CONTEXT, BundleContext, "bench bundle file", "bench again").model_dump() \
+        if (export_dir / BUNDLE_CONTEXT).is_file() else {}
     # a bundle (made by --host for a remote target) carries everything itself: never reach for the run folder
     run_dir = Path(doc["run_dir"]) if doc.get("run_dir") and not context else None
     if run_dir is not None and not (run_dir / "recipe.yaml").is_file():
@@ -119,7 +121,8 @@ def resolve_sources(export_dir: Path, doc: dict[str, Any], val: Path | None) -> 
             notes.append("no val split found (export.json's val manifest is gone and no --val given): "
                          "accuracy not measured")
     teacher_json = export_dir / BUNDLE_TEACHER / "teacher.json"
-    teacher = json.loads(teacher_json.read_text()) if teacher_json.is_file() else None
+    teacher = read_document(teacher_json, BundleTeacher, "bench bundle file", "bench again").model_dump() \
+        if teacher_json.is_file() else None
     return Sources(export_dir, doc, student, run_dir, Path(val) if val else None, prompt, teacher, notes)
 
 
@@ -368,7 +371,7 @@ def run_bench(opts: BenchOptions, console: Console | None = None) -> dict[str, A
     check_options(opts)
     export_dir = Path(opts.export_dir)
     doc = artifacts.read_manifest(export_dir)
-    out = Path(opts.out) if opts.out else export_dir / "bench"
+    out = atomic.writable_dir(Path(opts.out) if opts.out else export_dir / "bench", "--out")  # before measuring
     if opts.host:
         return run_remote(opts, export_dir, doc, out, console)
     previous = torch.get_num_threads()
@@ -463,7 +466,7 @@ def _bench_here(opts: BenchOptions, export_dir: Path, doc: dict[str, Any], out: 
                                                         f"{ref.source.strip('; ')}" if val is not None else None),
               "teacher": {k: v for k, v in (teacher or {}).items() if k in ("name", "identity", "metrics")},
               "rows": rows, "failures": [{"artifact": e.get("name"), "reason": why} for e, why in failures]}
-    paths = rep.write_report(out, report)
+    paths = save_report(out, report)
     rep.print_table(report, console)
     console.print(f"report: {paths['md']}  json: {paths['json']}  plot: {paths['png']}", highlight=False)
     if failures:
@@ -471,6 +474,18 @@ def _bench_here(opts: BenchOptions, export_dir: Path, doc: dict[str, Any], out: 
             console.print(f"error: {entry.get('name')}: {why}", highlight=False, markup=False)
         raise UserError(f"{len(failures)} artifact(s) failed (listed above); the report in {out} has the rest")
     return report
+
+
+def save_report(out: Path, report: dict[str, Any]) -> dict[str, Path]:
+    """Write the report into ``out``; if that fails after all (the disk filled, the folder went away), keep the
+    measurements in a new temporary folder and say where, rather than lose them."""
+    try:
+        return rep.write_report(out, report)
+    except OSError as e:
+        rescue = Path(tempfile.mkdtemp(prefix="edgedistill-bench-"))
+        rep.write_report(rescue, report)
+        raise UserError(f"could not write the bench report to {out} ({e.strerror or e}); the measurements are "
+                        f"saved in {rescue}") from e
 
 
 def _tokenizer(src: Sources) -> Any:
@@ -561,7 +576,8 @@ def run_remote(opts: BenchOptions, export_dir: Path, doc: dict[str, Any], out: P
             bundle = make_bundle(export_dir, doc, src, teacher, Path(tmp) / "bundle")
         run_remote_bench(opts.host, bundle, remote_args(opts), out, remote_cmd=opts.remote_cmd, port=opts.port,
                          ssh_options=opts.ssh_options, timeout_s=opts.timeout_s, console=console)
-    report = json.loads((out / rep.REPORT_JSON).read_text())
+    report = read_document(out / rep.REPORT_JSON, BenchReport, f"the report from {opts.host}",
+                           "bench again").model_dump()
     report["remote"] = {"host": opts.host, "from": str(export_dir.resolve())}
     atomic.write_text(out / rep.REPORT_JSON, json.dumps(report, indent=2, default=str) + "\n")
     rep.print_table(report, console)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import difflib
 import hashlib
+import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -146,13 +147,19 @@ def _check_label(path: Path, line: int, label: Any) -> str | None:
     return str(label)
 
 
+def _read_text(path: Path) -> str:
+    """The manifest's text; a byte that is not UTF-8 is an error naming its line."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise _bad(path, data[:e.start].count(b"\n") + 1, f"not UTF-8 text (byte {data[e.start]:#04x}); save the "
+                                                           f"manifest as UTF-8") from None
+
+
 def _read_jsonl(path: Path) -> list[Row]:
     rows: list[Row] = []
-    with open(path, encoding="utf-8") as f:
-        try:
-            lines: Iterable[str] = list(f)
-        except UnicodeDecodeError:
-            raise UserError(f"manifest {path} is not UTF-8 text") from None
+    lines: Iterable[str] = _read_text(path).splitlines()
     for n, text in enumerate(lines, 1):
         if not text.strip():
             continue
@@ -176,7 +183,7 @@ def _read_jsonl(path: Path) -> list[Row]:
 
 
 def _read_csv(path: Path) -> list[Row]:
-    with open(path, encoding="utf-8", newline="") as f:
+    with io.StringIO(_read_text(path), newline="") as f:
         try:
             reader = csv.DictReader(f)
             header = reader.fieldnames or []
@@ -186,6 +193,11 @@ def _read_csv(path: Path) -> list[Row]:
             grouped: dict[str, list[Any]] = {}
             for row in reader:
                 n = reader.line_num
+                extra, missing = row.pop(None, None) or [], [k for k, v in row.items() if v is None]
+                if extra or missing:  # csv fills a short row with None and puts a long row's rest under None
+                    raise _bad(path, n, f"{len(header) - len(missing) + len(extra)} fields where the header names "
+                                        f"{len(header)} ({', '.join(header)}); leave a field empty with a comma "
+                                        f"(img.jpg,) rather than out")
                 image = (row.get("image") or "").strip()
                 if not image:
                     raise _bad(path, n, "empty 'image' column")
@@ -199,8 +211,6 @@ def _read_csv(path: Path) -> list[Row]:
                 if label is not None and g[3] is not None and label != g[3]:
                     raise _bad(path, n, f"image '{image}' has label '{label}' here but '{g[3]}' on line {g[0]}")
                 g[3] = g[3] or label
-        except UnicodeDecodeError:
-            raise UserError(f"manifest {path} is not UTF-8 text") from None
         except csv.Error as e:
             raise _bad(path, reader.line_num, f"bad CSV ({e})") from None
     return [tuple(g) for g in grouped.values()]  # type: ignore[misc]

@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 import numpy as np
 from PIL import Image, ImageChops, ImageDraw
 
-from edgedistill.atomic import atomic_path, fsync_dir, write_json
+from edgedistill.atomic import atomic_path, fsync_dir, writable_dir, write_json
 from edgedistill.errors import UserError
 
 if TYPE_CHECKING:
@@ -679,7 +679,7 @@ def write_scenes(out: str | Path, n: int, seed: int = 0, size: int = 64, n_val: 
     out = Path(out)
     if out.exists():
         return _reuse(out, st)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    writable_dir(out.parent, "--out's parent folder")
     tmp = Path(tempfile.mkdtemp(prefix=f"{out.name}.tmp-", dir=out.parent))
     try:
         counts = _generate(tmp, st, workers, progress)

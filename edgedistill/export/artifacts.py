@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import datetime as dt
 import importlib.metadata
-import json
 from pathlib import Path
-from typing import Any
+from pathlib import PurePosixPath
+from typing import Any, Literal
+
+from pydantic import Field, field_validator
 
 from edgedistill import atomic
+from edgedistill.documents import Document, read_document
 from edgedistill.errors import UserError
 from edgedistill.teachers import sha256_file
 
@@ -50,18 +53,43 @@ def write_manifest(out_dir: Path, header: dict[str, Any], artifacts: list[dict[s
     return path
 
 
+class Artifact(Document):
+    """One ``artifacts`` entry: what bench and a device need before they trust the file."""
+    name: str
+    encoder: Literal["image", "text"]
+    format: str
+    precision: str
+    path: str
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    size_mb: float | None = None
+
+    @field_validator("path")
+    @classmethod
+    def _inside_the_export(cls, v: str) -> str:
+        p = PurePosixPath(v)
+        if p.is_absolute() or ".." in p.parts or not v:
+            raise ValueError("must be a path inside the export folder")
+        return v
+
+
+class ExportManifest(Document):
+    version: int
+    artifacts: list[Artifact]
+    preprocess: dict[str, Any]
+    embed_dim: int | None = None
+    tokenizer: dict[str, Any] | None = None
+    batch_profile: list[int] | None = None
+    val: dict[str, Any] | None = None
+    run_dir: str | None = None
+
+
 def read_manifest(export_dir: Path) -> dict[str, Any]:
-    """``export.json`` of ``export_dir``; UserError when it is missing or not an export manifest."""
+    """``export.json`` of ``export_dir``, checked against its schema; one-line UserError naming a bad field."""
     path = Path(export_dir) / MANIFEST
     if not path.is_file():
         raise UserError(f"{export_dir} has no {MANIFEST}; give the out folder of `edgedistill export`")
-    try:
-        doc = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}); export again") from None
-    if not isinstance(doc, dict) or not isinstance(doc.get("artifacts"), list):
-        raise UserError(f"{path} is not an edgedistill export manifest (no artifacts list); export again")
-    return doc
+    doc = read_document(path, ExportManifest, "export manifest", "export again")
+    return doc.model_dump(mode="json")
 
 
 def verify_artifact(export_dir: Path, entry: dict[str, Any]) -> Path:

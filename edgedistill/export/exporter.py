@@ -22,13 +22,15 @@ from edgedistill.cache import default_cache_root, load_split_manifests
 from edgedistill.data.images import BadImages, ImageDataset, collate_images, open_image
 from edgedistill.data.manifest import Manifest
 from edgedistill.errors import UserError
+from edgedistill.gates import at_least, at_most, finite
 from edgedistill.evaluate import select_rows, student_eval_transform
 from edgedistill.export import artifacts
 from edgedistill.export.graph import (IMAGE_INPUT, IMAGE_OUTPUT, TEXT_INPUT, TEXT_OUTPUT, ImageEncoder,
-                                      TextEncoder, cosine_parity, export_onnx, ort_session, run_session)
+                                      TextEncoder, check_default_session, cosine_parity, export_onnx, ort_session,
+                                      run_session)
 from edgedistill.export.precision import (CALIBRATION_METHODS, ImageCalibrationReader, calibration_data_hash,
                                           quantize_int8, to_fp16)
-from edgedistill.metrics import retrieval_metrics, zero_shot_accuracy
+from edgedistill.metrics import NonFiniteEmbeddings, retrieval_metrics, zero_shot_accuracy
 from edgedistill.recipe import Recipe, load_recipe
 from edgedistill.students import Student, load_student
 
@@ -54,6 +56,14 @@ class ExportOptions:
     text_embeddings: Path | None = None
     threads: int | None = None
     runs_root: Path = field(default_factory=lambda: Path("runs"))
+
+
+def parity_ok(parity: dict[str, float], precision: str) -> bool:
+    """The parity gate: mean cosine to PyTorch at least the precision's floor (INT8 is not gated). Fails closed:
+    a NaN or inf cosine (a broken graph or student) never passes, and neither does a non-finite worst row."""
+    floor = MIN_PARITY.get(precision)
+    mean_ok = finite(parity["cosine_mean"]) if floor is None else at_least(parity["cosine_mean"], floor)
+    return mean_ok and finite(parity["cosine_min"])
 
 
 def latest_run(root: Path) -> Path:
@@ -145,16 +155,25 @@ def run_export(opts: ExportOptions, console: Console | None = None) -> dict[str,
     run_dir = Path(opts.run_dir) if opts.run_dir else latest_run(opts.runs_root)
     if not (run_dir / "recipe.yaml").is_file():
         raise UserError(f"{run_dir} is not a run directory (no recipe.yaml); give the out folder of a distill run")
-    out = Path(opts.out) if opts.out else run_dir / "export"
+    out = atomic.writable_dir(Path(opts.out) if opts.out else run_dir / "export", "--out")
     prompts = _read_prompts(opts.text_embeddings) if opts.text_embeddings else None
+    previous_threads = torch.get_num_threads()
+    try:  # a process-wide setting: leave it as found (the demo and tests export in-process)
+        if opts.threads:
+            torch.set_num_threads(opts.threads)
+        with atomic.exclusive_dir(out, "--out"):
+            return _export_run(opts, plan, run_dir, out, prompts, console)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _export_run(opts: ExportOptions, plan: Plan, run_dir: Path, out: Path, prompts: list[str] | None,
+                console: Console) -> dict[str, Any]:
     recipe = load_recipe(run_dir / "recipe.yaml", ["device=cpu"])
     student = load_student(run_dir / "student", "cpu")
     tokenizer = open_clip.get_tokenizer(f"local-dir:{run_dir / 'student'}")
     manifests = load_split_manifests(recipe)
     val = manifests.get("val") or manifests["train"]
-    if opts.threads:
-        torch.set_num_threads(opts.threads)
-    out.mkdir(parents=True, exist_ok=True)
     console.print(f"exporting {run_dir / 'student'} ({student.config['vision_cfg'].get('timm_model_name')}) "
                   f"-> {out}", highlight=False)
     job = _Job(opts, plan, recipe, student, tokenizer, val, manifests["train"], out, console)
@@ -238,13 +257,17 @@ class _Job:
         prompts = [self.recipe.eval.prompt.format(label=n) for n in self.class_names]
         self.class_text = self.text_encoder(self.tokenizer(prompts)) if prompts else None
 
-    def _val_metrics(self, image_emb: np.ndarray) -> dict[str, float]:
+    def _val_metrics(self, image_emb: np.ndarray, what: str = "the PyTorch student") -> dict[str, float]:
         image = torch.from_numpy(image_emb)
         metrics: dict[str, float] = {}
-        if len(self.captions):
-            metrics.update(retrieval_metrics(image, self.text, self.text_to_image))
-        if self.labels is not None and self.class_text is not None:
-            metrics.update(zero_shot_accuracy(image, self.class_text, self.labels))
+        try:
+            if len(self.captions):
+                metrics.update(retrieval_metrics(image, self.text, self.text_to_image))
+            if self.labels is not None and self.class_text is not None:
+                metrics.update(zero_shot_accuracy(image, self.class_text, self.labels))
+        except NonFiniteEmbeddings as e:
+            raise UserError(f"{what}: {e} on the val split; nothing is exported from a student whose weights are "
+                            f"damaged or whose training diverged") from e
         return {k: round(float(v), 4) for k, v in metrics.items()}
 
     # -- artifacts ------------------------------------------------------------------------------------------
@@ -294,14 +317,14 @@ class _Job:
                 to_fp16(made[(encoder, "fp32")], staging)
             else:
                 info = {"calibration": self._calibrate(made[(encoder, "fp32")], staging, inp)}
-            session = ort_session(staging, self.opts.threads, precision=precision)
             inputs = self.parity_images if encoder == "image" else self.tokens
+            check_default_session(staging, inputs[:2])  # a user's default session must load and run it
+            session = ort_session(staging, self.opts.threads)
             parity = cosine_parity(run_session(session, inputs), ref)
-            floor = MIN_PARITY.get(precision)
-            if floor is not None and parity["cosine_mean"] < floor:
+            if not parity_ok(parity, precision):
                 raise UserError(f"{encoder} encoder ONNX {precision} disagrees with PyTorch on val data (mean "
-                                f"cosine {parity['cosine_mean']:.6f} < {floor}); nothing was kept. Run with "
-                                f"--debug and report it")
+                                f"cosine {parity['cosine_mean']:.6f}, needs {MIN_PARITY.get(precision, 'a finite value')}); nothing was "
+                                f"kept. Run with --debug and report it")
             val = self._val_metrics(run_session(session, self.images)) if encoder == "image" else None
             staging.replace(path)
             atomic.fsync_dir(path.parent)
@@ -341,7 +364,7 @@ class _Job:
                 continue
             drop = self.torch_val["i2t_r1"] - e["val"]["i2t_r1"]
             e["val_r1_drop"] = round(drop, 4)
-            if drop > MAX_INT8_R1_DROP:
+            if not at_most(drop, MAX_INT8_R1_DROP):  # a NaN drop is flagged too
                 self.console.print(f"[yellow]INT8 loses {drop:.1f} points of val image->text R@1; try "
                                    f"--calib-method percentile or a larger --calib-size[/]", highlight=False)
 
@@ -370,11 +393,11 @@ class _Job:
                                   for i in range(0, len(inputs), profile.max)])
             parity = {**cosine_parity(got, ref_image if encoder == "image" else ref_text),
                       "against": "pytorch fp32", "samples": len(inputs)}
-            floor = MIN_PARITY.get(precision)
-            if floor is not None and parity["cosine_mean"] < floor:
+            if not parity_ok(parity, precision):
                 engine.unlink(missing_ok=True)
                 raise UserError(f"TensorRT {precision} engine of the {encoder} encoder disagrees with PyTorch "
-                                f"(mean cosine {parity['cosine_mean']:.6f} < {floor}); it was deleted")
+                                f"(mean cosine {parity['cosine_mean']:.6f}, needs {MIN_PARITY.get(precision, 'a finite value')}); it "
+                                f"was deleted")
             entry = artifacts.artifact_entry(self.out, engine, name=f"{encoder}_{precision}_trt", encoder=encoder,
                                              fmt="trt", precision=precision, parity=parity, engine=info)
             if encoder == "image":
@@ -403,11 +426,11 @@ class _Job:
                 got = torch.cat([compiled(torch.from_numpy(inputs[i:i + profile.max]).cuda()).float().cpu()
                                  for i in range(0, len(inputs), profile.max)]).numpy()
             parity = {**cosine_parity(got, ref), "against": "pytorch fp32", "samples": len(inputs)}
-            floor = MIN_PARITY.get(precision)
-            if floor is not None and parity["cosine_mean"] < floor:
+            if not parity_ok(parity, precision):
                 path.unlink(missing_ok=True)
                 raise UserError(f"Torch-TensorRT {precision} {encoder} encoder disagrees with PyTorch (mean "
-                                f"cosine {parity['cosine_mean']:.6f} < {floor}); it was deleted")
+                                f"cosine {parity['cosine_mean']:.6f}, needs {MIN_PARITY.get(precision, 'a finite value')}); it was "
+                                f"deleted")
             entry = artifacts.artifact_entry(self.out, path, name=f"{encoder}_{precision}_torchtrt",
                                              encoder=encoder, fmt="torchtrt", precision=precision, parity=parity,
                                              compile=info)

@@ -9,6 +9,10 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import signal
+import subprocess
+import sys
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Iterator
@@ -141,18 +145,46 @@ def simplify(model: onnx.ModelProto) -> tuple[onnx.ModelProto, bool]:
     return slim, True
 
 
-def ort_session(path: Path, threads: int | None = None, providers: list[str] | None = None,
-                precision: str = "fp32") -> Any:
-    """An onnxruntime session with full graph optimisation (CPU unless ``providers`` say otherwise).
+# Run in a child process: a graph that crashes the runtime (a segmentation fault) must fail the gate, not the export.
+_DEFAULT_SESSION_PROBE = """
+import sys, numpy as np, onnxruntime as ort
+session = ort.InferenceSession(sys.argv[1], providers=["CPUExecutionProvider"])
+out = session.run(None, {session.get_inputs()[0].name: np.load(sys.argv[2])})[0]
+sys.exit(0 if np.isfinite(out).all() else 3)
+"""
 
-    fp16 graphs stop at the extended level: onnxruntime 1.32's CPU layout optimisations crash (segfault) on a
-    float16 transformer text encoder; the extended level runs it.
-    """
+
+def check_default_session(path: Path, sample: np.ndarray, timeout_s: float = 300.0) -> None:
+    """Open ``path`` the way a user does (``onnxruntime.InferenceSession(path)``, default options) in a child process
+    and run ``sample`` through it; UserError when that crashes, fails or gives NaN, so no artifact is named that
+    the runtime a user opens it with cannot run."""
+    with tempfile.TemporaryDirectory(prefix="edgedistill-probe-") as tmp:
+        np.save(Path(tmp) / "sample.npy", sample)
+        try:
+            proc = subprocess.run([sys.executable, "-c", _DEFAULT_SESSION_PROBE, str(path), str(Path(tmp) / "sample.npy")],
+                                  capture_output=True, text=True, timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            raise UserError(f"{Path(path).name}: onnxruntime with default options did not finish one batch in "
+                            f"{timeout_s:.0f} s; nothing was kept") from None
+    if proc.returncode == 0:
+        return
+    if proc.returncode < 0:
+        why = f"it crashed onnxruntime ({signal.Signals(-proc.returncode).name})"
+    elif proc.returncode == 3:
+        why = "its output holds NaN or inf"
+    else:
+        why = f"onnxruntime failed: {(proc.stderr.strip().splitlines() or ['?'])[-1][:200]}"
+    raise UserError(f"{Path(path).name} does not run under onnxruntime's default session options ({why}); nothing "
+                    f"was kept. Run with --debug and report it")
+
+
+def ort_session(path: Path, threads: int | None = None, providers: list[str] | None = None) -> Any:
+    """An onnxruntime session with full graph optimisation (CPU unless ``providers`` say otherwise), the level a
+    user's default session runs at (every exported graph is checked to run there: ``check_default_session``)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED if precision == "fp16" \
-        else ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3
     if threads:
         options.intra_op_num_threads = threads
