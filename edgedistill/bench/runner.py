@@ -316,26 +316,30 @@ def time_job(job: Job, runner: Runner, opts: BenchOptions, batch: int, source: n
     sampler = power() if power is not None else None
     if sampler is not None:  # started before the warm-up, so tegrastats is already printing when timing starts
         sampler.__enter__()
+    summary = None
     try:
         for _ in range(opts.warmup):
             call()
-        start = time.monotonic()
         times = timer(call, 0, opts.iters)
-        end = time.monotonic()
+        if sampler is not None:  # a window of its own, long enough to hold tegrastats samples
+            from edgedistill.bench.jetson import measure_power
+            summary = measure_power(sampler, call, batch, _sync(runner))
     finally:
         if sampler is not None:
             sampler.__exit__(None, None, None)
     lat = summarize(times, batch, opts.warmup)
     out = lat.as_dict()
     out["peak_mem_mb"], out["peak_mem_kind"] = runner.peak_memory()
-    if sampler is not None:
-        from edgedistill.bench.jetson import power_summary
-        summary = power_summary(sampler.samples, start, end, batch * opts.iters)
+    if summary is not None:
         out["avg_power_w"] = summary.get("avg_board_power_w")
         out["energy_mj_per_item"] = summary.get("energy_per_image_mj")
         out["power"] = {k: summary.get(k) for k in ("board_rail", "board_power_is_sum", "sample_count",
                                                      "rails_avg_mw", "avg_gpu_load_pct")}
     return out
+
+
+def _sync(runner: Runner) -> Callable[[], None]:
+    return torch.cuda.synchronize if runner.timer == "cuda" else (lambda: None)
 
 
 def _e2e(job: Job, runner: Runner, val: ValSet | None, preprocess: dict[str, Any], tokenizer: Any,
