@@ -126,6 +126,38 @@ def test_a_corrupt_artifact_fails_alone_and_exits_2(export_dir, tmp_path, capsys
     assert ok["rsum"] is not None  # the text side falls back to the PyTorch student
 
 
+def test_a_provider_failure_is_that_artifacts_failed_row(export_dir, tmp_path, monkeypatch):
+    """onnxruntime raising from inside a run (a TensorRT EP that cannot build its engine, say) fails that
+    artifact alone: the others are measured and the report is written."""
+    from edgedistill.export import graph
+
+    real = graph.ort_session
+
+    class Failing:
+        def __init__(self, session):
+            self.session = session
+
+        def __getattr__(self, name):
+            return getattr(self.session, name)
+
+        def run(self, *args, **kwargs):
+            raise RuntimeError("[ONNXRuntimeError] : 11 : EP_FAIL : could not build engine for fused node")
+
+    def session(path, *args, **kwargs):
+        made = real(path, *args, **kwargs)
+        return Failing(made) if Path(path).name == "image_int8.onnx" else made
+
+    monkeypatch.setattr(graph, "ort_session", session)
+    out = tmp_path / "r"
+    with pytest.raises(UserError, match="1 artifact"):
+        run_bench(BenchOptions(export_dir=export_dir, batches=[1], iters=2, warmup=0, threads=1, out=out))
+    rows = _rows(out)
+    failed = [r for r in rows if r["status"] == "failed"]
+    assert [r["artifact"] for r in failed] == ["image_int8_onnx"]
+    assert "onnxruntime's CPUExecutionProvider failed to run image_int8.onnx" in failed[0]["reason"]
+    assert {r["artifact"] for r in rows if r["status"] == "ok"} >= {"image_fp32_onnx", "text_fp32_onnx"}
+
+
 def test_what_cannot_run_is_listed_with_the_reason(export_dir, tmp_path):
     exp = _copy_export(export_dir, tmp_path / "export")
     engine = exp / "image_fp16.engine"

@@ -190,13 +190,15 @@ def plan_jobs(src: Sources, opts: BenchOptions, teacher: dict[str, Any] | None,
     """Every (model, backend) this device can run; artifacts that fail their checks go to ``failures``."""
     jobs: list[Job] = []
     device = opts.device
+    low, opt, high = src.doc.get("batch_profile") or (1, 8, 32)  # the export's; widened to the batches timed
+    batch_range = (min(low, *opts.batches), opt, max(high, *opts.batches))
     for entry in src.doc["artifacts"]:
         try:
             path = artifacts.verify_artifact(src.export_dir, entry)
         except UserError as e:
             failures.append((entry, str(e)))
             continue
-        for cand in candidates(entry, path, device, opts.threads):
+        for cand in candidates(entry, path, device, opts.threads, batch_range):
             jobs.append(Job(entry.get("name", entry["path"]), "student", entry.get("encoder", "image"),
                             entry.get("format", "?"), entry.get("precision", "fp32"), entry.get("size_mb"), cand))
     if src.student_dir is not None:
@@ -229,7 +231,7 @@ def plan_jobs(src: Sources, opts: BenchOptions, teacher: dict[str, Any] | None,
         if onnx_path is not None and Path(onnx_path).is_file():
             entry = {"name": "teacher_image_fp32_onnx", "encoder": "image", "format": "onnx", "precision": "fp32",
                      "size_mb": round(Path(onnx_path).stat().st_size / 2**20, 3)}
-            for cand in candidates(entry, Path(onnx_path), device, opts.threads):
+            for cand in candidates(entry, Path(onnx_path), device, opts.threads, batch_range):
                 jobs.append(Job(entry["name"], "teacher", "image", "onnx", "fp32", entry["size_mb"], cand))
     return jobs
 

@@ -141,18 +141,21 @@ def simplify(model: onnx.ModelProto) -> tuple[onnx.ModelProto, bool]:
     return slim, True
 
 
-def ort_session(path: Path, threads: int | None = None, providers: list[str] | None = None,
-                precision: str = "fp32") -> Any:
+def ort_session(path: Path, threads: int | None = None, providers: list[Any] | None = None,
+                precision: str = "fp32", optimize: bool = True) -> Any:
     """An onnxruntime session with full graph optimisation (CPU unless ``providers`` say otherwise).
 
-    fp16 graphs stop at the extended level: onnxruntime 1.32's CPU layout optimisations crash (segfault) on a
-    float16 transformer text encoder; the extended level runs it.
+    ``providers``: names or (name, options) pairs. fp16 graphs stop at the extended level: onnxruntime 1.32's
+    CPU layout optimisations crash (segfault) on a float16 transformer text encoder; the extended level runs
+    it. ``optimize=False`` hands the graph over untouched (TensorRT's provider optimises it itself).
     """
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED if precision == "fp16" \
         else ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if not optimize:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.log_severity_level = 3
     if threads:
         options.intra_op_num_threads = threads
