@@ -141,3 +141,11 @@ def test_the_wheel_list_pins_one_version_of_each_missing_package():
     assert {"open-clip-torch", "ftfy", "wcwidth", "pydantic", "pydantic-core", "annotated-types",
             "typing-inspection", "typing-extensions", "webdataset", "braceexpand", "onnxslim"} <= names
     assert "/.whl/" in (REPO / ".gitignore").read_text().split()
+
+
+def test_docs_gpu_names_tests_that_exist():
+    """docs/gpu.md says which test proves each fix: every test it names is there."""
+    names = set(re.findall(r"`(test_[a-z0-9_]+)`", (REPO / "docs" / "gpu.md").read_text()))
+    assert len(names) >= 12
+    source = "\n".join(p.read_text() for p in (REPO / "tests").glob("test_*.py"))
+    assert not [n for n in names if f"def {n}(" not in source]
