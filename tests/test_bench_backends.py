@@ -140,3 +140,25 @@ def test_torchtrt_runner_reads_the_batch_profile(monkeypatch, tmp_path):
     monkeypatch.setattr(torchtrt, "load_torchtrt", lambda path: (lambda x: x))
     runner = TorchTrtRunner(program)
     assert (runner.backend, runner.min_batch, runner.max_batch, runner.timer) == ("torch-tensorrt", 1, 4, "cuda")
+
+
+def test_tensorrt_engines_run_where_the_module_imports_without_pip_metadata(monkeypatch, tmp_path):
+    """JetPack installs TensorRT's Python module by apt (python3-libnvinfer): no pip metadata, still usable."""
+    import importlib.machinery
+    import importlib.metadata
+    import importlib.util
+
+    from edgedistill.bench.backends import candidates
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: importlib.machinery.ModuleSpec(name, None)
+                        if name == "tensorrt" else real(name, *a))
+
+    def no_metadata(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+    monkeypatch.setattr(importlib.metadata, "version", no_metadata)
+    engine = {"name": "image_int8_trt", "format": "trt", "precision": "int8"}
+    (cand,) = candidates(engine, tmp_path / "image_int8.engine", "jetson", None)
+    assert cand.reason is None and cand.make is not None
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorrt" else real(name, *a))
+    (cand,) = candidates(engine, tmp_path / "image_int8.engine", "jetson", None)
+    assert "tensorrt is not installed" in cand.reason

@@ -16,6 +16,7 @@ embeddings for the accuracy pass. GPU runners enqueue on torch's current stream,
 from __future__ import annotations
 
 import importlib.metadata
+import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -265,7 +266,7 @@ class TensorRtRunner(Runner):
         from edgedistill.export.tensorrt import TrtRunner
 
         self.runner = TrtRunner(path)
-        self.version = package_version("tensorrt", "tensorrt-cu12", "tensorrt-cu13")
+        self.version = str(self.runner._trt.__version__)  # JetPack's apt package has no pip metadata
         self.name = self.runner.input_names[0]
         self.min_batch, self.max_batch = self.runner.profile.min, self.runner.profile.max
 
@@ -327,7 +328,7 @@ def candidates(artifact: dict[str, Any], path: Path, device: str, threads: int |
         if not gpu:
             return [Candidate(artifact, "tensorrt", reason="TensorRT engines run on a GPU: use --device cuda or "
                                                            "jetson on the machine the engine was built for")]
-        if package_version("tensorrt", "tensorrt-cu12", "tensorrt-cu13") is None:
+        if importlib.util.find_spec("tensorrt") is None:  # the module, not pip metadata: JetPack installs it by apt
             return [Candidate(artifact, "tensorrt", reason="tensorrt is not installed (pip install "
                                                            "'edgedistill[gpu]'; on a Jetson it comes with JetPack)")]
         return [Candidate(artifact, "tensorrt", make=lambda: TensorRtRunner(path))]
