@@ -126,6 +126,38 @@ def test_a_corrupt_artifact_fails_alone_and_exits_2(export_dir, tmp_path, capsys
     assert ok["rsum"] is not None  # the text side falls back to the PyTorch student
 
 
+def test_a_provider_failure_is_that_artifacts_failed_row(export_dir, tmp_path, monkeypatch):
+    """onnxruntime raising from inside a run (a TensorRT EP that cannot build its engine, say) fails that
+    artifact alone: the others are measured and the report is written."""
+    from edgedistill.export import graph
+
+    real = graph.ort_session
+
+    class Failing:
+        def __init__(self, session):
+            self.session = session
+
+        def __getattr__(self, name):
+            return getattr(self.session, name)
+
+        def run(self, *args, **kwargs):
+            raise RuntimeError("[ONNXRuntimeError] : 11 : EP_FAIL : could not build engine for fused node")
+
+    def session(path, *args, **kwargs):
+        made = real(path, *args, **kwargs)
+        return Failing(made) if Path(path).name == "image_int8.onnx" else made
+
+    monkeypatch.setattr(graph, "ort_session", session)
+    out = tmp_path / "r"
+    with pytest.raises(UserError, match="1 artifact"):
+        run_bench(BenchOptions(export_dir=export_dir, batches=[1], iters=2, warmup=0, threads=1, out=out))
+    rows = _rows(out)
+    failed = [r for r in rows if r["status"] == "failed"]
+    assert [r["artifact"] for r in failed] == ["image_int8_onnx"]
+    assert "onnxruntime's CPUExecutionProvider failed to run image_int8.onnx" in failed[0]["reason"]
+    assert {r["artifact"] for r in rows if r["status"] == "ok"} >= {"image_fp32_onnx", "text_fp32_onnx"}
+
+
 def test_what_cannot_run_is_listed_with_the_reason(export_dir, tmp_path):
     exp = _copy_export(export_dir, tmp_path / "export")
     engine = exp / "image_fp16.engine"
@@ -265,18 +297,19 @@ def test_jetson_power_is_sampled_around_the_timed_calls(tmp_path, monkeypatch):
     line = device_lines("tegrastats_orin_nano_jp6.txt")[0]          # VDD_IN 4556 mW
     exe = _fake_tegrastats(tmp_path, [line])
 
-    class Sleepy(Runner):
+    class Quick(Runner):  # each call far shorter than tegrastats' interval
         def call(self, staged):
-            _time.sleep(0.03)
+            _time.sleep(0.001)
 
-    opts = BenchOptions(export_dir=tmp_path, iters=12, warmup=1)
+    opts = BenchOptions(export_dir=tmp_path, iters=2, warmup=1)
     sampler = lambda: jetson.TegrastatsSampler(interval_ms=50, command=(str(exe),))  # noqa: E731
-    lat = time_job(None, Sleepy(), opts, batch=4, source=np.zeros((4, 3), np.float32), e2e_call=None,
+    lat = time_job(None, Quick(), opts, batch=4, source=np.zeros((4, 3), np.float32), e2e_call=None,
                    power=sampler)
+    # two timed calls hold no sample: power has a window of its own, long enough for several
+    assert lat["power"]["board_rail"] == "VDD_IN" and lat["power"]["sample_count"] >= jetson.POWER_MIN_SAMPLES
     assert lat["avg_power_w"] == pytest.approx(4.556)
-    # energy per item = power x timed window / items; the window is at least the 12 sleeps
-    assert lat["energy_mj_per_item"] >= 4556 * 0.03 * 12 / (4 * 12) * 0.99
-    assert lat["power"]["board_rail"] == "VDD_IN" and lat["power"]["sample_count"] >= 2
+    # energy per item = power x window / items, and each call takes at least its 1 ms sleep
+    assert lat["energy_mj_per_item"] >= 4556 * 0.001 / 4 * 0.99
 
 
 def test_bench_leaves_torch_threads_as_it_found_them(export_dir, tmp_path):

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from edgedistill.bench.jetson import (
-    SUM_OF_VDD, PowerMode, TegraRelease, TegrastatsSampler, TimedSample, detect_jetson, parse_nvpmodel,
-    parse_tegra_release, parse_tegrastats, power_mode, power_summary, require_jetson,
+    POWER_MIN_SAMPLES, SUM_OF_RAILS, PowerMode, TegraRelease, TegrastatsSampler, TimedSample, detect_jetson,
+    measure_power, parse_nvpmodel, parse_tegra_release, parse_tegrastats, power_mode, power_summary, require_jetson,
 )
 from edgedistill.errors import UserError
 
@@ -33,8 +33,8 @@ TEGRASTATS_FILES = sorted(p.name for p in FIXTURES.glob("tegrastats_*.txt"))
 
 
 def test_fixtures_are_all_there() -> None:
-    assert TEGRASTATS_FILES == ["tegrastats_agx_orin.txt", "tegrastats_orin_nano_jp6.txt",
-                                "tegrastats_xavier_tx2_era.txt"]
+    assert TEGRASTATS_FILES == ["tegrastats_agx_orin.txt", "tegrastats_agx_xavier_jp4.txt",
+                                "tegrastats_orin_nano_jp6.txt", "tegrastats_xavier_tx2_era.txt"]
     assert (FIXTURES / "nvpmodel_q_orin_nano_jp6.txt").is_file()
     assert (FIXTURES / "nv_tegra_release_r36.txt").is_file()
 
@@ -73,7 +73,9 @@ def test_agx_orin() -> None:
     assert (s.ram_used_mb, s.ram_total_mb) == (4321, 62801)
     assert len(s.cpu_load) == 12
     assert s.gpu_load == 0 and s.gpu_mhz == 0  # "GR3D_FREQ 0%@[0,0]"
-    assert s.board_rail == "VIN_SYS_5V0" and s.board_power_mw == 4025
+    # no module input rail (VIN_SYS_5V0 is a 5 V sub-rail): jtop's rule sums every connected rail
+    assert s.board_rail == SUM_OF_RAILS and s.board_power_is_sum
+    assert s.board_power_mw == 2340 + 390 + 4025 + 301
     assert s.rails["VDD_GPU_SOC"] == (2340, 2340)
     assert s.rails["VDD_CPU_CV"] == (390, 390)
     assert s.rails["VDDQ_VDD2_1V8AO"] == (301, 301)
@@ -100,6 +102,15 @@ def test_tx2_era_rails_without_units() -> None:
     assert s.temperatures["thermal"] == pytest.approx(41.9)
 
 
+def test_agx_xavier_rails_without_the_vdd_prefix() -> None:
+    (line,) = device_lines("tegrastats_agx_xavier_jp4.txt")
+    s = parse_tegrastats(line)
+    assert s.rails == {"GPU": (463, 463), "CPU": (618, 618), "SOC": (2936, 2936), "CV": (0, 0),
+                       "VDDRQ": (309, 309), "SYS5V": (3306, 3306)}
+    assert s.temperatures["GPU"] == pytest.approx(30.5) and len(s.cpu_load) == 8  # GPU@ and CPU [ are not rails
+    assert s.board_rail == SUM_OF_RAILS and s.board_power_mw == 463 + 618 + 2936 + 0 + 309 + 3306
+
+
 def test_gr3d_forms_and_offline_cores_and_sum_fallback() -> None:
     # the three GR3D_FREQ forms, on the Orin Nano line
     base = device_lines("tegrastats_orin_nano_jp6.txt")[0]
@@ -109,9 +120,9 @@ def test_gr3d_forms_and_offline_cores_and_sum_fallback() -> None:
     # a core switched off by the power mode
     s = parse_tegrastats(base.replace("CPU [0%@729,0%@729,", "CPU [off,12%@1510,"))
     assert s.cpu_load[:2] == (None, 12) and s.cpu_mhz[:2] == (None, 1510)
-    # without a board input rail: the sum of the VDD_* rails, flagged as an estimate
+    # without the module input rail: the sum of the rails, flagged
     s = parse_tegrastats(base.replace("VDD_IN 4556mW/4556mW ", ""))
-    assert s.board_rail == SUM_OF_VDD and s.board_power_is_sum
+    assert s.board_rail == SUM_OF_RAILS and s.board_power_is_sum
     assert s.board_power_mw == 483 + 1451
 
 
@@ -263,6 +274,19 @@ def test_power_summary_arithmetic() -> None:
     assert empty["energy_per_image_mj"] is None
     with pytest.raises(ValueError):
         power_summary(samples, 0, 1, images=0)
+
+
+def test_measure_power_waits_for_enough_tegrastats_samples(tmp_path: Path) -> None:
+    """However short each call, the power window holds POWER_MIN_SAMPLES samples (tegrastats prints every 50 ms)."""
+    nano = device_lines("tegrastats_orin_nano_jp6.txt")[0]                 # VDD_IN 4556 mW
+    exe = _fake_tegrastats(tmp_path, [nano])
+    calls, syncs = [], []
+    with TegrastatsSampler(interval_ms=50, command=(str(exe),)) as sampler:
+        summary = measure_power(sampler, lambda: calls.append(1), items_per_call=8, sync=lambda: syncs.append(1))
+    assert summary["sample_count"] >= POWER_MIN_SAMPLES
+    assert summary["avg_board_power_w"] == pytest.approx(4.556)
+    assert summary["images"] == 8 * len(calls) and len(syncs) == len(calls)  # every call counted and synced
+    assert summary["energy_per_image_mj"] == pytest.approx(4556 * summary["duration_s"] / summary["images"])
 
 
 def test_sampler_without_tegrastats(tmp_path: Path) -> None:

@@ -246,6 +246,47 @@ def test_fp16_and_int8_run_on_cpu_and_calibration_is_cached(small_graph, tmp_pat
     assert zero_points and all(z.dtype != np.uint8 and int(np.abs(z).max()) == 0 for z in zero_points)
 
 
+def _float_inputs(model: onnx.ModelProto) -> dict[str, list[int]]:
+    """op type -> element types of the float inputs of every node but Cast (after shape inference)."""
+    inferred = onnx.shape_inference.infer_shapes(model)
+    types = {vi.name: vi.type.tensor_type.elem_type
+             for vi in (*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output)}
+    types.update({i.name: i.data_type for i in inferred.graph.initializer})
+    floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16}
+    out: dict[str, list[int]] = {}
+    for node in inferred.graph.node:
+        if node.op_type != "Cast":
+            out.setdefault(node.op_type, []).extend(types[x] for x in node.input if types.get(x) in floats)
+    return out
+
+
+def test_tensorrt_int8_graph_has_float_biases_and_fp16_outside_the_qdq_pairs(small_graph, tmp_path):
+    model, path, _ = small_graph
+    images = np.random.default_rng(0).normal(size=(16, 3, 32, 32)).astype(np.float32)
+    info = quantize_int8(path, tmp_path / "trt.onnx", ImageCalibrationReader("image", 16, lambda i: images[i]),
+                         "minmax", tmp_path / "cache", "data", symmetric_activations=True)
+    graph = onnx.load(str(tmp_path / "trt.onnx"))
+    initializers = {i.name: i for i in graph.graph.initializer}
+    dequantized = [initializers[n.input[0]] for n in graph.graph.node
+                   if n.op_type == "DequantizeLinear" and n.input[0] in initializers]
+    # (1) TensorRT rejects DequantizeLinear of an int32 bias: biases stay float
+    assert dequantized and all(t.data_type == onnx.TensorProto.INT8 for t in dequantized)
+    # (2) a strongly typed engine runs each layer in its graph type: nothing but the edge casts is fp32
+    inputs = _float_inputs(graph)
+    assert {"Conv", "QuantizeLinear", "DequantizeLinear"} <= set(inputs)
+    assert all(t == onnx.TensorProto.FLOAT16 for types in inputs.values() for t in types), inputs
+    assert [i.type.tensor_type.elem_type for i in graph.graph.input] == [onnx.TensorProto.FLOAT]
+    assert info["high_precision"] == "fp16" and info["activations"] == "int8 symmetric"
+    with torch.no_grad():
+        ref = ImageEncoder(model)(torch.from_numpy(images)).numpy()
+    got = run_session(ort_session(tmp_path / "trt.onnx"), images)
+    assert cosine_parity(got, ref)["cosine_mean"] > 0.9  # still runs on onnxruntime's CPU provider
+    # the onnxruntime-CPU flavour is unchanged: fp32 around the Q/DQ pairs, uint8 activations
+    quantize_int8(path, tmp_path / "cpu.onnx", ImageCalibrationReader("image", 16, lambda i: images[i]),
+                  "minmax", tmp_path / "cache", "data")
+    assert onnx.TensorProto.FLOAT in _float_inputs(onnx.load(str(tmp_path / "cpu.onnx")))["Conv"]
+
+
 def test_calibration_reader_strides_cover_every_image_once():
     reader = ImageCalibrationReader("x", 21, lambda i: np.full((1,), i, np.float32), batch_size=4)
     assert len(reader) == 6 and 6 % _stride(6) == 0

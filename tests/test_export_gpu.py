@@ -116,3 +116,19 @@ def test_torchtrt_compile_save_load(student, tmp_path, precision):
         got = (got[0] if isinstance(got, (tuple, list)) else got).float().cpu().numpy()
         assert got.shape == want.shape
         assert cosine_rows(got, want).min() >= 0.999
+
+
+def test_int8_engine_from_the_tensorrt_flavour(onnx_models, tmp_path):
+    """The TensorRT INT8 graph (float biases, fp16 outside the Q/DQ pairs) parses and builds strongly typed."""
+    from edgedistill.export.precision import ImageCalibrationReader, quantize_int8
+
+    rng = np.random.default_rng(2)
+    calib = rng.standard_normal((32, *IMAGE)).astype(np.float32)
+    qdq = tmp_path / "student_int8.onnx"
+    quantize_int8(onnx_models["fp32"], qdq, ImageCalibrationReader("image", 32, lambda i: calib[i]), "minmax",
+                  tmp_path / "cache", "gpu-test", symmetric_activations=True)
+    engine = tmp_path / "student_int8.engine"
+    meta = build_engine(qdq, engine, BatchProfile(1, 4, 8), 1024, tmp_path / "timing.cache", "int8")
+    assert meta["precision"] == "int8" and engine.stat().st_size > 0
+    images = rng.standard_normal((4, *IMAGE)).astype(np.float32)
+    assert cosine_rows(TrtRunner(engine)(images), reference(onnx_models["fp32"], images)).mean() >= 0.95

@@ -1,8 +1,8 @@
 """TensorRT and Torch-TensorRT export on CPU: the messages when they cannot run, the pure shape and compatibility
-logic, and the engine build's command sequence against a small fake ``tensorrt`` module that records each call.
+logic, and the engine build's command sequence against strict fakes of ``tensorrt`` 8.6, 10.x and 11.x
+(tests/fake_tensorrt.py) that record each call and have only the members each release documents.
 
-The fake stands in for TensorRT's Python API (the names used here exist in TensorRT 10 and 11); the real build
-and run are in test_export_gpu.py.
+The real build and run are in test_export_gpu.py.
 """
 
 from __future__ import annotations
@@ -21,160 +21,12 @@ import torch
 from edgedistill.errors import UserError
 from edgedistill.export import tensorrt as trt_export
 from edgedistill.export import torchtrt
-from edgedistill.export.tensorrt import (BatchProfile, TrtRunner, build_engine, check_compatible, dtype_name,
-                                         profile_shapes, sidecar_path)
+from edgedistill.export.tensorrt import (BatchProfile, TrtRunner, aligned, build_engine, check_compatible,
+                                         dtype_name, profile_shapes, sidecar_path)
+from tests.fake_tensorrt import FakeEngine, fake_tensorrt
 
-GPU = SimpleNamespace(name="NVIDIA GeForce RTX 4090", major=8, minor=9)
-
-
-# ----------------------------------------------------------------------------------------------- the fake
-
-
-class _Member:
-    """An enum member: has a name and an int value, like pybind11 enums."""
-
-    def __init__(self, name: str, value: int) -> None:
-        self.name, self.value = name, value
-
-    def __int__(self) -> int:
-        return self.value
-
-    def __repr__(self) -> str:
-        return f"<{self.name}>"
-
-
-def _enum(**members: int) -> SimpleNamespace:
-    return SimpleNamespace(**{k: _Member(k, v) for k, v in members.items()})
-
-
-def fake_tensorrt(calls: list, *, version: str = "10.3.0", parse_ok: bool = True, build_ok: bool = True,
-                  inputs=(("image", (-1, 3, 64, 64)),), outputs=(("embedding", (-1, 32)),),
-                  accept_cache=lambda data: True, engine: Any = None) -> types.ModuleType:
-    """A stand-in ``tensorrt`` module recording every builder call in ``calls`` as (name, args...)."""
-    trt = types.ModuleType("tensorrt")
-    trt.__version__ = version
-    trt.NetworkDefinitionCreationFlag = _enum(EXPLICIT_BATCH=0, STRONGLY_TYPED=1)
-    trt.MemoryPoolType = _enum(WORKSPACE=0)
-    trt.DataType = _enum(FLOAT=0, HALF=1, INT8=2, INT32=3, BOOL=4, INT64=10)
-    trt.TensorIOMode = _enum(NONE=0, INPUT=1, OUTPUT=2)
-
-    class Logger:
-        WARNING = "WARNING"
-
-        def __init__(self, level: str) -> None:
-            pass
-
-    class IProgressMonitor:
-        def __init__(self) -> None:
-            calls.append(("IProgressMonitor.__init__",))
-
-    class Network:
-        def __init__(self) -> None:
-            self.inputs = [SimpleNamespace(name=n, shape=s, dtype=trt.DataType.FLOAT) for n, s in inputs]
-            self.outputs = [SimpleNamespace(name=n, shape=s, dtype=trt.DataType.FLOAT) for n, s in outputs]
-            self.num_inputs, self.num_outputs = len(self.inputs), len(self.outputs)
-
-        def get_input(self, i: int) -> Any:
-            return self.inputs[i]
-
-        def get_output(self, i: int) -> Any:
-            return self.outputs[i]
-
-    class ParserError:
-        def desc(self) -> str:
-            return "No importer registered for op: FancyOp"
-
-        def node_name(self) -> str:
-            return "/blocks/fancy"
-
-    class OnnxParser:
-        def __init__(self, network: Network, logger: Logger) -> None:
-            self.num_errors = 0 if parse_ok else 2
-
-        def parse(self, data: bytes) -> bool:
-            calls.append(("parse", data))
-            return parse_ok
-
-        def get_error(self, i: int) -> ParserError:
-            return ParserError()
-
-    class Profile:
-        def set_shape(self, name: str, lo: tuple, opt: tuple, hi: tuple) -> None:
-            calls.append(("set_shape", name, tuple(lo), tuple(opt), tuple(hi)))
-
-    class TimingCache:
-        def __init__(self, data: bytes) -> None:
-            self.data = bytes(data)
-
-        def serialize(self) -> bytes:
-            return self.data + b"|timed"
-
-    class Config:
-        def __init__(self) -> None:
-            self.cache: TimingCache | None = None
-            self.progress_monitor = None
-
-        def set_memory_pool_limit(self, pool: Any, size: int) -> None:
-            calls.append(("set_memory_pool_limit", pool.name, size))
-
-        def set_flag(self, flag: Any) -> None:  # must never be called: precision lives in the graph
-            calls.append(("set_flag", flag))
-
-        def add_optimization_profile(self, profile: Profile) -> int:
-            calls.append(("add_optimization_profile",))
-            return 0
-
-        def create_timing_cache(self, data: bytes) -> TimingCache:
-            calls.append(("create_timing_cache", bytes(data)))
-            return TimingCache(data)
-
-        def set_timing_cache(self, cache: TimingCache, ignore_mismatch: bool) -> bool:
-            calls.append(("set_timing_cache", cache.data, ignore_mismatch))
-            if cache.data and not accept_cache(cache.data):
-                return False
-            self.cache = cache
-            return True
-
-        def get_timing_cache(self) -> TimingCache | None:
-            return self.cache
-
-    class Builder:
-        def __init__(self, logger: Logger) -> None:
-            pass
-
-        def create_network(self, flags: int) -> Network:
-            calls.append(("create_network", flags))
-            return Network()
-
-        def create_builder_config(self) -> Config:
-            return Config()
-
-        def create_optimization_profile(self) -> Profile:
-            return Profile()
-
-        def build_serialized_network(self, network: Network, config: Config) -> bytes | None:
-            calls.append(("build_serialized_network",))
-            monitor = config.progress_monitor
-            if monitor is not None:  # what TensorRT does from its build threads
-                monitor.phase_start("Building engine", None, 2)
-                assert monitor.step_complete("Building engine", 0) is True
-                monitor.phase_finish("Building engine")
-                calls.append(("progress_reported",))
-            return b"SERIALIZED-ENGINE" if build_ok else None
-
-    class Runtime:
-        def __init__(self, logger: Logger) -> None:
-            pass
-
-        def deserialize_cuda_engine(self, data: bytes) -> Any:
-            calls.append(("deserialize_cuda_engine",))
-            if engine == "forbidden":
-                raise AssertionError("an incompatible engine must be refused before deserialising")
-            return engine
-
-    trt.Logger, trt.IProgressMonitor, trt.OnnxParser = Logger, IProgressMonitor, OnnxParser
-    trt.Builder, trt.Runtime = Builder, Runtime
-    return trt
+GPU = SimpleNamespace(name="NVIDIA GeForce RTX 4090", major=8, minor=9, multi_processor_count=128)
+SUPPORTED = ["10.3.0", "10.13.0.35", "11.4.0"]  # JetPack 6.1+, 10.x on x86, 11.x
 
 
 @pytest.fixture
@@ -188,6 +40,7 @@ def gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: GPU)
+    monkeypatch.setattr(trt_export, "board_model", lambda: None)  # not a Jetson
 
 
 def install(monkeypatch, module: types.ModuleType, name: str = "tensorrt") -> types.ModuleType:
@@ -228,7 +81,17 @@ def test_require_tensorrt_ok(monkeypatch, calls, gpu):
     fake = install(monkeypatch, fake_tensorrt(calls))
     assert trt_export.require_tensorrt() is fake
     assert trt_export.device_metadata(fake) == {"tensorrt_version": "10.3.0", "gpu_name": GPU.name,
-                                                "compute_capability": "8.9", "cuda": torch.version.cuda}
+                                                "compute_capability": "8.9", "sm_count": 128, "board_model": None,
+                                                "cuda": torch.version.cuda}
+
+
+def test_board_model_comes_from_the_device_tree(monkeypatch, tmp_path):
+    from edgedistill.bench import jetson
+    model = "NVIDIA Jetson Orin Nano Engineering Reference Developer Kit Super"
+    monkeypatch.setattr(jetson, "detect_jetson", lambda root=None: jetson.JetsonInfo(model=model, release=None))
+    assert trt_export.board_model() == model
+    monkeypatch.setattr(jetson, "detect_jetson", lambda root=None: None)
+    assert trt_export.board_model() is None
 
 
 def test_require_torch_tensorrt_not_installed(monkeypatch):
@@ -309,45 +172,63 @@ def test_dtype_names():
 # -------------------------------------------------------------------------------------------- compatibility
 
 
-ORIN = {"gpu_name": "Orin", "compute_capability": "8.7", "tensorrt_version": "10.3.0"}
-H100 = {"gpu_name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0", "tensorrt_version": "11.4.0"}
+NANO = "NVIDIA Jetson Orin Nano Engineering Reference Developer Kit Super"
+ORIN = {"gpu_name": "Orin", "compute_capability": "8.7", "sm_count": 8, "board_model": NANO,
+        "tensorrt_version": "10.3.0.30"}
+H100 = {"gpu_name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0", "sm_count": 132, "board_model": None,
+        "tensorrt_version": "11.4.0"}
 
 
 def test_check_compatible_same_device_passes():
     check_compatible(ORIN, dict(ORIN))
-    check_compatible(ORIN, {**ORIN, "tensorrt_version": "10.3.1", "cuda": "12.6"})  # patch releases agree
+    check_compatible(ORIN, {**ORIN, "cuda": "12.6"})  # the CUDA version is recorded, not compared
 
 
-@pytest.mark.parametrize("change", [{"gpu_name": "NVIDIA Jetson AGX Orin"}, {"compute_capability": "8.6"},
-                                    {"tensorrt_version": "10.7.0"}, {"tensorrt_version": "11.3.0"}])
+@pytest.mark.parametrize("change", [
+    {"tensorrt_version": "10.3.1"},        # another patch release: TensorRT refuses the plan
+    {"tensorrt_version": "10.3.0.26"},     # another build of the same release
+    {"tensorrt_version": "11.4.0"},
+    {"compute_capability": "8.6"},
+    {"sm_count": 16},                      # "Orin" on Orin Nano and AGX Orin alike: the SM count differs
+    {"board_model": "NVIDIA Jetson Orin NX Engineering Reference Developer Kit"},  # same SMs, another module
+    {"gpu_name": "NVIDIA Jetson AGX Orin"},
+])
 def test_check_compatible_refuses_another_device(change):
     current = {**ORIN, **change}
     with pytest.raises(UserError) as e:
         check_compatible(ORIN, current, what="engine model.engine")
     msg = str(e.value)
-    assert msg.startswith("engine model.engine was built for Orin (sm 8.7) with TensorRT 10.3.0; this machine has")
-    assert f"{current['gpu_name']} (sm {current['compute_capability']}) with TensorRT {current['tensorrt_version']}" \
-        in msg
+    assert msg.startswith(f"engine model.engine was built for Orin (sm 8.7, 8 SMs, {NANO}) with TensorRT "
+                          f"10.3.0.30; this machine has")
+    assert f"with TensorRT {current['tensorrt_version']}" in msg.split("this machine has")[1]
     assert msg.endswith("rebuild it here with `edgedistill export --format trt`") and "\n" not in msg
+
+
+def test_check_compatible_refuses_metadata_without_the_device_identity():
+    old = {k: v for k, v in ORIN.items() if k not in ("sm_count", "board_model")}  # an older edgedistill's sidecar
+    with pytest.raises(UserError, match=r"built for Orin \(sm 8\.7, \? SMs\) with TensorRT 10\.3\.0\.30"):
+        check_compatible(old, ORIN)
 
 
 def test_check_compatible_message_names_both_sides():
     with pytest.raises(UserError) as e:
         check_compatible(ORIN, H100)
-    assert "Orin (sm 8.7) with TensorRT 10.3.0" in str(e.value)
-    assert "NVIDIA H100 80GB HBM3 (sm 9.0) with TensorRT 11.4.0" in str(e.value)
+    assert f"Orin (sm 8.7, 8 SMs, {NANO}) with TensorRT 10.3.0.30" in str(e.value)
+    assert "NVIDIA H100 80GB HBM3 (sm 9.0, 132 SMs) with TensorRT 11.4.0" in str(e.value)
 
 
 # ------------------------------------------------------------------------------------------------- build
 
 
-def test_build_engine_command_sequence(monkeypatch, calls, gpu, onnx_file, tmp_path):
-    fake = install(monkeypatch, fake_tensorrt(calls, inputs=[("image", (-1, 3, 64, 64)), ("mask", ("batch", 16))]))
+@pytest.mark.parametrize("version", SUPPORTED)
+def test_build_engine_command_sequence(monkeypatch, calls, gpu, onnx_file, tmp_path, version):
+    fake = install(monkeypatch, fake_tensorrt(calls, version=version,
+                                              inputs=[("image", (-1, 3, 64, 64)), ("mask", ("batch", 16))]))
     engine, cache = tmp_path / "out" / "student.engine", tmp_path / "cache" / "timing.cache"
     meta = build_engine(onnx_file, engine, BatchProfile(1, 4, 8), 1024, cache, "fp16")
 
     assert ("create_network", 1 << int(fake.NetworkDefinitionCreationFlag.STRONGLY_TYPED)) in calls
-    assert not [c for c in calls if c[0] == "set_flag"]  # no FP16/INT8 builder flags, ever
+    assert not [c for c in calls if c[0] in ("set_flag", "deprecated")]  # no precision flags, no EXPLICIT_BATCH
     assert ("parse", b"fake onnx graph") in calls
     assert ("set_memory_pool_limit", "WORKSPACE", 1024 << 20) in calls
     assert [c for c in calls if c[0] == "set_shape"] == [  # every input, batch axis from the profile
@@ -364,7 +245,8 @@ def test_build_engine_command_sequence(monkeypatch, calls, gpu, onnx_file, tmp_p
     assert on_disk == meta
     assert meta["sha256"] == hashlib.sha256(b"SERIALIZED-ENGINE").hexdigest()
     assert meta["onnx"]["sha256"] == hashlib.sha256(b"fake onnx graph").hexdigest()
-    assert (meta["gpu_name"], meta["compute_capability"], meta["tensorrt_version"]) == (GPU.name, "8.9", "10.3.0")
+    assert (meta["gpu_name"], meta["compute_capability"], meta["tensorrt_version"]) == (GPU.name, "8.9", version)
+    assert (meta["sm_count"], meta["board_model"]) == (128, None)
     assert meta["precision"] == "fp16" and meta["profile"] == {"min": 1, "opt": 4, "max": 8}
     assert meta["inputs"] == [{"name": "image", "shape": [-1, 3, 64, 64], "dtype": "float32"},
                               {"name": "mask", "shape": [-1, 16], "dtype": "float32"}]
@@ -375,6 +257,36 @@ def test_build_engine_command_sequence(monkeypatch, calls, gpu, onnx_file, tmp_p
     build_engine(onnx_file, tmp_path / "out" / "second.engine", BatchProfile(1, 1, 8), 1024, cache, "fp16")
     assert ("create_timing_cache", b"|timed") in calls and ("set_timing_cache", b"|timed", False) in calls
     assert cache.read_bytes() == b"|timed|timed"
+
+
+@pytest.mark.parametrize("version", ["8.5.2", "8.6.1"])  # JetPack 5.x, JetPack 6.0
+def test_build_engine_refuses_tensorrt_before_10_in_one_line(monkeypatch, calls, gpu, onnx_file, tmp_path, version):
+    install(monkeypatch, fake_tensorrt(calls, version=version))
+    with pytest.raises(UserError) as e:
+        build_engine(onnx_file, tmp_path / "m.engine", BatchProfile(1, 1, 1), 256, tmp_path / "c", "fp16")
+    msg = str(e.value)
+    assert msg.startswith(f"TensorRT {version} cannot build strongly typed networks") and "\n" not in msg
+    assert "TensorRT 10 or newer" in msg and "--format onnx" in msg
+    assert calls == [] and not (tmp_path / "m.engine").exists()  # refused before any work
+
+
+def test_the_fakes_tell_the_releases_apart():
+    """What the strict fakes encode (documented removals), so a call valid in one release only fails elsewhere."""
+    old, ten, eleven = (fake_tensorrt([], version=v) for v in ("8.6.1", "10.3.0", "11.4.0"))
+    assert not hasattr(old.NetworkDefinitionCreationFlag, "STRONGLY_TYPED") and not hasattr(old, "IProgressMonitor")
+    assert int(ten.NetworkDefinitionCreationFlag.STRONGLY_TYPED) == 1 and hasattr(ten.BuilderFlag, "FP16")
+    assert hasattr(ten, "IInt8EntropyCalibrator2")
+    assert int(eleven.NetworkDefinitionCreationFlag.STRONGLY_TYPED) == 0
+    assert not hasattr(eleven.NetworkDefinitionCreationFlag, "EXPLICIT_BATCH")
+    assert not hasattr(eleven.BuilderFlag, "FP16") and not hasattr(eleven.BuilderFlag, "INT8")
+    assert not hasattr(eleven, "IInt8EntropyCalibrator2")
+    with pytest.raises(ValueError, match="invalid flags"):  # EXPLICIT_BATCH's bit means nothing in 11
+        eleven.Builder(None).create_network(1 << 3)
+    assert not hasattr(FakeEngine(eleven), "device_memory_size") and hasattr(FakeEngine(ten), "device_memory_size")
+    config = ten.Builder(None).create_builder_config()
+    config.set_flag(ten.BuilderFlag.FP16)
+    assert ten.Builder(None).build_serialized_network(  # precision flags on a strongly typed network fail
+        ten.Builder(None).create_network(1 << int(ten.NetworkDefinitionCreationFlag.STRONGLY_TYPED)), config) is None
 
 
 def test_build_engine_replaces_a_foreign_timing_cache(monkeypatch, calls, gpu, onnx_file, tmp_path):
@@ -429,23 +341,25 @@ def write_engine(tmp_path: Path, device: dict, data: bytes = b"SERIALIZED-ENGINE
     return engine
 
 
-HERE = {"gpu_name": GPU.name, "compute_capability": "8.9", "tensorrt_version": "10.3.0"}
+HERE = {"gpu_name": GPU.name, "compute_capability": "8.9", "sm_count": 128, "board_model": None,
+        "tensorrt_version": "10.3.0"}
 
 
 def test_runner_refuses_an_engine_from_another_gpu_before_deserialising(monkeypatch, calls, gpu, tmp_path):
     install(monkeypatch, fake_tensorrt(calls, engine="forbidden"))
-    engine = write_engine(tmp_path, {"gpu_name": "Orin", "compute_capability": "8.7", "tensorrt_version": "10.3.0"})
+    engine = write_engine(tmp_path, {**ORIN, "tensorrt_version": "10.3.0"})
     with pytest.raises(UserError) as e:
         TrtRunner(engine)
     msg = str(e.value)
-    assert f"engine {engine} was built for Orin (sm 8.7) with TensorRT 10.3.0" in msg
-    assert f"this machine has {GPU.name} (sm 8.9) with TensorRT 10.3.0" in msg
+    assert f"engine {engine} was built for Orin (sm 8.7, 8 SMs, {NANO}) with TensorRT 10.3.0" in msg
+    assert f"this machine has {GPU.name} (sm 8.9, 128 SMs) with TensorRT 10.3.0" in msg
     assert ("deserialize_cuda_engine",) not in calls
 
 
-def test_runner_refuses_another_tensorrt_version(monkeypatch, calls, gpu, tmp_path):
-    install(monkeypatch, fake_tensorrt(calls, version="11.4.0", engine="forbidden"))
-    with pytest.raises(UserError, match="with TensorRT 10.3.0; this machine has .* with TensorRT 11.4.0"):
+@pytest.mark.parametrize("version", ["10.3.1", "11.4.0"])
+def test_runner_refuses_another_tensorrt_version(monkeypatch, calls, gpu, tmp_path, version):
+    install(monkeypatch, fake_tensorrt(calls, version=version, engine="forbidden"))
+    with pytest.raises(UserError, match=f"with TensorRT 10.3.0; this machine has .* with TensorRT {version}"):
         TrtRunner(write_engine(tmp_path, HERE))
 
 
@@ -478,36 +392,10 @@ def test_runner_deserialise_failure(monkeypatch, calls, gpu, tmp_path):
     assert ("deserialize_cuda_engine",) in calls
 
 
-class FakeEngine:
-    """A deserialised engine: image (B, 3, 64, 64) float32 -> embedding (B, 32) float16."""
-
-    def __init__(self, trt: types.ModuleType) -> None:
-        self.trt = trt
-        self.num_io_tensors = 2
-        self.tensors = {"image": (trt.TensorIOMode.INPUT, trt.DataType.FLOAT, (-1, 3, 64, 64)),
-                        "embedding": (trt.TensorIOMode.OUTPUT, trt.DataType.HALF, (-1, 32))}
-
-    def get_tensor_name(self, i: int) -> str:
-        return list(self.tensors)[i]
-
-    def get_tensor_mode(self, name: str) -> Any:
-        return self.tensors[name][0]
-
-    def get_tensor_dtype(self, name: str) -> Any:
-        return self.tensors[name][1]
-
-    def get_tensor_shape(self, name: str) -> tuple:
-        return self.tensors[name][2]
-
-    def create_execution_context(self) -> Any:
-        return SimpleNamespace()
-
-
-def test_runner_io_and_input_checks(monkeypatch, calls, gpu, tmp_path):
-    trt = fake_tensorrt(calls)
-    install(monkeypatch, trt)
-    monkeypatch.setattr(trt.Runtime, "deserialize_cuda_engine", lambda self, data: FakeEngine(trt))
-    runner = TrtRunner(write_engine(tmp_path, HERE))
+@pytest.mark.parametrize("version", SUPPORTED)
+def test_runner_io_and_input_checks(monkeypatch, calls, gpu, tmp_path, version):
+    install(monkeypatch, fake_tensorrt(calls, version=version, engine=FakeEngine))
+    runner = TrtRunner(write_engine(tmp_path, {**HERE, "tensorrt_version": version}))
     assert runner.input_names == ["image"] and runner.output_names == ["embedding"]
     assert runner.dtypes == {"image": torch.float32, "embedding": torch.float16}
     assert (runner.profile.min, runner.profile.max) == (1, 4)
@@ -522,6 +410,44 @@ def test_runner_io_and_input_checks(monkeypatch, calls, gpu, tmp_path):
         runner._feeds((), {"pixels": torch.zeros(1, 3, 64, 64)})
     with pytest.raises(UserError, match="needs input"):
         runner._feeds((), {})
+    # engine activation memory: device_memory_size_v2 from 10.1, the only one in 11
+    from edgedistill.bench.backends import TensorRtRunner
+    wrapper = TensorRtRunner.__new__(TensorRtRunner)
+    wrapper.runner = runner
+    assert wrapper.peak_memory() == (3.0, "engine activation memory")
+
+
+def test_aligned_copies_only_misaligned_tensors():
+    tokens = torch.arange(10 * 77, dtype=torch.int64).reshape(10, 77)
+    base = aligned(tokens)
+    assert base.data_ptr() % 256 == 0
+    view = base[1:]  # starts 616 bytes into the block: not 256-byte aligned
+    assert view.data_ptr() % 256 != 0
+    fixed = aligned(view)
+    assert fixed.data_ptr() % 256 == 0 and fixed.data_ptr() != view.data_ptr()
+    assert torch.equal(fixed, view) and fixed.shape == view.shape and fixed.is_contiguous()
+    assert aligned(fixed) is fixed  # aligned tensors are used as they are, no copy
+    half = torch.zeros(3, 7, dtype=torch.float16)[1:]
+    assert aligned(half).data_ptr() % 256 == 0 and torch.equal(aligned(half), half)
+
+
+def test_runner_binds_aligned_addresses(monkeypatch, calls, gpu, tmp_path):
+    """TensorRT refuses (or misreads) an address that is not 256-byte aligned: a sliced batch is copied first."""
+    install(monkeypatch, fake_tensorrt(calls, engine=FakeEngine))
+    runner = TrtRunner(write_engine(tmp_path, HERE))
+    runner.device = "cpu"  # bind without CUDA; the fake context checks the addresses
+    images = aligned(torch.randn(4, 3, 64, 64))
+    sliced = images.view(-1)[1:1 + 3 * 3 * 64 * 64].view(3, 3, 64, 64)  # one float past an aligned start
+    assert sliced.data_ptr() % 256 != 0
+    inputs, outputs = runner._bind({"image": sliced})
+    addresses = runner.context.addresses
+    assert addresses["image"] % 256 == 0 and addresses["image"] == inputs["image"].data_ptr()
+    assert torch.equal(inputs["image"], sliced)
+    assert addresses["embedding"] == outputs["embedding"].data_ptr() and outputs["embedding"].shape == (3, 32)
+    assert runner.context.shapes == {"image": (3, 3, 64, 64)}
+    runner.context.set_tensor_address = lambda name, memory: False
+    with pytest.raises(UserError, match="TensorRT refused the address of tensor 'image'"):
+        runner._bind({"image": images[:2]})
 
 
 # ------------------------------------------------------------------------------------------ Torch-TensorRT
@@ -638,3 +564,21 @@ def test_torchtrt_keeps_integer_token_inputs(monkeypatch, calls, gpu, tmp_path):
     x = torch.randint(0, 100, (3, 16))
     with torch.no_grad():
         assert torch.allclose(torchtrt.load_torchtrt(tmp_path / "text.ep")(x), model(x))
+
+
+def test_torchtrt_program_that_does_not_load_is_one_line(monkeypatch, calls, gpu, tmp_path):
+    """A program whose sha256 matches but which torch cannot load (another torch / torch-tensorrt, a truncated
+    copy re-hashed by hand): one line naming the versions it needs, no traceback."""
+    install(monkeypatch, fake_tensorrt(calls))
+    install(monkeypatch, fake_torch_tensorrt(calls, new_api=True), "torch_tensorrt")
+    monkeypatch.setattr(torchtrt, "DEVICE", "cpu")
+    out = tmp_path / "student.ep"
+    torchtrt.compile_torchtrt(TinyNet(), torch.zeros(1, 3, 16, 16), BatchProfile(1, 1, 4), "fp16", out)
+    out.write_bytes(b"PK\x03\x04 not a torch.export archive")
+    meta = json.loads(sidecar_path(out).read_text())
+    sidecar_path(out).write_text(json.dumps({**meta, "sha256": hashlib.sha256(out.read_bytes()).hexdigest()}))
+    with pytest.raises(UserError) as e:
+        torchtrt.load_torchtrt(out)
+    msg = str(e.value)
+    assert msg.startswith(f"Torch-TensorRT program {out} does not load here (") and "\n" not in msg
+    assert f"torch {torch.__version__} / torch-tensorrt 2.10.0" in msg and msg.endswith("--format torchtrt`")

@@ -16,6 +16,7 @@ embeddings for the accuracy pass. GPU runners enqueue on torch's current stream,
 from __future__ import annotations
 
 import importlib.metadata
+import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -52,9 +53,14 @@ class Runner:
         return np.asarray(out, dtype=np.float32)
 
     def embed(self, x: np.ndarray, batch: int = 32) -> np.ndarray:
-        """(N, ...) -> (N, D) float32, in batches the backend accepts."""
-        step = min(batch, self.max_batch or batch)
-        outs = [self.to_numpy(self.call(self.stage(x[i:i + step]))) for i in range(0, len(x), step)]
+        """(N, ...) -> (N, D) float32, in batches the backend accepts (a short last one padded to min_batch)."""
+        step = max(min(batch, self.max_batch or batch), self.min_batch)
+        outs = []
+        for i in range(0, len(x), step):
+            chunk = x[i:i + step]
+            padded = np.concatenate([chunk] * -(-self.min_batch // len(chunk)))[:self.min_batch] \
+                if len(chunk) < self.min_batch else chunk
+            outs.append(self.to_numpy(self.call(self.stage(padded)))[:len(chunk)])
         return np.concatenate(outs).astype(np.float32)
 
     def peak_memory_reset(self) -> None:
@@ -80,44 +86,106 @@ ORT_PROVIDERS = {"onnxruntime-cpu": "CPUExecutionProvider", "onnxruntime-cuda": 
                  "onnxruntime-tensorrt": "TensorrtExecutionProvider"}
 
 
+def _first_line(error: BaseException) -> str:
+    text = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    return text if len(text) <= 300 else text[:300] + "..."
+
+
+def onnx_input_shapes(path: Path) -> dict[str, list[int | None]]:
+    """Each graph input's shape, None for a symbolic (dynamic) axis."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    init = {i.name for i in graph.initializer}
+    return {i.name: [d.dim_value if d.HasField("dim_value") else None for d in i.type.tensor_type.shape.dim]
+            for i in graph.input if i.name not in init}
+
+
+def ort_provider(provider: str, precision: str, shapes: dict[str, list[int | None]] | None = None,
+                 batch_range: tuple[int, int, int] | None = None, cache_dir: Path | None = None) -> Any:
+    """The (provider, options) pair for one graph (onnxruntime's TensorRT / CUDA provider options).
+
+    TensorRT: INT8 QDQ graphs need ``trt_int8_enable`` (onnxruntime#13381) and fp16 for the layers outside the
+    Q/DQ pairs; fp16 graphs ``trt_fp16_enable``; engines and timing caches are kept under ``cache_dir`` so a
+    second session does not rebuild; the batch axis gets an explicit profile (min/opt/max).
+    """
+    if provider == "CPUExecutionProvider":
+        return provider
+    options: dict[str, Any] = {"device_id": 0}
+    if provider != "TensorrtExecutionProvider":
+        return provider, options
+    options.update({"trt_fp16_enable": precision in ("fp16", "int8"), "trt_int8_enable": precision == "int8"})
+    if cache_dir is not None:
+        options.update({"trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache_dir),
+                        "trt_timing_cache_enable": True, "trt_timing_cache_path": str(cache_dir)})
+    if shapes and batch_range is not None:
+        for key, batch in zip(("min", "opt", "max"), batch_range):
+            options[f"trt_profile_{key}_shapes"] = ",".join(
+                f"{name}:" + "x".join(str(batch if i == 0 else d) for i, d in enumerate(dims))
+                for name, dims in shapes.items())
+    return provider, options
+
+
 class OrtRunner(Runner):
     """An ONNX graph in onnxruntime. On GPU providers the input is bound on the device (io binding), so the
-    host-to-device copy is staged, not timed."""
+    host-to-device copy is staged, not timed. A provider that fails to build or run the graph is this
+    artifact's failure (a UserError, hence a failed row), never the whole bench's."""
 
-    def __init__(self, path: Path, precision: str, backend: str, threads: int | None) -> None:
+    def __init__(self, path: Path, precision: str, backend: str, threads: int | None,
+                 batch_range: tuple[int, int, int] | None = None) -> None:
         from edgedistill.export.graph import ort_session
 
-        self.backend = backend
+        self.backend, self.name = backend, Path(path).name
         self.version = package_version("onnxruntime-gpu", "onnxruntime")
-        provider = ORT_PROVIDERS[backend]
-        providers = [provider] if provider == "CPUExecutionProvider" else [provider, "CUDAExecutionProvider",
-                                                                             "CPUExecutionProvider"]
+        self.provider = provider = ORT_PROVIDERS[backend]
+        providers: list[Any] = [ort_provider(provider, precision)]
         if provider == "TensorrtExecutionProvider":
-            providers = [provider, "CUDAExecutionProvider"]
-        self.session = ort_session(path, threads, providers=providers)
+            from edgedistill.cache import default_cache_root
+
+            providers = [ort_provider(provider, precision, onnx_input_shapes(path), batch_range,
+                                      default_cache_root() / "onnxruntime-tensorrt"),
+                         ort_provider("CUDAExecutionProvider", precision)]
+            if batch_range is not None:
+                self.min_batch, self.max_batch = batch_range[0], batch_range[2]
+        elif provider == "CUDAExecutionProvider":
+            providers.append("CPUExecutionProvider")
+        try:
+            self.session = ort_session(path, threads, providers=providers,
+                                       optimize=provider != "TensorrtExecutionProvider")
+        except Exception as e:  # noqa: BLE001 - onnxruntime's EPFail, Fail, RuntimeException...
+            raise UserError(f"onnxruntime's {provider} could not load {self.name}: {_first_line(e)}") from e
         used = self.session.get_providers()
         if used[0] != provider:
-            raise UserError(f"onnxruntime fell back to {used[0]} for {Path(path).name} instead of {provider}; "
+            raise UserError(f"onnxruntime fell back to {used[0]} for {self.name} instead of {provider}; "
                             f"check the onnxruntime-gpu, CUDA and cuDNN installation")
         self.input_name = self.session.get_inputs()[0].name
         self.on_gpu = provider != "CPUExecutionProvider"
+
+    def _failed(self, error: Exception) -> UserError:
+        return UserError(f"onnxruntime's {self.provider} failed to run {self.name}: {_first_line(error)}")
 
     def stage(self, x: np.ndarray) -> Any:
         if not self.on_gpu:
             return {self.input_name: np.ascontiguousarray(x)}
         import onnxruntime as ort
 
-        binding = self.session.io_binding()
-        value = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(x), "cuda", 0)
-        binding.bind_ortvalue_input(self.input_name, value)
-        binding.bind_output(self.session.get_outputs()[0].name, "cuda", 0)
+        try:
+            binding = self.session.io_binding()
+            value = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(x), "cuda", 0)
+            binding.bind_ortvalue_input(self.input_name, value)
+            binding.bind_output(self.session.get_outputs()[0].name, "cuda", 0)
+        except Exception as e:  # noqa: BLE001
+            raise self._failed(e) from e
         return binding, value  # keep the device value alive with the binding
 
     def call(self, staged: Any) -> Any:
-        if not self.on_gpu:
-            return self.session.run(None, staged)[0]
-        binding, _ = staged
-        self.session.run_with_iobinding(binding)  # synchronous: returns when the GPU is done
+        try:
+            if not self.on_gpu:
+                return self.session.run(None, staged)[0]
+            binding, _ = staged
+            self.session.run_with_iobinding(binding)  # synchronous: returns when the GPU is done
+        except Exception as e:  # noqa: BLE001 - the provider's own error types
+            raise self._failed(e) from e
         return binding
 
     def to_numpy(self, out: Any) -> np.ndarray:
@@ -160,11 +228,16 @@ class TorchTrtRunner(TorchRunner):
     """A Torch-TensorRT program (``.ep``), after its GPU and sha256 checks (export.torchtrt.load_torchtrt)."""
 
     def __init__(self, path: Path) -> None:
-        from edgedistill.export.torchtrt import load_torchtrt
+        from edgedistill.export.tensorrt import read_sidecar
+        from edgedistill.export.torchtrt import REBUILD_HINT, load_torchtrt
 
         super().__init__(_Callable(load_torchtrt(path)), "cuda")
         self.backend = "torch-tensorrt"
         self.version = package_version("torch_tensorrt", "torch-tensorrt")
+        # the program's shape guard refuses batches outside the profile it was compiled for: skip those
+        profile = read_sidecar(Path(path), kind="Torch-TensorRT program", hint=REBUILD_HINT).get("profile") or {}
+        self.min_batch = int(profile.get("min", 1))
+        self.max_batch = int(profile["max"]) if profile.get("max") else None
 
 
 class _Callable:
@@ -193,7 +266,7 @@ class TensorRtRunner(Runner):
         from edgedistill.export.tensorrt import TrtRunner
 
         self.runner = TrtRunner(path)
-        self.version = package_version("tensorrt", "tensorrt-cu12", "tensorrt-cu13")
+        self.version = str(self.runner._trt.__version__)  # JetPack's apt package has no pip metadata
         self.name = self.runner.input_names[0]
         self.min_batch, self.max_batch = self.runner.profile.min, self.runner.profile.max
 
@@ -228,8 +301,11 @@ def ort_gpu_providers() -> set[str]:
     return set(ort.get_available_providers())
 
 
-def candidates(artifact: dict[str, Any], path: Path, device: str, threads: int | None) -> list[Candidate]:
-    """Every backend of ``device`` for one export.json artifact: runnable ones with a factory, others with why."""
+def candidates(artifact: dict[str, Any], path: Path, device: str, threads: int | None,
+               batch_range: tuple[int, int, int] | None = None) -> list[Candidate]:
+    """Every backend of ``device`` for one export.json artifact: runnable ones with a factory, others with why.
+
+    ``batch_range`` (min, opt, max): the batch profile onnxruntime's TensorRT provider builds for."""
     fmt, precision = artifact.get("format"), artifact.get("precision", "fp32")
     gpu = device in ("cuda", "jetson")
     if fmt == "onnx":
@@ -246,13 +322,13 @@ def candidates(artifact: dict[str, Any], path: Path, device: str, threads: int |
                 out.append(Candidate(artifact, backend, reason=why))
             else:
                 out.append(Candidate(artifact, backend,
-                                     make=lambda b=backend: OrtRunner(path, precision, b, threads)))
+                                     make=lambda b=backend: OrtRunner(path, precision, b, threads, batch_range)))
         return out
     if fmt == "trt":
         if not gpu:
             return [Candidate(artifact, "tensorrt", reason="TensorRT engines run on a GPU: use --device cuda or "
                                                            "jetson on the machine the engine was built for")]
-        if package_version("tensorrt", "tensorrt-cu12", "tensorrt-cu13") is None:
+        if importlib.util.find_spec("tensorrt") is None:  # the module, not pip metadata: JetPack installs it by apt
             return [Candidate(artifact, "tensorrt", reason="tensorrt is not installed (pip install "
                                                            "'edgedistill[gpu]'; on a Jetson it comes with JetPack)")]
         return [Candidate(artifact, "tensorrt", make=lambda: TensorRtRunner(path))]

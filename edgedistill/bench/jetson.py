@@ -3,7 +3,10 @@
 The formats differ between generations (see tests/fixtures/jetson/, real output of Orin Nano, AGX Orin and
 TX2-era boards): Orin prints rails as ``VDD_IN 4556mW/4556mW`` (current/average), TX2/Xavier-era L4T as
 ``VDD_IN 3140/3208`` without a unit (milliwatts); ``GR3D_FREQ`` is ``N%``, ``N%@MHz`` or ``N%@[MHz,MHz]``.
-The board's input rail is named differently per module, so ``TegraSample.board_power_mw`` picks the right one.
+``TegraSample.board_power_mw`` follows jtop's rule (jetson_stats, jtop/core/power.py): the module input rail
+(``VDD_IN``, or ``POM_5V_IN`` on the original Nano) when the board prints one, else the sum of every connected
+rail; AGX Orin (``VIN_SYS_5V0`` is a 5 V sub-rail, not the input) and AGX Xavier (``GPU``, ``CPU``, ``SOC``,
+``SYS5V`` without a ``VDD_`` prefix) print no input rail.
 
 Nothing here needs a Jetson to import or test: the filesystem root and the commands are parameters.
 """
@@ -16,14 +19,15 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from edgedistill.errors import UserError
 
-# Total board input rail, best first: Orin Nano/NX and TX2-era print VDD_IN, AGX Orin VIN_SYS_5V0,
-# the original Jetson Nano POM_5V_IN. Without any of them the VDD_* rails are summed (an estimate).
-BOARD_RAILS = ("VDD_IN", "VIN_SYS_5V0", "POM_5V_IN")
-SUM_OF_VDD = "sum of VDD_* rails"
+# The module input rail (jtop's rule): Orin Nano/NX, Xavier NX and TX2-era print VDD_IN, the original Nano
+# POM_5V_IN. Without one (AGX Orin, AGX Xavier) every connected rail is summed, as jtop does.
+INPUT_RAILS = ("VDD_IN", "POM_5V_IN")
+SUM_OF_RAILS = "sum of rails"
+POWER_MIN_SAMPLES = 5  # tegrastats samples a power window must hold (its interval is 100 ms by default)
 
 # tegrastats prints -256C for a sensor that is powered off (AGX Orin: CV0@-256C GPU@-256C at idle)
 _SENSOR_OFF_C = -256.0
@@ -54,17 +58,22 @@ class TegraSample:
     rails: dict[str, tuple[int, int]] = field(default_factory=dict)  # name -> (current_mw, average_mw)
 
     @property
+    def connected_rails(self) -> dict[str, tuple[int, int]]:
+        """Every rail but the unconnected "NC" channels (AGX Orin prints two)."""
+        return {name: v for name, v in self.rails.items() if name.split("#")[0] != "NC"}
+
+    @property
     def board_rail(self) -> str | None:
-        """Which rail ``board_power_mw`` reads: a BOARD_RAILS name, SUM_OF_VDD, or None (no rail at all)."""
-        for name in BOARD_RAILS:
+        """Which rail ``board_power_mw`` reads: an INPUT_RAILS name, SUM_OF_RAILS, or None (no rail at all)."""
+        for name in INPUT_RAILS:
             if name in self.rails:
                 return name
-        return SUM_OF_VDD if any(n.startswith("VDD_") for n in self.rails) else None
+        return SUM_OF_RAILS if self.connected_rails else None
 
     @property
     def board_power_is_sum(self) -> bool:
-        """True when there is no board input rail and the power is the sum of the VDD_* rails (an estimate)."""
-        return self.board_rail == SUM_OF_VDD
+        """True when the board prints no input rail and the power is the sum of its rails."""
+        return self.board_rail == SUM_OF_RAILS
 
     @property
     def board_power_mw(self) -> int | None:
@@ -72,8 +81,8 @@ class TegraSample:
         rail = self.board_rail
         if rail is None:
             return None
-        if rail == SUM_OF_VDD:
-            return sum(cur for name, (cur, _) in self.rails.items() if name.startswith("VDD_"))
+        if rail == SUM_OF_RAILS:
+            return sum(cur for cur, _ in self.connected_rails.values())
         return self.rails[rail][0]
 
 
@@ -350,6 +359,34 @@ class TegrastatsSampler:
 
     def summary(self, start: float, end: float, images: int) -> dict[str, Any]:
         return power_summary(self.samples, start, end, images)
+
+
+def samples_between(samples: Sequence[TimedSample], start: float, end: float) -> int:
+    return sum(1 for s in samples if start <= s.time <= end)
+
+
+def measure_power(sampler: TegrastatsSampler, call: Callable[[], Any], items_per_call: int,
+                  sync: Callable[[], None] = lambda: None, min_samples: int = POWER_MIN_SAMPLES,
+                  max_seconds: float = 60.0) -> dict[str, Any]:
+    """Run ``call`` back to back until the window holds ``min_samples`` tegrastats samples; its power summary.
+
+    A latency run can be shorter than tegrastats' interval and catch no sample at all, so power gets its own
+    window: at least ``min_samples`` intervals long, ``sync`` (CUDA) after each call so the window holds the
+    work it counts. Stops after ``max_seconds`` whatever it holds (tegrastats may have died).
+    """
+    min_seconds = min_samples * sampler.interval_ms / 1000.0
+    start = time.monotonic()
+    calls = 0
+    while True:
+        call()
+        sync()
+        calls += 1
+        now = time.monotonic()
+        if now - start >= max_seconds:
+            break
+        if now - start >= min_seconds and samples_between(sampler.samples, start, now) >= min_samples:
+            break
+    return power_summary(sampler.samples, start, time.monotonic(), items_per_call * calls)
 
 
 def power_summary(samples: Sequence[TimedSample], start: float, end: float, images: int) -> dict[str, Any]:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -193,13 +192,15 @@ def plan_jobs(src: Sources, opts: BenchOptions, teacher: dict[str, Any] | None,
     """Every (model, backend) this device can run; artifacts that fail their checks go to ``failures``."""
     jobs: list[Job] = []
     device = opts.device
+    low, opt, high = src.doc.get("batch_profile") or (1, 8, 32)  # the export's; widened to the batches timed
+    batch_range = (min(low, *opts.batches), opt, max(high, *opts.batches))
     for entry in src.doc["artifacts"]:
         try:
             path = artifacts.verify_artifact(src.export_dir, entry)
         except UserError as e:
             failures.append((entry, str(e)))
             continue
-        for cand in candidates(entry, path, device, opts.threads):
+        for cand in candidates(entry, path, device, opts.threads, batch_range):
             jobs.append(Job(entry.get("name", entry["path"]), "student", entry.get("encoder", "image"),
                             entry.get("format", "?"), entry.get("precision", "fp32"), entry.get("size_mb"), cand))
     if src.student_dir is not None:
@@ -232,7 +233,7 @@ def plan_jobs(src: Sources, opts: BenchOptions, teacher: dict[str, Any] | None,
         if onnx_path is not None and Path(onnx_path).is_file():
             entry = {"name": "teacher_image_fp32_onnx", "encoder": "image", "format": "onnx", "precision": "fp32",
                      "size_mb": round(Path(onnx_path).stat().st_size / 2**20, 3)}
-            for cand in candidates(entry, Path(onnx_path), device, opts.threads):
+            for cand in candidates(entry, Path(onnx_path), device, opts.threads, batch_range):
                 jobs.append(Job(entry["name"], "teacher", "image", "onnx", "fp32", entry["size_mb"], cand))
     return jobs
 
@@ -319,26 +320,30 @@ def time_job(job: Job, runner: Runner, opts: BenchOptions, batch: int, source: n
     sampler = power() if power is not None else None
     if sampler is not None:  # started before the warm-up, so tegrastats is already printing when timing starts
         sampler.__enter__()
+    summary = None
     try:
         for _ in range(opts.warmup):
             call()
-        start = time.monotonic()
         times = timer(call, 0, opts.iters)
-        end = time.monotonic()
+        if sampler is not None:  # a window of its own, long enough to hold tegrastats samples
+            from edgedistill.bench.jetson import measure_power
+            summary = measure_power(sampler, call, batch, _sync(runner))
     finally:
         if sampler is not None:
             sampler.__exit__(None, None, None)
     lat = summarize(times, batch, opts.warmup)
     out = lat.as_dict()
     out["peak_mem_mb"], out["peak_mem_kind"] = runner.peak_memory()
-    if sampler is not None:
-        from edgedistill.bench.jetson import power_summary
-        summary = power_summary(sampler.samples, start, end, batch * opts.iters)
+    if summary is not None:
         out["avg_power_w"] = summary.get("avg_board_power_w")
         out["energy_mj_per_item"] = summary.get("energy_per_image_mj")
         out["power"] = {k: summary.get(k) for k in ("board_rail", "board_power_is_sum", "sample_count",
                                                      "rails_avg_mw", "avg_gpu_load_pct")}
     return out
+
+
+def _sync(runner: Runner) -> Callable[[], None]:
+    return torch.cuda.synchronize if runner.timer == "cuda" else (lambda: None)
 
 
 def _e2e(job: Job, runner: Runner, val: ValSet | None, preprocess: dict[str, Any], tokenizer: Any,

@@ -178,13 +178,19 @@ def check_default_session(path: Path, sample: np.ndarray, timeout_s: float = 300
                     f"was kept. Run with --debug and report it")
 
 
-def ort_session(path: Path, threads: int | None = None, providers: list[str] | None = None) -> Any:
+def ort_session(path: Path, threads: int | None = None, providers: list[Any] | None = None,
+                optimize: bool = True) -> Any:
     """An onnxruntime session with full graph optimisation (CPU unless ``providers`` say otherwise), the level a
-    user's default session runs at (every exported graph is checked to run there: ``check_default_session``)."""
+    user's default session runs at (every exported graph is checked to run there: ``check_default_session``).
+
+    ``providers``: names or (name, options) pairs. ``optimize=False`` hands the graph over untouched (TensorRT's
+    provider optimises it itself).
+    """
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize \
+        else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.log_severity_level = 3
     if threads:
         options.intra_op_num_threads = threads

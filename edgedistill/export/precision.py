@@ -7,6 +7,11 @@ weights. Activations: symmetric int8 for TensorRT (explicit quantisation with ze
 strongly typed builder accepts); asymmetric uint8 for onnxruntime on CPU, whose fast x86 kernels are U8S8 —
 measured on a VNNI Xeon, ResNet-18 at 224 px, batch 1: symmetric int8 activations 1.3x faster than fp32,
 uint8 3.4x (benchmarks/export_speed.py records the ratio).
+
+The TensorRT flavour follows NVIDIA's own ONNX quantiser (ModelOpt: ORT ``quantize_static`` with
+``QuantizeBias`` off, then the QDQ graph converted to fp16): biases stay float (TensorRT rejects a
+DequantizeLinear of int32 into a Conv/Gemm bias), and everything outside the Q/DQ pairs is fp16, because a
+strongly typed engine runs each layer in its graph type and would otherwise run those layers in fp32.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from edgedistill.teachers import sha256_file
 CALIBRATION_METHODS = ("entropy", "minmax", "percentile")
 CALIBRATION_BATCH = 8  # images per calibration inference
 CALIBRATION_STRIDE = 8  # batches per histogram update: bounds memory, since ORT keeps every activation until then
+FP16_QDQ_OPSET = 19  # QuantizeLinear/DequantizeLinear take float16 inputs and scales from opset 19 on
 
 
 # Ops kept in float32 beside the converter's own list: LayerNormalization's mean and variance lose precision in
@@ -40,11 +46,16 @@ FP32_OPS = ("LayerNormalization",)
 
 
 def to_fp16(src: Path, dst: Path) -> None:
-    """``dst`` = ``src`` with float16 weights and compute, float32 inputs/outputs (written atomically)."""
+    """``dst`` = ``src`` with float16 weights and compute, float32 inputs/outputs (written atomically).
+
+    A QDQ graph is first moved to opset 19 (fp16 Q/DQ), so its Q/DQ pairs become fp16 too.
+    """
     from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
     from onnxruntime.transformers.onnx_model import OnnxModel
 
     model = onnx.load(str(src))
+    if any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph.node):
+        model = _at_least_opset(model, FP16_QDQ_OPSET)
     # keep_io_types: callers keep feeding float32 arrays; casts sit at the graph's edges.
     half = OnnxModel(convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=False,
                                               op_block_list=[*DEFAULT_OP_BLOCK_LIST, *FP32_OPS]))
@@ -53,6 +64,15 @@ def to_fp16(src: Path, dst: Path) -> None:
     onnx.checker.check_model(half)
     with atomic.atomic_path(dst) as tmp:
         onnx.save(half, str(tmp))
+
+
+def _at_least_opset(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
+    current = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), opset)
+    if current >= opset:
+        return model
+    from onnx import version_converter
+
+    return version_converter.convert_version(model, opset)
 
 
 class ImageCalibrationReader:
@@ -135,6 +155,8 @@ def quantize_int8(src: Path, dst: Path, reader: ImageCalibrationReader, method: 
         quant_pre_process(str(src), str(pre), skip_symbolic_shape=False)
         options: dict[str, Any] = {"ActivationSymmetric": symmetric_activations, "WeightSymmetric": True,
                                    "CalibStridedMinMax": _stride(len(reader))}
+        if symmetric_activations:  # TensorRT: float biases (no int32 DequantizeLinear into Conv/Gemm)
+            options["QuantizeBias"] = False
         if method == "percentile":
             options["CalibPercentile"] = 99.999
         kwargs: dict[str, Any] = {}
@@ -152,12 +174,15 @@ def quantize_int8(src: Path, dst: Path, reader: ImageCalibrationReader, method: 
                                 activation_type=QuantType.QInt8 if symmetric_activations else QuantType.QUInt8,
                                 weight_type=QuantType.QInt8, calibrate_method=calib_method,
                                 extra_options=options, **kwargs)
+            if symmetric_activations:  # TensorRT: layers outside the Q/DQ pairs in fp16, not fp32
+                to_fp16(tmp, tmp)
             onnx.checker.check_model(str(tmp))
         if not hit and new_cache.is_file():
             cache.parent.mkdir(parents=True, exist_ok=True)
             atomic.write_bytes(cache, new_cache.read_bytes())
     return {"method": method, "images": n_images,
             "activations": "int8 symmetric" if symmetric_activations else "uint8 asymmetric",
+            "high_precision": "fp16" if symmetric_activations else "fp32",
             "weights": "int8 symmetric per-channel", "cache": str(cache) if cache.is_file() else None,
             "cache_hit": hit}
 

@@ -1,11 +1,13 @@
 """TensorRT engines: build a strongly typed engine from an ONNX graph on the target device, and run it.
 
-Precision lives in the ONNX graph (DESIGN decision 3): an fp16 graph gives an fp16 engine, a QDQ graph an INT8
-engine. TensorRT 11 removed the FP16/INT8 builder flags and the implicit calibrators, and JetPack's TensorRT
-10.x builds strongly typed networks too, so this module sets no precision flag at all and uses only APIs that
-TensorRT 10 and 11 both have. Engines are not portable across GPUs or TensorRT versions: each engine gets a
-sidecar ``<engine>.json`` naming the GPU, compute capability and TensorRT version it was built with, and a
-runner refuses, before deserialising, an engine built elsewhere.
+Precision lives in the ONNX graph (DESIGN decision 3): an fp16 graph gives an fp16 engine, a QDQ graph (fp16
+around its Q/DQ pairs) an INT8 engine. TensorRT 11 removed the FP16/INT8 builder flags and the implicit
+calibrators, and JetPack 6.1+'s TensorRT 10.3 builds strongly typed networks too, so this module sets no
+precision flag at all and uses only APIs that TensorRT 10 and 11 both have (docs/gpu.md lists each call and
+its documentation). TensorRT before 10 (JetPack 5, JetPack 6.0) has no strongly typed networks and is refused.
+Engines are not portable across GPUs or TensorRT versions: each engine gets a sidecar ``<engine>.json`` naming
+the TensorRT version, GPU, compute capability, SM count and board it was built on, and a runner refuses,
+before deserialising, an engine built elsewhere.
 
 ``tensorrt`` and CUDA are imported lazily: this module imports (and its pure parts are tested) on a CPU machine.
 """
@@ -27,6 +29,10 @@ from edgedistill.errors import UserError
 from edgedistill.teachers import sha256_file
 
 REBUILD_HINT = "rebuild it here with `edgedistill export --format trt`"
+ALIGNMENT = 256  # bytes: TensorRT wants every tensor address aligned to this (IExecutionContext.set_tensor_address)
+# What an engine is tied to: TensorRT refuses a plan from another version (patch and build included), and kernels
+# are tuned per GPU ("Orin" is the name of Orin Nano, NX and AGX alike, so SM count and board tell them apart).
+IDENTITY_KEYS = ("tensorrt_version", "gpu_name", "compute_capability", "sm_count", "board_model")
 
 
 @dataclass(frozen=True)
@@ -74,38 +80,43 @@ def require_cuda(what: str) -> None:
                         f"or export with --format onnx for CPU")
 
 
+def board_model() -> str | None:
+    """The Jetson module's device-tree model ("NVIDIA Jetson AGX Orin Developer Kit"), None off a Jetson."""
+    from edgedistill.bench.jetson import detect_jetson
+    info = detect_jetson()
+    return info.model if info is not None else None
+
+
 def device_metadata(trt: ModuleType) -> dict[str, Any]:
-    """What an engine depends on: TensorRT version, GPU name, compute capability ("8.7") and CUDA version."""
+    """What an engine depends on (IDENTITY_KEYS): the full TensorRT version, GPU name, compute capability
+    ("8.7"), SM count and Jetson board model (None elsewhere); and the CUDA version, for the record."""
     import torch
     props = torch.cuda.get_device_properties(torch.cuda.current_device())
     return {
         "tensorrt_version": str(trt.__version__),
         "gpu_name": str(props.name),
         "compute_capability": f"{props.major}.{props.minor}",
+        "sm_count": int(props.multi_processor_count),
+        "board_model": board_model(),
         "cuda": torch.version.cuda,
     }
 
 
-def _major_minor(version: str) -> str:
-    return ".".join(str(version).split(".")[:2])
-
-
 def _describe_device(meta: dict[str, Any]) -> str:
-    return (f"{meta.get('gpu_name', 'an unknown GPU')} (sm {meta.get('compute_capability', '?')}) "
-            f"with TensorRT {meta.get('tensorrt_version', '?')}")
+    sms = meta.get("sm_count")
+    board = f", {meta['board_model']}" if meta.get("board_model") else ""
+    return (f"{meta.get('gpu_name', 'an unknown GPU')} (sm {meta.get('compute_capability', '?')}, "
+            f"{sms if sms is not None else '?'} SMs{board}) with TensorRT {meta.get('tensorrt_version', '?')}")
 
 
 def check_compatible(meta: dict[str, Any], current: dict[str, Any], what: str = "the engine",
                      hint: str = REBUILD_HINT) -> None:
     """UserError when an engine built for ``meta`` cannot run on the ``current`` device.
 
-    TensorRT engines are tied to the GPU model (kernels are tuned per GPU), its compute capability and the
-    TensorRT major.minor version; each difference means rebuilding on this machine.
+    Every IDENTITY_KEYS value must be equal, the TensorRT version to the build number; a value the engine's
+    metadata lacks (an engine from an older edgedistill) counts as different: rebuild, never guess.
     """
-    same = (meta.get("gpu_name") == current.get("gpu_name")
-            and str(meta.get("compute_capability")) == str(current.get("compute_capability"))
-            and _major_minor(meta.get("tensorrt_version", "")) == _major_minor(current.get("tensorrt_version", "")))
-    if not same:
+    if any(str(meta.get(k)) != str(current.get(k)) for k in IDENTITY_KEYS):
         raise UserError(f"{what} was built for {_describe_device(meta)}; this machine has "
                         f"{_describe_device(current)}: {hint}")
 
@@ -166,6 +177,22 @@ def torch_dtype(trt_dtype: Any) -> Any:
     return dtype
 
 
+def aligned(tensor: Any) -> Any:
+    """``tensor`` when its address is ALIGNMENT-aligned, else a contiguous copy at an aligned address.
+
+    torch's CUDA allocator hands out aligned blocks, but a slice (``x[1:]``) starts inside one.
+    """
+    if tensor.data_ptr() % ALIGNMENT == 0:
+        return tensor
+    import torch
+    size = tensor.element_size()  # 1, 2, 4 or 8: divides ALIGNMENT
+    buffer = torch.empty(tensor.numel() + ALIGNMENT // size, dtype=tensor.dtype, device=tensor.device)
+    start = (-buffer.data_ptr() % ALIGNMENT) // size
+    out = buffer[start:start + tensor.numel()].view(tensor.shape)
+    out.copy_(tensor)
+    return out
+
+
 def sidecar_path(artifact: Path) -> Path:
     """``model.engine`` -> ``model.engine.json``."""
     artifact = Path(artifact)
@@ -204,10 +231,20 @@ def _tensor_info(tensor: Any) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------- building
 
 
-def _strongly_typed_flags(trt: ModuleType) -> int:
-    # Required on TensorRT 10.x; deprecated-and-ignored on 11.x (always strongly typed), so always safe to set.
+def network_flags(trt: ModuleType) -> int:
+    """``create_network`` flags: STRONGLY_TYPED, or a one-line UserError naming the version that lacks it.
+
+    Required on TensorRT 10.x, deprecated and ignored on 11.x (always strongly typed): safe to set on both.
+    TensorRT 8.x has no such flag: flags 0 there make an implicit-batch network the ONNX parser refuses, and
+    its precision flags would need a different graph, so it is refused. EXPLICIT_BATCH is not set: ignored
+    since 10.0 (every network is explicit batch) and gone in 11.0.
+    """
     flag = getattr(getattr(trt, "NetworkDefinitionCreationFlag", None), "STRONGLY_TYPED", None)
-    return 0 if flag is None else 1 << int(flag)
+    if flag is None:
+        raise UserError(f"TensorRT {getattr(trt, '__version__', '?')} cannot build strongly typed networks, which "
+                        f"--format trt needs (precision lives in the graph): install TensorRT 10 or newer "
+                        f"(JetPack 6.1+ ships 10.3), or export --format onnx and run it with onnxruntime")
+    return 1 << int(flag)
 
 
 def _parse_errors(parser: Any) -> str:
@@ -300,9 +337,10 @@ def build_engine(onnx_path: Path, engine_path: Path, profile: BatchProfile, work
         raise UserError(f"unknown precision '{precision}'; choose fp32, fp16 or int8")
     model_bytes = onnx_path.read_bytes()
 
+    flags = network_flags(trt)  # refuses TensorRT < 10 before any work
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    network = builder.create_network(_strongly_typed_flags(trt))
+    network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
     if not parser.parse(model_bytes):
         raise UserError(f"TensorRT cannot parse {onnx_path}: {_parse_errors(parser)}; "
@@ -405,6 +443,7 @@ class TrtRunner:
             else:
                 self.output_names.append(name)
         self._stream: Any = None  # a CUDA stream, made on first use
+        self.device = "cuda"      # where outputs are allocated (the CPU tests bind on "cpu")
         profile = self.meta.get("profile") or {}
         self.profile = BatchProfile(int(profile.get("min", 1)), int(profile.get("opt", 1)),
                                     int(profile.get("max", 1)))
@@ -462,27 +501,40 @@ class TrtRunner:
             # TensorRT syncs extra on the legacy default stream (and warns): enqueue on a stream of our own
             self._stream = torch.cuda.Stream()
         stream = self._stream
-        for name in self.input_names:
-            tensor = feeds[name]
-            if not self.context.set_input_shape(name, tuple(tensor.shape)):
-                raise UserError(f"engine {self.path.name} rejects input '{name}' of shape {tuple(tensor.shape)}")
-            self.context.set_tensor_address(name, tensor.data_ptr())
-        outputs = {}
-        for name in self.output_names:
-            shape = tuple(self.context.get_tensor_shape(name))
-            if any(d < 0 for d in shape):
-                raise UserError(f"output '{name}' of engine {self.path.name} has a data-dependent shape {shape}, "
-                                f"which this runner does not handle")
-            outputs[name] = torch.empty(shape, dtype=self.dtypes[name], device="cuda")
-            self.context.set_tensor_address(name, outputs[name].data_ptr())
+        inputs, outputs = self._bind(feeds)
         stream.wait_stream(current)  # inputs (and output allocations) made on the current stream come first
-        for tensor in (*(feeds[n] for n in self.input_names), *outputs.values()):
+        for tensor in (*inputs.values(), *outputs.values()):
             tensor.record_stream(stream)  # the allocator must not reuse them before TensorRT is done
         if not self.context.execute_async_v3(stream.cuda_stream):
             raise UserError(f"TensorRT failed to run engine {self.path.name} (its log above says why): "
                             f"{REBUILD_HINT}")
         current.wait_stream(stream)
         return outputs
+
+    def _bind(self, feeds: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Input shapes and every tensor address -> (inputs, outputs) as bound: misaligned ones are copies."""
+        import torch
+        inputs = {}
+        for name in self.input_names:
+            tensor = aligned(feeds[name])
+            if not self.context.set_input_shape(name, tuple(tensor.shape)):
+                raise UserError(f"engine {self.path.name} rejects input '{name}' of shape {tuple(tensor.shape)}")
+            self._set_address(name, tensor)
+            inputs[name] = tensor
+        outputs = {}
+        for name in self.output_names:
+            shape = tuple(self.context.get_tensor_shape(name))
+            if any(d < 0 for d in shape):
+                raise UserError(f"output '{name}' of engine {self.path.name} has a data-dependent shape {shape}, "
+                                f"which this runner does not handle")
+            outputs[name] = aligned(torch.empty(shape, dtype=self.dtypes[name], device=self.device))
+            self._set_address(name, outputs[name])
+        return inputs, outputs
+
+    def _set_address(self, name: str, tensor: Any) -> None:
+        if not self.context.set_tensor_address(name, tensor.data_ptr()):
+            raise UserError(f"TensorRT refused the address of tensor '{name}' of engine {self.path.name}: "
+                            f"{REBUILD_HINT}")
 
     def infer_torch(self, *tensors: Any, **named: Any) -> Any:
         """First output as a CUDA tensor; inputs already on CUDA in the engine's dtype are used without copies."""

@@ -193,4 +193,10 @@ def load_torchtrt(path: Path) -> Callable[..., Any]:
     require_torch_tensorrt()  # registers the tensorrt ops the program calls
     check_compatible(meta, _device_metadata(), what=f"{kind} {path}", hint=REBUILD_HINT)
     verify_sha256(path, meta, kind=kind, hint=REBUILD_HINT)
-    return torch.export.load(str(path)).module()
+    try:
+        return torch.export.load(str(path)).module()
+    except Exception as e:  # noqa: BLE001 - torch/TensorRT raise many types here; the user needs one line
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:240]
+        raise UserError(f"{kind} {path} does not load here ({type(e).__name__}: {first}); it needs the "
+                        f"torch {meta.get('torch_version', '?')} / torch-tensorrt "
+                        f"{meta.get('torch_tensorrt_version', '?')} it was compiled with: {REBUILD_HINT}") from e
