@@ -45,7 +45,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2, help="epochs per mode, alternating")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--no-malloc-tuning", action="store_true",
-                    help="leave glibc's allocator as it is (edgedistill.runtime.keep_freed_memory off)")
+                    help="leave glibc's allocator as it is (edgedistill.memory.keep_freed_memory off)")
     ap.add_argument("--no-record", action="store_true")
     args = ap.parse_args()
     if args.no_malloc_tuning:

@@ -40,7 +40,7 @@ from edgedistill.data.images import BadImages, ImageDataset, collate_images
 from edgedistill.data.manifest import Manifest, load_manifest
 from edgedistill.errors import UserError
 from edgedistill.recipe import Recipe
-from edgedistill.runtime import keep_freed_memory
+from edgedistill.memory import keep_freed_memory
 from edgedistill.teachers import Teacher, sha256_file, sha256_json
 
 CACHE_VERSION = 1

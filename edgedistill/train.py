@@ -41,7 +41,7 @@ from edgedistill.layerwise import Layerwise
 from edgedistill.metrics import retention
 from edgedistill.losses import Embeddings, LossContext, build_losses, validate_term_options
 from edgedistill.recipe import Recipe, read_yaml, save_recipe
-from edgedistill.runtime import keep_freed_memory
+from edgedistill.memory import keep_freed_memory
 from edgedistill.select import Selector, build_selector
 from edgedistill.students import Student, build_student, save_student
 from edgedistill.teachers import Teacher, load_teacher, resolve_device
