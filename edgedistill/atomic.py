@@ -9,6 +9,7 @@ import contextlib
 import fcntl
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -50,6 +51,57 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+@contextlib.contextmanager
+def staging_dir(target: str | os.PathLike) -> Iterator[Path]:
+    """An empty temporary folder beside ``target`` (the same file system, so it can be renamed onto it), to be
+    filled and then moved into place with ``replace_dir`` or ``publish_dir``; removed on the way out if it is
+    still there (an error, or nothing published)."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _sync_tree(folder: Path) -> None:
+    for f in folder.rglob("*"):
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+
+
+def replace_dir(complete: str | os.PathLike, target: str | os.PathLike) -> None:
+    """Move the complete folder ``complete`` to ``target``. An existing ``target`` is renamed aside first and
+    deleted after, so ``target`` is at every moment the old folder or the new one, never a mix."""
+    complete, target = Path(complete), Path(target)
+    _sync_tree(complete)
+    old = None
+    if target.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent)) / target.name
+        os.replace(target, old)
+    os.replace(complete, target)
+    fsync_dir(target.parent)
+    if old is not None:
+        shutil.rmtree(old.parent, ignore_errors=True)
+
+
+def publish_dir(complete: str | os.PathLike, target: str | os.PathLike) -> bool:
+    """Move the complete folder ``complete`` to ``target`` unless ``target`` exists (another process published
+    first); True when this one was published."""
+    complete, target = Path(complete), Path(target)
+    _sync_tree(complete)
+    try:
+        os.rename(complete, target)  # fails when target is a non-empty folder
+    except OSError:
+        if target.exists():
+            return False
+        raise
+    fsync_dir(target.parent)
+    return True
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:

@@ -41,18 +41,11 @@ from edgedistill.data.manifest import Manifest, load_manifest
 from edgedistill.errors import UserError
 from edgedistill.recipe import Recipe
 from edgedistill.memory import keep_freed_memory
-from edgedistill.teachers import Teacher, sha256_file, sha256_json
+from edgedistill.hashing import sha256_file, sha256_json
+from edgedistill.teachers import Teacher
 
 CACHE_VERSION = 1
 ARRAYS = ("image_emb", "image_ok", "text_emb", "text_offsets")
-
-
-def default_cache_root() -> Path:
-    """$EDGEDISTILL_CACHE, else $XDG_CACHE_HOME/edgedistill, else ~/.cache/edgedistill."""
-    if os.environ.get("EDGEDISTILL_CACHE"):
-        return Path(os.environ["EDGEDISTILL_CACHE"]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "edgedistill"
 
 
 def cache_key(teacher: Teacher, manifest: Manifest) -> tuple[str, dict[str, Any]]:
@@ -399,10 +392,7 @@ def _finalize(partial: Path, final: Path, key: str, fields: dict[str, Any], teac
                         "seconds": {k: round(v, 3) for k, v in seconds.items()}}}
     atomic.write_json(partial / "meta.json", meta)
     (partial / "progress.json").unlink(missing_ok=True)
-    if final.exists():  # a stale, mismatching cache the caller decided to replace
-        shutil.rmtree(final)
-    os.replace(partial, final)
-    atomic.fsync_dir(final.parent)
+    atomic.replace_dir(partial, final)  # over a stale, mismatching cache the caller decided to replace
 
 
 def _assemble(teacher: Teacher, manifest: Manifest, final: Path, key: str, fields: dict[str, Any],
@@ -609,7 +599,7 @@ def class_text_features(teacher: Teacher, prompts: list[list[str]], root: Path |
 def load_split_manifests(recipe: Recipe) -> dict[str, Manifest]:
     """The recipe's manifests by split name ('train', and 'val' / 'ood_val' when given)."""
     splits = {"train": recipe.data.train, "val": recipe.data.val, "ood_val": recipe.data.ood_val}
-    index_dir = (recipe.cache.dir or default_cache_root()) / "shards"  # indexes of webdataset shards
+    index_dir = recipe.cache.root / "shards"  # indexes of webdataset shards
     return {name: load_manifest(path, recipe.data.image_root, index_dir)
             for name, path in splits.items() if path is not None}
 
@@ -617,7 +607,7 @@ def load_split_manifests(recipe: Recipe) -> dict[str, Manifest]:
 def caches_for_recipe(recipe: Recipe, teacher: Teacher, manifests: dict[str, Manifest],
                       console: Console | None = None, rebuild: bool = False) -> dict[str, CacheResult]:
     """Build or load the teacher feature cache of every split, with the recipe's data and cache settings."""
-    root = recipe.cache.dir or default_cache_root()
+    root = recipe.cache.root
     return {name: build_or_load(teacher, manifest, root, batch_size=recipe.data.batch_size,
                                 workers=recipe.data.workers, chunk_size=recipe.cache.chunk_size,
                                 max_bad_fraction=recipe.data.max_bad_fraction, what=name, console=console,

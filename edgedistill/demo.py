@@ -22,7 +22,7 @@ from rich.console import Console
 from rich.table import Table
 
 from edgedistill import atomic
-from edgedistill.cache import default_cache_root
+from edgedistill.locations import default_cache_root
 from edgedistill.errors import UserError
 
 MARKER = "demo.json"  # a folder holding this is a demo run the next demo may replace

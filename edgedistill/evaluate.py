@@ -17,7 +17,7 @@ import torch
 from rich.console import Console
 
 from edgedistill import atomic
-from edgedistill.cache import (FeatureCache, caches_for_recipe, class_text_features, default_cache_root,
+from edgedistill.cache import (FeatureCache, caches_for_recipe, class_text_features,
                               load_split_manifests)
 from edgedistill.data.images import BadImages, ImageDataset, collate_images
 from edgedistill.data.manifest import Manifest
@@ -309,7 +309,7 @@ def run_eval(run_dir: Path, device: str, console: Console) -> dict[str, Any]:
     descriptions = read_class_descriptions(recipe.data.class_descriptions) if recipe.data.class_descriptions else None
     val = prepare_val(manifests["val"], teacher, caches["val"].cache, recipe.eval.prompt, descriptions=descriptions,
                       description_prompt=recipe.data.description_prompt,
-                      cache_root=recipe.cache.dir or default_cache_root())
+                      cache_root=recipe.cache.root)
     student_metrics = evaluate_student(student, val, teacher.tokenizer, teacher.device, recipe.eval.batch_size,
                                        recipe.data.workers, console=console)
     t = teacher_metrics(val)

@@ -21,12 +21,9 @@ Each step draws a seeded batch of distinct images (epoch-wise permutations) and 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
 import os
-import shutil
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -48,7 +45,9 @@ from edgedistill.data.images import BadImages, open_image, why_unreadable
 from edgedistill.data.manifest import Manifest, load_manifest
 from edgedistill.errors import UserError
 from edgedistill.metrics import retrieval_metrics
-from edgedistill.teachers import quiet_open_clip, register_open_clip_config, resolve_device, sha256_file
+from edgedistill.hashing import sha256_file, sha256_json
+from edgedistill.locations import default_cache_root
+from edgedistill.teachers import quiet_open_clip, register_open_clip_config, resolve_device
 
 PRETRAIN_VERSION = 1       # bump when a change here changes what a given config trains to
 VOCAB_SIZE = 49408         # open_clip's default BPE tokenizer
@@ -143,7 +142,7 @@ def pretrain_key(cfg: PretrainConfig, train_manifest_sha256: str) -> str:
     """sha256 of what decides the weights: the config, the training data's content and the open_clip version."""
     fields = {"version": PRETRAIN_VERSION, "config": cfg.model_dump(mode="json"),
               "train_manifest_sha256": train_manifest_sha256, "open_clip": open_clip.__version__}
-    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode("utf-8")).hexdigest()
+    return sha256_json(fields)
 
 
 @dataclass
@@ -406,18 +405,6 @@ def _read_intact(folder: Path, key: str) -> dict[str, Any] | None:
         return None
 
 
-def _remove(folder: Path) -> None:
-    """Remove a folder: renamed aside first, so no half-deleted folder is ever seen under its name."""
-    if not folder.exists():
-        return
-    aside = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old-", dir=folder.parent))
-    try:
-        os.replace(folder, aside / folder.name)
-    except OSError:
-        pass
-    shutil.rmtree(aside, ignore_errors=True)
-
-
 def _manifest_or_error(path: Path, what: str) -> Manifest:
     if not Path(path).is_file():
         raise UserError(f"{what} manifest {path} not found; give the path to a .jsonl manifest "
@@ -446,7 +433,6 @@ def pretrain_teacher(train: Path, val: Path | None, cfg: PretrainConfig, root: P
                         f"on its images")
     if val_manifest is not None and not any(e.captions for e in val_manifest.entries):
         raise UserError(f"val manifest {val} has no captioned images; add captions or pass no val manifest")
-    from edgedistill.cache import default_cache_root  # late: cache imports the teacher stack
     root = Path(root) if root is not None else default_cache_root() / "teachers"
     label = preset_name(cfg)
     key = pretrain_key(cfg, train_manifest.content_hash())
@@ -468,9 +454,7 @@ def pretrain_teacher(train: Path, val: Path | None, cfg: PretrainConfig, root: P
     if folder.exists() and console is not None:
         console.print(f"[yellow]warning:[/] {folder} is incomplete or changed; training it again", highlight=False)
 
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=root))
-    try:
+    with atomic.staging_dir(folder) as tmp:
         with torch.random.fork_rng(devices=[]):  # seeded here without disturbing the caller's RNG
             torch.manual_seed(cfg.seed)
             model, preprocess, tokenizer = build_model(f"{name}-{key[:10]}", model_cfg)
@@ -496,9 +480,6 @@ def pretrain_teacher(train: Path, val: Path | None, cfg: PretrainConfig, root: P
                       "captions": len(val_data.caption_tokens), "skipped_images": val_data.skipped},
                      str(dev))
         _publish(tmp, folder, key)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     final = _read_intact(folder, key) or info  # another process may have published the same key first
     if console is not None:
         shown = ", ".join(f"{k} {v:.1f}" for k, v in final["metrics"].items() if k.endswith("_r1"))
@@ -536,20 +517,10 @@ def _save(tmp: Path, name: str, model: torch.nn.Module, model_cfg: dict[str, Any
 
 
 def _publish(tmp: Path, folder: Path, key: str) -> None:
-    """Rename the finished ``tmp`` to ``folder``; an intact folder that appeared meanwhile wins, a broken one goes."""
-    for _ in range(3):
-        try:
-            os.rename(tmp, folder)
-            atomic.fsync_dir(folder.parent)
-            return
-        except OSError:
-            if not folder.exists():
-                raise
-            if _read_intact(folder, key) is not None:
-                shutil.rmtree(tmp, ignore_errors=True)
-                return
-            _remove(folder)
-    raise UserError(f"could not publish the pretrained teacher to {folder}; check that folder's permissions")
+    """Move the finished ``tmp`` to ``folder``; an intact folder that appeared meanwhile wins, a broken one goes."""
+    if atomic.publish_dir(tmp, folder) or _read_intact(folder, key) is not None:
+        return  # ours, or an intact copy another process published first
+    atomic.replace_dir(tmp, folder)
 
 
 def _evaluate_saved(folder: Path, info: dict[str, Any], val: Manifest, device: torch.device,

@@ -21,6 +21,7 @@ from pydantic import field_validator, model_validator
 
 from edgedistill import atomic
 from edgedistill.errors import UserError
+from edgedistill.locations import cache_root
 
 
 class _Section(BaseModel):
@@ -97,6 +98,11 @@ class DataConfig(_Section):
 class CacheConfig(_Section):
     dir: Path | None = Field(None, description="teacher feature cache root; default: ~/.cache/edgedistill")
     chunk_size: PositiveInt = Field(1024, description="images per resumable chunk of the cache build")
+
+    @property
+    def root(self) -> Path:
+        """``dir``, or the default cache root ($EDGEDISTILL_CACHE, ~/.cache/edgedistill)."""
+        return cache_root(self.dir)
 
 
 DEFAULT_TERMS = ["feature", "similarity", "relation", "contrastive", "hard_negative", "clip"]

@@ -33,6 +33,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from edgedistill.hashing import seed_of
 from edgedistill.registry import Registry
 
 
@@ -47,10 +48,6 @@ class SelectorOptions(BaseModel):
     reward: Literal["relative", "absolute"] = Field(
         "relative", description="relative: (before - after) / before; absolute: before - after, where before "
                             "and after are the held batch's distillation loss around a pull")
-
-
-def _seed_of(*parts: int) -> int:
-    return int(np.random.SeedSequence([p & 0xFFFFFFFF for p in parts]).generate_state(1)[0])
 
 
 class Selector(nn.Module):
@@ -90,7 +87,7 @@ class Selector(nn.Module):
         """The arms on for the next step (starting a pull when none is in progress)."""
         if int(self.current) < 0:
             k = int(self.pull_index)
-            arm = k if k < len(self.names) else self._choose(np.random.default_rng(_seed_of(self.seed, 104729, k)))
+            arm = k if k < len(self.names) else self._choose(np.random.default_rng(seed_of(self.seed, 104729, k)))
             self.current.fill_(arm)
             self.in_pull.zero_()
         return [int(self.current)]

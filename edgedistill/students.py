@@ -12,9 +12,6 @@ from __future__ import annotations
 import copy
 import difflib
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,9 +21,11 @@ import timm
 import torch
 from safetensors.torch import save_file
 
+from edgedistill import atomic
 from edgedistill.errors import UserError
 from edgedistill.recipe import StudentConfig, StudentTextConfig
-from edgedistill.teachers import Teacher, quiet_open_clip, register_open_clip_config, sha256_file
+from edgedistill.hashing import sha256_file, sha256_json
+from edgedistill.teachers import Teacher, quiet_open_clip, register_open_clip_config
 
 # The towers the project tests and documents (any timm model name works; these are the edge-friendly ones).
 STUDENT_ZOO: dict[str, str] = {
@@ -114,7 +113,9 @@ def student_config(cfg: StudentConfig, teacher: Teacher) -> dict[str, Any]:
 def build_student(cfg: StudentConfig, teacher: Teacher, name: str, seed: int = 0) -> Student:
     """A randomly initialised student; with ``text: teacher`` it holds a frozen copy of the teacher's text tower."""
     config = student_config(cfg, teacher)
-    model_name = f"edgedistill-{name}"
+    # open_clip's model-config registry is global: a name of its own per config, so two students built in one
+    # process (two recipes with the same name, other towers) never take each other's entry.
+    model_name = f"edgedistill-{name}-{sha256_json(config)[:10]}"
     register_open_clip_config(model_name, config)
     torch.manual_seed(seed)
     with quiet_open_clip():  # "initialized randomly" is the point here
@@ -151,31 +152,16 @@ def save_student(student: Student, folder: Path, extra: dict[str, Any] | None = 
     ``open_clip_model.safetensors``, and ``<name>.json`` (the bare model config, for ``add_model_config``).
     """
     folder = Path(folder)
-    extra = extra or {}
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
+    with atomic.staging_dir(folder) as tmp:
         state = {k: v.detach().cpu().contiguous() for k, v in student.model.state_dict().items()}
         save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         # export and eval check the weights against this before they use them (a damaged file is refused)
         (tmp / CONFIG_FILE).write_text(json.dumps({
             "model_cfg": student.config, "preprocess_cfg": student.preprocess_cfg,
             "edgedistill": {"name": student.name, "text_is_teacher": student.text_is_teacher,
-                            "weights_sha256": sha256_file(tmp / WEIGHTS_FILE), **extra}}, indent=2))
+                            "weights_sha256": sha256_file(tmp / WEIGHTS_FILE), **(extra or {})}}, indent=2))
         (tmp / f"{student.name}.json").write_text(json.dumps(student.config, indent=2))
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        old = None
-        if folder.exists():
-            old = folder.with_name(f".{folder.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(folder, old)
-        os.replace(tmp, folder)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        atomic.replace_dir(tmp, folder)
 
 
 def load_student(folder: Path, device: str | torch.device = "cpu") -> Student:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
-import hashlib
 import json
 import logging
 import os
@@ -31,21 +30,10 @@ from open_clip.transformer import text_global_pool
 from PIL import Image
 
 from edgedistill.errors import UserError
+from edgedistill.hashing import sha256_file, sha256_json
 from edgedistill.recipe import TeacherConfig
 
 HF_HUB = "hf-hub:"
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def sha256_json(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=list).encode("utf-8")).hexdigest()
 
 
 def resolve_device(device: str) -> torch.device:
@@ -60,12 +48,14 @@ def resolve_device(device: str) -> torch.device:
 
 @contextlib.contextmanager
 def quiet_open_clip() -> Iterator[None]:
-    """open_clip logs routine notes ('initialized randomly') and failures; we report what matters ourselves."""
+    """open_clip logs routine notes ('initialized randomly') and failures; we report what matters ourselves.
+    The caller's own ``logging.disable`` level is put back afterwards, not reset."""
+    previous = logging.root.manager.disable
     logging.disable(logging.CRITICAL)
     try:
         yield
     finally:
-        logging.disable(logging.NOTSET)
+        logging.disable(previous)
 
 
 @dataclass(frozen=True)

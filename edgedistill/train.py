@@ -29,12 +29,13 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from edgedistill import atomic, distributed
 from edgedistill.balance import Balancer, build_balancer, validate_balancer
-from edgedistill.cache import (FeatureCache, caches_for_recipe, class_text_features, default_cache_root,
+from edgedistill.cache import (FeatureCache, caches_for_recipe, class_text_features,
                               load_split_manifests)
 from edgedistill.data.images import BadImages, open_image, why_unreadable
 from edgedistill.data.manifest import Manifest
 from edgedistill.data.transforms import student_train_transform
 from edgedistill.errors import UserError
+from edgedistill.hashing import seed_of
 from edgedistill.evaluate import (ValData, class_prompt_sets, evaluate_ood, evaluate_student, label_index, prepare_val,
                                   read_class_descriptions, student_eval_transform, teacher_metrics)
 from edgedistill.layerwise import Layerwise
@@ -78,10 +79,6 @@ class RunPaths:
     def tensorboard(self) -> Path: return self.out / "tensorboard"
 
 
-def _seed_of(*parts: int) -> int:
-    return int(np.random.SeedSequence([p & 0xFFFFFFFF for p in parts]).generate_state(1)[0])
-
-
 class TrainImages(torch.utils.data.Dataset):
     """Training images by manifest index -> (index, student view, teacher view or None, reason or None).
 
@@ -102,7 +99,7 @@ class TrainImages(torch.utils.data.Dataset):
         try:
             image = open_image(self.paths[index])
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(_seed_of(self.seed, self.epoch, index))
+                torch.manual_seed(seed_of(self.seed, self.epoch, index))
                 view = self.transform(image)
             teacher_view = self.teacher_transform(image) if self.teacher_transform else None
             return index, view, teacher_view, None
@@ -145,7 +142,7 @@ class EpochBatches(torch.utils.data.Sampler):
         return self.per_epoch - self.start
 
     def __iter__(self) -> Iterator[list[int]]:
-        perm = np.random.default_rng(_seed_of(self.seed, self.epoch)).permutation(self.indices)
+        perm = np.random.default_rng(seed_of(self.seed, self.epoch)).permutation(self.indices)
         for b in range(self.start, self.per_epoch):
             batch = perm[b * self.batch_size:(b + 1) * self.batch_size]
             yield np.array_split(batch, self.world_size)[self.rank].tolist()
@@ -363,7 +360,7 @@ class Trainer:
         self.descriptions = read_class_descriptions(recipe.data.class_descriptions) \
             if recipe.data.class_descriptions else None
         # Class texts are kept next to the feature cache; a run with the teacher online writes no cache at all.
-        self._class_text_root = (recipe.cache.dir or default_cache_root()) if recipe.train.teacher == "cached" \
+        self._class_text_root = recipe.cache.root if recipe.train.teacher == "cached" \
             else None
         context = LossContext(embed_dim=teacher.embed_dim, text_bank=self._text_bank(),
                               class_text=self._class_text())
@@ -482,7 +479,7 @@ class Trainer:
         """
         assert self.layerwise is not None and self.selector is not None
         want = self.selector.options.held_batch
-        order = np.random.default_rng(_seed_of(self.recipe.seed, 31337)).permutation(len(self.train_manifest))
+        order = np.random.default_rng(seed_of(self.recipe.seed, 31337)).permutation(len(self.train_manifest))
         transform = student_eval_transform(self.student)
         views, teacher_views = [], []
         for i in order:
@@ -648,7 +645,7 @@ class Trainer:
 
     def _pairs(self, indices: torch.Tensor) -> tuple[np.ndarray, np.ndarray, list[str]]:
         """One caption per captioned image of the batch, drawn from (seed, step): rows, positions, texts."""
-        rng = np.random.default_rng(_seed_of(self.recipe.seed, 7919, self.state.step))
+        rng = np.random.default_rng(seed_of(self.recipe.seed, 7919, self.state.step))
         rows, positions = [], []
         for pos, i in enumerate(indices.tolist()):
             lo, hi = int(self.offsets[i]), int(self.offsets[i + 1])

@@ -422,3 +422,30 @@ def test_export_restores_torchs_thread_count(finished_run, tmp_path):
     other = 1 if before != 1 else 2
     assert main(["export", str(finished_run), "--out", str(tmp_path / "e"), "--threads", str(other)]) == 0
     assert torch.get_num_threads() == before
+
+
+def test_a_graph_with_a_fixed_batch_axis_is_refused(small_graph, tmp_path, monkeypatch):
+    """The dynamo exporter can specialise the batch axis on a batch-1 example (open_clip's ViT-B-32 image tower
+    came out as [1, 3, 224, 224]): such a graph fails at any other batch size and must never be named."""
+    import edgedistill.export.graph as graph
+
+    model, _, _ = small_graph
+
+    def fixed(module, example, path, input_name, output_name, dynamo):
+        torch.onnx.export(module, (example,), str(path), dynamo=False, input_names=[input_name],
+                          output_names=[output_name], opset_version=17)  # no dynamic axes: batch fixed at 1
+
+    monkeypatch.setattr(graph, "_export", fixed)
+    with pytest.raises(UserError, match=r"batch axis of image\[2, 3, 32, 32\].* came out fixed"):
+        export_onnx(ImageEncoder(model), torch.randn(1, 3, 32, 32), tmp_path / "x.onnx", "image", "e")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_batch_1_example_still_gives_a_symbolic_batch_axis(tiny_teacher, tmp_path):
+    teacher = open_clip.create_model("tiny-clip")
+    info = export_onnx(ImageEncoder(teacher), torch.randn(1, 3, 32, 32), tmp_path / "t.onnx", "image", "e")
+    graph = onnx.load(str(tmp_path / "t.onnx"))
+    assert graph.graph.input[0].type.tensor_type.shape.dim[0].dim_param, info
+    out = run_session(ort_session(tmp_path / "t.onnx"), np.random.default_rng(0).standard_normal(
+        (5, 3, 32, 32)).astype(np.float32), batch_size=5)
+    assert out.shape == (5, 32)

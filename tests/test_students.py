@@ -111,3 +111,14 @@ def test_unknown_timm_model_names_the_valid_ones(teacher):
 def test_vit_student_at_the_wrong_size_is_a_user_error(teacher):
     with pytest.raises(UserError, match="takes 224 px inputs only"):
         build_student(StudentConfig(vision="vit_tiny_patch16_224", image_size=64), teacher, "vit")
+
+
+def test_two_students_with_one_name_keep_their_own_configs(teacher):
+    """open_clip's model-config registry is global; a second student of the same recipe name must not replace the
+    first one's entry (building the first again by its name would give the second's tower)."""
+    a = build_student(StudentConfig(vision="mobilenetv3_small_100", image_size=32), teacher, "same")
+    b = build_student(StudentConfig(vision="resnet18", image_size=32), teacher, "same")
+    assert a.name != b.name
+    again = open_clip.create_model(a.name)
+    assert type(again.visual.trunk).__name__ == type(a.model.visual.trunk).__name__ == "MobileNetV3"
+    assert type(open_clip.create_model(b.name).visual.trunk).__name__ == "ResNet"

@@ -259,3 +259,14 @@ def test_without_a_network_the_hub_is_asked_for_its_cache_only(monkeypatch):
     with pytest.raises(UserError, match=r"could not download .*huggingface.co cannot be reached from this machine"):
         load_teacher(TeacherConfig(model="ViT-B-32", pretrained="laion2b_s34b_b79k"))
     assert seen["offline"] is True and huggingface_hub.constants.HF_HUB_OFFLINE is False
+
+
+def test_loading_a_teacher_keeps_the_callers_logging_switch(tiny_teacher):
+    import logging
+
+    logging.disable(logging.WARNING)
+    try:
+        load_teacher(TeacherConfig(model=str(tiny_teacher[0]), pretrained=str(tiny_teacher[1])))
+        assert logging.root.manager.disable == logging.WARNING  # once reset to NOTSET, wiping the caller's level
+    finally:
+        logging.disable(logging.NOTSET)

@@ -24,6 +24,7 @@ from typing import Any, Callable
 import numpy as np
 
 from edgedistill.errors import UserError
+from edgedistill.locations import default_cache_root
 
 
 def package_version(*names: str) -> str | None:
@@ -140,8 +141,6 @@ class OrtRunner(Runner):
         self.provider = provider = ORT_PROVIDERS[backend]
         providers: list[Any] = [ort_provider(provider, precision)]
         if provider == "TensorrtExecutionProvider":
-            from edgedistill.cache import default_cache_root
-
             providers = [ort_provider(provider, precision, onnx_input_shapes(path), batch_range,
                                       default_cache_root() / "onnxruntime-tensorrt"),
                          ort_provider("CUDAExecutionProvider", precision)]

@@ -141,11 +141,12 @@ def teacher_side(src: Sources, val_manifest: Path | None, want_timing: bool,
     if src.run_dir is None:
         src.notes.append("teacher not scored: the export's run folder is not on this machine")
         return None
-    from edgedistill.cache import caches_for_recipe, default_cache_root
+    from edgedistill.cache import caches_for_recipe
     from edgedistill.data.manifest import load_manifest
     from edgedistill.evaluate import prepare_val, teacher_metrics
     from edgedistill.recipe import load_recipe
-    from edgedistill.teachers import load_teacher, sha256_json
+    from edgedistill.teachers import load_teacher
+    from edgedistill.hashing import sha256_json
 
     recipe = load_recipe(src.run_dir / "recipe.yaml", ["device=cpu"])
     with console.status("loading the teacher"):
@@ -161,7 +162,7 @@ def teacher_side(src: Sources, val_manifest: Path | None, want_timing: bool,
         from edgedistill.export.graph import IMAGE_INPUT, IMAGE_OUTPUT, ImageEncoder, export_onnx
 
         key = sha256_json(teacher.identity)[:16]
-        path = (recipe.cache.dir or default_cache_root()) / "bench" / f"teacher-{key}" / "image_fp32.onnx"
+        path = recipe.cache.root / "bench" / f"teacher-{key}" / "image_fp32.onnx"
         if not path.is_file():
             path.parent.mkdir(parents=True, exist_ok=True)
             size = int(teacher.preprocess_cfg["size"] if isinstance(teacher.preprocess_cfg["size"], int)

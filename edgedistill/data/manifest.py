@@ -24,6 +24,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from edgedistill.errors import UserError
+from edgedistill.locations import default_cache_root
 
 KNOWN_KEYS = ("image", "captions", "label")
 SUFFIXES = (".jsonl", ".csv")
@@ -88,7 +89,6 @@ def load_manifest(path: str | Path, image_root: str | Path | None = None,
     from edgedistill.data.shards import is_shard_spec, load_shards
     if is_shard_spec(path):
         if index_dir is None:
-            from edgedistill.cache import default_cache_root
             index_dir = default_cache_root() / "shards"
         return load_shards(path, Path(index_dir))
     path = Path(path)

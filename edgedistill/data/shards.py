@@ -21,7 +21,6 @@ Shards rewritten in place with the same sizes keep the old index and cache: dele
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import tarfile
@@ -35,6 +34,7 @@ from webdataset.tariterators import base_plus_ext
 from edgedistill import atomic
 from edgedistill.data.manifest import Entry, Manifest
 from edgedistill.errors import UserError
+from edgedistill.hashing import sha256_json
 
 INDEX_VERSION = 1
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # first found wins
@@ -85,7 +85,7 @@ def shard_paths(spec: str | Path) -> list[Path]:
 def index_key(paths: list[Path]) -> str:
     """sha256 of the shard list and each shard's size: what the index and the teacher feature cache are keyed by."""
     listing = [[str(p.resolve()), p.stat().st_size] for p in paths]
-    return hashlib.sha256(json.dumps([INDEX_VERSION, listing]).encode("utf-8")).hexdigest()
+    return sha256_json([INDEX_VERSION, listing])
 
 
 def _text(tf: tarfile.TarFile, member: tarfile.TarInfo) -> str:

@@ -17,7 +17,7 @@ from pydantic import Field, field_validator
 from edgedistill import atomic
 from edgedistill.documents import Document, read_document
 from edgedistill.errors import UserError
-from edgedistill.teachers import sha256_file
+from edgedistill.hashing import sha256_file
 
 MANIFEST = "export.json"
 MANIFEST_VERSION = 1

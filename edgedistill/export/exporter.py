@@ -18,7 +18,7 @@ import torch
 from rich.console import Console
 
 from edgedistill import atomic
-from edgedistill.cache import default_cache_root, load_split_manifests
+from edgedistill.cache import load_split_manifests
 from edgedistill.data.images import BadImages, ImageDataset, collate_images, open_image
 from edgedistill.data.manifest import Manifest
 from edgedistill.errors import UserError
@@ -353,7 +353,7 @@ class _Job:
         data_hash = calibration_data_hash([self.train.entries[i].image for i, a in loaded if a is not None],
                                           _preprocess_desc(self.student))
         reader = ImageCalibrationReader(inp, len(good), lambda i: good[i])
-        root = (self.recipe.cache.dir or default_cache_root())
+        root = self.recipe.cache.root
         return quantize_int8(fp32, staging, reader, self.plan.calib_method, root, data_hash, self.console,
                              symmetric_activations=self.plan.for_tensorrt)
 
@@ -377,7 +377,7 @@ class _Job:
         trt = require_tensorrt()
         meta = device_metadata(trt)
         gpu = "".join(c if c.isalnum() else "-" for c in str(meta.get("gpu_name", "gpu")))
-        timing_cache = (self.recipe.cache.dir or default_cache_root()) / "tensorrt" / \
+        timing_cache = self.recipe.cache.root / "tensorrt" / \
             f"timing-{gpu}-sm{meta.get('compute_capability')}-trt{meta.get('tensorrt_version')}.cache"
         profile = BatchProfile(*self.plan.profile)
         entries = []

@@ -101,6 +101,8 @@ def export_onnx(module: torch.nn.Module, example: torch.Tensor, path: Path, inpu
     Returns ``{"exporter", "opset", "simplified", "nodes"}``.
     """
     module = module.eval().float().cpu()
+    if example.shape[0] < 2:  # torch.export specialises a size-1 dimension: trace a batch of 2
+        example = torch.cat([example, example])
     errors = []
     for dynamo in (True, False):
         try:
@@ -114,6 +116,10 @@ def export_onnx(module: torch.nn.Module, example: torch.Tensor, path: Path, inpu
                 model = onnx.load(str(tmp))
                 onnx.checker.check_model(model)
                 model, simplified = simplify(model)
+                fixed = fixed_batch_axes(model)
+                if fixed:  # a graph for one batch size fails at any other: refuse it, never name it
+                    raise _ExportFailed(f"{'dynamo' if dynamo else 'torchscript'}: the batch axis of "
+                                        f"{', '.join(fixed)} came out fixed, not symbolic")
                 onnx.save(model, str(tmp))
         except _ExportFailed as e:
             errors.append(str(e))
@@ -122,6 +128,17 @@ def export_onnx(module: torch.nn.Module, example: torch.Tensor, path: Path, inpu
                 "simplified": simplified, "nodes": len(model.graph.node)}
     raise UserError(f"cannot export {type(module.model).__name__} to ONNX ({'; '.join(errors)}); "
                     "run with --debug and report it")
+
+
+def fixed_batch_axes(model: onnx.ModelProto) -> list[str]:
+    """Graph inputs and outputs whose first (batch) axis is a fixed number instead of a symbol, as an exporter
+    that specialised on the example's batch (e.g. a batch of 1) leaves it."""
+    fixed = []
+    for value in [*model.graph.input, *model.graph.output]:
+        dims = value.type.tensor_type.shape.dim
+        if not dims or dims[0].HasField("dim_value") or not dims[0].dim_param:
+            fixed.append(f"{value.name}{[d.dim_value or d.dim_param for d in dims]}")
+    return fixed
 
 
 def opset_of(model: onnx.ModelProto) -> int:

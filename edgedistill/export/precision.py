@@ -31,7 +31,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from edgedistill import atomic
 from edgedistill.errors import UserError
-from edgedistill.teachers import sha256_file
+from edgedistill.hashing import sha256_file, sha256_json
 
 CALIBRATION_METHODS = ("entropy", "minmax", "percentile")
 CALIBRATION_BATCH = 8  # images per calibration inference
@@ -120,7 +120,7 @@ def _stride(n_batches: int) -> int:
 def calibration_cache_path(root: Path, model_sha256: str, method: str, data_hash: str,
                            symmetric: bool = True) -> Path:
     """Where the tensor ranges of one (model, method, calibration images, activation flavour) live."""
-    key = hashlib.sha256(json.dumps([model_sha256, method, data_hash, symmetric]).encode()).hexdigest()[:24]
+    key = sha256_json([model_sha256, method, data_hash, symmetric])[:24]
     return root / "calibration" / f"{method}-{key}.json"
 
 

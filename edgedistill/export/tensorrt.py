@@ -26,7 +26,7 @@ import numpy as np
 
 from edgedistill import atomic
 from edgedistill.errors import UserError
-from edgedistill.teachers import sha256_file
+from edgedistill.hashing import sha256_file
 
 REBUILD_HINT = "rebuild it here with `edgedistill export --format trt`"
 ALIGNMENT = 256  # bytes: TensorRT wants every tensor address aligned to this (IExecutionContext.set_tensor_address)
