@@ -2,7 +2,7 @@
 
 ViT-B-32 teacher (open_clip architecture, random weights saved to a checkpoint: no download; the weights do
 not change the cost) and a MobileNetV3-Large student at 224 px, on JPEG photo stand-ins with two captions each.
-The trainer is the real one (`edgedistill.train.Trainer`, default loss terms and balancer); only
+The trainer is the real one (`edgedistill.train.build_trainer`, default loss terms and balancer); only
 `train.teacher` differs. Epochs alternate cached / online so drift of the machine hits both alike; the ratio
 is of the medians. The one-off cache build is reported separately.
 
@@ -31,7 +31,7 @@ from common import cpu_model, random_checkpoint, report, write_dataset  # noqa: 
 from edgedistill.cache import caches_for_recipe, load_split_manifests  # noqa: E402
 from edgedistill.recipe import validate_recipe  # noqa: E402
 from edgedistill.teachers import load_teacher  # noqa: E402
-from edgedistill.train import Trainer  # noqa: E402
+from edgedistill.train import build_trainer  # noqa: E402
 
 
 def main() -> None:
@@ -77,7 +77,7 @@ def main() -> None:
                 run = validate_recipe({**raw, "out": str(work / "runs" / f"{mode}-{r}"),
                                        "train": {**raw["train"], "teacher": mode}})
                 caches = {"train": cache} if mode == "cached" else {}
-                trainer = Trainer(run, teacher, manifests, caches, console)
+                trainer = build_trainer(run, teacher, manifests, caches, console)
                 trainer.fit()
                 epoch_s[mode].append(trainer.state.train_seconds)
                 console.print(f"{mode} epoch {r + 1}: {trainer.state.train_seconds:.1f} s "

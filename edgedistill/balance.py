@@ -1,10 +1,10 @@
-"""Loss balancers, registered by name (METHODS.md A).
+"""Loss balancers, registered by name (docs/methods.md#balancers).
 
 A balancer turns the loss terms active at one step into the total that is back-propagated, and reports the
 effective weight of every term for logging::
 
     balancer = build_balancer(validate_balancer("gradnorm"), names=["feature", "clip"],
-                              base_weights={"feature": 1.0, "clip": 0.5})
+                              base_weights={"feature": 1.0, "clip": 0.5})   # = GradNormBalancer(options, context)
     balancer.bind_shared(list(student.last_shared_layer.parameters()))   # only gradnorm uses it
     total, weights = balancer({"feature": l_feat, "clip": l_clip}, step)
 
@@ -24,20 +24,27 @@ Adding a balancer is one decorated class with an ``Options`` model; the option d
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from torch import Tensor, nn
 
 from edgedistill import distributed
-from edgedistill.registry import Registry
+from edgedistill.registry import ComponentOptions, Registry
 
 
-class BalancerOptions(BaseModel):
+class BalancerOptions(ComponentOptions):
     """Options every balancer has; a balancer's own options subclass this."""
-    model_config = ConfigDict(extra="forbid")
     name: str = Field(description="the balancer's registered name")
+
+
+@dataclass
+class BalanceContext:
+    """What the run gives a balancer: every term it may produce (in a fixed order) and the recipe's base weights."""
+    names: list[str]
+    base_weights: dict[str, float] = field(default_factory=dict)
 
 
 class Balancer(nn.Module):
@@ -50,9 +57,9 @@ class Balancer(nn.Module):
     Options: ClassVar[type[BalancerOptions]] = BalancerOptions
     learned: ClassVar[bool] = False  # True: parameters() must join the trainer's optimizer
 
-    def __init__(self, names: list[str], base_weights: dict[str, float], options: BalancerOptions) -> None:
+    def __init__(self, options: BalancerOptions, context: BalanceContext) -> None:
         super().__init__()
-        names = list(names)
+        names, base_weights = list(context.names), context.base_weights
         if not names:
             raise ValueError("a balancer needs at least one loss term")
         if len(set(names)) != len(names):
@@ -99,7 +106,7 @@ class Balancer(nn.Module):
         return total, dict(zip(active, weights.tolist()))
 
 
-BALANCERS = Registry("balancer", hidden_options=("name",))
+BALANCERS = Registry("balancer")
 register_balancer = BALANCERS.register
 
 
@@ -133,7 +140,7 @@ class MagnitudeOptions(BalancerOptions):
 
 @register_balancer("magnitude")
 class MagnitudeBalancer(Balancer):
-    """DSMD-style magnitude balancer, a reconstruction (METHODS.md A [R]): the DSMD paper's update rule is not known.
+    """DSMD-style magnitude balancer, a reconstruction (docs/methods.md#dsmd): the DSMD paper's update rule is not known.
 
     Each term keeps an EMA ``m_i`` of its detached loss (the first observation initialises it); the weight is
     ``w_i = base_i * mean_j(m_j) / (m_i + eps)`` over the active terms, so every active term contributes about
@@ -141,8 +148,8 @@ class MagnitudeBalancer(Balancer):
     """
     Options = MagnitudeOptions
 
-    def __init__(self, names: list[str], base_weights: dict[str, float], options: BalancerOptions) -> None:
-        super().__init__(names, base_weights, options)
+    def __init__(self, options: BalancerOptions, context: BalanceContext) -> None:
+        super().__init__(options, context)
         k = len(self.names)
         self.register_buffer("ema", torch.zeros(k))
         self.register_buffer("seen", torch.zeros(k, dtype=torch.bool))
@@ -198,8 +205,8 @@ class DWABalancer(Balancer):
     """
     Options = DWAOptions
 
-    def __init__(self, names: list[str], base_weights: dict[str, float], options: BalancerOptions) -> None:
-        super().__init__(names, base_weights, options)
+    def __init__(self, options: BalancerOptions, context: BalanceContext) -> None:
+        super().__init__(options, context)
         k = len(self.names)
         self.register_buffer("period_index", torch.full((k,), -1, dtype=torch.long))  # period being summed
         self.register_buffer("period_sum", torch.zeros(k, dtype=torch.float64))  # float64: long periods
@@ -248,8 +255,8 @@ class UncertaintyBalancer(Balancer):
     """
     learned = True
 
-    def __init__(self, names: list[str], base_weights: dict[str, float], options: BalancerOptions) -> None:
-        super().__init__(names, base_weights, options)
+    def __init__(self, options: BalancerOptions, context: BalanceContext) -> None:
+        super().__init__(options, context)
         self.log_vars = nn.ParameterList([nn.Parameter(torch.zeros(())) for _ in self.names])
 
     def _combine(self, active: list[str], idx: Tensor, values: Tensor,
@@ -290,8 +297,8 @@ class GradNormBalancer(Balancer):
     betas: ClassVar[tuple[float, float]] = (0.9, 0.999)  # torch.optim.Adam's defaults
     adam_eps: ClassVar[float] = 1e-8
 
-    def __init__(self, names: list[str], base_weights: dict[str, float], options: BalancerOptions) -> None:
-        super().__init__(names, base_weights, options)
+    def __init__(self, options: BalancerOptions, context: BalanceContext) -> None:
+        super().__init__(options, context)
         k = len(self.names)
         self.register_buffer("weights", torch.ones(k))
         self.register_buffer("initial_loss", torch.zeros(k))  # L_i(0)
@@ -376,21 +383,18 @@ class GradNormBalancer(Balancer):
 # validation and construction
 
 
-def validate_balancer(raw: str | dict[str, Any]) -> BalancerOptions:
+def validate_balancer(raw: str | dict[str, Any] | BalancerOptions) -> BalancerOptions:
     """Options from the recipe: a name or a mapping with 'name' (see Registry.validate_named)."""
-    return BALANCERS.validate_named(raw, "name")  # type: ignore[return-value]
+    return BALANCERS.validate_named(raw)  # type: ignore[return-value]
 
 
 def build_balancer(options: BalancerOptions, names: list[str], base_weights: dict[str, float]) -> Balancer:
     """The balancer named by ``options`` for the terms ``names`` (fixed order) with the recipe's base weights."""
-    cls = BALANCERS.lookup(options.name)
-    if not isinstance(options, cls.Options):  # e.g. options dumped to a dict and re-read as the base model
-        options = validate_balancer(options.model_dump())
-    return cls(names, base_weights, options)
+    return BALANCERS.build(options.name, options, BalanceContext(names, base_weights))
 
 
 __all__ = [
-    "BALANCERS", "Balancer", "BalancerOptions", "DSMDBalancer", "DWABalancer", "DWAOptions", "GradNormBalancer",
+    "BALANCERS", "BalanceContext", "Balancer", "BalancerOptions", "DSMDBalancer", "DWABalancer", "DWAOptions", "GradNormBalancer",
     "GradNormOptions", "MagnitudeBalancer", "MagnitudeOptions", "StaticBalancer", "UncertaintyBalancer",
     "build_balancer", "register_balancer", "validate_balancer",
 ]

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import inspect
 import logging
 import os
 import signal
@@ -243,6 +244,24 @@ def all_reduce_mean(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         out.append(flat[i:i + t.numel()].view_as(t).to(device=t.device, dtype=t.dtype))
         i += t.numel()
     return out
+
+
+def wrap_ddp(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """``module`` under DistributedDataParallel in a distributed run; the module itself otherwise.
+
+    ``find_unused_parameters``: a step's total may not reach every parameter; DDP then leaves the gradient of a
+    parameter no rank used at None, as one process would. No buffer sync in forward: the state the losses and the
+    balancer keep is identical on every rank by construction, and rank 0's BatchNorm running statistics are saved.
+    """
+    if not current().enabled:
+        return module
+    from torch.nn.parallel import DistributedDataParallel
+
+    no_sync = {"forward_sync_buffers": False} \
+        if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters \
+        else {"broadcast_buffers": False}
+    return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None,
+                                   find_unused_parameters=True, **no_sync)
 
 
 @contextlib.contextmanager

@@ -242,6 +242,39 @@ class Layerwise(nn.Module):
         """Mean squared error over batch, grid cells and channels."""
         return (student - target.detach().to(student.dtype)).pow(2).mean()
 
+    @torch.no_grad()
+    def held_loss(self, model: nn.Module, projection: nn.Module | None, held: "HeldBatch",
+                  amp_dtype: torch.dtype | None) -> float:
+        """The distillation loss on the held batch, in eval mode: the mean hidden-state MSE over every module plus
+        the squared distance of the normalised output embeddings (the reward's measure, docs/methods.md#optima)."""
+        was = model.training
+        model.eval()
+        self.capturing = True
+        try:
+            dev = held.views.device
+            with torch.autocast(dev.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                s_img = model.encode_image(held.views)
+            s_img = s_img.float()
+            if projection is not None:
+                s_img = projection(s_img)
+            hidden = torch.stack([self.mse(self.student_tokens(i).float(), held.targets[i])
+                                  for i in range(len(self.specs))])
+            out = (F.normalize(s_img, dim=-1) - F.normalize(held.teacher_image, dim=-1)).pow(2).sum(-1).mean()
+            return float(hidden.mean() + out)
+        finally:
+            self.capturing = False
+            self.student_outputs.clear()
+            model.train(was)
 
-__all__ = ["Layerwise", "ModuleSpec", "capture", "default_module_names", "pool_tokens", "teacher_blocks",
+
+@dataclass
+class HeldBatch:
+    """The fixed batch a selector's reward is measured on: clean student views, the teacher's embeddings and its
+    per-module targets, all on the training device."""
+    views: Tensor                  # (H, 3, S, S) channels_last
+    teacher_image: Tensor          # (H, D)
+    targets: list[Tensor]          # per module (H, g * g, D_t)
+
+
+__all__ = ["HeldBatch", "Layerwise", "ModuleSpec", "capture", "default_module_names", "pool_tokens", "teacher_blocks",
            "uniform_layer_map"]

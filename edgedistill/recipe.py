@@ -16,12 +16,15 @@ from pathlib import Path
 from typing import Any, Literal, Sequence
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveFloat, PositiveInt, ValidationError
-from pydantic import field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveFloat, PositiveInt, SerializeAsAny
+from pydantic import ValidationError, field_validator, model_validator
 
 from edgedistill import atomic
+from edgedistill.balance import BalancerOptions, validate_balancer
 from edgedistill.errors import UserError
 from edgedistill.locations import cache_root
+from edgedistill.losses import TermOptions, validate_term_options
+from edgedistill.select import SelectorOptions, validate_selector
 
 
 class _Section(BaseModel):
@@ -127,30 +130,31 @@ class LossConfig(_Section):
     layerwise: LayerwiseConfig | None = Field(
         None, description="hidden-state distillation, module by module (true, or a mapping of its options); "
                           "needs train.teacher: online (set automatically when train.teacher is not given)")
-    terms: dict[str, Any] = Field(
-        default_factory=lambda: {t: {} for t in DEFAULT_TERMS}, validate_default=True,
+    # The validated options objects of each component (a term's own Options subclass), read as such by the code;
+    # SerializeAsAny: dumped with every option of that subclass, not just the base fields.
+    terms: dict[str, SerializeAsAny[TermOptions]] = Field(
+        default_factory=lambda: {t: validate_term_options(t, {}) for t in DEFAULT_TERMS},
         description="loss terms by name, each with its options ({} = defaults); a plain list of names also works")
-    balancer: Any = Field("dsmd", validate_default=True, description="balancer name, or {name: ..., options}")
+    balancer: SerializeAsAny[BalancerOptions] = Field(default_factory=lambda: validate_balancer("dsmd"),
+                                                      description="balancer name, or {name: ..., options}")
 
     @field_validator("terms", mode="before")
     @classmethod
-    def _terms(cls, v: Any) -> dict[str, Any]:
-        from edgedistill.losses import validate_term_options
+    def _terms(cls, v: Any) -> dict[str, TermOptions]:
         if isinstance(v, list):
             if not all(isinstance(t, str) for t in v):
                 raise ValueError("a list of terms holds names only; give options as a mapping name: {options}")
             v = {t: {} for t in v}
         if not isinstance(v, dict) or not v:
             raise ValueError("name at least one loss term, as a list or a mapping name: {options}")
-        return {name: validate_term_options(str(name), opts).model_dump() for name, opts in v.items()}
+        return {str(name): validate_term_options(str(name), opts) for name, opts in v.items()}
 
     @field_validator("balancer", mode="before")
     @classmethod
-    def _balancer(cls, v: Any) -> dict[str, Any]:
-        from edgedistill.balance import validate_balancer
-        if not isinstance(v, (str, dict)):
+    def _balancer(cls, v: Any) -> BalancerOptions:
+        if not isinstance(v, (str, dict, BalancerOptions)):
             raise ValueError("give a balancer name or a mapping {name: ..., options}")
-        return validate_balancer(v).model_dump()
+        return validate_balancer(v)
 
     @field_validator("layerwise", mode="before")
     @classmethod
@@ -209,19 +213,18 @@ class Recipe(_Section):
     loss: LossConfig = LossConfig()
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
-    select: Any = Field(None, validate_default=True,
-                        description="module selection for loss.layerwise: a method name (optima, thompson, random, "
-                                    "uniform) or {method: ..., options}; default with layerwise: optima")
+    select: SerializeAsAny[SelectorOptions] | None = Field(
+        None, description="module selection for loss.layerwise: a selector name (optima, thompson, random, uniform) "
+                          "or {name: ..., options} ('method' is accepted for 'name'); default with layerwise: optima")
 
     @field_validator("select", mode="before")
     @classmethod
-    def _select(cls, v: Any) -> dict[str, Any] | None:
+    def _select(cls, v: Any) -> SelectorOptions | None:
         if v is None:
             return None
-        from edgedistill.select import validate_selector
-        if not isinstance(v, (str, dict)):
-            raise ValueError("give a selection method name or a mapping {method: ..., options}")
-        return validate_selector(v).model_dump()
+        if not isinstance(v, (str, dict, SelectorOptions)):
+            raise ValueError("give a selector name or a mapping {name: ..., options}")
+        return validate_selector(v)
 
     @field_validator("name")
     @classmethod
@@ -252,8 +255,7 @@ class Recipe(_Section):
                                      "train.teacher: online (or leave it out), or turn loss.layerwise off")
                 self.train.teacher = "online"
             if self.select is None:
-                from edgedistill.select import validate_selector
-                self.select = validate_selector("optima").model_dump()
+                self.select = validate_selector("optima")
         elif self.select is not None:
             raise ValueError("select chooses among the modules of loss.layerwise; add loss.layerwise: true or "
                              "remove select")

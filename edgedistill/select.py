@@ -1,4 +1,4 @@
-"""Module selection for layerwise distillation, registered by name (METHODS.md B, OPTIMA-style).
+"""Module selection for layerwise distillation, registered by name (docs/methods.md#module-selection).
 
 The student is split into modules (``edgedistill.layerwise``); distilling a module is pulling a bandit arm for
 ``pull_steps`` (K) training steps. A selector says which modules' hidden-state terms are on at each step and
@@ -6,14 +6,14 @@ learns from the reward of each pull: the decrease of the distillation loss on on
 and after the K steps. A recipe names it::
 
     select:
-      method: optima        # optima | thompson | random | uniform
+      name: optima          # optima | thompson | random | uniform ('method' is accepted too)
       window: 10            # optima: only the last W rewards of an arm count
       pull_steps: 20
 
 Methods:
 
 - ``optima``: Gaussian Thompson sampling on the last ``window`` rewards of each arm (a reconstruction of the
-  OPTIMA sampler, METHODS.md B [R]): rewards drift as the student learns, so old ones are forgotten.
+  OPTIMA sampler, docs/methods.md#optima): rewards drift as the student learns, so old ones are forgotten.
 - ``thompson``: the same sampler with unlimited history (W = infinity), the baseline.
 - ``random``: a uniformly random arm per pull.
 - ``uniform``: every module on at every step (no pulls, no rewards).
@@ -26,21 +26,21 @@ index), never of a global random state, and all of its state lives in buffers, s
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar, Literal
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar, Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from torch import nn
 
 from edgedistill.hashing import seed_of
-from edgedistill.registry import Registry
+from edgedistill.registry import ComponentOptions, Registry
 
 
-class SelectorOptions(BaseModel):
+class SelectorOptions(ComponentOptions):
     """Options every selector has; a selector's own options subclass this."""
-    model_config = ConfigDict(extra="forbid")
-    method: str = Field(description="the selector's registered name")
+    name: str = Field(description="the selector's registered name")
     pull_steps: int = Field(20, ge=1, description="K: training steps per pull (one arm distilled for K steps), "
                                                   "and the steps between two reward measurements")
     held_batch: int = Field(64, ge=2, description="images of the held batch the reward is measured on (a fixed, "
@@ -48,6 +48,13 @@ class SelectorOptions(BaseModel):
     reward: Literal["relative", "absolute"] = Field(
         "relative", description="relative: (before - after) / before; absolute: before - after, where before "
                             "and after are the held batch's distillation loss around a pull")
+
+
+@dataclass
+class SelectContext:
+    """What the run gives a selector: the modules (arms), in order, and the run's seed."""
+    names: list[str]
+    seed: int = 0
 
 
 class Selector(nn.Module):
@@ -60,13 +67,13 @@ class Selector(nn.Module):
     Options: ClassVar[type[SelectorOptions]] = SelectorOptions
     needs_reward: ClassVar[bool] = True
 
-    def __init__(self, names: list[str], options: SelectorOptions, seed: int = 0) -> None:
+    def __init__(self, options: SelectorOptions, context: SelectContext) -> None:
         super().__init__()
-        if not names:
+        if not context.names:
             raise ValueError("a selector needs at least one module")
-        self.names = list(names)
+        self.names = list(context.names)
         self.options = options
-        self.seed = int(seed)
+        self.seed = int(context.seed)
         m = len(self.names)
         self.register_buffer("pulls", torch.zeros(m, dtype=torch.long))          # completed pulls per arm
         self.register_buffer("steps", torch.zeros(m, dtype=torch.long))          # training steps each arm was on
@@ -135,7 +142,7 @@ class Selector(nn.Module):
                 "steps": {n: int(s) for n, s in zip(self.names, self.steps)}}
 
 
-SELECTORS = Registry("module selector", hidden_options=("method",))
+SELECTORS = Registry("module selector", aliases=("method",))
 register_selector = SELECTORS.register
 
 
@@ -184,8 +191,8 @@ class ThompsonSelector(Selector):
     """
     Options = ThompsonOptions
 
-    def __init__(self, names: list[str], options: SelectorOptions, seed: int = 0) -> None:
-        super().__init__(names, options, seed)
+    def __init__(self, options: SelectorOptions, context: SelectContext) -> None:
+        super().__init__(options, context)
         m = len(self.names)
         self.register_buffer("hist_sum", torch.zeros(m, dtype=torch.float64))
         self.register_buffer("hist_n", torch.zeros(m, dtype=torch.float64))
@@ -223,8 +230,8 @@ class OptimaSelector(ThompsonSelector):
     last ``window`` rewards (a ring buffer per arm), so an arm whose reward drifts is re-ranked quickly."""
     Options = OptimaOptions
 
-    def __init__(self, names: list[str], options: SelectorOptions, seed: int = 0) -> None:
-        super().__init__(names, options, seed)
+    def __init__(self, options: SelectorOptions, context: SelectContext) -> None:
+        super().__init__(options, context)
         w = options.window  # type: ignore[attr-defined]
         m = len(self.names)
         self.register_buffer("ring", torch.zeros(m, w, dtype=torch.float64))
@@ -245,17 +252,57 @@ class OptimaSelector(ThompsonSelector):
         return (self.ring.numpy() * mask).sum(axis=1), fill.astype(np.float64)
 
 
-def validate_selector(raw: str | dict[str, Any]) -> SelectorOptions:
-    """Options from the recipe: a name or a mapping with 'method' (see Registry.validate_named)."""
-    return SELECTORS.validate_named(raw, "method")  # type: ignore[return-value]
+class SelectionControl:
+    """Drives a selector through training: which modules are on for a step, and, at the end of each pull, the
+    reward measured with ``held_loss`` (the distillation loss on the held batch, before and after the pull).
+
+    One measurement per pull boundary: the loss after one pull is the loss before the next.
+    """
+
+    def __init__(self, selector: Selector, held_loss: Callable[[], float]) -> None:
+        self.selector, self.held_loss = selector, held_loss
+
+    def arms(self) -> list[int]:
+        """The modules on for the next step (the first pull's "before" is measured here)."""
+        sel = self.selector
+        if sel.needs_reward and bool(torch.isnan(sel.loss_before)):
+            sel.loss_before.fill_(self.held_loss())
+        return sel.active()
+
+    def after_step(self, arms: list[int]) -> dict[str, Any] | None:
+        """Count a step taken with ``arms``; at the end of a pull measure its reward -> the record to log."""
+        sel = self.selector
+        if not arms:
+            return None
+        sel.stepped(arms)
+        if not sel.pull_done:
+            return None
+        before, after = float(sel.loss_before), self.held_loss()
+        reward = (before - after) / max(abs(before), 1e-12) if sel.options.reward == "relative" else before - after
+        arm = int(sel.current)
+        sel.observe(reward)
+        sel.loss_before.fill_(after)
+        record: dict[str, Any] = {"module": sel.names[arm], "reward": reward, "loss_before": before,
+                                  "loss_after": after, "counts": sel.counts()}
+        posterior = sel.posterior()
+        if posterior is not None:
+            record["posterior_mean"] = {k: v[0] for k, v in posterior.items()}
+            record["posterior_std"] = {k: v[1] for k, v in posterior.items()}
+        return record
+
+
+def validate_selector(raw: str | dict[str, Any] | SelectorOptions) -> SelectorOptions:
+    """Options from the recipe: a name or a mapping with 'name' ('method' accepted; see Registry.validate_named)."""
+    return SELECTORS.validate_named(raw)  # type: ignore[return-value]
 
 
 def build_selector(options: SelectorOptions | dict[str, Any], names: list[str], seed: int = 0) -> Selector:
     """The selector named by ``options`` over the modules ``names`` (in order), deterministic given ``seed``."""
-    if isinstance(options, dict) or not isinstance(options, SELECTORS.lookup(options.method).Options):
-        options = validate_selector(options if isinstance(options, dict) else options.model_dump())
-    return SELECTORS.lookup(options.method)(names, options, seed)
+    options = validate_selector(options)
+    return SELECTORS.build(options.name, options, SelectContext(names, seed))
 
 
-__all__ = ["OptimaSelector", "RandomSelector", "SELECTORS", "Selector", "SelectorOptions", "ThompsonSelector",
+__all__ = ["OptimaSelector", "RandomSelector", "SELECTORS", "SelectContext", "SelectionControl", "Selector",
+           "SelectorOptions",
+           "ThompsonSelector",
            "UniformSelector", "build_selector", "register_selector", "validate_selector"]

@@ -25,7 +25,7 @@ from edgedistill.data.manifest import load_manifest
 from edgedistill.errors import UserError
 from edgedistill.recipe import TeacherConfig, load_recipe
 from edgedistill.teachers import load_teacher
-from edgedistill.train import FAULT_ENV, FAULT_RANK_ENV, EpochBatches, Trainer
+from edgedistill.train import FAULT_ENV, FAULT_RANK_ENV, EpochBatches, build_trainer
 from tests.test_train import recipe_for
 
 # A student without BatchNorm: CPU ranks cannot synchronise BatchNorm statistics (torch's SyncBatchNorm needs a
@@ -68,7 +68,7 @@ def test_global_batch_must_split_over_the_processes(tiny_teacher, dataset, tmp_p
     monkeypatch.setattr(distributed, "current", lambda: distributed.Context(rank=0, world_size=3))
     with pytest.raises(UserError, match=r"data.batch_size 8 \(the global batch\) does not split over 3 "
                                         r"processes; make it a multiple of 3"):
-        Trainer(load_recipe(recipe), None, {}, {}, Console(quiet=True))  # type: ignore[arg-type]
+        build_trainer(load_recipe(recipe), None, {}, {}, Console(quiet=True))  # type: ignore[arg-type]
 
 
 def test_two_processes_match_one_process_with_the_same_global_batch(tiny_teacher, dataset, tmp_path):

@@ -98,14 +98,18 @@ def test_overrides_are_applied_and_typed(tmp_path):
                                             "data.val=null", "loss.terms=[feature, clip]"])
     assert r.train.epochs == 3 and r.data.batch_size == 32
     assert r.cache.dir == Path("/tmp/c") and r.data.val is None and list(r.loss.terms) == ["feature", "clip"]
-    assert r.loss.terms["clip"]["temperature"] == pytest.approx(0.07)  # each term's defaults filled in
+    assert r.loss.terms["clip"].temperature == pytest.approx(0.07)  # each term's defaults filled in
 
 
 def test_loss_terms_and_balancer_options_are_validated(tmp_path):
     r = load_recipe(recipe_file(tmp_path), ["loss.terms={contrastive: {queue_size: 128}, feature: {weight: 2}}",
                                             "loss.balancer={name: gradnorm, alpha: 2.0}"])
-    assert r.loss.terms["contrastive"]["queue_size"] == 128 and r.loss.terms["feature"]["weight"] == 2
-    assert r.loss.balancer["name"] == "gradnorm" and r.loss.balancer["alpha"] == 2.0
+    # the validated options objects themselves, each its component's own class, read as such by the code
+    assert r.loss.terms["contrastive"].queue_size == 128 and r.loss.terms["feature"].weight == 2
+    assert type(r.loss.terms["contrastive"]).__qualname__ == "ContrastiveLoss.Options"
+    assert r.loss.balancer.name == "gradnorm" and r.loss.balancer.alpha == 2.0
+    dumped = r.model_dump(mode="json")["loss"]  # and dumped with every option of their own class
+    assert dumped["terms"]["contrastive"]["queue_size"] == 128 and dumped["balancer"]["alpha"] == 2.0
     for override, expected in [
         ("loss.terms=[featur]", "unknown loss term 'featur'; did you mean 'feature'?"),
         ("loss.terms={relation: {temprature: 1}}", "did you mean 'temperature'?"),

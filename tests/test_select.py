@@ -127,8 +127,9 @@ def test_option_errors_name_the_key_and_suggest():
         validate_selector({"method": "optima", "windw": 3})
     with pytest.raises(ValueError, match="window"):
         validate_selector({"method": "optima", "window": 0})
-    with pytest.raises(ValueError, match="needs a 'method'"):
+    with pytest.raises(ValueError, match="needs a 'name'"):
         validate_selector({"window": 3})
+    assert validate_selector({"method": "optima"}) == validate_selector({"name": "optima"})  # the older key
     for name, cls in SELECTORS.items():
         for key, field in cls.Options.model_fields.items():
             assert field.description, f"{name}.{key} has no description"
@@ -140,10 +141,10 @@ BASE = {"name": "x", "teacher": {"model": "ViT-B-32"}, "data": {"train": "a.json
 def test_recipe_select_section():
     r = validate_recipe({**BASE, "loss": {"layerwise": True}})
     assert r.train.teacher == "online"  # set automatically
-    assert r.select["method"] == "optima" and r.select["window"] == 10
+    assert r.select.name == "optima" and r.select.window == 10
     r = validate_recipe({**BASE, "loss": {"layerwise": {"grid": 2}}, "select": {"method": "thompson",
                                                                                "pull_steps": 5}})
-    assert r.select == {**validate_selector({"method": "thompson", "pull_steps": 5}).model_dump()}
+    assert r.select == validate_selector({"name": "thompson", "pull_steps": 5})
     assert validate_recipe({**BASE, "loss": {"layerwise": False}}).loss.layerwise is None
 
 

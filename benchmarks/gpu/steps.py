@@ -320,7 +320,7 @@ def step_epoch(ctx: Context) -> dict[str, Any]:
     from edgedistill.cache import caches_for_recipe, load_split_manifests
     from edgedistill.recipe import validate_recipe
     from edgedistill.teachers import load_teacher
-    from edgedistill.train import Trainer
+    from edgedistill.train import build_trainer
     raw = ctx.recipe("epoch", val=False, epochs=1, max_steps=None, checkpoint_every=0, log_every=10)
     raw["data"]["batch_size"] = ctx.sizes.epoch_batch
     recipe = validate_recipe(raw)
@@ -332,7 +332,8 @@ def step_epoch(ctx: Context) -> dict[str, Any]:
         run = validate_recipe({**raw, "out": str(ctx.work / "runs" / f"epoch-{mode}"),
                                "train": {**raw["train"], "teacher": mode}})
         shutil.rmtree(run.out, ignore_errors=True)
-        trainer = Trainer(run, teacher, manifests, {"train": cache} if mode == "cached" else {}, Console(stderr=True))
+        trainer = build_trainer(run, teacher, manifests, {"train": cache} if mode == "cached" else {},
+                                Console(stderr=True))
         trainer.fit()
         st = trainer.state
         rows.append({"mode": mode, "images": st.images, "seconds": round(st.train_seconds, 3),

@@ -1,4 +1,4 @@
-"""Loss terms, registered by name (METHODS.md A and C).
+"""Loss terms, registered by name (docs/methods.md#loss-terms).
 
 A recipe names its terms and their options::
 
@@ -15,81 +15,26 @@ run. Adding a term is one decorated class in a module of this package.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any
 
-import torch
-from pydantic import BaseModel, ConfigDict, Field
-from torch import Tensor, nn
+from torch import nn
 
-from edgedistill.registry import Registry
-
-
-class TermOptions(BaseModel):
-    """Options every term has; a term's own options subclass this."""
-    model_config = ConfigDict(extra="forbid")
-    weight: float = Field(1.0, ge=0.0, description="base weight; adaptive balancers multiply their weight by it")
-
-
-@dataclass
-class Embeddings:
-    """One training batch, every embedding at the teacher's width D (a student of another width is projected).
-
-    B images; P <= B of them come with a caption (one caption each, drawn per step).
-    Teacher embeddings are L2-normalised and carry no gradient; student embeddings are raw (not normalised).
-    """
-    student_image: Tensor                   # (B, D)
-    teacher_image: Tensor                   # (B, D)
-    student_text: Tensor | None = None      # (P, D): the student's text embeddings of the P captions
-    teacher_text: Tensor | None = None      # (P, D)
-    pair_image: Tensor | None = None        # (P,) long: which of the B images each caption belongs to
-    logit_scale: Tensor | None = None       # scalar: the student's learnable log logit scale (open_clip's, not exp'ed)
-    text_is_student: bool = False           # True when student_text comes from a trainable student text tower
-    labels: Tensor | None = None            # (B,) long class index, -1 = no label  (issue 6: classification)
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class LossContext:
-    """What a term may need at construction time."""
-    embed_dim: int
-    text_bank: Tensor | None = None         # (K, D) teacher text embeddings, L2-normalised (vl_align's candidates)
-    class_text: Tensor | None = None        # (C, D) teacher class-prompt embeddings when labels exist
-
-
-class LossTerm(nn.Module):
-    name: ClassVar[str] = ""
-    Options: ClassVar[type[TermOptions]] = TermOptions
-
-    def __init__(self, options: TermOptions, context: LossContext) -> None:
-        super().__init__()
-        self.options = options
-        self.context = context
-
-    def forward(self, e: Embeddings) -> Tensor | None:  # pragma: no cover - abstract
-        raise NotImplementedError
-
-    @torch.no_grad()
-    def after_step(self, e: Embeddings) -> None:
-        """Called once after each optimizer step with that step's batch (e.g. to enqueue teacher keys)."""
-
-
-LOSSES = Registry("loss term")
-register_loss = LOSSES.register
+# Importing the term modules registers their terms.
+from edgedistill.losses import alignment, contrastive, output  # noqa: F401
+from edgedistill.losses.base import LOSSES, Embeddings, LossContext, LossTerm, TermOptions, register_loss
 
 
 def validate_term_options(name: str, raw: Any) -> TermOptions:
-    """Options of term ``name`` from the recipe (None or a mapping); ValueError naming the bad key."""
-    _load_builtin_terms()
+    """Options of term ``name`` from the recipe (None, a mapping or options); ValueError naming the bad key."""
+    if isinstance(raw, TermOptions):
+        raw = raw.model_dump()
     return LOSSES.validate_options(name, raw or {})  # type: ignore[return-value]
 
 
 def build_losses(terms: dict[str, TermOptions], context: LossContext) -> nn.ModuleDict:
     """Instantiate the recipe's terms, in recipe order."""
-    _load_builtin_terms()
-    return nn.ModuleDict({name: LOSSES[name](options, context) for name, options in terms.items()})
+    return nn.ModuleDict({name: LOSSES.build(name, options, context) for name, options in terms.items()})
 
 
-def _load_builtin_terms() -> None:
-    # Importing the modules registers their terms.
-    from edgedistill.losses import alignment, contrastive, output  # noqa: F401
+__all__ = ["LOSSES", "Embeddings", "LossContext", "LossTerm", "TermOptions", "build_losses", "register_loss",
+           "validate_term_options"]

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor
 
-from edgedistill.losses import Embeddings, LossContext, LossTerm, TermOptions, register_loss
+from edgedistill.losses.base import Embeddings, LossContext, LossTerm, TermOptions, register_loss
 from edgedistill.losses.output import row_kl, teacher_unit, unit
 
 

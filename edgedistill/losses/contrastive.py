@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor
 
-from edgedistill.losses import Embeddings, LossContext, LossTerm, TermOptions, register_loss
+from edgedistill.losses.base import Embeddings, LossContext, LossTerm, TermOptions, register_loss
 from edgedistill.losses.output import mean_of, student_text_pairs, teacher_unit, unit
 
 

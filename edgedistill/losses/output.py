@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor
 
-from edgedistill.losses import Embeddings, LossTerm, TermOptions, register_loss
+from edgedistill.losses.base import Embeddings, LossTerm, TermOptions, register_loss
 
 
 def unit(x: Tensor) -> Tensor:
