@@ -27,6 +27,10 @@ from edgedistill.losses import TermOptions, validate_term_options
 from edgedistill.select import SelectorOptions, validate_selector
 
 
+DEFAULT_PROMPT = "a photo of a {label}."                               # eval.prompt
+DEFAULT_DESCRIPTION_PROMPT = "a photo of {label} . {description}"      # data.description_prompt (Li et al.'s form)
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -85,7 +89,7 @@ class DataConfig(_Section):
         None, description="JSON file: class name -> list of attribute sentences; each class's text becomes the mean "
                           "teacher embedding of description_prompt over its sentences (classes not in the file "
                           "keep eval.prompt)")
-    description_prompt: str = Field("a photo of {label} . {description}",
+    description_prompt: str = Field(DEFAULT_DESCRIPTION_PROMPT,
                                     description="class prompt with a description; {label} and {description}")
     ood_val: Path | None = Field(None, description="manifest of out-of-distribution classes (disjoint from the "
                                                    "training classes) for zero-shot and few-shot evaluation")
@@ -186,7 +190,7 @@ class TrainConfig(_Section):
 
 
 class EvalConfig(_Section):
-    prompt: str = Field("a photo of a {label}.", description="zero-shot class prompt; {label} is the class name")
+    prompt: str = Field(DEFAULT_PROMPT, description="zero-shot class prompt; {label} is the class name")
     batch_size: PositiveInt = Field(128, description="images per batch when embedding val data")
     few_shot: list[PositiveInt] = Field([1, 4], description="data.ood_val few-shot: k support images per new class")
     few_shot_repeats: PositiveInt = Field(3, description="seeded support draws per k (the mean is reported)")

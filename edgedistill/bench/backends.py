@@ -15,8 +15,8 @@ embeddings for the accuracy pass. GPU runners enqueue on torch's current stream,
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
-import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -24,6 +24,7 @@ from typing import Any, Callable
 import numpy as np
 
 from edgedistill.errors import UserError
+from edgedistill.formats import BACKENDS, backends_for, resolve, why_not
 from edgedistill.locations import default_cache_root
 
 
@@ -132,6 +133,10 @@ class OrtRunner(Runner):
     host-to-device copy is staged, not timed. A provider that fails to build or run the graph is this
     artifact's failure (a UserError, hence a failed row), never the whole bench's."""
 
+    @classmethod
+    def open(cls, backend: str, path: Path, artifact: dict[str, Any], options: "RunOptions") -> "OrtRunner":
+        return cls(path, str(artifact.get("precision", "fp32")), backend, options.threads, options.batch_range)
+
     def __init__(self, path: Path, precision: str, backend: str, threads: int | None,
                  batch_range: tuple[int, int, int] | None = None) -> None:
         from edgedistill.export.graph import ort_session
@@ -197,6 +202,14 @@ class OrtRunner(Runner):
 class TorchRunner(Runner):
     """A PyTorch module in eager mode (the student as trained, or the teacher), on CPU or CUDA."""
 
+    @classmethod
+    def open(cls, backend: str, path: Path, artifact: dict[str, Any], options: "RunOptions") -> "TorchRunner":
+        """The student folder ``path`` as trained: its image or text encoder (``artifact['encoder']``)."""
+        from edgedistill.export.graph import ImageEncoder, TextEncoder
+
+        wrap = ImageEncoder if artifact.get("encoder", "image") == "image" else TextEncoder
+        return cls(wrap(_student_model(str(path))), options.device)
+
     def __init__(self, module: Any, device: str, dtype: Any = None) -> None:
         import torch
 
@@ -226,6 +239,10 @@ class TorchRunner(Runner):
 class TorchTrtRunner(TorchRunner):
     """A Torch-TensorRT program (``.ep``), after its GPU and sha256 checks (export.torchtrt.load_torchtrt)."""
 
+    @classmethod
+    def open(cls, backend: str, path: Path, artifact: dict[str, Any], options: "RunOptions") -> "TorchTrtRunner":
+        return cls(path)
+
     def __init__(self, path: Path) -> None:
         from edgedistill.export.tensorrt import read_sidecar
         from edgedistill.export.torchtrt import REBUILD_HINT, load_torchtrt
@@ -237,6 +254,14 @@ class TorchTrtRunner(TorchRunner):
         profile = read_sidecar(Path(path), kind="Torch-TensorRT program", hint=REBUILD_HINT).get("profile") or {}
         self.min_batch = int(profile.get("min", 1))
         self.max_batch = int(profile["max"]) if profile.get("max") else None
+
+
+@functools.lru_cache(maxsize=2)
+def _student_model(folder: str) -> Any:
+    """The saved student, loaded once for its image and text rows (fp32, eval mode, CPU until a runner moves it)."""
+    from edgedistill.students import load_student
+
+    return load_student(Path(folder), "cpu").model.float().eval()
 
 
 class _Callable:
@@ -260,6 +285,10 @@ class TensorRtRunner(Runner):
     """A serialized TensorRT engine, through export.tensorrt.TrtRunner (which checks GPU, version, sha256)."""
     backend = "tensorrt"
     timer = "cuda"
+
+    @classmethod
+    def open(cls, backend: str, path: Path, artifact: dict[str, Any], options: "RunOptions") -> "TensorRtRunner":
+        return cls(path)
 
     def __init__(self, path: Path) -> None:
         from edgedistill.export.tensorrt import TrtRunner
@@ -286,6 +315,14 @@ class TensorRtRunner(Runner):
 
 # ---------------------------------------------------------------------------------------------- planning
 @dataclass
+class RunOptions:
+    """How a runner is opened: the bench device, CPU threads, and the batch profile TensorRT builds for."""
+    device: str = "cpu"
+    threads: int | None = None
+    batch_range: tuple[int, int, int] | None = None
+
+
+@dataclass
 class Candidate:
     """One (artifact, backend) the device could run, or the reason it cannot."""
     artifact: dict[str, Any]
@@ -294,49 +331,20 @@ class Candidate:
     make: Callable[[], Runner] | None = field(default=None, repr=False)
 
 
-def ort_gpu_providers() -> set[str]:
-    import onnxruntime as ort
-
-    return set(ort.get_available_providers())
-
-
 def candidates(artifact: dict[str, Any], path: Path, device: str, threads: int | None,
                batch_range: tuple[int, int, int] | None = None) -> list[Candidate]:
-    """Every backend of ``device`` for one export.json artifact: runnable ones with a factory, others with why.
-
-    ``batch_range`` (min, opt, max): the batch profile onnxruntime's TensorRT provider builds for."""
-    fmt, precision = artifact.get("format"), artifact.get("precision", "fp32")
-    gpu = device in ("cuda", "jetson")
-    if fmt == "onnx":
-        if not gpu:
-            return [Candidate(artifact, "onnxruntime-cpu",
-                              make=lambda: OrtRunner(path, precision, "onnxruntime-cpu", threads))]
-        out = []
-        available = ort_gpu_providers()
-        for backend in ("onnxruntime-cuda", "onnxruntime-tensorrt"):
-            provider = ORT_PROVIDERS[backend]
-            if provider not in available:
-                why = f"onnxruntime has no {provider} here (pip install onnxruntime-gpu" + \
-                      (", with TensorRT libraries)" if "Tensorrt" in provider else ")")
-                out.append(Candidate(artifact, backend, reason=why))
-            else:
-                out.append(Candidate(artifact, backend,
-                                     make=lambda b=backend: OrtRunner(path, precision, b, threads, batch_range)))
-        return out
-    if fmt == "trt":
-        if not gpu:
-            return [Candidate(artifact, "tensorrt", reason="TensorRT engines run on a GPU: use --device cuda or "
-                                                           "jetson on the machine the engine was built for")]
-        if importlib.util.find_spec("tensorrt") is None:  # the module, not pip metadata: JetPack installs it by apt
-            return [Candidate(artifact, "tensorrt", reason="tensorrt is not installed (pip install "
-                                                           "'edgedistill[gpu]'; on a Jetson it comes with JetPack)")]
-        return [Candidate(artifact, "tensorrt", make=lambda: TensorRtRunner(path))]
-    if fmt == "torchtrt":
-        if not gpu:
-            return [Candidate(artifact, "torch-tensorrt", reason="Torch-TensorRT programs run on a GPU: use "
-                                                                 "--device cuda")]
-        return [Candidate(artifact, "torch-tensorrt", make=lambda: TorchTrtRunner(path))]
-    if fmt == "npy":
-        return [Candidate(artifact, "-", reason="precomputed text embeddings, not a model (used by devices that "
-                                                "run no text encoder)")]
-    return [Candidate(artifact, "-", reason=f"unknown artifact format {fmt!r}; this edgedistill cannot run it")]
+    """Every backend of ``device`` for one artifact (formats.BACKENDS): runnable ones with a factory, the others
+    with the reason. ``batch_range`` (min, opt, max): the batch profile onnxruntime's TensorRT provider builds for.
+    """
+    fmt = str(artifact.get("format"))
+    options = RunOptions(device, threads, batch_range)
+    backends = backends_for(fmt, device)
+    if not backends:  # named after the backend the format would have elsewhere, so the row says what it is
+        name = next((b.name for b in BACKENDS.values() if fmt in b.formats), "-")
+        return [Candidate(artifact, name, reason=why_not(fmt, device))]
+    out = []
+    for b in backends:
+        missing = b.missing()
+        out.append(Candidate(artifact, b.name, reason=missing) if missing else Candidate(
+            artifact, b.name, make=lambda b=b: resolve(b.runner).open(b.name, path, artifact, options)))
+    return out

@@ -23,14 +23,17 @@ from rich.console import Console
 
 from edgedistill import atomic
 from edgedistill.bench import report as rep
-from edgedistill.bench.accuracy import DEFAULT_PROMPT, ValSet, image_transform, load_valset, metrics
-from edgedistill.bench.backends import Candidate, OrtRunner, Runner, TorchRunner, candidates
+from edgedistill.bench.accuracy import (BenchVal, References, class_prompts, image_accuracy, image_transform,
+                                       load_bench_val, reference_texts, text_accuracy)
+from edgedistill.bench.backends import Candidate, OrtRunner, RunOptions, Runner, TorchRunner, candidates
 from edgedistill.bench.devices import DEVICES, describe_device, describe_short
 from edgedistill.bench.timing import summarize, time_cpu, time_cuda
 from edgedistill.data.images import open_image
 from edgedistill.documents import BenchReport, BundleContext, BundleTeacher, read_document
 from edgedistill.errors import UserError
+from edgedistill.evaluate import ClassPrompts
 from edgedistill.export import artifacts
+from edgedistill.formats import BACKENDS
 
 BUNDLE_TEACHER = "teacher"   # bundle folder: teacher.json (scores, preprocess) and image_fp32.onnx
 BUNDLE_VAL = "val"           # bundle folder: val.jsonl + images/
@@ -90,7 +93,7 @@ class Sources:
     student_dir: Path | None
     run_dir: Path | None
     val: Path | None
-    prompt: str
+    prompts: ClassPrompts                   # how class names become prompts (recorded by the export)
     teacher: dict[str, Any] | None          # bundle teacher.json: metrics, preprocess, onnx file
     notes: list[str] = field(default_factory=list)
 
@@ -106,10 +109,11 @@ def resolve_sources(export_dir: Path, doc: dict[str, Any], val: Path | None) -> 
     student = export_dir / BUNDLE_STUDENT
     if not student.is_dir():
         student = run_dir / "student" if run_dir is not None and (run_dir / "student").is_dir() else None
-    prompt = context.get("prompt") or DEFAULT_PROMPT
-    if run_dir is not None:
+    fallback = context.get("prompt")  # exports made before export.json recorded the class prompts
+    if run_dir is not None and not (doc.get("val") or {}).get("prompts"):
         from edgedistill.recipe import load_recipe
-        prompt = load_recipe(run_dir / "recipe.yaml", ["device=cpu"]).eval.prompt
+        fallback = load_recipe(run_dir / "recipe.yaml", ["device=cpu"]).eval.prompt
+    prompts = class_prompts(doc.get("val"), fallback)
     notes = []
     if val is None:
         for cand in (export_dir / BUNDLE_VAL / "val.jsonl", Path((doc.get("val") or {}).get("manifest") or "")):
@@ -122,7 +126,7 @@ def resolve_sources(export_dir: Path, doc: dict[str, Any], val: Path | None) -> 
     teacher_json = export_dir / BUNDLE_TEACHER / "teacher.json"
     teacher = read_document(teacher_json, BundleTeacher, "bench bundle file", "bench again").model_dump() \
         if teacher_json.is_file() else None
-    return Sources(export_dir, doc, student, run_dir, Path(val) if val else None, prompt, teacher, notes)
+    return Sources(export_dir, doc, student, run_dir, Path(val) if val else None, prompts, teacher, notes)
 
 
 # ------------------------------------------------------------------------------------------------ teacher
@@ -156,8 +160,8 @@ def teacher_side(src: Sources, val_manifest: Path | None, want_timing: bool,
     if val_manifest is not None:
         manifest = load_manifest(val_manifest)
         cache = caches_for_recipe(recipe, teacher, {"val": manifest}, console=console)["val"].cache
-        scores = teacher_metrics(prepare_val(manifest, teacher, cache, src.prompt, console=console))
-        info["metrics"] = {k: round(float(v), 4) for k, v in scores.items()}
+        info["metrics"] = teacher_metrics(prepare_val(manifest, teacher, cache, src.prompts, console=console,
+                                                      cache_root=recipe.cache.root))
     if want_timing:
         from edgedistill.export.graph import IMAGE_INPUT, IMAGE_OUTPUT, ImageEncoder, export_onnx
 
@@ -204,24 +208,13 @@ def plan_jobs(src: Sources, opts: BenchOptions, teacher: dict[str, Any] | None,
         for cand in candidates(entry, path, device, opts.threads, batch_range):
             jobs.append(Job(entry.get("name", entry["path"]), "student", entry.get("encoder", "image"),
                             entry.get("format", "?"), entry.get("precision", "fp32"), entry.get("size_mb"), cand))
-    if src.student_dir is not None:
-        from edgedistill.export.graph import ImageEncoder, TextEncoder
-        from edgedistill.students import load_student
-
+    if src.student_dir is not None:  # the student as trained: the "pytorch" format of the table
         weights = src.student_dir / "open_clip_model.safetensors"
         size = round(weights.stat().st_size / 2**20, 3) if weights.is_file() else None
-        holder: dict[str, Any] = {}
-
-        def model() -> Any:  # loaded once, on first use
-            if "m" not in holder:
-                holder["m"] = load_student(src.student_dir, "cpu").model.float().eval()
-            return holder["m"]
-
-        for encoder, wrap in (("image", ImageEncoder), ("text", TextEncoder)):
+        for encoder in ("image", "text"):
             art = {"name": f"{encoder}_fp32_pytorch", "encoder": encoder, "format": "pytorch", "precision": "fp32"}
-            jobs.append(Job(art["name"], "student", encoder, "pytorch", "fp32", size, Candidate(
-                art, f"pytorch-{'cuda' if device != 'cpu' else 'cpu'}",
-                make=lambda w=wrap: TorchRunner(w(model()), device))))
+            for cand in candidates(art, src.student_dir, device, opts.threads, batch_range):
+                jobs.append(Job(art["name"], "student", encoder, "pytorch", "fp32", size, cand))
     if opts.teacher and teacher is not None:
         from edgedistill.export.graph import ImageEncoder
 
@@ -240,52 +233,43 @@ def plan_jobs(src: Sources, opts: BenchOptions, teacher: dict[str, Any] | None,
 
 
 # ------------------------------------------------------------------------------------------------ references
-@dataclass
-class References:
-    """fp32 embeddings of the other tower, for scoring each artifact on its own."""
-    image: np.ndarray | None = None          # (N, D)
-    text: np.ndarray | None = None           # (T, D)
-    class_text: np.ndarray | None = None     # (C, D)
-    source: str = ""
-
-
-def references(src: Sources, val: ValSet, jobs: list[Job], threads: int | None) -> References:
-    """fp32 ONNX graphs on onnxruntime CPU (or the PyTorch student when a graph is missing)."""
+def references(src: Sources, val: BenchVal, threads: int | None) -> References:
+    """fp32 embeddings of both towers on the CPU: the PyTorch student's (what distill and eval report) where its
+    folder is here, else the fp32 ONNX graphs on onnxruntime."""
     ref = References()
-    by_name = {(e.get("encoder"), e.get("format"), e.get("precision")): e for e in src.doc["artifacts"]}
     for encoder in ("image", "text"):
-        runner: Runner | None = None
-        entry = by_name.get((encoder, "onnx", "fp32"))
-        if entry is not None:
-            try:
-                runner = OrtRunner(artifacts.verify_artifact(src.export_dir, entry), "fp32", "onnxruntime-cpu",
-                                   threads)
-                ref.source += f"{encoder}: {entry['name']} on onnxruntime-cpu; "
-            except UserError:
-                runner = None
+        runner, source = _reference_runner(src, encoder, threads)
         if runner is None:
-            job = next((j for j in jobs if j.fmt == "pytorch" and j.role == "student" and j.encoder == encoder), None)
-            if job is None:
-                continue
-            runner = job.candidate.make()  # type: ignore[misc]
-            runner = TorchRunner(runner.module, "cpu")  # references always on CPU
-            ref.source += f"{encoder}: PyTorch student fp32; "
+            continue
+        ref.source += f"{encoder}: {source}; "
         if encoder == "image":
             ref.image = runner.embed(val.images)
         else:
-            ref.text = runner.embed(val.tokens) if val.has_captions else None
-            ref.class_text = runner.embed(val.class_tokens) if val.class_tokens is not None else None
+            ref.text, ref.class_text = reference_texts(val, runner.embed)
     return ref
 
 
-def score(job: Job, runner: Runner, val: ValSet, ref: References) -> dict[str, float]:
+def _reference_runner(src: Sources, encoder: str, threads: int | None) -> tuple[Runner | None, str]:
+    art = {"name": f"{encoder}_fp32_pytorch", "encoder": encoder, "format": "pytorch", "precision": "fp32"}
+    if src.student_dir is not None and BACKENDS["pytorch-cpu"].missing() is None:
+        return TorchRunner.open("pytorch-cpu", src.student_dir, art, RunOptions("cpu", threads)), \
+            "PyTorch student fp32"
+    entry = next((e for e in src.doc["artifacts"] if (e.get("encoder"), e.get("format"), e.get("precision"))
+                  == (encoder, "onnx", "fp32")), None)
+    if entry is None:
+        return None, ""
+    try:
+        path = artifacts.verify_artifact(src.export_dir, entry)
+    except UserError:
+        return None, ""
+    return OrtRunner(path, "fp32", "onnxruntime-cpu", threads), f"{entry['name']} on onnxruntime-cpu"
+
+
+def accuracy(job: Job, runner: Runner, val: BenchVal, ref: References) -> dict[str, float]:
+    what = f"{job.name} on {job.candidate.backend}"
     if job.encoder == "image":
-        return metrics(val, runner.embed(val.images), ref.text, ref.class_text)
-    if ref.image is None:
-        return {}
-    text = runner.embed(val.tokens) if val.has_captions else None
-    class_text = runner.embed(val.class_tokens) if val.class_tokens is not None else None
-    return metrics(val, ref.image, text, class_text)
+        return image_accuracy(val, runner.embed(val.images), ref, what)
+    return text_accuracy(val, runner.embed, ref, what)
 
 
 # ------------------------------------------------------------------------------------------------ timing
@@ -294,7 +278,7 @@ def _tile(x: np.ndarray, batch: int) -> np.ndarray:
     return np.ascontiguousarray(np.concatenate([x] * reps)[:batch])
 
 
-def _inputs(job: Job, val: ValSet | None, preprocess: dict[str, Any], context: int) -> np.ndarray:
+def _inputs(job: Job, val: BenchVal | None, preprocess: dict[str, Any], context: int) -> np.ndarray:
     """The batch source for timing: real val images/captions when there are some, else seeded noise / tokens."""
     if job.encoder == "image":
         if val is not None and (job.role == "student"):
@@ -347,7 +331,7 @@ def _sync(runner: Runner) -> Callable[[], None]:
     return torch.cuda.synchronize if runner.timer == "cuda" else (lambda: None)
 
 
-def _e2e(job: Job, runner: Runner, val: ValSet | None, preprocess: dict[str, Any], tokenizer: Any,
+def _e2e(job: Job, runner: Runner, val: BenchVal | None, preprocess: dict[str, Any], tokenizer: Any,
          captions: list[str]) -> Callable[[int], Any] | None:
     """Decode + preprocess + stage + run, for ``--e2e`` (image files, or caption strings to tokenize)."""
     if val is None:
@@ -389,97 +373,129 @@ def run_bench(opts: BenchOptions, console: Console | None = None) -> dict[str, A
         torch.set_num_threads(previous)
 
 
+@dataclass
+class Session:
+    """One local bench: its options, where things come from, the staged val data and the fp32 references."""
+    opts: BenchOptions
+    doc: dict[str, Any]
+    src: Sources
+    threads: int
+    console: Console
+    val: BenchVal | None = None
+    ref: References = field(default_factory=References)
+    tokenizer: Any = None
+    captions: list[str] = field(default_factory=list)
+    power: Any = None
+    failures: list[tuple[dict[str, Any], str]] = field(default_factory=list)
+
+    @property
+    def common(self) -> dict[str, Any]:
+        return {"device": self.opts.device, "threads": self.threads, "warmup": self.opts.warmup,
+                "iters": self.opts.iters, "mode": "e2e" if self.opts.e2e else "inference"}
+
+
 def _bench_here(opts: BenchOptions, export_dir: Path, doc: dict[str, Any], out: Path, threads: int,
                 console: Console) -> dict[str, Any]:
     device_info = describe_device(opts.device, threads)
-    device_line = describe_short(device_info)
-    console.print(f"bench {export_dir} on {device_line}", highlight=False)
-    src = resolve_sources(export_dir, doc, opts.val)
-    tokenizer = _tokenizer(src)
-    val = None
-    if src.val is not None:
-        if tokenizer is None:
-            src.notes.append("accuracy not measured: no tokenizer (the student folder is not on this machine)")
-        else:
-            with console.status(f"reading val images from {src.val}"):
-                val = load_valset(src.val, doc["preprocess"], tokenizer, src.prompt, console=console)
-    teacher = teacher_side(src, val.manifest if val is not None else None, opts.teacher, console)
-    failures: list[tuple[dict[str, Any], str]] = []
-    jobs = plan_jobs(src, opts, teacher, failures)
-    ref = references(src, val, jobs, threads) if val is not None else References()
-    power = _power_sampler(opts.device)
-    captions = _captions(val) if opts.e2e and val is not None else []
-    rows: list[dict[str, Any]] = []
-    common = {"device": opts.device, "threads": threads, "warmup": opts.warmup, "iters": opts.iters,
-              "mode": "e2e" if opts.e2e else "inference"}
-    for entry, why in failures:
-        rows.append(rep.make_row(artifact=entry.get("name", entry.get("path")), role="student",
-                                 encoder=entry.get("encoder"), format=entry.get("format"),
-                                 precision=entry.get("precision"), size_mb=entry.get("size_mb"), status="failed",
-                                 reason=why, device=opts.device))
+    console.print(f"bench {export_dir} on {describe_short(device_info)}", highlight=False)
+    ses = Session(opts, doc, resolve_sources(export_dir, doc, opts.val), threads, console)
+    _stage_val(ses)
+    teacher = teacher_side(ses.src, ses.val.split.manifest.path if ses.val is not None else None, opts.teacher,
+                           console)
+    jobs = plan_jobs(ses.src, opts, teacher, ses.failures)
+    ses.power = _power_sampler(opts.device)
+    rows = [rep.make_row(artifact=entry.get("name", entry.get("path")), role="student", encoder=entry.get("encoder"),
+                         format=entry.get("format"), precision=entry.get("precision"), size_mb=entry.get("size_mb"),
+                         status="failed", reason=why, device=opts.device) for entry, why in ses.failures]
     if teacher is not None and teacher.get("metrics"):
         rows.append(rep.make_row(artifact="teacher", role="teacher", encoder="image", format="-", precision="fp32",
                                  backend="(scores)", device=opts.device, status="ok",
                                  reason="val scores of the teacher (cached embeddings); time it with --teacher",
                                  **{k: v for k, v in teacher["metrics"].items() if k in rep.ACCURACY}))
-    context = int((doc.get("tokenizer") or {}).get("context_length") or 77)
     for job in jobs:
-        base = dict(artifact=job.name, role=job.role, encoder=job.encoder, format=job.fmt, precision=job.precision,
-                    backend=job.candidate.backend, size_mb=job.size_mb, **common)
-        if job.candidate.reason is not None:
-            rows.append(rep.make_row(**base, status="skipped", reason=job.candidate.reason))
-            continue
-        try:
-            with console.status(f"{job.name} on {job.candidate.backend}: loading"):
-                runner = job.candidate.make()  # type: ignore[misc]
-            base["backend_version"] = runner.version
-            acc: dict[str, float] = {}
-            if job.role == "teacher" and teacher is not None:
-                acc = {k: v for k, v in (teacher.get("metrics") or {}).items() if k in rep.ACCURACY}
-            elif val is not None:
-                with console.status(f"{job.name} on {job.candidate.backend}: val accuracy"):
-                    acc = score(job, runner, val, ref)
-            preprocess = (teacher or {}).get("preprocess") if job.role == "teacher" else doc["preprocess"]
-            source = _inputs(job, val, preprocess or doc["preprocess"], context)
-            e2e = _e2e(job, runner, val if job.role == "student" else None, preprocess or doc["preprocess"],
-                       tokenizer, captions) if opts.e2e else None
-            for batch in opts.batches:
-                if not runner.min_batch <= batch <= (runner.max_batch or batch):
-                    rows.append(rep.make_row(**base, batch=batch, status="skipped", reason=(
-                        f"batch {batch} is outside the engine's profile {runner.min_batch}..{runner.max_batch}")))
-                    continue
-                if opts.e2e and e2e is None:
-                    rows.append(rep.make_row(**base, batch=batch, status="skipped",
-                                             reason="--e2e needs the val images and captions"))
-                    continue
-                with console.status(f"{job.name} on {job.candidate.backend}: batch {batch}"):
-                    lat = time_job(job, runner, opts, batch, source, e2e, power)
-                lat.pop("min_ms", None)
-                rows.append(rep.make_row(**{**base, **{k: v for k, v in lat.items() if k in rep.ROW_FIELDS},
-                                            **acc, "status": "ok"}))
-                console.print(f"  {job.name:<28} {job.candidate.backend:<22} batch {batch:>3}: p50 "
-                              f"{lat['p50_ms']:.3f} ms", highlight=False)
-            del runner
-        except UserError as e:
-            failures.append(({"name": job.name}, str(e)))
-            rows.append(rep.make_row(**base, status="failed", reason=str(e)))
-    report = {"export_dir": str(export_dir.resolve()), "device_info": device_info, "device_line": device_line,
-              "conditions": {"warmup": opts.warmup, "iters": opts.iters, "threads": threads,
-                             "mode": common["mode"], "batches": opts.batches},
-              "val": str(src.val) if src.val else None,
-              "val_images": int(len(val.images)) if val is not None else 0,
-              "accuracy_note": "; ".join(src.notes) or (f"val split {src.val}; the other tower from "
-                                                        f"{ref.source.strip('; ')}" if val is not None else None),
-              "teacher": {k: v for k, v in (teacher or {}).items() if k in ("name", "identity", "metrics")},
-              "rows": rows, "failures": [{"artifact": e.get("name"), "reason": why} for e, why in failures]}
+        rows += _measure(ses, job, teacher)
+    report = _report(ses, export_dir, device_info, teacher, rows)
     paths = save_report(out, report)
     rep.print_table(report, console)
     console.print(f"report: {paths['md']}  json: {paths['json']}  plot: {paths['png']}", highlight=False)
-    if failures:
-        for entry, why in failures:
+    if ses.failures:
+        for entry, why in ses.failures:
             console.print(f"error: {entry.get('name')}: {why}", highlight=False, markup=False)
-        raise UserError(f"{len(failures)} artifact(s) failed (listed above); the report in {out} has the rest")
+        raise UserError(f"{len(ses.failures)} artifact(s) failed (listed above); the report in {out} has the rest")
     return report
+
+
+def _stage_val(ses: Session) -> None:
+    """Decode and tokenize the val split once, and embed it with the fp32 references."""
+    src = ses.src
+    ses.tokenizer = _tokenizer(src)
+    if src.val is None:
+        return
+    if ses.tokenizer is None:
+        src.notes.append("accuracy not measured: no tokenizer (the student folder is not on this machine)")
+        return
+    with ses.console.status(f"reading val images from {src.val}"):
+        ses.val = load_bench_val(src.val, ses.doc["preprocess"], ses.tokenizer, src.prompts, ses.console)
+    with ses.console.status("val embeddings of the fp32 references"):
+        ses.ref = references(src, ses.val, ses.threads)
+    ses.captions = ses.val.split.captions if ses.opts.e2e else []
+
+
+def _measure(ses: Session, job: Job, teacher: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """The rows of one (model, backend): accuracy once, then latency per batch size; a fault fails this job only."""
+    opts, doc = ses.opts, ses.doc
+    base = dict(artifact=job.name, role=job.role, encoder=job.encoder, format=job.fmt, precision=job.precision,
+                backend=job.candidate.backend, size_mb=job.size_mb, **ses.common)
+    if job.candidate.reason is not None:
+        return [rep.make_row(**base, status="skipped", reason=job.candidate.reason)]
+    try:
+        with ses.console.status(f"{job.name} on {job.candidate.backend}: loading"):
+            runner = job.candidate.make()  # type: ignore[misc]
+        base["backend_version"] = runner.version
+        acc: dict[str, float] = {}
+        if job.role == "teacher" and teacher is not None:
+            acc = {k: v for k, v in (teacher.get("metrics") or {}).items() if k in rep.ACCURACY}
+        elif ses.val is not None:
+            with ses.console.status(f"{job.name} on {job.candidate.backend}: val accuracy"):
+                acc = accuracy(job, runner, ses.val, ses.ref)
+        preprocess = ((teacher or {}).get("preprocess") if job.role == "teacher" else None) or doc["preprocess"]
+        source = _inputs(job, ses.val, preprocess, int((doc.get("tokenizer") or {}).get("context_length") or 77))
+        e2e = _e2e(job, runner, ses.val if job.role == "student" else None, preprocess, ses.tokenizer,
+                   ses.captions) if opts.e2e else None
+        return [_batch_row(ses, job, runner, base, acc, batch, source, e2e) for batch in opts.batches]
+    except UserError as e:
+        ses.failures.append(({"name": job.name}, str(e)))
+        return [rep.make_row(**base, status="failed", reason=str(e))]
+
+
+def _batch_row(ses: Session, job: Job, runner: Runner, base: dict[str, Any], acc: dict[str, float], batch: int,
+               source: np.ndarray, e2e: Callable[[int], Any] | None) -> dict[str, Any]:
+    if not runner.min_batch <= batch <= (runner.max_batch or batch):
+        return rep.make_row(**base, batch=batch, status="skipped", reason=(
+            f"batch {batch} is outside the engine's profile {runner.min_batch}..{runner.max_batch}"))
+    if ses.opts.e2e and e2e is None:
+        return rep.make_row(**base, batch=batch, status="skipped", reason="--e2e needs the val images and captions")
+    with ses.console.status(f"{job.name} on {job.candidate.backend}: batch {batch}"):
+        lat = time_job(job, runner, ses.opts, batch, source, e2e, ses.power)
+    lat.pop("min_ms", None)
+    ses.console.print(f"  {job.name:<28} {job.candidate.backend:<22} batch {batch:>3}: p50 {lat['p50_ms']:.3f} ms",
+                      highlight=False)
+    return rep.make_row(**{**base, **{k: v for k, v in lat.items() if k in rep.ROW_FIELDS}, **acc, "status": "ok"})
+
+
+def _report(ses: Session, export_dir: Path, device_info: dict[str, Any], teacher: dict[str, Any] | None,
+            rows: list[dict[str, Any]]) -> dict[str, Any]:
+    src, val = ses.src, ses.val
+    note = "; ".join(src.notes) or (f"val split {src.val}; the other tower from {ses.ref.source.strip('; ')}"
+                                    if val is not None else None)
+    return {"export_dir": str(export_dir.resolve()), "device_info": device_info,
+            "device_line": describe_short(device_info),
+            "conditions": {"warmup": ses.opts.warmup, "iters": ses.opts.iters, "threads": ses.threads,
+                           "mode": ses.common["mode"], "batches": ses.opts.batches},
+            "val": str(src.val) if src.val else None, "val_images": int(len(val.images)) if val is not None else 0,
+            "accuracy_note": note,
+            "teacher": {k: v for k, v in (teacher or {}).items() if k in ("name", "identity", "metrics")},
+            "rows": rows, "failures": [{"artifact": e.get("name"), "reason": why} for e, why in ses.failures]}
 
 
 def save_report(out: Path, report: dict[str, Any]) -> dict[str, Path]:
@@ -499,11 +515,6 @@ def _tokenizer(src: Sources) -> Any:
         return None
     import open_clip
     return open_clip.get_tokenizer(f"local-dir:{src.student_dir}")
-
-
-def _captions(val: ValSet) -> list[str]:
-    from edgedistill.data.manifest import load_manifest
-    return [c for e in load_manifest(val.manifest).entries for c in e.captions]
 
 
 def _power_sampler(device: str) -> Any:
@@ -553,7 +564,7 @@ def make_bundle(export_dir: Path, doc: dict[str, Any], src: Sources, teacher: di
             shutil.copy2(teacher["onnx_path"], dest / BUNDLE_TEACHER / "image_fp32.onnx")
             info["onnx"] = "image_fp32.onnx"
         (dest / BUNDLE_TEACHER / "teacher.json").write_text(json.dumps(info, indent=1, default=str))
-    (dest / BUNDLE_CONTEXT).write_text(json.dumps({"prompt": src.prompt, "from": str(export_dir.resolve())}))
+    (dest / BUNDLE_CONTEXT).write_text(json.dumps({"prompt": src.prompts.prompt, "from": str(export_dir.resolve())}))
     return dest
 
 

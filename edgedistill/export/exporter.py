@@ -2,7 +2,9 @@
 
 Every artifact is checked against PyTorch on real images of the recipe's val split before it gets its final
 name: a graph that disagrees is deleted and the export stops (exit 2), so nothing that looks good is wrong.
-``export.json`` is written last and lists only verified artifacts.
+``export.json`` is written last and lists only verified artifacts. The formats are the table in
+``edgedistill.formats``: the ONNX graphs are always made; a format with a ``build`` function (TensorRT engines,
+Torch-TensorRT programs) is built from them and the student by that function.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import open_clip
@@ -19,22 +21,23 @@ from rich.console import Console
 
 from edgedistill import atomic
 from edgedistill.cache import load_split_manifests
-from edgedistill.data.images import BadImages, ImageDataset, collate_images, open_image
+from edgedistill.data.images import open_image
 from edgedistill.data.manifest import Manifest
 from edgedistill.errors import UserError
-from edgedistill.gates import at_least, at_most, finite
-from edgedistill.evaluate import select_rows, student_eval_transform
+from edgedistill.evaluate import (ClassPrompts, ValSplit, decode_split, score, student_eval_transform,
+                                  student_images, student_texts)
 from edgedistill.export import artifacts
 from edgedistill.export.graph import (IMAGE_INPUT, IMAGE_OUTPUT, TEXT_INPUT, TEXT_OUTPUT, ImageEncoder,
                                       TextEncoder, check_default_session, cosine_parity, export_onnx, ort_session,
                                       run_session)
 from edgedistill.export.precision import (CALIBRATION_METHODS, ImageCalibrationReader, calibration_data_hash,
                                           quantize_int8, to_fp16)
-from edgedistill.metrics import NonFiniteEmbeddings, retrieval_metrics, zero_shot_accuracy
+from edgedistill.formats import FORMATS, resolve
+from edgedistill.gates import at_least, at_most, finite
 from edgedistill.recipe import Recipe, load_recipe
 from edgedistill.students import Student, load_student
 
-FORMATS = ("onnx", "trt", "torchtrt")
+BUILDABLE = tuple(name for name, f in FORMATS.items() if name == "onnx" or f.build)   # what --format may ask for
 PARITY_IMAGES = 64            # val images every artifact is compared on
 PARITY_CAPTIONS = 64
 MIN_PARITY = {"fp32": 0.9999, "fp16": 0.999}  # mean cosine vs PyTorch; INT8 is reported, not gated
@@ -90,8 +93,8 @@ class Plan:
 
 def make_plan(opts: ExportOptions) -> Plan:
     """Flags win over the target preset; the preset wins over the defaults."""
-    if opts.format not in FORMATS:
-        raise UserError(f"unknown --format {opts.format!r}; choose one of {', '.join(FORMATS)}")
+    if opts.format not in BUILDABLE:
+        raise UserError(f"unknown --format {opts.format!r}; choose one of {', '.join(BUILDABLE)}")
     target = None
     if opts.target:
         from edgedistill.export.targets import load_target
@@ -119,28 +122,10 @@ def make_plan(opts: ExportOptions) -> Plan:
 
 
 def _check_backend(fmt: str) -> None:
-    """Fail before any work when the machine cannot build the requested format."""
-    if fmt == "trt":
-        from edgedistill.export.tensorrt import require_tensorrt
-
-        require_tensorrt()
-    elif fmt == "torchtrt":
-        from edgedistill.export.torchtrt import require_torch_tensorrt
-
-        require_torch_tensorrt()
-
-
-class _Images:
-    """Decoded, preprocessed images of a manifest, loaded on demand (unreadable ones skipped and counted)."""
-
-    def __init__(self, manifest: Manifest, transform: Any) -> None:
-        self.manifest, self.transform = manifest, transform
-
-    def load(self, index: int) -> np.ndarray | None:
-        try:
-            return self.transform(open_image(self.manifest.entries[index].image)).numpy()
-        except Exception:  # noqa: BLE001 - an unreadable image is skipped, like everywhere else
-            return None
+    """Fail before any work when the machine cannot build the requested format (the table's ``requires``)."""
+    requires = FORMATS[fmt].requires
+    if requires is not None:
+        resolve(requires)()
 
 
 def _preprocess_desc(student: Student) -> dict[str, Any]:
@@ -176,7 +161,7 @@ def _export_run(opts: ExportOptions, plan: Plan, run_dir: Path, out: Path, promp
     val = manifests.get("val") or manifests["train"]
     console.print(f"exporting {run_dir / 'student'} ({student.config['vision_cfg'].get('timm_model_name')}) "
                   f"-> {out}", highlight=False)
-    job = _Job(opts, plan, recipe, student, tokenizer, val, manifests["train"], out, console)
+    job = ExportJob(opts, plan, recipe, student, tokenizer, val, manifests["train"], out, console)
     entries = job.run()
     if prompts is not None:
         entries.append(job.text_embeddings(prompts))
@@ -189,7 +174,9 @@ def _export_run(opts: ExportOptions, plan: Plan, run_dir: Path, out: Path, promp
               "inputs": {"image": IMAGE_INPUT, "text": TEXT_INPUT},
               "outputs": {"image": IMAGE_OUTPUT, "text": TEXT_OUTPUT},
               "target": plan.target, "batch_profile": list(plan.profile),
-              "val": {"manifest": str(val.path), "images": job.val_images, "captions": job.val_captions}}
+              "val": {**job.split.describe(), "prompts": {"prompt": job.prompts.prompt,
+                                                          "descriptions": job.prompts.descriptions,
+                                                          "description_prompt": job.prompts.description_prompt}}}
     artifacts.write_manifest(out, header, entries)
     return {**header, "artifacts": entries, "out": str(out)}
 
@@ -203,135 +190,108 @@ def _read_prompts(path: Path) -> list[str]:
     return prompts
 
 
-class _Job:
-    """One export: holds the student, the parity and val data, and the artifacts made so far."""
+class ExportJob:
+    """One export: the student, the val split with the PyTorch references, and the artifacts made so far.
+
+    Builders of other formats (``formats.FORMATS[...].build``) get the job and use ``parity``, ``val_metrics`` and
+    ``say``; their inputs are ``parity_images`` / ``tokens`` (parity) and ``images`` (val accuracy).
+    """
 
     def __init__(self, opts: ExportOptions, plan: Plan, recipe: Recipe, student: Student, tokenizer: Any,
                  val: Manifest, train: Manifest, out: Path, console: Console) -> None:
         self.opts, self.plan, self.recipe, self.student = opts, plan, recipe, student
-        self.tokenizer, self.val_manifest, self.train, self.out, self.console = tokenizer, val, train, out, console
+        self.tokenizer, self.train, self.out, self.console = tokenizer, train, out, console
         self.transform = student_eval_transform(student)
         self.model = student.model.eval().float()
         self.image_encoder, self.text_encoder = ImageEncoder(self.model), TextEncoder(self.model)
-        self.val_images = 0
-        self.val_captions = 0
-
-    # -- data -----------------------------------------------------------------------------------------------
-    def _val_data(self) -> None:
-        """Decode the val split once: images (N, 3, H, W), captions, their image index, labels."""
-        dataset = ImageDataset([e.image for e in self.val_manifest.entries], self.transform)
-        loader = torch.utils.data.DataLoader(dataset, batch_size=64, num_workers=0, collate_fn=collate_images)
-        bad = BadImages(len(dataset), 1.0, "val", self.console)
-        images = [None] * len(dataset)
-        for indices, batch, failed in loader:
-            for i, why in failed:
-                bad.add(i, dataset.paths[i], why)
-            if batch is not None:
-                for i, img in zip(indices.tolist(), batch):
-                    images[i] = img.numpy()
-        ok = np.array([im is not None for im in images])
-        if not ok.any():
-            raise UserError(f"{self.val_manifest.path}: no readable image to check the export against")
-        rows, captions, _, t2i = select_rows(self.val_manifest, ok)
-        self.images = np.stack([images[i] for i in rows]).astype(np.float32)
-        self.captions, self.text_to_image = captions, torch.as_tensor(np.asarray(t2i, dtype=np.int64))
-        labels = [self.val_manifest.entries[i].label for i in rows]
-        self.class_names = sorted({label for label in labels if label is not None})
-        index = {n: k for k, n in enumerate(self.class_names)}
-        self.labels = torch.tensor([index.get(label, -1) if label else -1 for label in labels]) \
-            if self.class_names else None
-        self.val_images, self.val_captions = len(rows), len(captions)
+        self.prompts = ClassPrompts.from_recipe(recipe)
+        with console.status("reading val images"):
+            self.images, ok = decode_split(val, self.transform, console)
+            self.split = ValSplit.from_manifest(val, ok, self.prompts)
+            # the PyTorch student's own numbers, computed exactly as distill and eval compute them
+            self.texts = student_texts(student, tokenizer, self.split, torch.device("cpu"))
+            self.torch_val = score(self.split, student_images(student, self.split, torch.device("cpu"),
+                                                              recipe.eval.batch_size, 0, console),
+                                   self.texts.text, self.texts.class_text, "the PyTorch student")
         self.parity_images = self.images[:PARITY_IMAGES]
-        self.tokens = self.tokenizer(captions[:PARITY_CAPTIONS] or ["a photo"]).numpy().astype(np.int64)
+        self.tokens = np.asarray(tokenizer(self.split.captions[:PARITY_CAPTIONS] or ["a photo"]), dtype=np.int64)
+        self.ref_image = self._torch_embed(self.image_encoder, self.parity_images)
+        self.ref_text = self._torch_embed(self.text_encoder, self.tokens)
 
     @torch.no_grad()
     def _torch_embed(self, encoder: torch.nn.Module, inputs: np.ndarray, batch: int = 64) -> np.ndarray:
         return np.concatenate([encoder(torch.from_numpy(inputs[i:i + batch])).numpy()
                                for i in range(0, len(inputs), batch)]).astype(np.float32)
 
-    @torch.no_grad()
-    def _reference_text(self) -> None:
-        """Caption and class-prompt embeddings from the student's own text tower (fp32 PyTorch)."""
-        tok = [self.tokenizer(self.captions[i:i + 256]) for i in range(0, len(self.captions), 256)]
-        self.text = torch.cat([self.text_encoder(t) for t in tok]) if tok else torch.zeros(0, self.student.embed_dim)
-        prompts = [self.recipe.eval.prompt.format(label=n) for n in self.class_names]
-        self.class_text = self.text_encoder(self.tokenizer(prompts)) if prompts else None
+    # -- the checks every artifact passes ------------------------------------------------------------------
+    def parity(self, encoder: str, precision: str, got: np.ndarray, what: str,
+               discard: Path | None = None) -> dict[str, Any]:
+        """Cosine of ``got`` (the artifact's embeddings of the parity inputs) to PyTorch fp32; a UserError (and
+        ``discard`` deleted) when it fails the precision's floor or is not finite."""
+        parity = {**cosine_parity(got, self.ref_image if encoder == "image" else self.ref_text),
+                  "against": "pytorch fp32", "samples": len(got)}
+        if not parity_ok(parity, precision):
+            if discard is not None:
+                discard.unlink(missing_ok=True)
+            raise UserError(f"{what} disagrees with PyTorch on val data (mean cosine {parity['cosine_mean']:.6f}, "
+                            f"needs {MIN_PARITY.get(precision, 'a finite value')}); nothing was kept. Run with "
+                            f"--debug and report it")
+        return parity
 
-    def _val_metrics(self, image_emb: np.ndarray, what: str = "the PyTorch student") -> dict[str, float]:
-        image = torch.from_numpy(image_emb)
-        metrics: dict[str, float] = {}
-        try:
-            if len(self.captions):
-                metrics.update(retrieval_metrics(image, self.text, self.text_to_image))
-            if self.labels is not None and self.class_text is not None:
-                metrics.update(zero_shot_accuracy(image, self.class_text, self.labels))
-        except NonFiniteEmbeddings as e:
-            raise UserError(f"{what}: {e} on the val split; nothing is exported from a student whose weights are "
-                            f"damaged or whose training diverged") from e
-        return {k: round(float(v), 4) for k, v in metrics.items()}
+    def val_metrics(self, image_emb: np.ndarray, what: str) -> dict[str, float]:
+        """An image artifact's val metrics against the PyTorch student's own text embeddings."""
+        return score(self.split, image_emb, self.texts.text, self.texts.class_text, what)
 
-    # -- artifacts ------------------------------------------------------------------------------------------
-    def run(self) -> list[dict[str, Any]]:
-        with self.console.status("reading val images"):
-            self._val_data()
-            self._reference_text()
-        ref_image = self._torch_embed(self.image_encoder, self.parity_images)
-        ref_text = self._torch_embed(self.text_encoder, self.tokens)
-        self.torch_val = self._val_metrics(self._torch_embed(self.image_encoder, self.images))
-        entries: list[dict[str, Any]] = []
-        onnx_paths: dict[tuple[str, str], Path] = {}
-        for encoder, module, example, inp, outp, ref in (
-                ("image", self.image_encoder, torch.from_numpy(self.parity_images[:2]), IMAGE_INPUT,
-                 IMAGE_OUTPUT, ref_image),
-                ("text", self.text_encoder, torch.from_numpy(self.tokens[:2]), TEXT_INPUT, TEXT_OUTPUT, ref_text)):
-            precisions = ["fp32"] + [p for p in self.plan.precisions if not (encoder == "text" and p == "int8")]
-            for precision in precisions:
-                path = self.out / f"{encoder}_{precision}.onnx"
-                with self.console.status(f"{encoder} encoder -> ONNX {precision}"):
-                    entry = self._onnx(encoder, precision, path, module, example, inp, outp, ref, onnx_paths)
-                onnx_paths[(encoder, precision)] = path
-                entries.append(entry)
-                self._say(entry)
-        self._flag_int8(entries)
-        if self.opts.format == "trt":
-            entries += self._engines(onnx_paths, ref_image, ref_text)
-        elif self.opts.format == "torchtrt":
-            entries += self._torchtrt(ref_image, ref_text)
-        return entries
-
-    def _say(self, entry: dict[str, Any]) -> None:
+    def say(self, entry: dict[str, Any]) -> None:
         val = entry.get("val") or {}
         r1 = f", val i2t R@1 {val['i2t_r1']:.1f}" if "i2t_r1" in val else ""
         self.console.print(f"  {entry['path']}: {entry['size_mb']:.1f} MB, cosine to PyTorch "
                            f"{entry['parity']['cosine_mean']:.6f}{r1}", highlight=False)
 
-    def _onnx(self, encoder: str, precision: str, path: Path, module: torch.nn.Module, example: torch.Tensor,
-              inp: str, outp: str, ref: np.ndarray, made: dict[tuple[str, str], Path]) -> dict[str, Any]:
+    # -- artifacts ------------------------------------------------------------------------------------------
+    def run(self) -> list[dict[str, Any]]:
+        """The ONNX graphs (fp32 and the plan's precisions), then the format's own build from them."""
+        entries: list[dict[str, Any]] = []
+        graphs: dict[tuple[str, str], Path] = {}
+        for encoder, module, inp, outp in (("image", self.image_encoder, IMAGE_INPUT, IMAGE_OUTPUT),
+                                           ("text", self.text_encoder, TEXT_INPUT, TEXT_OUTPUT)):
+            precisions = ["fp32"] + [p for p in self.plan.precisions if not (encoder == "text" and p == "int8")]
+            for precision in precisions:
+                path = self.out / f"{encoder}_{precision}.onnx"
+                with self.console.status(f"{encoder} encoder -> ONNX {precision}"):
+                    entry = self._onnx(encoder, precision, path, module, inp, outp, graphs)
+                graphs[(encoder, precision)] = path
+                entries.append(entry)
+                self.say(entry)
+        self._flag_int8(entries)
+        build = FORMATS[self.opts.format].build
+        if build is not None:
+            entries += resolve(build)(self, graphs)
+        return entries
+
+    def _onnx(self, encoder: str, precision: str, path: Path, module: torch.nn.Module, inp: str, outp: str,
+              made: dict[tuple[str, str], Path]) -> dict[str, Any]:
         """Make one ONNX artifact under a hidden name, check it against PyTorch, then give it its name."""
         staging = path.with_name(f".{path.stem}.unverified.onnx")
+        inputs = self.parity_images if encoder == "image" else self.tokens
         info: dict[str, Any] = {}
         try:
             if precision == "fp32":
-                info = export_onnx(module, example, staging, inp, outp)
+                info = export_onnx(module, torch.from_numpy(inputs[:2]), staging, inp, outp)
             elif precision == "fp16":
                 to_fp16(made[(encoder, "fp32")], staging)
             else:
                 info = {"calibration": self._calibrate(made[(encoder, "fp32")], staging, inp)}
-            inputs = self.parity_images if encoder == "image" else self.tokens
             check_default_session(staging, inputs[:2])  # a user's default session must load and run it
             session = ort_session(staging, self.opts.threads)
-            parity = cosine_parity(run_session(session, inputs), ref)
-            if not parity_ok(parity, precision):
-                raise UserError(f"{encoder} encoder ONNX {precision} disagrees with PyTorch on val data (mean "
-                                f"cosine {parity['cosine_mean']:.6f}, needs {MIN_PARITY.get(precision, 'a finite value')}); nothing was "
-                                f"kept. Run with --debug and report it")
-            val = self._val_metrics(run_session(session, self.images)) if encoder == "image" else None
+            parity = self.parity(encoder, precision, run_session(session, inputs), f"{encoder} encoder ONNX "
+                                                                                    f"{precision}")
+            val = self.val_metrics(run_session(session, self.images), f"{encoder}_{precision}.onnx") \
+                if encoder == "image" else None
             staging.replace(path)
             atomic.fsync_dir(path.parent)
         finally:
             staging.unlink(missing_ok=True)
-        parity["against"] = "pytorch fp32"
-        parity["samples"] = len(ref)
         entry = artifacts.artifact_entry(self.out, path, name=f"{encoder}_{precision}_onnx", encoder=encoder,
                                          fmt="onnx", precision=precision, parity=parity, **info)
         if val is not None:
@@ -343,8 +303,7 @@ class _Job:
         """INT8 ranges from ``calib_size`` training images, drawn with the recipe's seed."""
         n = len(self.train)
         picks = sorted(random.Random(self.recipe.seed).sample(range(n), min(self.plan.calib_size, n)))
-        images = _Images(self.train, self.transform)
-        loaded = [(i, images.load(i)) for i in picks]
+        loaded = [(i, _load(self.train, i, self.transform)) for i in picks]
         good = [arr for _, arr in loaded if arr is not None]
         if not good:
             raise UserError(f"{self.train.path}: none of the {len(picks)} calibration images could be read")
@@ -353,9 +312,8 @@ class _Job:
         data_hash = calibration_data_hash([self.train.entries[i].image for i, a in loaded if a is not None],
                                           _preprocess_desc(self.student))
         reader = ImageCalibrationReader(inp, len(good), lambda i: good[i])
-        root = self.recipe.cache.root
-        return quantize_int8(fp32, staging, reader, self.plan.calib_method, root, data_hash, self.console,
-                             symmetric_activations=self.plan.for_tensorrt)
+        return quantize_int8(fp32, staging, reader, self.plan.calib_method, self.recipe.cache.root, data_hash,
+                             self.console, symmetric_activations=self.plan.for_tensorrt)
 
     def _flag_int8(self, entries: list[dict[str, Any]]) -> None:
         """Say when INT8 costs more than a point of val Recall@1 (kept: the user decides)."""
@@ -367,76 +325,6 @@ class _Job:
             if not at_most(drop, MAX_INT8_R1_DROP):  # a NaN drop is flagged too
                 self.console.print(f"[yellow]INT8 loses {drop:.1f} points of val image->text R@1; try "
                                    f"--calib-method percentile or a larger --calib-size[/]", highlight=False)
-
-    def _engines(self, onnx_paths: dict[tuple[str, str], Path], ref_image: np.ndarray,
-                 ref_text: np.ndarray) -> list[dict[str, Any]]:
-        """A strongly typed TensorRT engine per non-fp32 graph (the precision is the graph's)."""
-        from edgedistill.export.tensorrt import BatchProfile, TrtRunner, build_engine, device_metadata, \
-            require_tensorrt
-
-        trt = require_tensorrt()
-        meta = device_metadata(trt)
-        gpu = "".join(c if c.isalnum() else "-" for c in str(meta.get("gpu_name", "gpu")))
-        timing_cache = self.recipe.cache.root / "tensorrt" / \
-            f"timing-{gpu}-sm{meta.get('compute_capability')}-trt{meta.get('tensorrt_version')}.cache"
-        profile = BatchProfile(*self.plan.profile)
-        entries = []
-        for (encoder, precision), path in onnx_paths.items():
-            if precision == "fp32" and self.plan.precisions:
-                continue
-            engine = path.with_suffix(".engine")
-            info = build_engine(path, engine, profile, self.plan.workspace_mb, timing_cache, precision,
-                                console=self.console)
-            runner = TrtRunner(engine)
-            inputs = self.parity_images if encoder == "image" else self.tokens
-            got = np.concatenate([np.asarray(runner(inputs[i:i + profile.max]))
-                                  for i in range(0, len(inputs), profile.max)])
-            parity = {**cosine_parity(got, ref_image if encoder == "image" else ref_text),
-                      "against": "pytorch fp32", "samples": len(inputs)}
-            if not parity_ok(parity, precision):
-                engine.unlink(missing_ok=True)
-                raise UserError(f"TensorRT {precision} engine of the {encoder} encoder disagrees with PyTorch "
-                                f"(mean cosine {parity['cosine_mean']:.6f}, needs {MIN_PARITY.get(precision, 'a finite value')}); it "
-                                f"was deleted")
-            entry = artifacts.artifact_entry(self.out, engine, name=f"{encoder}_{precision}_trt", encoder=encoder,
-                                             fmt="trt", precision=precision, parity=parity, engine=info)
-            if encoder == "image":
-                emb = np.concatenate([np.asarray(runner(self.images[i:i + profile.max]))
-                                      for i in range(0, len(self.images), profile.max)])
-                entry["val"] = self._val_metrics(emb.astype(np.float32))
-            entries.append(entry)
-            self._say(entry)
-        return entries
-
-    def _torchtrt(self, ref_image: np.ndarray, ref_text: np.ndarray) -> list[dict[str, Any]]:
-        """Torch-TensorRT (dynamo) programs of both encoders, at the plan's precision."""
-        from edgedistill.export.tensorrt import BatchProfile
-        from edgedistill.export.torchtrt import compile_torchtrt, load_torchtrt
-
-        profile = BatchProfile(*self.plan.profile)
-        precision = self.plan.precisions[0] if self.plan.precisions else "fp32"
-        entries = []
-        for encoder, module, inputs, ref in (("image", self.image_encoder, self.parity_images, ref_image),
-                                             ("text", self.text_encoder, self.tokens, ref_text)):
-            path = self.out / f"{encoder}_{precision}.torchtrt.ep"
-            example = torch.from_numpy(inputs[:1])
-            info = compile_torchtrt(module, example, profile, precision, path, console=self.console)
-            compiled = load_torchtrt(path)
-            with torch.no_grad():
-                got = torch.cat([compiled(torch.from_numpy(inputs[i:i + profile.max]).cuda()).float().cpu()
-                                 for i in range(0, len(inputs), profile.max)]).numpy()
-            parity = {**cosine_parity(got, ref), "against": "pytorch fp32", "samples": len(inputs)}
-            if not parity_ok(parity, precision):
-                path.unlink(missing_ok=True)
-                raise UserError(f"Torch-TensorRT {precision} {encoder} encoder disagrees with PyTorch (mean "
-                                f"cosine {parity['cosine_mean']:.6f}, needs {MIN_PARITY.get(precision, 'a finite value')}); it was "
-                                f"deleted")
-            entry = artifacts.artifact_entry(self.out, path, name=f"{encoder}_{precision}_torchtrt",
-                                             encoder=encoder, fmt="torchtrt", precision=precision, parity=parity,
-                                             compile=info)
-            entries.append(entry)
-            self._say(entry)
-        return entries
 
     @torch.no_grad()
     def text_embeddings(self, prompts: list[str]) -> dict[str, Any]:
@@ -454,3 +342,9 @@ class _Job:
         return entry
 
 
+def _load(manifest: Manifest, index: int, transform: Callable) -> np.ndarray | None:
+    """One preprocessed image, or None when it cannot be read (skipped, like everywhere else)."""
+    try:
+        return transform(open_image(manifest.entries[index].image)).numpy()
+    except Exception:  # noqa: BLE001
+        return None

@@ -26,6 +26,7 @@ import numpy as np
 
 from edgedistill import atomic
 from edgedistill.errors import UserError
+from edgedistill.export import artifacts
 from edgedistill.hashing import sha256_file
 
 REBUILD_HINT = "rebuild it here with `edgedistill export --format trt`"
@@ -544,3 +545,35 @@ class TrtRunner:
     def __call__(self, *inputs: Any, **named: Any) -> np.ndarray:
         """First output as a numpy array, from numpy arrays or torch tensors (positional or by input name)."""
         return self.infer_torch(*inputs, **named).cpu().numpy()
+
+
+# ------------------------------------------------------------------------------------------------ the export
+def export_engines(job: Any, graphs: dict[tuple[str, str], Path]) -> list[dict[str, Any]]:
+    """``--format trt`` (formats.FORMATS['trt'].build): a strongly typed engine per exported graph of the plan's
+    precisions (its precision is the graph's), checked against PyTorch like the graphs; ``job`` is the
+    exporter's ExportJob."""
+    trt = require_tensorrt()
+    meta = device_metadata(trt)
+    gpu = "".join(c if c.isalnum() else "-" for c in str(meta.get("gpu_name", "gpu")))
+    timing_cache = job.recipe.cache.root / "tensorrt" / \
+        f"timing-{gpu}-sm{meta.get('compute_capability')}-trt{meta.get('tensorrt_version')}.cache"
+    profile = BatchProfile(*job.plan.profile)
+    entries = []
+    for (encoder, precision), path in graphs.items():
+        if precision == "fp32" and job.plan.precisions:
+            continue
+        engine = path.with_suffix(".engine")
+        info = build_engine(path, engine, profile, job.plan.workspace_mb, timing_cache, precision, console=job.console)
+        runner = TrtRunner(engine)
+        embed = (lambda x: np.concatenate([np.asarray(runner(x[i:i + profile.max]))
+                                           for i in range(0, len(x), profile.max)]).astype(np.float32))
+        inputs = job.parity_images if encoder == "image" else job.tokens
+        parity = job.parity(encoder, precision, embed(inputs), f"TensorRT {precision} engine of the {encoder} "
+                                                                f"encoder", discard=engine)
+        entry = artifacts.artifact_entry(job.out, engine, name=f"{encoder}_{precision}_trt", encoder=encoder,
+                                         fmt="trt", precision=precision, parity=parity, engine=info)
+        if encoder == "image":
+            entry["val"] = job.val_metrics(embed(job.images), engine.name)
+        entries.append(entry)
+        job.say(entry)
+    return entries

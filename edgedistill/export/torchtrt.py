@@ -22,6 +22,7 @@ from typing import Any, Callable, Collection
 
 from edgedistill import atomic
 from edgedistill.errors import UserError
+from edgedistill.export import artifacts
 from edgedistill.export.tensorrt import (BatchProfile, check_compatible, read_sidecar, require_cuda, sha256_file,
                                          sidecar_path, verify_sha256)
 
@@ -200,3 +201,29 @@ def load_torchtrt(path: Path) -> Callable[..., Any]:
         raise UserError(f"{kind} {path} does not load here ({type(e).__name__}: {first}); it needs the "
                         f"torch {meta.get('torch_version', '?')} / torch-tensorrt "
                         f"{meta.get('torch_tensorrt_version', '?')} it was compiled with: {REBUILD_HINT}") from e
+
+
+# ------------------------------------------------------------------------------------------------ the export
+def export_programs(job: Any, graphs: dict[tuple[str, str], Path]) -> list[dict[str, Any]]:
+    """``--format torchtrt`` (formats.FORMATS['torchtrt'].build): Torch-TensorRT (dynamo) programs of both
+    encoders at the plan's precision, checked against PyTorch like the graphs; ``job`` is the exporter's
+    ExportJob (the ONNX ``graphs`` are not used: the programs compile from the PyTorch encoders)."""
+    import torch
+
+    profile = BatchProfile(*job.plan.profile)
+    precision = job.plan.precisions[0] if job.plan.precisions else "fp32"
+    entries = []
+    for encoder, module, inputs in (("image", job.image_encoder, job.parity_images),
+                                    ("text", job.text_encoder, job.tokens)):
+        path = job.out / f"{encoder}_{precision}.torchtrt.ep"
+        info = compile_torchtrt(module, torch.from_numpy(inputs[:1]), profile, precision, path, console=job.console)
+        compiled = load_torchtrt(path)
+        with torch.no_grad():
+            got = torch.cat([compiled(torch.from_numpy(inputs[i:i + profile.max]).cuda()).float().cpu()
+                             for i in range(0, len(inputs), profile.max)]).numpy()
+        parity = job.parity(encoder, precision, got, f"Torch-TensorRT {precision} {encoder} encoder", discard=path)
+        entry = artifacts.artifact_entry(job.out, path, name=f"{encoder}_{precision}_torchtrt", encoder=encoder,
+                                         fmt="torchtrt", precision=precision, parity=parity, compile=info)
+        entries.append(entry)
+        job.say(entry)
+    return entries

@@ -14,8 +14,7 @@ from edgedistill.data.images import BadImages, open_image
 from edgedistill.data.manifest import Manifest
 from edgedistill.data.transforms import student_train_transform
 from edgedistill.errors import UserError
-from edgedistill.evaluate import (ValData, class_prompt_sets, label_index, prepare_val, read_class_descriptions,
-                                  student_eval_transform)
+from edgedistill.evaluate import ClassPrompts, ValData, label_index, prepare_val, student_eval_transform
 from edgedistill.hashing import seed_of
 from edgedistill.layerwise import HeldBatch, Layerwise
 from edgedistill.losses import LossContext, build_losses
@@ -47,9 +46,9 @@ def build_parts(recipe: Recipe, teacher: Teacher, manifests: dict[str, Manifest]
         if recipe.loss.layerwise is not None else None
     projection = torch.nn.Linear(student.embed_dim, teacher.embed_dim, bias=False).to(device) \
         if student.embed_dim != teacher.embed_dim else None  # another width: a learned map to the teacher's space
-    descriptions = read_class_descriptions(recipe.data.class_descriptions) if recipe.data.class_descriptions else None
+    prompts = ClassPrompts.from_recipe(recipe)
     class_root = recipe.cache.root if recipe.train.teacher == "cached" else None  # online: nothing is written
-    labels, class_text = _class_texts(recipe, train, teacher, descriptions, class_root, device)
+    labels, class_text = _class_texts(recipe, train, teacher, prompts, class_root, device)
     losses = build_losses(recipe.loss.terms, LossContext(embed_dim=teacher.embed_dim, class_text=class_text,
                                                          text_bank=_text_bank(recipe, cache, device))).to(device)
     balancer = _balancer(recipe, layerwise, model, device)
@@ -65,7 +64,7 @@ def build_parts(recipe: Recipe, teacher: Teacher, manifests: dict[str, Manifest]
                          amp_dtype)
     selector, selection = _selection(recipe, layerwise, model, projection, train, teacher, student, amp_dtype,
                                      device)
-    val, ood = _val_splits(recipe, manifests, teacher, caches, console, descriptions, class_root, ctx)
+    val, ood = _val_splits(recipe, manifests, teacher, caches, console, prompts, class_root, ctx)
     pp = student.preprocess_cfg
     return Parts(
         recipe=recipe, teacher=teacher, console=console, device=device, student=student, model=model,
@@ -80,7 +79,7 @@ def build_parts(recipe: Recipe, teacher: Teacher, manifests: dict[str, Manifest]
         batches=batches, assemble=BatchAssembler(recipe.seed, train, TeacherFeatures(teacher, cache), device,
                                                  labels, layerwise),
         bad=BadImages(len(train), recipe.data.max_bad_fraction, "train", console), train_cache=cache,
-        val=val, ood=ood, has_val="val" in manifests, describe_prompts="descriptions" if descriptions else "plain",
+        val=val, ood=ood, has_val="val" in manifests, describe_prompts=prompts.kind,
         total_steps=total, run=RunDir(recipe.out))
 
 
@@ -103,8 +102,8 @@ def _side(student: Student) -> int:
     return int(size[-1] if isinstance(size, (list, tuple)) else size)
 
 
-def _class_texts(recipe: Recipe, train: Manifest, teacher: Teacher, descriptions: dict[str, list[str]] | None,
-                 root: object, device: torch.device) -> tuple[np.ndarray | None, torch.Tensor | None]:
+def _class_texts(recipe: Recipe, train: Manifest, teacher: Teacher, prompts: ClassPrompts, root: object,
+                 device: torch.device) -> tuple[np.ndarray | None, torch.Tensor | None]:
     """The training images' class index ((N,), -1 = none) and the teacher's class texts (C, D), when a term uses
     them and the images have labels."""
     classes, labels = label_index([e.label for e in train.entries])
@@ -116,8 +115,7 @@ def _class_texts(recipe: Recipe, train: Manifest, teacher: Teacher, descriptions
         return None, None
     if not {"vl_align", "classification"} & set(terms):
         return None, None
-    sets = class_prompt_sets(classes, recipe.eval.prompt, descriptions, recipe.data.description_prompt)
-    return labels.numpy(), class_text_features(teacher, sets, root).to(device)  # type: ignore[arg-type]
+    return labels, class_text_features(teacher, prompts.sets(classes), root).to(device)  # type: ignore[arg-type]
 
 
 def _text_bank(recipe: Recipe, cache: FeatureCache | None, device: torch.device) -> torch.Tensor | None:
@@ -198,15 +196,14 @@ def _held_batch(layerwise: Layerwise, train: Manifest, teacher: Teacher, student
 
 
 def _val_splits(recipe: Recipe, manifests: dict[str, Manifest], teacher: Teacher, caches: dict[str, FeatureCache],
-                console: Console, descriptions: dict[str, list[str]] | None, class_root: object,
+                console: Console, prompts: ClassPrompts, class_root: object,
                 ctx: distributed.Context) -> tuple[ValData | None, ValData | None]:
     """Rank 0's val and ood_val splits with the teacher's embeddings."""
     if not ctx.is_main:
         return None, None
     out = []
     for split in ("val", "ood_val"):
-        out.append(prepare_val(manifests[split], teacher, caches.get(split), recipe.eval.prompt,
-                               recipe.data.batch_size, recipe.data.workers, console, descriptions,
-                               recipe.data.description_prompt, class_root)  # type: ignore[arg-type]
+        out.append(prepare_val(manifests[split], teacher, caches.get(split), prompts, recipe.data.batch_size,
+                               recipe.data.workers, console, class_root)  # type: ignore[arg-type]
                    if split in manifests else None)
     return out[0], out[1]

@@ -21,7 +21,7 @@ from edgedistill.balance import Balancer
 from edgedistill.cache import FeatureCache
 from edgedistill.data.images import BadImages
 from edgedistill.errors import UserError
-from edgedistill.evaluate import ValData, evaluate_ood, evaluate_student, teacher_metrics
+from edgedistill.evaluate import SplitTexts, ValData, evaluate_ood, evaluate_student, student_texts, teacher_metrics
 from edgedistill.layerwise import Layerwise
 from edgedistill.metrics import retention
 from edgedistill.recipe import Recipe
@@ -103,6 +103,7 @@ class Trainer:
         self.log = MetricsLog(run, self.dist.is_main, r.train.tensorboard, self.state.step + 1)
         self.step_fn = distributed.wrap_ddp(parts.step_module, parts.device)
         self._stop_requested = False
+        self._frozen_texts: SplitTexts | None = None
 
     # ------------------------------------------------------------------------------------------- the loop
 
@@ -255,8 +256,13 @@ class Trainer:
         p, r = self.p, self.p.recipe
         if p.val is None:
             raise RuntimeError("only rank 0 holds the val split")
+        texts = None
+        if p.student.text_is_teacher:  # a frozen text tower: its val embeddings are the same at every evaluation
+            if self._frozen_texts is None:
+                self._frozen_texts = student_texts(p.student, p.teacher.tokenizer, p.val.split, p.device)
+            texts = self._frozen_texts
         return evaluate_student(p.student, p.val, p.teacher.tokenizer, p.device, r.eval.batch_size, r.data.workers,
-                                p.projection, text_from_cache=True, console=p.console)
+                                p.projection, texts=texts, console=p.console)
 
     def _eval_and_keep_best(self) -> None:
         """Rank 0 evaluates and keeps the best model; the others wait for the outcome (the same TrainState)."""
