@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import re
@@ -343,6 +344,62 @@ def test_bad_settings_are_one_line_user_errors(tmp_path, bad):
         S.write_scenes(tmp_path / "out", **{"n": 10, **bad})
     assert "\n" not in str(e.value) and str(e.value).startswith("scenes: ")
     assert not (tmp_path / "out").exists()
+
+
+# --------------------------------------------------------------------------------------------- recorded bytes
+# Every file of one small dataset (2 workers, captioned, every split, OOD classes), as the code wrote it when these
+# digests were recorded: a change of any byte of any file fails. JPEG bytes and the random streams depend on
+# Pillow, its libjpeg and numpy, so the record holds only for the versions it was made with; elsewhere the test
+# skips and test_workers_give_the_same_bytes still checks determinism. Re-record with _dataset_digests().
+
+_RECORDED_WITH = {"numpy": "2.4.6", "pillow": "13.0.0", "libjpeg_turbo": "3.2.0"}
+_RECORDED = {
+    "class_descriptions.json": "ca520fcbf56fd3fba96cee860d46f181238904cbb55b92073b6757a46efa0323",
+    "hard.jsonl": "48c733018b5f40ce0326eb4743a4e538c3d0458ac4fb5226cf3239dd8ef1b09e",
+    "hard_twins.json": "36ccdf6edf0dc2592b5a74d1a3ee4b917d353c70c4d9fa4259a23ccd014cfad9",
+    "ood.jsonl": "64064f291f8f2f9f7e6a39d0f3cd15358280d9b65fea1b2d231153daba7c2b02",
+    "ood_classes.json": "8ac043361b4bed7699610626aa8b69e69ec04f5e522e9c85d5cb0686f67b51e5",
+    "ood_classes.jsonl": "700858227d8b6837caf5e6065e8f98255de4e5f5604e60582df421a9b9e91926",
+    "ood_twins.json": "d7442be7c9de62ff1311a36eec6e3387813b8548e6bc305cb90156f4916683ce",
+    "scenes.json": "72a39677a2814dc4d653ed609b83179f2d6f4ae3c404cb4e4af45cf6dce116f7",
+    "train.jsonl": "9e7af4be15fbc0e2ed4420e737c628cf4bf39f4eda505e2d8a1f8997db46aa34",
+    "val.jsonl": "c0ac39eddc6b969373ddd34238f8fd31727c1ea3aa68b40ad97b7d465607e556",
+    "images/hard/": "29704967a497bf529ead693db42364737fce36d2b74123f89d6fe94bccd879de",
+    "images/ood/": "708fcfb240d6cd2294ebf88c62c90712d73ca593c0d3669442b51bb1ed51f582",
+    "images/ood_classes/": "1e7e81c1a14416b7a5b3a527973fbe6cf35f894a153d788e4293d8cd8930f9c1",
+    "images/train/": "597478140d6105ea193104df43bd379744d938a0520b1f9eeacb5f807706adc3",
+    "images/val/": "f4eeb595982e9b9dd413f1eb7c60360b96bf4f8717cecc49501c4592ce4da48d",
+}
+
+
+def _versions() -> dict[str, str | None]:
+    from PIL import __version__ as pillow, features
+    return {"numpy": np.__version__, "pillow": pillow, "libjpeg_turbo": features.version("libjpeg_turbo")}
+
+
+def _dataset_digests(root: Path) -> dict[str, str]:
+    """sha256 of each manifest and JSON file; of each image folder, sha256 over its files' "name sha256" lines."""
+    files = {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+             for p in sorted(root.rglob("*")) if p.is_file()}
+    out = {name: digest for name, digest in files.items() if not name.startswith("images/")}
+    for folder in sorted({name.rsplit("/", 1)[0] for name in files if name.startswith("images/")}):
+        lines = "".join(f"{n} {d}\n" for n, d in files.items() if n.rsplit("/", 1)[0] == folder)
+        out[folder + "/"] = hashlib.sha256(lines.encode()).hexdigest()
+    return out
+
+
+def _write_recorded_dataset(out: Path) -> None:
+    S.write_scenes(out, n=64, seed=5, size=64, n_val=16, n_hard=14, n_ood=12, captioned=40, workers=2)
+    S.write_ood_classes(out, 2)
+
+
+def test_dataset_bytes_are_the_recorded_ones(tmp_path):
+    if _versions() != _RECORDED_WITH:
+        pytest.skip(f"digests recorded with {_RECORDED_WITH}, running {_versions()}")
+    _write_recorded_dataset(tmp_path / "d")
+    digests = _dataset_digests(tmp_path / "d")
+    assert sorted(digests) == sorted(_RECORDED)
+    assert [name for name in _RECORDED if digests[name] != _RECORDED[name]] == []
 
 
 # --------------------------------------------------------------------------------------------- twin accuracy
