@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 from rich.console import Console
 
@@ -401,42 +400,3 @@ def test_dataset_bytes_are_the_recorded_ones(tmp_path):
     assert sorted(digests) == sorted(_RECORDED)
     assert [name for name in _RECORDED if digests[name] != _RECORDED[name]] == []
 
-
-# --------------------------------------------------------------------------------------------- twin accuracy
-
-
-def _twin_embeddings(invert: set[str]) -> tuple[torch.Tensor, torch.Tensor, list[dict], torch.Tensor]:
-    """Images 2k, 2k + 1 of each pair; orthogonal image embeddings, two noisy captions each, pointing at their
-    own image except in pairs whose edit is in ``invert``, where each caption points at the twin."""
-    twins = [{"a": 2 * k, "b": 2 * k + 1, "edit": S.EDITS[k % len(S.EDITS)]} for k in range(21)]
-    n = 2 * len(twins)
-    image = torch.eye(n, 64)
-    gen = torch.Generator().manual_seed(0)
-    text, owner = [], []
-    for t in twins:
-        for me, other in ((t["a"], t["b"]), (t["b"], t["a"])):
-            target = other if t["edit"] in invert else me
-            for _ in range(2):
-                text.append(image[target] + 0.1 * torch.randn(64, generator=gen))
-                owner.append(me)
-    return image, torch.nn.functional.normalize(torch.stack(text), dim=-1), twins, torch.tensor(owner)
-
-
-def test_twin_accuracy_right_wrong_and_per_edit():
-    for direction in ("i2t", "t2i", "group"):
-        right = S.twin_accuracy(*_twin_embeddings(set()), direction=direction)
-        assert right == {**{e: 100.0 for e in S.EDITS}, "all": 100.0}
-        wrong = S.twin_accuracy(*_twin_embeddings(set(S.EDITS)), direction=direction)
-        assert wrong == {**{e: 0.0 for e in S.EDITS}, "all": 0.0}
-        mixed = S.twin_accuracy(*_twin_embeddings({"bind", "count"}), direction=direction)
-        assert mixed["bind"] == mixed["count"] == 0.0 and mixed["colour"] == mixed["swap-position"] == 100.0
-        assert mixed["all"] == pytest.approx(100 * 15 / 21)
-
-
-def test_twin_accuracy_needs_both_images_to_choose_right():
-    image, text, twins, owner = _twin_embeddings(set())
-    # Image b of pair 0 becomes identical to image a: it can no longer prefer its own captions (ties are wrong).
-    image = image.clone()
-    image[1] = image[0]
-    result = S.twin_accuracy(image, text, twins, owner)
-    assert result["colour"] == pytest.approx(100 * 2 / 3) and result["all"] == pytest.approx(100 * 20 / 21)
