@@ -15,6 +15,7 @@ from PIL import Image
 from rich.console import Console
 
 from edgedistill.data import scenes as S
+from edgedistill.data.scenes import drawing, writer
 from edgedistill.data.manifest import load_manifest
 from edgedistill.errors import UserError
 
@@ -119,7 +120,7 @@ def test_render_draws_each_object_where_its_key_says():
             img = np.asarray(S.render(scene, size)).astype(int)
             assert img.shape == (size, size, 3)
             for o in scene.objects:
-                x, y = S._POS_XY[o.position]
+                x, y = drawing._POS_XY[o.position]
                 px = img[int((y + o.dy) * size), int((x + o.dx) * size)]
                 dist = np.abs(px - np.array(o.rgb)).max()
                 if o.shape == "ring":
@@ -328,11 +329,11 @@ def test_a_failure_midway_leaves_no_output(tmp_path, monkeypatch):
             raise RuntimeError("disk on fire")
         return real(scene, size, supersample)
 
-    monkeypatch.setattr(S, "render", flaky)
+    monkeypatch.setattr(writer, "render", flaky)  # where the writer looks it up
     with pytest.raises(RuntimeError, match="disk on fire"):
         S.write_scenes(tmp_path / "out", n=100, n_val=10, n_hard=5, n_ood=5)
     assert list(tmp_path.iterdir()) == []
-    monkeypatch.setattr(S, "render", real)
+    monkeypatch.setattr(writer, "render", real)
     assert S.write_scenes(tmp_path / "out", n=100, n_val=10, n_hard=5, n_ood=5)["reused"] is False
 
 
