@@ -10,13 +10,14 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import PIL
 import pytest
-from PIL import Image
+from PIL import Image, features
 from rich.console import Console
 
 from edgedistill.data import scenes as S
-from edgedistill.data.scenes import drawing, writer
 from edgedistill.data.manifest import load_manifest
+from edgedistill.data.scenes import drawing, writer
 from edgedistill.errors import UserError
 
 # --------------------------------------------------------------------------------------------- caption parser
@@ -373,8 +374,7 @@ _RECORDED = {
 
 
 def _versions() -> dict[str, str | None]:
-    from PIL import __version__ as pillow, features
-    return {"numpy": np.__version__, "pillow": pillow, "libjpeg_turbo": features.version("libjpeg_turbo")}
+    return {"numpy": np.__version__, "pillow": PIL.__version__, "libjpeg_turbo": features.version("libjpeg_turbo")}
 
 
 def _dataset_digests(root: Path) -> dict[str, str]:
