@@ -338,6 +338,37 @@ def test_a_failure_midway_leaves_no_output(tmp_path, monkeypatch):
     assert S.write_scenes(tmp_path / "out", n=100, n_val=10, n_hard=5, n_ood=5)["reused"] is False
 
 
+@pytest.mark.parametrize("theirs", [dict(), dict(seed=1)])
+def test_a_dataset_another_process_publishes_first_is_reused_or_refused(tmp_path, monkeypatch, theirs):
+    ours = dict(n=20, size=32, n_val=4, n_hard=2, n_ood=0)
+    out, real = tmp_path / "out", writer._generate
+
+    def racing(*args: object) -> dict[str, int]:
+        counts = real(*args)
+        monkeypatch.setattr(writer, "_generate", real)
+        S.write_scenes(out, **{**ours, **theirs})  # the other process, finishing while ours still generates
+        return counts
+
+    monkeypatch.setattr(writer, "_generate", racing)
+    if theirs:
+        with pytest.raises(UserError, match="other settings"):
+            S.write_scenes(out, **ours)
+    else:
+        assert S.write_scenes(out, **ours)["reused"] is True
+    assert list(tmp_path.iterdir()) == [out]  # our staging folder is gone either way
+    assert json.loads((out / "scenes.json").read_text())["seed"] == theirs.get("seed", 0)
+
+def test_ood_classes_replace_the_images_an_interrupted_run_left(tmp_path):
+    root = tmp_path / "s"
+    S.write_scenes(root, n=10, size=32, n_val=0, n_hard=0, n_ood=0)
+    stale = root / "images" / "ood_classes"
+    stale.mkdir()
+    (stale / "99999.jpg").write_bytes(b"half a jpeg")  # images written, manifest not: the run stopped there
+    S.write_ood_classes(root, 2)
+    names = sorted(p.name for p in stale.iterdir())
+    assert names == [f"{i:05d}.jpg" for i in range(2 * len(S.HELD_OUT))]
+    assert sorted(p.name for p in (root / "images").iterdir()) == ["ood_classes", "train"]  # no staging left
+
 @pytest.mark.parametrize("bad", [dict(n=0), dict(n=-3), dict(n=2.5), dict(size=31), dict(size=513),
                                  dict(size=64.0), dict(seed=-1), dict(n_val=-1), dict(captioned=11), dict(workers=-1)])
 def test_bad_settings_are_one_line_user_errors(tmp_path, bad):

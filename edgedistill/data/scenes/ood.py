@@ -11,12 +11,9 @@ from every training label (``data.ood_val``), and attribute sentences for every 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
-from edgedistill.atomic import write_json
+from edgedistill.atomic import replace_dir, staging_dir, write_json
 from edgedistill.data.scenes.captioning import caption_rng, captions
 from edgedistill.data.scenes.model import (
     COLOURS, HELD_OUT, SHAPES, VERSION, Key, Scene, attempts, label, make_scene, scene_key)
@@ -71,16 +68,11 @@ def ood_class_scenes(seed: int, n_per_class: int) -> list[tuple[Scene, tuple[int
 
 
 def _render_folder(scenes: list[tuple[Scene, tuple[int, ...]]], size: int, folder: Path, width: int) -> None:
-    """The images of ``scenes`` in a temporary sibling folder, renamed to ``folder`` (replacing it) when complete."""
-    tmp = Path(tempfile.mkdtemp(prefix=f"{folder.name}.tmp-", dir=folder.parent))
-    try:
+    """The images of ``scenes`` in a temporary sibling folder, moved to ``folder`` (replacing it) when complete."""
+    with staging_dir(folder) as tmp:
         for i, (scene, _) in enumerate(scenes):
             render(scene, size).save(tmp / f"{i:0{width}d}.jpg", **JPEG_OPTIONS)
-        shutil.rmtree(folder, ignore_errors=True)
-        os.rename(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        replace_dir(tmp, folder)
 
 
 def write_ood_classes(root: str | Path, n_per_class: int = 50) -> Path:

@@ -16,9 +16,6 @@ from __future__ import annotations
 
 import json
 import multiprocessing
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -27,7 +24,7 @@ import numpy as np
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from edgedistill.atomic import atomic_path, fsync_dir, writable_dir, write_json
+from edgedistill.atomic import atomic_path, publish_dir, staging_dir, writable_dir, write_json
 from edgedistill.data.scenes.captioning import caption_rng, captions
 from edgedistill.data.scenes.model import HELD_OUT, SPLITS, VERSION, Scene, iid_scenes, label, make_scene
 from edgedistill.data.scenes.drawing import render
@@ -228,7 +225,7 @@ def write_scenes(out: str | Path, n: int, seed: int = 0, size: int = 64, n_val: 
     rest are written with ``"captions": []``). ``workers`` > 0 renders in that many processes (same bytes).
     ``progress``: a rich Console to show a progress bar on.
 
-    Built in a sibling ``<out>.tmp-*`` folder renamed to ``out`` when complete, so ``out`` is whole or absent. An
+    Built in a sibling ``.<out>.tmp-*`` folder renamed to ``out`` when complete, so ``out`` is whole or absent. An
     existing ``out`` with the same settings is reused as is (the result has ``"reused": True``); with other
     settings it is a UserError.
     """
@@ -239,20 +236,13 @@ def write_scenes(out: str | Path, n: int, seed: int = 0, size: int = 64, n_val: 
     if out.exists():
         return _reuse(out, st)
     writable_dir(out.parent, "--out's parent folder")
-    tmp = Path(tempfile.mkdtemp(prefix=f"{out.name}.tmp-", dir=out.parent))
-    try:
+    with staging_dir(out) as tmp:
         counts = _generate(tmp, st, workers, progress)
         manifests = {split: f"{split}.jsonl" for split, c in counts.items() if c}
         info = {**st, "counts": {**counts, "train_captioned": n if captioned is None else int(captioned)},
                 "manifests": manifests,
                 "twins": {s: f"{s}_twins.json" for s in ("hard", "ood") if counts[s]}}
         write_json(tmp / "scenes.json", info)
-        if out.exists():  # another process finished first; its copy is as good as ours if the settings match
-            shutil.rmtree(tmp)
-            return _reuse(out, st)
-        os.rename(tmp, out)
-        fsync_dir(out.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        if not publish_dir(tmp, out):
+            return _reuse(out, st)  # another process finished first: its copy is as good as ours if settings match
     return {**info, "reused": False}
