@@ -85,8 +85,7 @@ def split_scores(model: Any, tokenizer: Any, preprocess: Any, manifest_path: Pat
     """Retrieval and twin accuracy of ``model`` (and the teacher) on one scenes split."""
     from edgedistill.data.images import open_image
     from edgedistill.data.manifest import load_manifest
-    from edgedistill.data.scenes import twin_accuracy
-    from edgedistill.metrics import retrieval_metrics
+    from edgedistill.metrics import retrieval_metrics, twin_accuracy
 
     manifest = load_manifest(manifest_path)
     captions = [c for e in manifest.entries for c in e.captions]

@@ -19,6 +19,7 @@ Scores are computed in chunks of queries, so memory is O(chunk * max(N, T)) beyo
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -289,5 +290,60 @@ def retention(student: dict[str, float] | None, teacher: dict[str, float] | None
     return {key: s / t}
 
 
+def _check_twins(image_emb: Tensor, text_emb: Tensor, twins: Sequence[dict], text_to_image: Tensor,
+                 direction: str) -> None:
+    if direction not in ("i2t", "t2i", "group"):
+        raise ValueError(f"direction must be 'i2t', 't2i' or 'group', got '{direction}'")
+    if not twins:
+        raise ValueError("twins is empty")
+    if image_emb.ndim != 2 or text_emb.ndim != 2 or image_emb.shape[1] != text_emb.shape[1]:
+        raise ValueError(f"embeddings must be (N, D) and (T, D); got {tuple(image_emb.shape)} "
+                         f"and {tuple(text_emb.shape)}")
+    if text_to_image.shape != (text_emb.shape[0],):
+        raise ValueError(f"text_to_image must be ({text_emb.shape[0]},); got {tuple(text_to_image.shape)}")
+
+
+def twin_accuracy(image_emb: Tensor, text_emb: Tensor, twins: Sequence[dict], text_to_image: Tensor,
+                  direction: str = "i2t") -> dict[str, float]:
+    """Winoground-style accuracy on twin pairs, in percent (0-100) per edit type plus ``"all"``.
+
+    ``image_emb`` (N, D) and ``text_emb`` (T, D) embeddings (normalised here again), ``text_to_image`` (T,) the
+    image index of each caption, ``twins`` a list of ``{"a", "b", "edit"}`` (image indices and the edit's name, as
+    in the scenes dataset's ``*_twins.json``). An image's score for a set of captions is the mean cosine over those
+    captions. A pair counts as correct for ``"i2t"`` when image a scores a's captions above b's and image b scores
+    b's above a's; for ``"t2i"`` when a's captions score image a above image b and b's captions score b above a;
+    ``"group"`` needs both. Ties are wrong. Edit types appear in the order of their first pair (for the scenes
+    twins, which take the edits in turn, the order of ``EDITS``); edit types with no pairs are left out.
+    """
+    _check_twins(image_emb, text_emb, twins, text_to_image, direction)
+    img = F.normalize(image_emb.float(), dim=-1)
+    txt = F.normalize(text_emb.float(), dim=-1)
+    t2i = text_to_image.long().to(img.device)
+    n = img.shape[0]
+    # The mean cosine over an image's captions is the dot product with their mean embedding.
+    count = torch.bincount(t2i, minlength=n).to(img.dtype)  # (N,)
+    mean_caption = torch.zeros_like(img).index_add_(0, t2i, txt) / count.clamp(min=1)[:, None]  # (N, D)
+    a = torch.tensor([int(t["a"]) for t in twins], device=img.device)  # (P,)
+    b = torch.tensor([int(t["b"]) for t in twins], device=img.device)  # (P,)
+    if bool((count[a] == 0).any() or (count[b] == 0).any()):
+        raise ValueError("every twin image needs at least one caption")
+
+    def score(i: Tensor, j: Tensor) -> Tensor:  # (P,) image i against the captions of j
+        return (img[i] * mean_caption[j]).sum(-1)
+
+    aa, ab, ba, bb = score(a, a), score(a, b), score(b, a), score(b, b)
+    i2t = (aa > ab) & (bb > ba)
+    t2i_ok = (aa > ba) & (bb > ab)
+    ok = {"i2t": i2t, "t2i": t2i_ok, "group": i2t & t2i_ok}[direction].tolist()
+    edits = [str(t["edit"]) for t in twins]
+    result = {}
+    for edit in dict.fromkeys(edits):
+        hits = [o for o, e in zip(ok, edits) if e == edit]
+        result[edit] = 100.0 * sum(hits) / len(hits)
+    result["all"] = 100.0 * sum(ok) / len(ok)
+    return result
+
+
 __all__ = ["NonFiniteEmbeddings", "agreement", "check_finite", "few_shot_accuracy", "mean_class_top1",
-           "prototype_logits", "retention", "retrieval_metrics", "tip_adapter_logits", "zero_shot_accuracy"]
+           "prototype_logits", "retention", "retrieval_metrics", "tip_adapter_logits", "twin_accuracy",
+           "zero_shot_accuracy"]

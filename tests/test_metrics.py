@@ -1,4 +1,5 @@
-"""Retrieval Recall@K (cross-checked against clip_benchmark), zero-shot accuracy, student-teacher agreement."""
+"""Retrieval Recall@K (cross-checked against clip_benchmark), zero-shot accuracy, student-teacher agreement,
+twin (one-edit pair) accuracy."""
 
 from __future__ import annotations
 
@@ -6,7 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from edgedistill.metrics import agreement, retrieval_metrics, zero_shot_accuracy
+from edgedistill.data.scenes import EDITS
+from edgedistill.metrics import agreement, retrieval_metrics, twin_accuracy, zero_shot_accuracy
 
 
 def random_pairs(seed: int, n_images: int, dim: int = 8, noise: float = 1.0) -> tuple[torch.Tensor, ...]:
@@ -141,3 +143,70 @@ def test_agreement():
     assert (noisy["agreement_top1"] * queries / 100) == pytest.approx(round(noisy["agreement_top1"] * queries / 100))
     with pytest.raises(ValueError, match="same shapes"):
         agreement(img[:, :8], txt[:, :8], img, txt, t2i)
+
+
+# --------------------------------------------------------------------------------------------- twin accuracy
+# Scenes twins (edgedistill.data.scenes): images 2k and 2k + 1 differ by one edit.
+
+
+def _twin_embeddings(invert: set[str]) -> tuple[torch.Tensor, torch.Tensor, list[dict], torch.Tensor]:
+    """Images 2k, 2k + 1 of each pair; orthogonal image embeddings, two noisy captions each, pointing at their
+    own image except in pairs whose edit is in ``invert``, where each caption points at the twin."""
+    twins = [{"a": 2 * k, "b": 2 * k + 1, "edit": EDITS[k % len(EDITS)]} for k in range(21)]
+    n = 2 * len(twins)
+    image = torch.eye(n, 64)
+    gen = torch.Generator().manual_seed(0)
+    text, owner = [], []
+    for t in twins:
+        for me, other in ((t["a"], t["b"]), (t["b"], t["a"])):
+            target = other if t["edit"] in invert else me
+            for _ in range(2):
+                text.append(image[target] + 0.1 * torch.randn(64, generator=gen))
+                owner.append(me)
+    return image, torch.nn.functional.normalize(torch.stack(text), dim=-1), twins, torch.tensor(owner)
+
+
+def test_twin_accuracy_right_wrong_and_per_edit():
+    for direction in ("i2t", "t2i", "group"):
+        right = twin_accuracy(*_twin_embeddings(set()), direction=direction)
+        assert right == {**{e: 100.0 for e in EDITS}, "all": 100.0}
+        wrong = twin_accuracy(*_twin_embeddings(set(EDITS)), direction=direction)
+        assert wrong == {**{e: 0.0 for e in EDITS}, "all": 0.0}
+        mixed = twin_accuracy(*_twin_embeddings({"bind", "count"}), direction=direction)
+        assert mixed["bind"] == mixed["count"] == 0.0 and mixed["colour"] == mixed["swap-position"] == 100.0
+        assert mixed["all"] == pytest.approx(100 * 15 / 21)
+
+
+def test_twin_accuracy_needs_both_images_to_choose_right():
+    image, text, twins, owner = _twin_embeddings(set())
+    # Image b of pair 0 becomes identical to image a: it can no longer prefer its own captions (ties are wrong).
+    image = image.clone()
+    image[1] = image[0]
+    result = twin_accuracy(image, text, twins, owner)
+    assert result["colour"] == pytest.approx(100 * 2 / 3) and result["all"] == pytest.approx(100 * 20 / 21)
+
+
+def test_twin_accuracy_reports_edits_in_the_order_of_their_first_pair():
+    image, text, twins, owner = _twin_embeddings(set())
+    assert list(twin_accuracy(image, text, twins, owner)) == [*EDITS, "all"]  # the scenes twins take edits in turn
+    names = ["size", "colour", "size", "zoom", "blur", "colour", "size"]  # any names, any order
+    renamed = [{**t, "edit": names[k % len(names)]} for k, t in enumerate(twins)]
+    assert list(twin_accuracy(image, text, renamed, owner)) == ["size", "colour", "zoom", "blur", "all"]
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(direction="both"), "direction must be"), (dict(twins=[]), "twins is empty"),
+    (dict(text_emb=torch.zeros(84, 63)), "embeddings must be"), (dict(text_to_image=torch.zeros(83)), "text_to_image"),
+])
+def test_twin_accuracy_refuses_bad_input(change, message):
+    image, text, twins, owner = _twin_embeddings(set())
+    args = {"image_emb": image, "text_emb": text, "twins": twins, "text_to_image": owner, **change}
+    with pytest.raises(ValueError, match=message):
+        twin_accuracy(**args)
+
+
+def test_twin_accuracy_needs_a_caption_for_every_twin_image():
+    image, text, twins, owner = _twin_embeddings(set())
+    keep = owner != 3  # image 3 (pair 1's b) loses its captions
+    with pytest.raises(ValueError, match="at least one caption"):
+        twin_accuracy(image, text[keep], twins, owner[keep])

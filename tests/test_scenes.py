@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import re
@@ -9,13 +10,14 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import PIL
 import pytest
-import torch
-from PIL import Image
+from PIL import Image, features
 from rich.console import Console
 
 from edgedistill.data import scenes as S
 from edgedistill.data.manifest import load_manifest
+from edgedistill.data.scenes import drawing, writer
 from edgedistill.errors import UserError
 
 # --------------------------------------------------------------------------------------------- caption parser
@@ -119,7 +121,7 @@ def test_render_draws_each_object_where_its_key_says():
             img = np.asarray(S.render(scene, size)).astype(int)
             assert img.shape == (size, size, 3)
             for o in scene.objects:
-                x, y = S._POS_XY[o.position]
+                x, y = drawing._POS_XY[o.position]
                 px = img[int((y + o.dy) * size), int((x + o.dx) * size)]
                 dist = np.abs(px - np.array(o.rgb)).max()
                 if o.shape == "ring":
@@ -328,13 +330,44 @@ def test_a_failure_midway_leaves_no_output(tmp_path, monkeypatch):
             raise RuntimeError("disk on fire")
         return real(scene, size, supersample)
 
-    monkeypatch.setattr(S, "render", flaky)
+    monkeypatch.setattr(writer, "render", flaky)  # where the writer looks it up
     with pytest.raises(RuntimeError, match="disk on fire"):
         S.write_scenes(tmp_path / "out", n=100, n_val=10, n_hard=5, n_ood=5)
     assert list(tmp_path.iterdir()) == []
-    monkeypatch.setattr(S, "render", real)
+    monkeypatch.setattr(writer, "render", real)
     assert S.write_scenes(tmp_path / "out", n=100, n_val=10, n_hard=5, n_ood=5)["reused"] is False
 
+
+@pytest.mark.parametrize("theirs", [dict(), dict(seed=1)])
+def test_a_dataset_another_process_publishes_first_is_reused_or_refused(tmp_path, monkeypatch, theirs):
+    ours = dict(n=20, size=32, n_val=4, n_hard=2, n_ood=0)
+    out, real = tmp_path / "out", writer._generate
+
+    def racing(*args: object) -> dict[str, int]:
+        counts = real(*args)
+        monkeypatch.setattr(writer, "_generate", real)
+        S.write_scenes(out, **{**ours, **theirs})  # the other process, finishing while ours still generates
+        return counts
+
+    monkeypatch.setattr(writer, "_generate", racing)
+    if theirs:
+        with pytest.raises(UserError, match="other settings"):
+            S.write_scenes(out, **ours)
+    else:
+        assert S.write_scenes(out, **ours)["reused"] is True
+    assert list(tmp_path.iterdir()) == [out]  # our staging folder is gone either way
+    assert json.loads((out / "scenes.json").read_text())["seed"] == theirs.get("seed", 0)
+
+def test_ood_classes_replace_the_images_an_interrupted_run_left(tmp_path):
+    root = tmp_path / "s"
+    S.write_scenes(root, n=10, size=32, n_val=0, n_hard=0, n_ood=0)
+    stale = root / "images" / "ood_classes"
+    stale.mkdir()
+    (stale / "99999.jpg").write_bytes(b"half a jpeg")  # images written, manifest not: the run stopped there
+    S.write_ood_classes(root, 2)
+    names = sorted(p.name for p in stale.iterdir())
+    assert names == [f"{i:05d}.jpg" for i in range(2 * len(S.HELD_OUT))]
+    assert sorted(p.name for p in (root / "images").iterdir()) == ["ood_classes", "train"]  # no staging left
 
 @pytest.mark.parametrize("bad", [dict(n=0), dict(n=-3), dict(n=2.5), dict(size=31), dict(size=513),
                                  dict(size=64.0), dict(seed=-1), dict(n_val=-1), dict(captioned=11), dict(workers=-1)])
@@ -345,41 +378,57 @@ def test_bad_settings_are_one_line_user_errors(tmp_path, bad):
     assert not (tmp_path / "out").exists()
 
 
-# --------------------------------------------------------------------------------------------- twin accuracy
+# --------------------------------------------------------------------------------------------- recorded bytes
+# Every file of one small dataset (2 workers, captioned, every split, OOD classes), as the code wrote it when these
+# digests were recorded: a change of any byte of any file fails. JPEG bytes and the random streams depend on
+# Pillow, its libjpeg and numpy, so the record holds only for the versions it was made with; elsewhere the test
+# skips and test_workers_give_the_same_bytes still checks determinism. Re-record with _dataset_digests().
+
+_RECORDED_WITH = {"numpy": "2.4.6", "pillow": "13.0.0", "libjpeg_turbo": "3.2.0"}
+_RECORDED = {
+    "class_descriptions.json": "ca520fcbf56fd3fba96cee860d46f181238904cbb55b92073b6757a46efa0323",
+    "hard.jsonl": "48c733018b5f40ce0326eb4743a4e538c3d0458ac4fb5226cf3239dd8ef1b09e",
+    "hard_twins.json": "36ccdf6edf0dc2592b5a74d1a3ee4b917d353c70c4d9fa4259a23ccd014cfad9",
+    "ood.jsonl": "64064f291f8f2f9f7e6a39d0f3cd15358280d9b65fea1b2d231153daba7c2b02",
+    "ood_classes.json": "8ac043361b4bed7699610626aa8b69e69ec04f5e522e9c85d5cb0686f67b51e5",
+    "ood_classes.jsonl": "700858227d8b6837caf5e6065e8f98255de4e5f5604e60582df421a9b9e91926",
+    "ood_twins.json": "d7442be7c9de62ff1311a36eec6e3387813b8548e6bc305cb90156f4916683ce",
+    "scenes.json": "72a39677a2814dc4d653ed609b83179f2d6f4ae3c404cb4e4af45cf6dce116f7",
+    "train.jsonl": "9e7af4be15fbc0e2ed4420e737c628cf4bf39f4eda505e2d8a1f8997db46aa34",
+    "val.jsonl": "c0ac39eddc6b969373ddd34238f8fd31727c1ea3aa68b40ad97b7d465607e556",
+    "images/hard/": "29704967a497bf529ead693db42364737fce36d2b74123f89d6fe94bccd879de",
+    "images/ood/": "708fcfb240d6cd2294ebf88c62c90712d73ca593c0d3669442b51bb1ed51f582",
+    "images/ood_classes/": "1e7e81c1a14416b7a5b3a527973fbe6cf35f894a153d788e4293d8cd8930f9c1",
+    "images/train/": "597478140d6105ea193104df43bd379744d938a0520b1f9eeacb5f807706adc3",
+    "images/val/": "f4eeb595982e9b9dd413f1eb7c60360b96bf4f8717cecc49501c4592ce4da48d",
+}
 
 
-def _twin_embeddings(invert: set[str]) -> tuple[torch.Tensor, torch.Tensor, list[dict], torch.Tensor]:
-    """Images 2k, 2k + 1 of each pair; orthogonal image embeddings, two noisy captions each, pointing at their
-    own image except in pairs whose edit is in ``invert``, where each caption points at the twin."""
-    twins = [{"a": 2 * k, "b": 2 * k + 1, "edit": S.EDITS[k % len(S.EDITS)]} for k in range(21)]
-    n = 2 * len(twins)
-    image = torch.eye(n, 64)
-    gen = torch.Generator().manual_seed(0)
-    text, owner = [], []
-    for t in twins:
-        for me, other in ((t["a"], t["b"]), (t["b"], t["a"])):
-            target = other if t["edit"] in invert else me
-            for _ in range(2):
-                text.append(image[target] + 0.1 * torch.randn(64, generator=gen))
-                owner.append(me)
-    return image, torch.nn.functional.normalize(torch.stack(text), dim=-1), twins, torch.tensor(owner)
+def _versions() -> dict[str, str | None]:
+    return {"numpy": np.__version__, "pillow": PIL.__version__, "libjpeg_turbo": features.version("libjpeg_turbo")}
 
 
-def test_twin_accuracy_right_wrong_and_per_edit():
-    for direction in ("i2t", "t2i", "group"):
-        right = S.twin_accuracy(*_twin_embeddings(set()), direction=direction)
-        assert right == {**{e: 100.0 for e in S.EDITS}, "all": 100.0}
-        wrong = S.twin_accuracy(*_twin_embeddings(set(S.EDITS)), direction=direction)
-        assert wrong == {**{e: 0.0 for e in S.EDITS}, "all": 0.0}
-        mixed = S.twin_accuracy(*_twin_embeddings({"bind", "count"}), direction=direction)
-        assert mixed["bind"] == mixed["count"] == 0.0 and mixed["colour"] == mixed["swap-position"] == 100.0
-        assert mixed["all"] == pytest.approx(100 * 15 / 21)
+def _dataset_digests(root: Path) -> dict[str, str]:
+    """sha256 of each manifest and JSON file; of each image folder, sha256 over its files' "name sha256" lines."""
+    files = {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+             for p in sorted(root.rglob("*")) if p.is_file()}
+    out = {name: digest for name, digest in files.items() if not name.startswith("images/")}
+    for folder in sorted({name.rsplit("/", 1)[0] for name in files if name.startswith("images/")}):
+        lines = "".join(f"{n} {d}\n" for n, d in files.items() if n.rsplit("/", 1)[0] == folder)
+        out[folder + "/"] = hashlib.sha256(lines.encode()).hexdigest()
+    return out
 
 
-def test_twin_accuracy_needs_both_images_to_choose_right():
-    image, text, twins, owner = _twin_embeddings(set())
-    # Image b of pair 0 becomes identical to image a: it can no longer prefer its own captions (ties are wrong).
-    image = image.clone()
-    image[1] = image[0]
-    result = S.twin_accuracy(image, text, twins, owner)
-    assert result["colour"] == pytest.approx(100 * 2 / 3) and result["all"] == pytest.approx(100 * 20 / 21)
+def _write_recorded_dataset(out: Path) -> None:
+    S.write_scenes(out, n=64, seed=5, size=64, n_val=16, n_hard=14, n_ood=12, captioned=40, workers=2)
+    S.write_ood_classes(out, 2)
+
+
+def test_dataset_bytes_are_the_recorded_ones(tmp_path):
+    if _versions() != _RECORDED_WITH:
+        pytest.skip(f"digests recorded with {_RECORDED_WITH}, running {_versions()}")
+    _write_recorded_dataset(tmp_path / "d")
+    digests = _dataset_digests(tmp_path / "d")
+    assert sorted(digests) == sorted(_RECORDED)
+    assert [name for name in _RECORDED if digests[name] != _RECORDED[name]] == []
+
