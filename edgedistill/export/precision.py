@@ -1,4 +1,6 @@
-"""Precision in the ONNX graph (DESIGN decision 3): float16 conversion and calibrated INT8 QDQ quantisation.
+"""Float16 conversion and calibrated INT8 QDQ quantisation: the precision lives in the ONNX graph.
+
+Why, and the two INT8 flavours: docs/design.md#precision-in-the-onnx-graph.
 
 FP16: every float32 initializer and op in float16, float32 inputs and outputs (so callers feed the same
 arrays). INT8: ``onnxruntime.quantization`` after ``quant_pre_process`` (shape inference and graph
