@@ -1,4 +1,4 @@
-"""Scale-out with torch.distributed (DESIGN decision 5): the process group, rank helpers, gathers, the launcher.
+"""Scale-out with torch.distributed (docs/design.md#scale-out): the process group, rank helpers, gathers, the launcher.
 
 A distributed run is the same ``edgedistill distill RECIPE`` started by ``torchrun`` (which sets RANK,
 WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT), or by ``edgedistill distill RECIPE --nproc N``, which runs

@@ -1,4 +1,5 @@
-"""Layerwise (hidden-state) distillation: student modules matched to teacher layers (METHODS.md B [R]).
+"""Layerwise (hidden-state) distillation: student modules matched to teacher layers (OPTIMA-style, a reconstruction:
+docs/methods.md#layerwise-distillation).
 
 The student's vision trunk (timm, inside open_clip's ``TimmModel``) is split into modules: its stages (timm's
 ``feature_info``: the ends of the CNN stages, stem left out), or, where there are more stage points than

@@ -1,7 +1,7 @@
 """Retrieval and zero-shot evaluation on embeddings; every value is a percentage (0-100) except
 ``cosine_to_teacher``, which is a plain mean cosine.
 
-Image-text retrieval follows the standard protocol (METHODS.md "Recall@K"):
+Image-text retrieval follows the standard protocol (docs/methods.md#retrieval):
 
 - image -> text (i2t): each image that has at least one caption ranks all T captions; its rank is the best rank
   among its own captions. Images without captions are not i2t queries (they stay t2i candidates).

@@ -1,7 +1,8 @@
 """The bench report: bench.json (one row per artifact x backend x batch), bench.md, pareto.png, a rich table.
 
-Every row names its conditions (DESIGN decision 4): device, backend and version, precision, batch, threads,
-warm-up and iteration counts. Skipped and failed artifacts are rows too, with the reason.
+Every row names its conditions (docs/design.md#conditions-on-every-number): device, backend and version,
+precision, batch, threads, warm-up and iteration counts. Skipped and failed artifacts are rows too, with the
+reason.
 """
 
 from __future__ import annotations

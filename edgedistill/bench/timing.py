@@ -1,4 +1,6 @@
-"""Latency statistics: warm-up, then N timed calls; percentiles, never one run (DESIGN decision 4).
+"""Latency statistics: warm-up, then N timed calls; percentiles, never one run.
+
+Why: docs/design.md#conditions-on-every-number.
 
 Inputs are staged by the caller before timing starts, so only inference is timed (``--e2e`` stages nothing and
 times decode + preprocessing too). GPU calls are timed with CUDA events recorded on the stream the work runs

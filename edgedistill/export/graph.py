@@ -27,7 +27,7 @@ from edgedistill.errors import UserError
 IMAGE_INPUT, IMAGE_OUTPUT = "image", "image_embedding"
 # "embedding" alone collides with a value name inside open_clip's text graph under the dynamo exporter.
 TEXT_INPUT, TEXT_OUTPUT = "text", "text_embedding"
-OPSET = 18  # the dynamo exporter's own; TensorRT 10.x and onnxruntime >= 1.16 read it (the issue asks >= 17)
+OPSET = 18  # the dynamo exporter's own; TensorRT 10.x and onnxruntime >= 1.16 read it
 
 
 def l2_normalize(x: torch.Tensor) -> torch.Tensor:

@@ -1,12 +1,14 @@
-"""Precision in the ONNX graph (DESIGN decision 3): float16 conversion and calibrated INT8 QDQ quantisation.
+"""Float16 conversion and calibrated INT8 QDQ quantisation: the precision lives in the ONNX graph.
+
+Why, and the two INT8 flavours: docs/design.md#precision-in-the-onnx-graph.
 
 FP16: every float32 initializer and op in float16, float32 inputs and outputs (so callers feed the same
 arrays). INT8: ``onnxruntime.quantization`` after ``quant_pre_process`` (shape inference and graph
 optimisation; without it INT8 on CPU is often slower than FP32), QDQ format, symmetric per-channel int8
 weights. Activations: symmetric int8 for TensorRT (explicit quantisation with zero point 0 is what its
 strongly typed builder accepts); asymmetric uint8 for onnxruntime on CPU, whose fast x86 kernels are U8S8 —
-measured on a VNNI Xeon, ResNet-18 at 224 px, batch 1: symmetric int8 activations 1.3x faster than fp32,
-uint8 3.4x (benchmarks/export_speed.py records the ratio).
+recorded with benchmarks/export_speed.py (ResNet-18 at 224 px, batch 1, 2 threads; benchmarks/README.md,
+"Export"): uint8 activations 2.3x faster than fp32, symmetric int8 activations 0.7x (slower than fp32).
 
 The TensorRT flavour follows NVIDIA's own ONNX quantiser (ModelOpt: ORT ``quantize_static`` with
 ``QuantizeBias`` off, then the QDQ graph converted to fp16): biases stay float (TensorRT rejects a

@@ -1,8 +1,9 @@
 """Deployment targets: one YAML preset per device (precision, batch profile, calibration, workspace).
 
 A target names where an exported student will run and how it should be built there: the default export
-format (``trt`` for NVIDIA GPUs, ``onnx`` for CPUs), the precision that lives in the graph (DESIGN decision 3),
-the TensorRT optimisation profile for the batch axis, the INT8 calibration set and the builder workspace.
+format (``trt`` for NVIDIA GPUs, ``onnx`` for CPUs), the precision that lives in the graph
+(docs/design.md#precision-in-the-onnx-graph), the TensorRT optimisation profile for the batch axis, the INT8
+calibration set and the builder workspace.
 Presets ship as package data in ``edgedistill/export/targets/``; a user's own YAML file works the same way.
 """
 

@@ -1,13 +1,13 @@
 """TensorRT engines: build a strongly typed engine from an ONNX graph on the target device, and run it.
 
-Precision lives in the ONNX graph (DESIGN decision 3): an fp16 graph gives an fp16 engine, a QDQ graph (fp16
-around its Q/DQ pairs) an INT8 engine. TensorRT 11 removed the FP16/INT8 builder flags and the implicit
-calibrators, and JetPack 6.1+'s TensorRT 10.3 builds strongly typed networks too, so this module sets no
-precision flag at all and uses only APIs that TensorRT 10 and 11 both have (docs/gpu.md lists each call and
-its documentation). TensorRT before 10 (JetPack 5, JetPack 6.0) has no strongly typed networks and is refused.
-Engines are not portable across GPUs or TensorRT versions: each engine gets a sidecar ``<engine>.json`` naming
-the TensorRT version, GPU, compute capability, SM count and board it was built on, and a runner refuses,
-before deserialising, an engine built elsewhere.
+Precision lives in the ONNX graph (docs/design.md#precision-in-the-onnx-graph): an fp16 graph gives an fp16
+engine, a QDQ graph (fp16 around its Q/DQ pairs) an INT8 engine. TensorRT 11 removed the FP16/INT8 builder
+flags and the implicit calibrators, and JetPack 6.1+'s TensorRT 10.3 builds strongly typed networks too, so this
+module sets no precision flag at all and uses only APIs that TensorRT 10 and 11 both have (docs/gpu.md lists
+each call and its documentation). TensorRT before 10 (JetPack 5, JetPack 6.0) has no strongly typed networks and
+is refused. Engines are not portable across GPUs or TensorRT versions: each engine gets a sidecar
+``<engine>.json`` naming the TensorRT version, GPU, compute capability, SM count and board it was built on, and a
+runner refuses, before deserialising, an engine built elsewhere.
 
 ``tensorrt`` and CUDA are imported lazily: this module imports (and its pure parts are tested) on a CPU machine.
 """

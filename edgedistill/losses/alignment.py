@@ -1,4 +1,7 @@
-"""Vision-language alignment distillation of Li et al. ICCV 2023 (METHODS.md C)."""
+"""Vision-language alignment and classification terms of Li et al. ICCV 2023.
+
+docs/methods.md#vl_align and docs/methods.md#classification describe them.
+"""
 
 from __future__ import annotations
 

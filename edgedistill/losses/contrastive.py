@@ -1,5 +1,6 @@
-"""Contrastive terms: teacher-keyed InfoNCE with a queue (METHODS.md A), the student's own CLIP loss (A), and the
-symmetric image contrastive loss of Li et al. ICCV 2023 (C)."""
+"""Contrastive terms: teacher-keyed InfoNCE with a queue (DSMD, docs/methods.md#contrastive), the student's own
+CLIP loss (docs/methods.md#clip), and the symmetric image contrastive loss of Li et al. ICCV 2023
+(docs/methods.md#image_contrastive)."""
 
 from __future__ import annotations
 

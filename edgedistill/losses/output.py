@@ -1,4 +1,4 @@
-"""Output-level distillation terms of DSMD (METHODS.md A): feature, similarity, relation, hard negative.
+"""Output-level distillation terms of DSMD (docs/methods.md#loss-terms): feature, similarity, relation, hard negative.
 
 All terms compare L2-normalised embeddings. Teacher inputs are detached, so a term can never train the teacher.
 """
