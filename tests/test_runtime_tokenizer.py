@@ -221,6 +221,8 @@ def test_unsupported_tokenizers_are_one_line_errors(tmp_path):
         with pytest.raises(UserError, match=message) as info:
             save_tokenizer(source, tmp_path / "out")
         assert "\n" not in str(info.value)
+    with pytest.raises(UserError, match="context_length cannot change a tokenizer object"):
+        save_tokenizer(open_clip.get_tokenizer("ViT-B-32"), tmp_path / "out", context_length=16)
     assert not (tmp_path / "out" / TOKENIZER_FILE).exists()
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import html
 import json
 import os
+import re
 import string
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -44,6 +45,8 @@ CLEAN_STEPS = {  # what each cleaning does, in order; written to CONFIG_FILE for
                      "lower case", "collapse whitespace"],
 }
 _NO_PUNCTUATION = str.maketrans("", "", string.punctuation)
+# CLIP's pattern holds special tokens unescaped and matches them ignoring case: plain lower-case text only
+SPECIAL_TOKEN = re.compile(r"[a-z0-9_<>/-]+")
 
 
 # -- cleaning (open_clip's basic_clean + whitespace_clean / lower / canonicalize_text) ----------------------------
@@ -82,8 +85,7 @@ class TextTokenizer:
         self._literal = _LiteralSpecials(backend, specials, config) if specials else None
 
     def __call__(self, texts: str | Sequence[str]) -> np.ndarray:
-        if isinstance(texts, str):
-            texts = [texts]
+        texts = [texts] if isinstance(texts, str) else list(texts)
         bad = [t for t in texts if not isinstance(t, str)]
         if bad:
             raise UserError(f"texts must be strings, not {type(bad[0]).__name__} ({bad[0]!r:.40}); pass str values")
@@ -172,7 +174,7 @@ def _read_config(path: Path) -> dict[str, Any]:
     sep = config.get("strip_sep_id")
     good = (kind in ("open_clip_bpe", "hf") and _is_int(length) and length >= 2 and clean in CLEANS
             and all(_is_int(i) for i in ids) and (sep is None or _is_int(sep)) and isinstance(specials, dict)
-            and all(isinstance(k, str) and _is_int(v) for k, v in specials.items()))
+            and all(isinstance(k, str) and SPECIAL_TOKEN.fullmatch(k) and _is_int(v) for k, v in specials.items()))
     if not good:
         raise UserError(f"{path} has a bad kind, context_length, clean or token id; export the tokenizer again")
     return config
@@ -201,8 +203,12 @@ def save_tokenizer(model: Any, folder: str | os.PathLike, context_length: int | 
 
     ``model``: an open_clip model name (``ViT-B-32``, ``hf-hub:org/name``), ``local-dir:FOLDER`` or a folder
     with ``open_clip_config.json`` (a saved student), a model config JSON file, or a tokenizer open_clip made.
-    A tokenizer that cannot be reproduced without torch is a UserError, and nothing is written.
+    ``context_length`` overrides the model's (not with a tokenizer object, which has its own). A tokenizer that
+    cannot be reproduced without torch is a UserError, and nothing is written.
     """
+    if context_length is not None and not isinstance(model, (str, os.PathLike)):
+        raise UserError("context_length cannot change a tokenizer object; make it with open_clip.get_tokenizer("
+                        "name, context_length=...) or pass the model name")
     tokenizer, source = _open_clip_tokenizer(model, context_length)
     backend, config = _convert(tokenizer)
     config.update(format=FORMAT, source=source, clean_steps=CLEAN_STEPS[config["clean"]], versions=_versions())
@@ -290,8 +296,7 @@ def _clip_bpe(tokenizer: Any) -> Any:
     if tokenizer.pat.pattern != expected or not tokenizer.pat.flags & regex.IGNORECASE:
         raise UserError("this open_clip's SimpleTokenizer splits text with another pattern than CLIP's; "
                         "the tokenizer cannot be exported (use the open_clip version edgedistill pins)")
-    # CLIP's pattern holds them unescaped, and matches them ignoring case: plain lower-case text only
-    if not all(regex.fullmatch(r"[a-z0-9_<>/-]+", t) for t in specials):
+    if not all(SPECIAL_TOKEN.fullmatch(t) for t in specials):
         raise UserError(f"special tokens {specials} must be lower-case letters, digits and _<>/- to be exported")
     merges = sorted(tokenizer.bpe_ranks, key=tokenizer.bpe_ranks.get)
     backend = Tokenizer(models.BPE(vocab=dict(tokenizer.encoder), merges=merges, end_of_word_suffix="</w>",
