@@ -162,6 +162,26 @@ def test_saved_files_describe_the_tokenizer(tmp_path):
     assert len(tok["model"]["vocab"]) == 49408 and tok["padding"]["strategy"] == {"Fixed": 77}
 
 
+def test_clip_split_equals_open_clips_regex_on_every_assigned_code_point():
+    """tokenizer.json's pre-tokenisation (Oniguruma) splits as open_clip's pattern (the `regex` module) does, for
+    every code point Python's Unicode database lists as assigned, each in six contexts."""
+    from tokenizers import Regex, pre_tokenizers
+
+    from edgedistill.runtime.tokenizer import CLIP_SPLIT
+
+    pattern = open_clip.get_tokenizer("ViT-B-32").pat
+    split = pre_tokenizers.Split(Regex(CLIP_SPLIT), behavior="removed", invert=True)
+    points = [cp for cp in range(0x20, 0x110000)
+              if not 0xD800 <= cp <= 0xDFFF and unicodedata.category(chr(cp)) != "Cn"]
+    assert len(points) > 250_000
+    differ = []
+    for i in range(0, len(points), 2000):  # spaces end every piece, so chunks split as their parts do
+        text = " ".join(f"a{c}b .{c}. 1{c}2 '{c}s {c}{c} {c}'T" for c in map(chr, points[i:i + 2000]))
+        if pattern.findall(text) != [piece for piece, _ in split.pre_tokenize_str(text)]:
+            differ.append(hex(points[i]))
+    assert not differ, f"chunks starting at {differ[:5]} split differently"
+
+
 # -- HF tokenizers (open_clip's HFTokenizer, SigLipTokenizer): built here, since hubs are out of reach -------------
 def _local_hf_tokenizer(folder: Path, texts: list[str]) -> Path:
     """A BERT-style fast tokenizer trained on ``texts``, saved as transformers saves one (offline)."""
