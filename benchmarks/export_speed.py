@@ -33,7 +33,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import cpu_model, report  # noqa: E402
-from edgedistill.export.graph import ImageEncoder, export_onnx, ort_session  # noqa: E402
+from edgedistill.export.graph import ImageEncoder, export_onnx  # noqa: E402
+from edgedistill.runtime.ort import ort_session  # noqa: E402
 from edgedistill.export.precision import ImageCalibrationReader, quantize_int8  # noqa: E402
 from edgedistill.teachers import register_open_clip_config  # noqa: E402
 

@@ -140,7 +140,7 @@ class MagnitudeOptions(BalancerOptions):
 
 @register_balancer("magnitude")
 class MagnitudeBalancer(Balancer):
-    """DSMD-style magnitude balancer, a reconstruction (docs/methods.md#dsmd): the DSMD paper's update rule is not known.
+    """DSMD-style magnitude balancer, a reconstruction (docs/methods.md#dsmd), not the official code's rule.
 
     Each term keeps an EMA ``m_i`` of its detached loss (the first observation initialises it); the weight is
     ``w_i = base_i * mean_j(m_j) / (m_i + eps)`` over the active terms, so every active term contributes about
@@ -394,7 +394,7 @@ def build_balancer(options: BalancerOptions, names: list[str], base_weights: dic
 
 
 __all__ = [
-    "BALANCERS", "BalanceContext", "Balancer", "BalancerOptions", "DSMDBalancer", "DWABalancer", "DWAOptions", "GradNormBalancer",
-    "GradNormOptions", "MagnitudeBalancer", "MagnitudeOptions", "StaticBalancer", "UncertaintyBalancer",
+    "BALANCERS", "BalanceContext", "Balancer", "BalancerOptions", "DSMDBalancer", "DWABalancer", "DWAOptions",
+    "GradNormBalancer", "GradNormOptions", "MagnitudeBalancer", "MagnitudeOptions", "StaticBalancer", "UncertaintyBalancer",
     "build_balancer", "register_balancer", "validate_balancer",
 ]

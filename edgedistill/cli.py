@@ -2,7 +2,8 @@
 
 A user error (bad recipe, missing file, bad manifest, too many unreadable images) ends with one line
 ``error: ...`` naming the problem and the fix, and exit status 2; ``--debug`` (anywhere on the line) also
-prints the traceback.
+prints the traceback. Each command imports its own stack when it runs (torch, onnx, open_clip...), so
+``--help`` and the light commands start at once.
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ def check(recipe: Path = RECIPE_ARG, overrides: Optional[list[str]] = OVERRIDES_
     * `edgedistill check recipes/clip_to_mobilenet.yaml`
     * `edgedistill check recipes/clip_to_mobilenet.yaml train.epochs=3 data.batch_size=32`
     """
+    # deferred: the command's own stack loads when it runs
     from edgedistill.cache import load_split_manifests
     from edgedistill.evaluate import read_class_descriptions
     from edgedistill.recipe import load_recipe, recipe_to_yaml
@@ -95,6 +97,7 @@ def cache(
     * `edgedistill cache recipes/clip_to_mobilenet.yaml`
     * `edgedistill cache recipes/clip_to_mobilenet.yaml cache.dir=/data/cache data.workers=8`
     """
+    # deferred: the command's own stack loads when it runs
     from edgedistill.cache import caches_for_recipe, load_split_manifests
     from edgedistill.recipe import load_recipe
     from edgedistill.teachers import load_teacher
@@ -141,13 +144,14 @@ def distill(
     * `edgedistill distill recipes/clip_to_mobilenet.yaml --nproc 8` (or `torchrun --nproc_per_node 8 -m
       edgedistill distill recipes/clip_to_mobilenet.yaml`)
     """
+    # deferred: the command's own stack loads when it runs
     from edgedistill.recipe import load_recipe
     from edgedistill.train import distill as run_distill
 
     console = Console(stderr=True, soft_wrap=True)
     resolved = load_recipe(recipe, overrides or [])
     if nproc > 1:
-        from edgedistill.distributed import launch_distill
+        from edgedistill.distributed import launch_distill  # deferred: only --nproc needs the launcher
         raise typer.Exit(launch_distill(resolved, nproc, [str(recipe), *(overrides or [])], resume))
     summary = run_distill(resolved, console=console, resume=resume)
     if summary is not None:  # None on the other ranks of a distributed run: rank 0 reports
@@ -196,6 +200,7 @@ def evaluate(
     * `edgedistill eval runs/clip_to_mobilenet`
     * `edgedistill eval runs/clip_to_mobilenet --device cpu`
     """
+    # deferred: the command's own stack loads when it runs
     from edgedistill.evaluate import run_eval
 
     console = Console(stderr=True, soft_wrap=True)
@@ -220,6 +225,7 @@ def demo(
     * `edgedistill demo`
     * `edgedistill demo --quick --out /tmp/demo`
     """
+    # deferred: the command's own stack loads when it runs
     from edgedistill.demo import print_report, run_demo
 
     console = Console(stderr=True, soft_wrap=True)
@@ -261,6 +267,7 @@ def data_scenes(
     * `edgedistill data scenes --out data/scenes --n 50000 --seed 0`
     * `edgedistill data scenes --out data/scenes-transfer --n 50000 --captioned 2000`
     """
+    # deferred: the command's own stack loads when it runs
     from edgedistill.data.scenes import write_scenes
 
     console = Console(stderr=True, soft_wrap=True)
@@ -291,6 +298,7 @@ def teacher_pretrain(
 
     * `edgedistill teacher pretrain --data data/scenes --preset base --out data/scenes-teacher`
     """
+    # deferred: the command's own stack loads when it runs
     from edgedistill.pretrain import pretrain_config, pretrain_teacher
 
     from edgedistill import atomic
@@ -346,6 +354,7 @@ def export(
     * `edgedistill export --format trt --int8 --target jetson-orin-nano`
     * `edgedistill export --text-embeddings classes.txt`
     """
+    # deferred: the command's own stack loads when it runs
     from edgedistill.export.exporter import ExportOptions, run_export
 
     console = Console(stderr=True, soft_wrap=True)
@@ -487,6 +496,7 @@ def bench(
     * `edgedistill bench --device cuda --batch 1,16,64`
     * `edgedistill bench --device jetson --host nvidia@orin.local --remote-cmd '~/venv/bin/edgedistill'`
     """
+    # deferred: the command's own stack loads when it runs
     from edgedistill.bench.runner import BenchOptions, parse_batches, run_bench
     from edgedistill.export.exporter import latest_run
 

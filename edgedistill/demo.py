@@ -22,7 +22,13 @@ from rich.console import Console
 from rich.table import Table
 
 from edgedistill import atomic
+from edgedistill.bench.runner import BenchOptions, run_bench
+from edgedistill.data.scenes import write_scenes
+from edgedistill.export.exporter import ExportOptions, run_export
 from edgedistill.locations import default_cache_root
+from edgedistill.pretrain import pretrain_config, pretrain_teacher
+from edgedistill.recipe import validate_recipe
+from edgedistill.train import distill
 from edgedistill.errors import UserError
 
 MARKER = "demo.json"  # a folder holding this is a demo run the next demo may replace
@@ -85,13 +91,6 @@ def _prepare_out(out: Path) -> None:
 
 def run_demo(out: Path = Path("runs/demo"), quick: bool = False, console: Console | None = None) -> dict[str, Any]:
     """Run every stage; returns the report written to ``out/demo.json``."""
-    from edgedistill.data.scenes import write_scenes
-    from edgedistill.bench.runner import BenchOptions, run_bench
-    from edgedistill.export.exporter import ExportOptions, run_export
-    from edgedistill.pretrain import pretrain_config, pretrain_teacher
-    from edgedistill.recipe import validate_recipe
-    from edgedistill.train import distill
-
     console = console or Console(stderr=True, soft_wrap=True)
     size = SIZES["quick" if quick else "full"]
     out = Path(out)

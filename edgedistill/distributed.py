@@ -19,6 +19,7 @@ stops the others with a clear message instead of a silent hang.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import datetime
 import inspect
@@ -33,6 +34,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 from edgedistill.errors import UserError
 
@@ -255,8 +257,6 @@ def wrap_ddp(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     """
     if not current().enabled:
         return module
-    from torch.nn.parallel import DistributedDataParallel
-
     no_sync = {"forward_sync_buffers": False} \
         if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters \
         else {"broadcast_buffers": False}
@@ -370,12 +370,11 @@ def failure_line(failures: dict[int, Any], run_dir: Path | None) -> tuple[str, i
 
 def _launcher_main(argv: list[str]) -> int:
     """``python -m edgedistill.distributed --nproc N [--run-dir DIR] -- ARGS``: torchrun, with one-line failures."""
-    import argparse
 
     # torchrun's own log lines (and its multi-line failure report) are replaced by one line below. Its loggers
     # read LOGLEVEL when they are made, on import.
     os.environ.setdefault("LOGLEVEL", "CRITICAL")
-    from torch.distributed import run as torchrun
+    from torch.distributed import run as torchrun  # deferred: only the --nproc launcher needs torchrun's machinery
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 

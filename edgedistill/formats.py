@@ -47,7 +47,7 @@ def _ort_provider_missing(provider: str) -> Callable[[], str | None]:
     def check() -> str | None:
         if importlib.util.find_spec("onnxruntime") is None:
             return "onnxruntime is not installed (pip install 'edgedistill[cpu]' or onnxruntime-gpu)"
-        import onnxruntime
+        import onnxruntime  # deferred: an extra; the table is read where it is not installed
 
         if provider in onnxruntime.get_available_providers():
             return None

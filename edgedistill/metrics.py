@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -246,8 +247,6 @@ def few_shot_accuracy(image_emb: Tensor, labels: Tensor, k: int, class_emb: Tens
     (``prototype``) and of Tip-Adapter (``tip_adapter``; with ``class_emb`` (C, D) its zero-shot part is on),
     and ``classes`` (how many classes took part). Empty dict when no class has more than k images.
     """
-    import numpy as np
-
     if image_emb.ndim != 2 or labels.shape != (image_emb.shape[0],):
         raise ValueError(f"need (N, D) embeddings and (N,) labels; got {tuple(image_emb.shape)} and "
                          f"{tuple(labels.shape)}")

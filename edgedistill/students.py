@@ -24,6 +24,7 @@ from safetensors.torch import save_file
 from edgedistill import atomic
 from edgedistill.errors import UserError
 from edgedistill.recipe import StudentConfig, StudentTextConfig
+from edgedistill.runtime.preprocess import image_side
 from edgedistill.hashing import sha256_file, sha256_json
 from edgedistill.teachers import Teacher, quiet_open_clip, register_open_clip_config
 
@@ -84,9 +85,7 @@ def _uses_quick_gelu(model: torch.nn.Module) -> bool:
 def student_config(cfg: StudentConfig, teacher: Teacher) -> dict[str, Any]:
     """The open_clip model config of the student described by ``cfg`` for ``teacher``."""
     tcfg = _teacher_config(teacher)
-    size = cfg.image_size or int(teacher.preprocess_cfg["size"][-1]
-                                 if isinstance(teacher.preprocess_cfg["size"], (list, tuple))
-                                 else teacher.preprocess_cfg["size"])
+    size = cfg.image_size or image_side(teacher.preprocess_cfg)
     check_vision_tower(cfg.vision, size)
     text_cfg = copy.deepcopy(tcfg["text_cfg"])
     embed_dim = teacher.embed_dim

@@ -26,6 +26,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import open_clip
 import torch
+from huggingface_hub import constants
 from open_clip.transformer import text_global_pool
 from PIL import Image
 
@@ -249,7 +250,6 @@ def _hub_host(source: TeacherSource) -> str | None:
     url = source.weights.split(":", 2)[-1] if source.weights.startswith("tag:") else ""
     if url.startswith("http"):
         return urllib.parse.urlsplit(url).hostname
-    from huggingface_hub import constants
     return urllib.parse.urlsplit(constants.ENDPOINT).hostname
 
 
@@ -271,7 +271,6 @@ def _offline_unless_reachable(source: TeacherSource) -> Iterator[None]:
     if host is None or _reachable(host):
         yield
         return
-    from huggingface_hub import constants
     previous = constants.HF_HUB_OFFLINE
     constants.HF_HUB_OFFLINE = True
     try:

@@ -129,9 +129,9 @@ def test_a_corrupt_artifact_fails_alone_and_exits_2(export_dir, tmp_path, capsys
 def test_a_provider_failure_is_that_artifacts_failed_row(export_dir, tmp_path, monkeypatch):
     """onnxruntime raising from inside a run (a TensorRT EP that cannot build its engine, say) fails that
     artifact alone: the others are measured and the report is written."""
-    from edgedistill.export import graph
+    from edgedistill.bench import backends
 
-    real = graph.ort_session
+    real = backends.ort_session
 
     class Failing:
         def __init__(self, session):
@@ -147,7 +147,7 @@ def test_a_provider_failure_is_that_artifacts_failed_row(export_dir, tmp_path, m
         made = real(path, *args, **kwargs)
         return Failing(made) if Path(path).name == "image_int8.onnx" else made
 
-    monkeypatch.setattr(graph, "ort_session", session)
+    monkeypatch.setattr(backends, "ort_session", session)
     out = tmp_path / "r"
     with pytest.raises(UserError, match="1 artifact"):
         run_bench(BenchOptions(export_dir=export_dir, batches=[1], iters=2, warmup=0, threads=1, out=out))
@@ -285,10 +285,10 @@ def test_jetson_power_is_sampled_around_the_timed_calls(tmp_path, monkeypatch):
     """On a Jetson, tegrastats runs while a batch size is timed: average board power and mJ per item."""
     import time as _time
 
-    from edgedistill.bench import jetson
+    from edgedistill import jetson
     from edgedistill.bench.backends import Runner
     from edgedistill.bench.runner import time_job
-    from tests.test_bench_jetson import _fake_tegrastats, device_lines
+    from tests.test_jetson import _fake_tegrastats, device_lines
 
     line = device_lines("tegrastats_orin_nano_jp6.txt")[0]          # VDD_IN 4556 mW
     exe = _fake_tegrastats(tmp_path, [line])

@@ -14,7 +14,7 @@ from onnx import TensorProto, helper
 
 from edgedistill.bench.backends import OrtRunner, Runner, TorchTrtRunner, onnx_input_shapes, ort_provider
 from edgedistill.errors import UserError
-from edgedistill.export import graph
+from edgedistill.bench import backends
 
 
 @pytest.fixture
@@ -71,7 +71,7 @@ class FakeSession:
 def test_the_tensorrt_provider_gets_its_options_and_its_failures_are_the_artifacts(monkeypatch, image_graph,
                                                                                     tmp_path):
     monkeypatch.setenv("EDGEDISTILL_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(graph, "ort_session", FakeSession)
+    monkeypatch.setattr(backends, "ort_session", FakeSession)
     FakeSession.made.clear()
     runner = OrtRunner(image_graph, "int8", "onnxruntime-tensorrt", None, batch_range=(1, 8, 32))
     providers = FakeSession.made[0]["providers"]
@@ -91,7 +91,7 @@ def test_the_tensorrt_provider_gets_its_options_and_its_failures_are_the_artifac
 def test_a_provider_that_cannot_load_the_graph_is_a_user_error(monkeypatch, image_graph):
     def broken(*args, **kwargs):
         raise RuntimeError("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : Exception during initialization")
-    monkeypatch.setattr(graph, "ort_session", broken)
+    monkeypatch.setattr(backends, "ort_session", broken)
     with pytest.raises(UserError, match=r"^onnxruntime's CUDAExecutionProvider could not load image_int8\.onnx: "
                                         r"\[ONNXRuntimeError\] : 6 : RUNTIME_EXCEPTION"):
         OrtRunner(image_graph, "int8", "onnxruntime-cuda", None)
@@ -130,14 +130,13 @@ def test_embed_keeps_every_call_inside_the_profile():
 
 def test_torchtrt_runner_reads_the_batch_profile(monkeypatch, tmp_path):
     """Batches outside the compiled profile are the bench's skipped rows (min_batch/max_batch), not crashes."""
-    from edgedistill.export import torchtrt
     from edgedistill.export.tensorrt import sidecar_path
 
     program = tmp_path / "image_fp16.torchtrt.ep"
     program.write_bytes(b"program")
     sidecar_path(program).write_text(json.dumps({"sha256": hashlib.sha256(b"program").hexdigest(),
                                                  "profile": {"min": 1, "opt": 2, "max": 4}}))
-    monkeypatch.setattr(torchtrt, "load_torchtrt", lambda path: (lambda x: x))
+    monkeypatch.setattr(backends, "load_torchtrt", lambda path: (lambda x: x))
     runner = TorchTrtRunner(program)
     assert (runner.backend, runner.min_batch, runner.max_batch, runner.timer) == ("torch-tensorrt", 1, 4, "cuda")
 

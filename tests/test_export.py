@@ -15,7 +15,8 @@ from edgedistill.cli import main
 from edgedistill.errors import UserError
 from edgedistill.export import artifacts
 from edgedistill.export.exporter import ExportOptions, latest_run, make_plan
-from edgedistill.export.graph import ImageEncoder, cosine_parity, export_onnx, ort_session, run_session
+from edgedistill.export.graph import ImageEncoder, cosine_parity, export_onnx
+from edgedistill.runtime.ort import ort_session, run_session
 from edgedistill.export.precision import ImageCalibrationReader, _stride, quantize_int8, to_fp16
 from tests.conftest import write_images, write_manifest, write_recipe
 

@@ -86,11 +86,11 @@ def test_require_tensorrt_ok(monkeypatch, calls, gpu):
 
 
 def test_board_model_comes_from_the_device_tree(monkeypatch, tmp_path):
-    from edgedistill.bench import jetson
+    from edgedistill import jetson
     model = "NVIDIA Jetson Orin Nano Engineering Reference Developer Kit Super"
-    monkeypatch.setattr(jetson, "detect_jetson", lambda root=None: jetson.JetsonInfo(model=model, release=None))
+    monkeypatch.setattr(trt_export, "detect_jetson", lambda root=None: jetson.JetsonInfo(model=model, release=None))
     assert trt_export.board_model() == model
-    monkeypatch.setattr(jetson, "detect_jetson", lambda root=None: None)
+    monkeypatch.setattr(trt_export, "detect_jetson", lambda root=None: None)
     assert trt_export.board_model() is None
 
 

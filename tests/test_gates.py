@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from edgedistill import gates
-from edgedistill.bench import accuracy
+from edgedistill.evaluate import score
 from edgedistill.errors import UserError
 from edgedistill.export import exporter
 from edgedistill.metrics import (NonFiniteEmbeddings, agreement, few_shot_accuracy, retention, retrieval_metrics,
@@ -37,7 +37,7 @@ def test_the_int8_accuracy_warning_flags_a_nan_drop():
     printed = []
     job = SimpleNamespace(torch_val={"i2t_r1": 50.0}, console=SimpleNamespace(print=lambda m, **k: printed.append(m)))
     entries = [{"precision": "int8", "val": {"i2t_r1": float("nan")}}, {"precision": "int8", "val": {"i2t_r1": 49.5}}]
-    exporter._Job._flag_int8(job, entries)
+    exporter.ExportJob._flag_int8(job, entries)
     assert len(printed) == 1 and "INT8 loses nan points" in printed[0]
 
 
@@ -66,9 +66,10 @@ def test_every_metric_refuses_non_finite_embeddings():
         few_shot_accuracy(bad, labels, 1)
 
 
-def test_bench_accuracy_of_a_non_finite_artifact_is_an_error_not_a_score():
-    val = SimpleNamespace(has_captions=True, labels=None, text_to_image=torch.arange(4))
+def test_the_score_of_a_non_finite_artifact_is_an_error_not_a_perfect_score():
+    split = SimpleNamespace(captions=["a", "b", "c", "d"], labels=None, text_to_image=np.arange(4),
+                            manifest=SimpleNamespace(path="val.jsonl"))
     good = np.random.default_rng(0).standard_normal((4, 8)).astype(np.float32)
-    assert accuracy.metrics(val, good, good, None)["i2t_r1"] == 100.0
-    with pytest.raises(UserError, match="NaN or inf"):
-        accuracy.metrics(val, np.full((4, 8), np.nan, np.float32), good, None)
+    assert score(split, good, good)["i2t_r1"] == 100.0
+    with pytest.raises(UserError, match="image_int8.onnx: image embeddings hold NaN or inf"):
+        score(split, np.full((4, 8), np.nan, np.float32), good, what="image_int8.onnx")

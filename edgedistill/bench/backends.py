@@ -23,9 +23,13 @@ from typing import Any, Callable
 
 import numpy as np
 
+from edgedistill.bench.timing import peak_rss_mb, reset_peak_rss
 from edgedistill.errors import UserError
+from edgedistill.export.tensorrt import TrtRunner, read_sidecar
+from edgedistill.export.torchtrt import REBUILD_HINT, load_torchtrt
 from edgedistill.formats import BACKENDS, backends_for, resolve, why_not
 from edgedistill.locations import default_cache_root
+from edgedistill.runtime.ort import ort_session
 
 
 def package_version(*names: str) -> str | None:
@@ -67,18 +71,16 @@ class Runner:
 
     def peak_memory_reset(self) -> None:
         if self.timer == "cuda":
-            import torch
+            import torch  # deferred: the device install has no torch
             torch.cuda.reset_peak_memory_stats()
         else:
-            from edgedistill.bench.timing import reset_peak_rss
             reset_peak_rss()
 
     def peak_memory(self) -> tuple[float | None, str | None]:
         """(MiB, what was measured): torch's CUDA allocator peak on GPU, the process's peak RSS on CPU."""
         if self.timer == "cuda":
-            import torch
+            import torch  # deferred: the device install has no torch
             return round(torch.cuda.max_memory_allocated() / 2**20, 1), "cuda allocated (torch)"
-        from edgedistill.bench.timing import peak_rss_mb
         peak = peak_rss_mb()
         return peak, ("process peak rss" if peak is not None else None)
 
@@ -95,7 +97,7 @@ def _first_line(error: BaseException) -> str:
 
 def onnx_input_shapes(path: Path) -> dict[str, list[int | None]]:
     """Each graph input's shape, None for a symbolic (dynamic) axis."""
-    import onnx
+    import onnx  # deferred: not part of the device install
 
     graph = onnx.load(str(path), load_external_data=False).graph
     init = {i.name for i in graph.initializer}
@@ -139,8 +141,6 @@ class OrtRunner(Runner):
 
     def __init__(self, path: Path, precision: str, backend: str, threads: int | None,
                  batch_range: tuple[int, int, int] | None = None) -> None:
-        from edgedistill.export.graph import ort_session
-
         self.backend, self.name = backend, Path(path).name
         self.version = package_version("onnxruntime-gpu", "onnxruntime")
         self.provider = provider = ORT_PROVIDERS[backend]
@@ -171,7 +171,7 @@ class OrtRunner(Runner):
     def stage(self, x: np.ndarray) -> Any:
         if not self.on_gpu:
             return {self.input_name: np.ascontiguousarray(x)}
-        import onnxruntime as ort
+        import onnxruntime as ort  # deferred: an extra
 
         try:
             binding = self.session.io_binding()
@@ -205,13 +205,13 @@ class TorchRunner(Runner):
     @classmethod
     def open(cls, backend: str, path: Path, artifact: dict[str, Any], options: "RunOptions") -> "TorchRunner":
         """The student folder ``path`` as trained: its image or text encoder (``artifact['encoder']``)."""
-        from edgedistill.export.graph import ImageEncoder, TextEncoder
+        from edgedistill.export.graph import ImageEncoder, TextEncoder  # deferred: torch
 
         wrap = ImageEncoder if artifact.get("encoder", "image") == "image" else TextEncoder
         return cls(wrap(_student_model(str(path))), options.device)
 
     def __init__(self, module: Any, device: str, dtype: Any = None) -> None:
-        import torch
+        import torch  # deferred: the device install has no torch
 
         self.device = torch.device("cuda" if device in ("cuda", "jetson") else "cpu")
         self.backend = f"pytorch-{self.device.type}"
@@ -221,13 +221,13 @@ class TorchRunner(Runner):
         self.dtype = dtype
 
     def stage(self, x: np.ndarray) -> Any:
-        import torch
+        import torch  # deferred: the device install has no torch
 
         t = torch.from_numpy(np.ascontiguousarray(x)).to(self.device)
         return t.to(self.dtype) if self.dtype is not None and t.is_floating_point() else t
 
     def call(self, staged: Any) -> Any:
-        import torch
+        import torch  # deferred: the device install has no torch
 
         with torch.inference_mode():
             return self.module(staged)
@@ -244,9 +244,6 @@ class TorchTrtRunner(TorchRunner):
         return cls(path)
 
     def __init__(self, path: Path) -> None:
-        from edgedistill.export.tensorrt import read_sidecar
-        from edgedistill.export.torchtrt import REBUILD_HINT, load_torchtrt
-
         super().__init__(_Callable(load_torchtrt(path)), "cuda")
         self.backend = "torch-tensorrt"
         self.version = package_version("torch_tensorrt", "torch-tensorrt")
@@ -259,7 +256,7 @@ class TorchTrtRunner(TorchRunner):
 @functools.lru_cache(maxsize=2)
 def _student_model(folder: str) -> Any:
     """The saved student, loaded once for its image and text rows (fp32, eval mode, CPU until a runner moves it)."""
-    from edgedistill.students import load_student
+    from edgedistill.students import load_student  # deferred: the PyTorch backend's stack (torch, open_clip)
 
     return load_student(Path(folder), "cpu").model.float().eval()
 
@@ -291,8 +288,6 @@ class TensorRtRunner(Runner):
         return cls(path)
 
     def __init__(self, path: Path) -> None:
-        from edgedistill.export.tensorrt import TrtRunner
-
         self.runner = TrtRunner(path)
         self.version = str(self.runner._trt.__version__)  # JetPack's apt package has no pip metadata
         self.name = self.runner.input_names[0]

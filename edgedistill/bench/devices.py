@@ -2,7 +2,7 @@
 
 ``cpu``: the CPU model, cores and the thread count used. ``cuda``: GPU name, compute capability, driver,
 clocks (from ``nvidia-smi`` where it is installed). ``jetson``: the board model, L4T release and power mode
-(``nvpmodel -q``) on top of the CUDA description; a machine that is not a Jetson is refused (bench/jetson.py).
+(``nvpmodel -q``) on top of the CUDA description; a machine that is not a Jetson is refused (jetson.py).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any
 
+from edgedistill import jetson
 from edgedistill.errors import UserError
 
 DEVICES = ("cpu", "cuda", "jetson")
@@ -50,7 +51,7 @@ def nvidia_smi() -> dict[str, str]:
 
 
 def require_cuda(device: str) -> None:
-    import torch
+    import torch  # deferred: only --device cuda/jetson asks torch about the GPU
 
     if not torch.cuda.is_available():
         raise UserError(f"--device {device}: no CUDA GPU is visible to torch on this machine; use --device cpu, "
@@ -59,14 +60,13 @@ def require_cuda(device: str) -> None:
 
 def describe_device(device: str, threads: int) -> dict[str, Any]:
     """The conditions every row names: device kind, processor, threads, and the accelerator when there is one."""
-    import torch
+    import torch  # deferred: only --device cuda/jetson asks torch about the GPU
 
     if device not in DEVICES:
         raise UserError(f"--device {device!r} is not one of {', '.join(DEVICES)}")
     info: dict[str, Any] = {"device": device, "cpu": cpu_model(), "cpu_cores": os.cpu_count(), "threads": threads,
                             "hostname": platform.node(), "platform": platform.platform(), "torch": torch.__version__}
     if device == "jetson":
-        from edgedistill.bench import jetson
 
         board = jetson.require_jetson()
         info["jetson"] = _plain(board)

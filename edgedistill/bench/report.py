@@ -75,7 +75,7 @@ def markdown(report: dict[str, Any]) -> str:
 
 def pareto_plot(report: dict[str, Any], path: Path) -> int | None:
     """Accuracy vs p50 latency of every image encoder (teacher included) at the smallest batch; the batch used."""
-    import matplotlib
+    import matplotlib  # deferred: heavy, and only the plot needs it
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import matplotlib.ticker  # noqa: F401  (formatters below)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+import open_clip
 import torch
 from rich.console import Console
 
@@ -27,13 +28,22 @@ from edgedistill.bench.accuracy import (BenchVal, References, class_prompts, ima
                                        load_bench_val, reference_texts, text_accuracy)
 from edgedistill.bench.backends import Candidate, OrtRunner, RunOptions, Runner, TorchRunner, candidates
 from edgedistill.bench.devices import DEVICES, describe_device, describe_short
+from edgedistill.bench.remote import run_remote_bench
 from edgedistill.bench.timing import summarize, time_cpu, time_cuda
+from edgedistill.cache import caches_for_recipe
 from edgedistill.data.images import open_image
+from edgedistill.data.manifest import load_manifest
 from edgedistill.documents import BenchReport, BundleContext, BundleTeacher, read_document
 from edgedistill.errors import UserError
-from edgedistill.evaluate import ClassPrompts
+from edgedistill.evaluate import ClassPrompts, prepare_val, teacher_metrics
 from edgedistill.export import artifacts
+from edgedistill.export.graph import IMAGE_INPUT, IMAGE_OUTPUT, ImageEncoder, export_onnx
 from edgedistill.formats import BACKENDS
+from edgedistill.hashing import sha256_json
+from edgedistill.jetson import TegrastatsSampler, measure_power
+from edgedistill.recipe import load_recipe
+from edgedistill.runtime.preprocess import image_side
+from edgedistill.teachers import load_teacher
 
 BUNDLE_TEACHER = "teacher"   # bundle folder: teacher.json (scores, preprocess) and image_fp32.onnx
 BUNDLE_VAL = "val"           # bundle folder: val.jsonl + images/
@@ -100,8 +110,8 @@ class Sources:
 
 def resolve_sources(export_dir: Path, doc: dict[str, Any], val: Path | None) -> Sources:
     export_dir = Path(export_dir)
-    context = read_document(export_dir / BUNDLE_CONTEXT, BundleContext, "bench bundle file", "bench again").model_dump() \
-        if (export_dir / BUNDLE_CONTEXT).is_file() else {}
+    context = read_document(export_dir / BUNDLE_CONTEXT, BundleContext, "bench bundle file",
+                            "bench again").model_dump() if (export_dir / BUNDLE_CONTEXT).is_file() else {}
     # a bundle (made by --host for a remote target) carries everything itself: never reach for the run folder
     run_dir = Path(doc["run_dir"]) if doc.get("run_dir") and not context else None
     if run_dir is not None and not (run_dir / "recipe.yaml").is_file():
@@ -111,7 +121,6 @@ def resolve_sources(export_dir: Path, doc: dict[str, Any], val: Path | None) -> 
         student = run_dir / "student" if run_dir is not None and (run_dir / "student").is_dir() else None
     fallback = context.get("prompt")  # exports made before export.json recorded the class prompts
     if run_dir is not None and not (doc.get("val") or {}).get("prompts"):
-        from edgedistill.recipe import load_recipe
         fallback = load_recipe(run_dir / "recipe.yaml", ["device=cpu"]).eval.prompt
     prompts = class_prompts(doc.get("val"), fallback)
     notes = []
@@ -145,12 +154,6 @@ def teacher_side(src: Sources, val_manifest: Path | None, want_timing: bool,
     if src.run_dir is None:
         src.notes.append("teacher not scored: the export's run folder is not on this machine")
         return None
-    from edgedistill.cache import caches_for_recipe
-    from edgedistill.data.manifest import load_manifest
-    from edgedistill.evaluate import prepare_val, teacher_metrics
-    from edgedistill.recipe import load_recipe
-    from edgedistill.teachers import load_teacher
-    from edgedistill.hashing import sha256_json
 
     recipe = load_recipe(src.run_dir / "recipe.yaml", ["device=cpu"])
     with console.status("loading the teacher"):
@@ -163,14 +166,12 @@ def teacher_side(src: Sources, val_manifest: Path | None, want_timing: bool,
         info["metrics"] = teacher_metrics(prepare_val(manifest, teacher, cache, src.prompts, console=console,
                                                       cache_root=recipe.cache.root))
     if want_timing:
-        from edgedistill.export.graph import IMAGE_INPUT, IMAGE_OUTPUT, ImageEncoder, export_onnx
 
         key = sha256_json(teacher.identity)[:16]
         path = recipe.cache.root / "bench" / f"teacher-{key}" / "image_fp32.onnx"
         if not path.is_file():
             path.parent.mkdir(parents=True, exist_ok=True)
-            size = int(teacher.preprocess_cfg["size"] if isinstance(teacher.preprocess_cfg["size"], int)
-                       else teacher.preprocess_cfg["size"][0])
+            size = image_side(teacher.preprocess_cfg)
             with console.status("exporting the teacher's image encoder to ONNX (once)"):
                 export_onnx(ImageEncoder(teacher.model.float()), torch.zeros(2, 3, size, size), path, IMAGE_INPUT,
                             IMAGE_OUTPUT)
@@ -216,7 +217,6 @@ def plan_jobs(src: Sources, opts: BenchOptions, teacher: dict[str, Any] | None,
             for cand in candidates(art, src.student_dir, device, opts.threads, batch_range):
                 jobs.append(Job(art["name"], "student", encoder, "pytorch", "fp32", size, cand))
     if opts.teacher and teacher is not None:
-        from edgedistill.export.graph import ImageEncoder
 
         art = {"name": "teacher_image_fp32", "encoder": "image", "format": "pytorch", "precision": "fp32"}
         if teacher.get("module") is not None:
@@ -283,7 +283,7 @@ def _inputs(job: Job, val: BenchVal | None, preprocess: dict[str, Any], context:
     if job.encoder == "image":
         if val is not None and (job.role == "student"):
             return val.images
-        size = preprocess["size"] if isinstance(preprocess["size"], int) else preprocess["size"][0]
+        size = image_side(preprocess)
         return np.random.default_rng(0).standard_normal((8, 3, size, size)).astype(np.float32)
     if val is not None and val.has_captions:
         return val.tokens
@@ -311,7 +311,6 @@ def time_job(job: Job, runner: Runner, opts: BenchOptions, batch: int, source: n
             call()
         times = timer(call, 0, opts.iters)
         if sampler is not None:  # a window of its own, long enough to hold tegrastats samples
-            from edgedistill.bench.jetson import measure_power
             summary = measure_power(sampler, call, batch, _sync(runner))
     finally:
         if sampler is not None:
@@ -513,7 +512,6 @@ def save_report(out: Path, report: dict[str, Any]) -> dict[str, Path]:
 def _tokenizer(src: Sources) -> Any:
     if src.student_dir is None:
         return None
-    import open_clip
     return open_clip.get_tokenizer(f"local-dir:{src.student_dir}")
 
 
@@ -521,7 +519,6 @@ def _power_sampler(device: str) -> Any:
     """A TegrastatsSampler factory on a Jetson, None elsewhere (power is measured only on Jetsons)."""
     if device != "jetson":
         return None
-    from edgedistill.bench.jetson import TegrastatsSampler
     return TegrastatsSampler
 
 
@@ -542,7 +539,6 @@ def make_bundle(export_dir: Path, doc: dict[str, Any], src: Sources, teacher: di
     if src.student_dir is not None:
         shutil.copytree(src.student_dir, dest / BUNDLE_STUDENT)
     if src.val is not None:
-        from edgedistill.data.manifest import load_manifest
 
         manifest = load_manifest(src.val)
         images = dest / BUNDLE_VAL / "images"
@@ -583,7 +579,6 @@ def remote_args(opts: BenchOptions) -> list[str]:
 
 def run_remote(opts: BenchOptions, export_dir: Path, doc: dict[str, Any], out: Path,
                console: Console) -> dict[str, Any]:
-    from edgedistill.bench.remote import run_remote_bench
 
     src = resolve_sources(export_dir, doc, opts.val)
     scored = src.val if _tokenizer(src) is not None else None  # as a local bench: scores need the tokenizer too

@@ -10,6 +10,7 @@ on; CPU calls with ``time.perf_counter``.
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -52,7 +53,6 @@ def summarize(times_ms: list[float] | np.ndarray, batch: int, warmup: int) -> La
 
 def time_cpu(call: Callable[[], Any], warmup: int, iters: int) -> list[float]:
     """Wall time of ``iters`` calls after ``warmup`` untimed ones (ms)."""
-    import time
 
     for _ in range(warmup):
         call()
@@ -70,7 +70,7 @@ def time_cuda(call: Callable[[], Any], warmup: int, iters: int) -> list[float]:
     ``call`` must enqueue its work on torch's current stream (or order it after it, as TrtRunner does), so the
     end event waits for it; the host-side enqueue cost is inside the window too, as for any real caller.
     """
-    import torch
+    import torch  # deferred: CUDA timing only; CPU timing works without torch
 
     for _ in range(warmup):
         call()

@@ -1,8 +1,7 @@
-"""Data: manifests (JSON Lines, CSV), image loading with bad-image accounting, transforms."""
+"""Data: what a dataset is (``records``), reading manifests (JSON Lines, CSV: ``manifest``) and webdataset shards
+(``shards``), image loading with bad-image accounting (``images``), training transforms (``transforms``) and the
+procedural scenes dataset (``scenes``).
 
-from edgedistill.data.images import BadImages, ImageDataset, collate_images, open_image
-from edgedistill.data.manifest import Entry, Manifest, load_manifest
-from edgedistill.data.transforms import student_train_transform
-
-__all__ = ["BadImages", "Entry", "ImageDataset", "Manifest", "collate_images", "load_manifest", "open_image",
-           "student_train_transform"]
+Nothing is imported here: ``manifest`` and ``records`` need no torch (the device runtime reads manifests), while
+``images`` and ``transforms`` do.
+"""

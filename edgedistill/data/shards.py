@@ -28,11 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from webdataset.shardlists import expand_urls
-from webdataset.tariterators import base_plus_ext
-
 from edgedistill import atomic
-from edgedistill.data.manifest import Entry, Manifest
+from edgedistill.data.records import Entry, Manifest
 from edgedistill.errors import UserError
 from edgedistill.hashing import sha256_json
 
@@ -72,6 +69,8 @@ def shard_paths(spec: str | Path) -> list[Path]:
     if re.match(r"^([A-Za-z][A-Za-z0-9+.-]*://|pipe:)", text):
         raise UserError(f"{text}: shards are read by offset, so they must be files on a mounted file system "
                         f"(local disk, NFS, Lustre), not URLs; copy or mount them")
+    from webdataset.shardlists import expand_urls  # deferred: webdataset imports torch; manifests do not need it
+
     paths = [Path(p).expanduser() for p in expand_urls(text)]
     for p in paths:
         if p.name.endswith((".tar.gz", ".tgz")):
@@ -95,6 +94,8 @@ def _text(tf: tarfile.TarFile, member: tarfile.TarInfo) -> str:
 
 def _scan(shard: Path) -> list[list[Any]]:
     """One shard's samples: [member name, offset, size, captions, label], in tar order."""
+    from webdataset.tariterators import base_plus_ext  # deferred: webdataset imports torch
+
     samples: dict[str, dict[str, Any]] = {}
     try:
         with tarfile.open(shard, "r:") as tf:

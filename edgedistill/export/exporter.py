@@ -28,13 +28,14 @@ from edgedistill.evaluate import (ClassPrompts, ValSplit, decode_split, score, s
                                   student_images, student_texts)
 from edgedistill.export import artifacts
 from edgedistill.export.graph import (IMAGE_INPUT, IMAGE_OUTPUT, TEXT_INPUT, TEXT_OUTPUT, ImageEncoder,
-                                      TextEncoder, check_default_session, cosine_parity, export_onnx, ort_session,
-                                      run_session)
+                                      TextEncoder, check_default_session, cosine_parity, export_onnx)
+from edgedistill.export.targets import load_target
 from edgedistill.export.precision import (CALIBRATION_METHODS, ImageCalibrationReader, calibration_data_hash,
                                           quantize_int8, to_fp16)
 from edgedistill.formats import FORMATS, resolve
 from edgedistill.gates import at_least, at_most, finite
 from edgedistill.recipe import Recipe, load_recipe
+from edgedistill.runtime.ort import ort_session, run_session
 from edgedistill.students import Student, load_student
 
 BUILDABLE = tuple(name for name, f in FORMATS.items() if name == "onnx" or f.build)   # what --format may ask for
@@ -97,8 +98,6 @@ def make_plan(opts: ExportOptions) -> Plan:
         raise UserError(f"unknown --format {opts.format!r}; choose one of {', '.join(BUILDABLE)}")
     target = None
     if opts.target:
-        from edgedistill.export.targets import load_target
-
         target = load_target(opts.target)
     precisions = [p for p, on in (("fp16", opts.fp16), ("int8", opts.int8)) if on]
     if not precisions and target is not None and target.precision != "fp32":

@@ -148,7 +148,7 @@ def opset_of(model: onnx.ModelProto) -> int:
 def simplify(model: onnx.ModelProto) -> tuple[onnx.ModelProto, bool]:
     """onnxslim's constant folding and fusion, kept only when it removes nodes and the result checks."""
     try:
-        import onnxslim
+        import onnxslim  # deferred: optional; the graph is valid without it
     except ImportError:  # optional: the graph is valid without it
         return model, False
     try:
@@ -178,8 +178,8 @@ def check_default_session(path: Path, sample: np.ndarray, timeout_s: float = 300
     with tempfile.TemporaryDirectory(prefix="edgedistill-probe-") as tmp:
         np.save(Path(tmp) / "sample.npy", sample)
         try:
-            proc = subprocess.run([sys.executable, "-c", _DEFAULT_SESSION_PROBE, str(path), str(Path(tmp) / "sample.npy")],
-                                  capture_output=True, text=True, timeout=timeout_s)
+            proc = subprocess.run([sys.executable, "-c", _DEFAULT_SESSION_PROBE, str(path),
+                                   str(Path(tmp) / "sample.npy")], capture_output=True, text=True, timeout=timeout_s)
         except subprocess.TimeoutExpired:
             raise UserError(f"{Path(path).name}: onnxruntime with default options did not finish one batch in "
                             f"{timeout_s:.0f} s; nothing was kept") from None
@@ -193,33 +193,6 @@ def check_default_session(path: Path, sample: np.ndarray, timeout_s: float = 300
         why = f"onnxruntime failed: {(proc.stderr.strip().splitlines() or ['?'])[-1][:200]}"
     raise UserError(f"{Path(path).name} does not run under onnxruntime's default session options ({why}); nothing "
                     f"was kept. Run with --debug and report it")
-
-
-def ort_session(path: Path, threads: int | None = None, providers: list[Any] | None = None,
-                optimize: bool = True) -> Any:
-    """An onnxruntime session with full graph optimisation (CPU unless ``providers`` say otherwise), the level a
-    user's default session runs at (every exported graph is checked to run there: ``check_default_session``).
-
-    ``providers``: names or (name, options) pairs. ``optimize=False`` hands the graph over untouched (TensorRT's
-    provider optimises it itself).
-    """
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize \
-        else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.log_severity_level = 3
-    if threads:
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-    return ort.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"])
-
-
-def run_session(session: Any, inputs: np.ndarray, batch_size: int = 32) -> np.ndarray:
-    """(N, ...) -> (N, D) float32, in batches of ``batch_size``."""
-    name = session.get_inputs()[0].name
-    outs = [session.run(None, {name: inputs[i:i + batch_size]})[0] for i in range(0, len(inputs), batch_size)]
-    return np.concatenate(outs).astype(np.float32) if outs else np.zeros((0, 0), np.float32)
 
 
 def cosine_parity(candidate: np.ndarray, reference: np.ndarray) -> dict[str, float]:

@@ -28,6 +28,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import onnx
+from onnx import version_converter
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -52,6 +53,7 @@ def to_fp16(src: Path, dst: Path) -> None:
 
     A QDQ graph is first moved to opset 19 (fp16 Q/DQ), so its Q/DQ pairs become fp16 too.
     """
+    # deferred: onnxruntime is an extra (cpu/gpu), needed only when a graph is converted or quantised
     from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
     from onnxruntime.transformers.onnx_model import OnnxModel
 
@@ -72,8 +74,6 @@ def _at_least_opset(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
     current = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), opset)
     if current >= opset:
         return model
-    from onnx import version_converter
-
     return version_converter.convert_version(model, opset)
 
 
@@ -127,7 +127,7 @@ def calibration_cache_path(root: Path, model_sha256: str, method: str, data_hash
 
 
 def _supports_calibration_cache() -> bool:
-    from onnxruntime.quantization import quantize_static
+    from onnxruntime.quantization import quantize_static  # deferred: onnxruntime is an extra
 
     return "calibration_cache_path" in inspect.signature(quantize_static).parameters
 
@@ -142,6 +142,7 @@ def quantize_int8(src: Path, dst: Path, reader: ImageCalibrationReader, method: 
     ``data_hash``, flavour): a second export with the same model and images skips calibration.
     Returns ``{"method", "images", "activations", "weights", "cache", "cache_hit"}``.
     """
+    # deferred: onnxruntime is an extra, needed only when a graph is quantised
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 

@@ -10,7 +10,6 @@ Presets ship as package data in ``edgedistill/export/targets/``; a user's own YA
 from __future__ import annotations
 
 import difflib
-import typing
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -18,10 +17,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
 
 from edgedistill.errors import UserError
+from edgedistill.export.tensorrt import BatchProfile
 from edgedistill.recipe import describe_error, read_yaml
 
-if typing.TYPE_CHECKING:
-    from edgedistill.export.tensorrt import BatchProfile
 
 
 class _Section(BaseModel):
@@ -56,7 +54,6 @@ class Target(_Section):
     threads: PositiveInt | None = Field(None, description="CPU inference threads; null = onnxruntime's default")
 
     def batch_profile(self) -> "BatchProfile":
-        from edgedistill.export.tensorrt import BatchProfile
         return BatchProfile(min=self.batch.min, opt=self.batch.opt, max=self.batch.max)
 
 

@@ -23,11 +23,13 @@ from types import ModuleType
 from typing import Any, Sequence
 
 import numpy as np
+from rich.console import Console
 
 from edgedistill import atomic
 from edgedistill.errors import UserError
 from edgedistill.export import artifacts
 from edgedistill.hashing import sha256_file
+from edgedistill.jetson import detect_jetson
 
 REBUILD_HINT = "rebuild it here with `edgedistill export --format trt`"
 ALIGNMENT = 256  # bytes: TensorRT wants every tensor address aligned to this (IExecutionContext.set_tensor_address)
@@ -58,7 +60,7 @@ class BatchProfile:
 def require_tensorrt() -> ModuleType:
     """The ``tensorrt`` module, or a one-line UserError saying which of the two requirements is missing."""
     try:
-        import tensorrt as trt
+        import tensorrt as trt  # deferred: optional (the gpu extra, or JetPack)
     except ImportError as e:
         if e.name == "tensorrt":
             raise UserError("--format trt needs TensorRT, which is not installed (the gpu extra): "
@@ -74,7 +76,7 @@ def require_tensorrt() -> ModuleType:
 
 def require_cuda(what: str) -> None:
     """UserError unless torch sees an NVIDIA GPU."""
-    import torch
+    import torch  # deferred: a device that runs engines may have no torch for this module's other uses
     if not torch.cuda.is_available():
         raise UserError(f"{what} needs an NVIDIA GPU and torch sees none (torch.cuda.is_available() is False): "
                         f"run it on the target device with CUDA and pip install -e '.[gpu]', "
@@ -83,7 +85,6 @@ def require_cuda(what: str) -> None:
 
 def board_model() -> str | None:
     """The Jetson module's device-tree model ("NVIDIA Jetson AGX Orin Developer Kit"), None off a Jetson."""
-    from edgedistill.bench.jetson import detect_jetson
     info = detect_jetson()
     return info.model if info is not None else None
 
@@ -91,7 +92,7 @@ def board_model() -> str | None:
 def device_metadata(trt: ModuleType) -> dict[str, Any]:
     """What an engine depends on (IDENTITY_KEYS): the full TensorRT version, GPU name, compute capability
     ("8.7"), SM count and Jetson board model (None elsewhere); and the CUDA version, for the record."""
-    import torch
+    import torch  # deferred: a device that runs engines may have no torch for this module's other uses
     props = torch.cuda.get_device_properties(torch.cuda.current_device())
     return {
         "tensorrt_version": str(trt.__version__),
@@ -170,7 +171,7 @@ def dtype_name(trt_dtype: Any) -> str:
 
 def torch_dtype(trt_dtype: Any) -> Any:
     """The torch dtype of a TensorRT DataType (float32, float16, bfloat16, int8, uint8, int32, int64, bool)."""
-    import torch
+    import torch  # deferred: a device that runs engines may have no torch for this module's other uses
     name = dtype_name(trt_dtype)
     dtype = getattr(torch, name, None)
     if not isinstance(dtype, torch.dtype):
@@ -185,7 +186,7 @@ def aligned(tensor: Any) -> Any:
     """
     if tensor.data_ptr() % ALIGNMENT == 0:
         return tensor
-    import torch
+    import torch  # deferred: a device that runs engines may have no torch for this module's other uses
     size = tensor.element_size()  # 1, 2, 4 or 8: divides ALIGNMENT
     buffer = torch.empty(tensor.numel() + ALIGNMENT // size, dtype=tensor.dtype, device=tensor.device)
     start = (-buffer.data_ptr() % ALIGNMENT) // size
@@ -325,8 +326,6 @@ def build_engine(onnx_path: Path, engine_path: Path, profile: BatchProfile, work
     the build, so later builds of similar graphs skip kernel timing. The engine and ``<engine>.json`` are
     written atomically.
     """
-    from rich.console import Console
-
     trt = require_tensorrt()
     console = console or Console(stderr=True)
     onnx_path, engine_path, timing_cache = Path(onnx_path), Path(engine_path), Path(timing_cache)
@@ -450,7 +449,7 @@ class TrtRunner:
                                     int(profile.get("max", 1)))
 
     def _feeds(self, args: tuple[Any, ...], named: dict[str, Any]) -> dict[str, Any]:
-        import torch
+        import torch  # deferred: a device that runs engines may have no torch for this module's other uses
         if len(args) > len(self.input_names):
             raise UserError(f"engine {self.path.name} takes {len(self.input_names)} input(s) "
                             f"({', '.join(self.input_names)}), got {len(args)}")
@@ -490,7 +489,7 @@ class TrtRunner:
         Asynchronous like any torch op: the work is ordered after torch's current stream and before whatever
         the caller does next on it, so reading an output (``.cpu()``) or a CUDA event waits for it.
         """
-        import torch
+        import torch  # deferred: a device that runs engines may have no torch for this module's other uses
         for name in self.input_names:
             tensor = feeds[name]
             self._check_shape(name, tensor)
@@ -514,7 +513,7 @@ class TrtRunner:
 
     def _bind(self, feeds: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
         """Input shapes and every tensor address -> (inputs, outputs) as bound: misaligned ones are copies."""
-        import torch
+        import torch  # deferred: a device that runs engines may have no torch for this module's other uses
         inputs = {}
         for name in self.input_names:
             tensor = aligned(feeds[name])

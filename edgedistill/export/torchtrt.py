@@ -20,11 +20,13 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Callable, Collection
 
+from rich.console import Console
+
 from edgedistill import atomic
 from edgedistill.errors import UserError
 from edgedistill.export import artifacts
-from edgedistill.export.tensorrt import (BatchProfile, check_compatible, read_sidecar, require_cuda, sha256_file,
-                                         sidecar_path, verify_sha256)
+from edgedistill.export.tensorrt import (BatchProfile, check_compatible, device_metadata, read_sidecar,
+                                         require_cuda, sha256_file, sidecar_path, verify_sha256)
 
 REBUILD_HINT = "recompile it here with `edgedistill export --format torchtrt`"
 DEVICE = "cuda"  # where compilation runs; the CPU tests swap it to run the orchestration without a GPU
@@ -33,7 +35,7 @@ DEVICE = "cuda"  # where compilation runs; the CPU tests swap it to run the orch
 def require_torch_tensorrt() -> ModuleType:
     """The ``torch_tensorrt`` module, or a one-line UserError saying which requirement is missing."""
     try:
-        import torch_tensorrt
+        import torch_tensorrt  # deferred: optional (the gpu extra)
     except ImportError as e:
         if e.name == "torch_tensorrt":
             raise UserError("Torch-TensorRT export needs torch-tensorrt, which is not installed (the gpu extra): "
@@ -88,8 +90,7 @@ def _example_batch(profile: BatchProfile) -> int:
 
 
 def _device_metadata() -> dict[str, Any]:
-    from edgedistill.export.tensorrt import device_metadata
-    import tensorrt as trt  # torch-tensorrt depends on it: present whenever torch_tensorrt imports
+    import tensorrt as trt  # deferred: optional; torch-tensorrt depends on it, so it is there when this runs
     return device_metadata(trt)
 
 
@@ -106,8 +107,7 @@ def compile_torchtrt(module: Any, example: Any, profile: BatchProfile, precision
                         "(a calibrated QDQ ONNX graph)")
     if precision not in ("fp32", "fp16"):
         raise UserError(f"unknown precision '{precision}' for Torch-TensorRT; choose fp32 or fp16")
-    import torch
-    from rich.console import Console
+    import torch  # deferred: torch-tensorrt is an extra; this module imports without it
 
     torch_tensorrt = require_torch_tensorrt()
     console = console or Console(stderr=True)
@@ -183,7 +183,7 @@ def _save(torch_tensorrt: ModuleType, trt_module: Any, trace_input: Any, dynamic
 
 def load_torchtrt(path: Path) -> Callable[..., Any]:
     """A saved Torch-TensorRT program as a callable module, after checking it was built for this GPU."""
-    import torch
+    import torch  # deferred: torch-tensorrt is an extra; this module imports without it
 
     path = Path(path)
     if not path.is_file():
@@ -208,7 +208,7 @@ def export_programs(job: Any, graphs: dict[tuple[str, str], Path]) -> list[dict[
     """``--format torchtrt`` (formats.FORMATS['torchtrt'].build): Torch-TensorRT (dynamo) programs of both
     encoders at the plan's precision, checked against PyTorch like the graphs; ``job`` is the exporter's
     ExportJob (the ONNX ``graphs`` are not used: the programs compile from the PyTorch encoders)."""
-    import torch
+    import torch  # deferred: torch-tensorrt is an extra; this module imports without it
 
     profile = BatchProfile(*job.plan.profile)
     precision = job.plan.precisions[0] if job.plan.precisions else "fp32"

@@ -78,6 +78,12 @@ class PreprocessConfig:
                    resize_mode=resize_mode, fill_color=fill)
 
 
+def image_side(preprocess: Mapping[str, Any]) -> int:
+    """The square input side of an open_clip preprocess description (``size``: an int or [height, width]); the
+    width for a non-square size."""
+    return _size(preprocess["size"])[1]
+
+
 def _size(value: Any) -> tuple[int, int]:
     if isinstance(value, (list, tuple)) and len(value) in (1, 2):
         value = tuple(value) * (3 - len(value))  # one entry means a square, as open_clip reads it

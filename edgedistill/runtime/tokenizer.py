@@ -27,11 +27,14 @@ import json
 import os
 import re
 import string
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
+from edgedistill import atomic
 from edgedistill.errors import UserError
 
 TOKENIZER_FILE = "tokenizer.json"
@@ -61,7 +64,7 @@ def clean_text(text: str, clean: str, fix_text: Callable[[str], str]) -> str:
 
 def _ftfy() -> Callable[[str], str]:
     try:
-        import ftfy
+        import ftfy  # deferred: only the "canonicalize"-free CLIP cleaning needs it; a clear line if it is missing
     except ImportError:
         raise UserError("the tokenizer needs ftfy (open_clip cleans text with it): pip install ftfy") from None
     return ftfy.fix_text
@@ -111,8 +114,6 @@ class _LiteralSpecials:
     """
 
     def __init__(self, backend: Any, specials: dict[str, int], config: dict[str, Any]) -> None:
-        from tokenizers import Regex, pre_tokenizers
-
         self.model, self.specials, self.length = backend.model, specials, config["context_length"]
         self.sot, self.eot, self.pad = config["sot_id"], config["eot_id"], config["pad_id"]
         alternation = "|".join(specials)
@@ -140,8 +141,6 @@ class _LiteralSpecials:
 
 def load_tokenizer(folder: str | os.PathLike) -> TextTokenizer:
     """Load what ``save_tokenizer`` wrote in ``folder``; a missing or damaged file is a UserError."""
-    from tokenizers import Tokenizer
-
     folder = Path(folder)
     config = _read_config(folder / CONFIG_FILE)
     try:
@@ -213,8 +212,6 @@ def save_tokenizer(model: Any, folder: str | os.PathLike, context_length: int | 
     backend, config = _convert(tokenizer)
     config.update(format=FORMAT, source=source, clean_steps=CLEAN_STEPS[config["clean"]], versions=_versions())
     _check_against(tokenizer, TextTokenizer(backend, config), source)
-    from edgedistill import atomic
-
     folder = atomic.writable_dir(folder, "tokenizer folder")
     atomic.write_text(folder / TOKENIZER_FILE, backend.to_str())
     atomic.write_json(folder / CONFIG_FILE, config)
@@ -225,7 +222,7 @@ def _open_clip_tokenizer(model: Any, context_length: int | None) -> tuple[Any, s
     """open_clip's tokenizer for ``model`` and a name for it."""
     if not isinstance(model, (str, os.PathLike)):
         return model, type(model).__name__
-    import open_clip
+    import open_clip  # deferred: the export side only; the device has no open_clip (nor torch)
 
     name = str(model)
     path = Path(name)
@@ -247,7 +244,7 @@ def _open_clip_tokenizer(model: Any, context_length: int | None) -> tuple[Any, s
 
 def _convert(tokenizer: Any) -> tuple[Any, dict[str, Any]]:
     """(tokenizers.Tokenizer, description) for an open_clip tokenizer, or a UserError saying why not."""
-    from open_clip import tokenizer as oc
+    from open_clip import tokenizer as oc  # deferred: the export side only
 
     if not isinstance(tokenizer, (oc.SimpleTokenizer, oc.HFTokenizer, oc.SigLipTokenizer)):
         raise UserError(f"cannot export a {type(tokenizer).__name__} tokenizer; supported: open_clip's "
@@ -277,7 +274,7 @@ def _convert(tokenizer: Any) -> tuple[Any, dict[str, Any]]:
 
 
 def _clean_name(fn: Callable[[str], str]) -> str:
-    from open_clip import tokenizer as oc
+    from open_clip import tokenizer as oc  # deferred: the export side only
 
     for name in CLEANS:
         if fn is oc.get_clean_fn(name):
@@ -288,8 +285,7 @@ def _clean_name(fn: Callable[[str], str]) -> str:
 
 def _clip_bpe(tokenizer: Any) -> Any:
     """A tokenizers.Tokenizer that does what open_clip's SimpleTokenizer does after cleaning."""
-    import regex
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+    import regex  # deferred: open_clip's own dependency, needed only to read its pattern at export
 
     specials = [tokenizer.decoder[i] for i in tokenizer.all_special_ids]
     expected = "|".join(specials) + _OPEN_CLIP_PATTERN
@@ -317,8 +313,6 @@ def _clip_bpe(tokenizer: Any) -> Any:
 
 def _hf_backend(hf: Any, length: int) -> tuple[Any, int, int | None]:
     """(backend with open_clip's truncation and padding, pad id, sep id) of a transformers fast tokenizer."""
-    from tokenizers import Tokenizer
-
     if getattr(hf, "backend_tokenizer", None) is None:
         raise UserError(f"{type(hf).__name__} is a slow (Python) transformers tokenizer without tokenizer.json; "
                         "only fast tokenizers can be exported")
@@ -343,8 +337,6 @@ def _check_against(reference: Any, ours: TextTokenizer, source: str) -> None:
 
 
 def _versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
     found = {}
     for package in ("open_clip_torch", "tokenizers", "ftfy", "transformers"):
         try:

@@ -20,6 +20,7 @@ from edgedistill.layerwise import HeldBatch, Layerwise
 from edgedistill.losses import LossContext, build_losses
 from edgedistill.memory import keep_freed_memory
 from edgedistill.recipe import Recipe
+from edgedistill.runtime.preprocess import image_side
 from edgedistill.select import SelectionControl, build_selector
 from edgedistill.students import Student, build_student
 from edgedistill.teachers import Teacher, resolve_device
@@ -42,7 +43,7 @@ def build_parts(recipe: Recipe, teacher: Teacher, manifests: dict[str, Manifest]
         keep_freed_memory()
     train, cache = manifests["train"], caches.get("train")
     student, model = _student(recipe, teacher, device)
-    layerwise = Layerwise(recipe.loss.layerwise, model, teacher.model, _side(student)).to(device) \
+    layerwise = Layerwise(recipe.loss.layerwise, model, teacher.model, image_side(student.preprocess_cfg)).to(device) \
         if recipe.loss.layerwise is not None else None
     projection = torch.nn.Linear(student.embed_dim, teacher.embed_dim, bias=False).to(device) \
         if student.embed_dim != teacher.embed_dim else None  # another width: a learned map to the teacher's space
@@ -95,11 +96,6 @@ def _student(recipe: Recipe, teacher: Teacher, device: torch.device) -> tuple[St
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         student.model = model
     return student, model
-
-
-def _side(student: Student) -> int:
-    size = student.preprocess_cfg["size"]
-    return int(size[-1] if isinstance(size, (list, tuple)) else size)
 
 
 def _class_texts(recipe: Recipe, train: Manifest, teacher: Teacher, prompts: ClassPrompts, root: object,

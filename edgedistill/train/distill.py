@@ -105,6 +105,7 @@ def _announce(trainer: Trainer, console: Console, ctx: distributed.Context) -> N
                   f"vision parameters), {p.total_steps} steps of {r.data.batch_size}{per_rank} on {p.device}; run "
                   f"directory {p.run.out}", highlight=False)
     if p.layerwise is not None and p.selector is not None:
-        mods = ", ".join(f"{sp.name}->teacher block {sp.teacher_layer} ({sp.grid}x{sp.grid})" for sp in p.layerwise.specs)
+        mods = ", ".join(f"{sp.name}->teacher block {sp.teacher_layer} ({sp.grid}x{sp.grid})"
+                         for sp in p.layerwise.specs)
         console.print(f"layerwise distillation, the teacher runs online (hidden states are not cached); modules: "
                       f"{mods}; selection: {p.selector.name}", highlight=False)

@@ -1,4 +1,4 @@
-"""bench/jetson.py against real device output (tests/fixtures/jetson/, copied from shared/fixtures/jetson/)."""
+"""jetson.py against real device output (tests/fixtures/jetson/, copied from shared/fixtures/jetson/)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from edgedistill.bench.jetson import (
+from edgedistill.jetson import (
     POWER_MIN_SAMPLES, SUM_OF_RAILS, PowerMode, TegraRelease, TegrastatsSampler, TimedSample, detect_jetson,
     measure_power, parse_nvpmodel, parse_tegra_release, parse_tegrastats, power_mode, power_summary, require_jetson,
 )
