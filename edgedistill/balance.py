@@ -7,6 +7,7 @@ effective weight of every term for logging::
                               base_weights={"feature": 1.0, "clip": 0.5})   # = GradNormBalancer(options, context)
     balancer.bind_shared(list(student.last_shared_layer.parameters()))   # only gradnorm uses it
     total, weights = balancer({"feature": l_feat, "clip": l_clip}, step)
+    total, weights = balancer(losses, step, counts={"feature": 64, "clip": 3})  # samples each term saw
 
 Rules every balancer keeps:
 
@@ -15,6 +16,8 @@ Rules every balancer keeps:
 - The weights never receive gradient from the total, except the ones learned on purpose through the trainer's
   optimizer (``learned = True``: uncertainty's ``s_i``). gradnorm learns its weights with its own optimizer.
 - The recipe's base weight of a term multiplies whatever the balancer computes.
+- ``counts`` (optional) gives the number of samples each active term's value averages over this step (the trainer
+  passes them when ``uses_counts`` is set: ``coverage`` weighs terms by them); the others ignore them.
 - All state needed for an exact resume (EMAs, period sums, counters, first losses, gradnorm's weights and its
   Adam moments) lives in buffers or parameters, so ``state_dict()`` / ``load_state_dict()`` round-trip it and a
   checkpoint holds only tensors.
@@ -25,7 +28,7 @@ Adding a balancer is one decorated class with an ``Options`` model; the option d
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import Field
@@ -56,6 +59,7 @@ class Balancer(nn.Module):
     name: ClassVar[str] = ""
     Options: ClassVar[type[BalancerOptions]] = BalancerOptions
     learned: ClassVar[bool] = False  # True: parameters() must join the trainer's optimizer
+    uses_counts: ClassVar[bool] = False  # True: the trainer passes each term's sample count to forward
 
     def __init__(self, options: BalancerOptions, context: BalanceContext) -> None:
         super().__init__()
@@ -77,19 +81,35 @@ class Balancer(nn.Module):
     def bind_shared(self, params: list[nn.Parameter]) -> None:
         """Give the parameters of the last shared layer (gradnorm measures gradient norms there); others ignore."""
 
-    def forward(self, losses: dict[str, Tensor], step: int) -> tuple[Tensor, dict[str, float]]:
-        """Total (scalar, with gradient through the losses) and each active term's effective weight."""
+    def forward(self, losses: dict[str, Tensor], step: int,
+                counts: dict[str, float] | None = None) -> tuple[Tensor, dict[str, float]]:
+        """Total (scalar, with gradient through the losses) and each active term's effective weight.
+
+        ``counts``: samples each active term's value averages over this step (all of them, or None).
+        """
         active = self._active(losses)
         if not active:
             # Nothing to weigh: a zero without gradient; the trainer should skip the backward pass.
             return torch.zeros((), device=self.base.device), {}
         values = torch.stack([losses[n].reshape(()) for n in active])  # (A,) with gradient
         idx = torch.tensor([self.index[n] for n in active], device=self.base.device)
-        return self._combine(active, idx, values, step)
+        return self._combine(active, idx, values, step, self._counts(active, counts))
 
-    def _combine(self, active: list[str], idx: Tensor, values: Tensor,
-                 step: int) -> tuple[Tensor, dict[str, float]]:  # pragma: no cover - abstract
-        """active: names (A), idx: (A,) long indices into the state, values: (A,) losses with gradient."""
+    def _counts(self, active: list[str], counts: dict[str, float] | None) -> Tensor | None:
+        """(A,) float sample counts of the active terms, or None when none were given."""
+        if counts is None:
+            return None
+        missing = [n for n in active if n not in counts]
+        if missing:
+            raise ValueError(f"balancer got no sample count for: {', '.join(missing)}")
+        if any(not counts[n] >= 0 for n in active):  # NaN fails this too
+            raise ValueError(f"sample counts must be >= 0: { {n: counts[n] for n in active} }")
+        return torch.tensor([float(counts[n]) for n in active], device=self.base.device)
+
+    def _combine(self, active: list[str], idx: Tensor, values: Tensor, step: int,
+                 counts: Tensor | None) -> tuple[Tensor, dict[str, float]]:  # pragma: no cover - abstract
+        """active: names (A), idx: (A,) long indices into the state, values: (A,) losses with gradient,
+        counts: (A,) samples per term or None."""
         raise NotImplementedError
 
     def _active(self, losses: dict[str, Tensor]) -> list[str]:
@@ -123,13 +143,13 @@ def _detached(values: Tensor) -> Tensor:
 class StaticBalancer(Balancer):
     """Fixed weights: total = sum_i base_i * L_i."""
 
-    def _combine(self, active: list[str], idx: Tensor, values: Tensor,
-                 step: int) -> tuple[Tensor, dict[str, float]]:
+    def _combine(self, active: list[str], idx: Tensor, values: Tensor, step: int,
+                 counts: Tensor | None) -> tuple[Tensor, dict[str, float]]:
         return self._weighted(active, values, self.base[idx])
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# magnitude / dsmd
+# magnitude / coverage
 
 
 class MagnitudeOptions(BalancerOptions):
@@ -140,7 +160,7 @@ class MagnitudeOptions(BalancerOptions):
 
 @register_balancer("magnitude")
 class MagnitudeBalancer(Balancer):
-    """DSMD-style magnitude balancer, a reconstruction (docs/methods.md#dsmd), not the official code's rule.
+    """Magnitude equalisation with smoothing, edgedistill's own rule (docs/methods.md#magnitude).
 
     Each term keeps an EMA ``m_i`` of its detached loss (the first observation initialises it); the weight is
     ``w_i = base_i * mean_j(m_j) / (m_i + eps)`` over the active terms, so every active term contributes about
@@ -154,8 +174,8 @@ class MagnitudeBalancer(Balancer):
         self.register_buffer("ema", torch.zeros(k))
         self.register_buffer("seen", torch.zeros(k, dtype=torch.bool))
 
-    def _combine(self, active: list[str], idx: Tensor, values: Tensor,
-                 step: int) -> tuple[Tensor, dict[str, float]]:
+    def _equalise(self, idx: Tensor, values: Tensor) -> Tensor:
+        """Update the EMAs with this step's values; (A,) factors ``mean_j(m_j) / (m_i + eps)``."""
         opts: MagnitudeOptions = self.options  # type: ignore[assignment]
         v = _detached(values).to(self.ema.device)
         # A non-finite value would poison the EMA for good; leave the state as it was and let the trainer decide.
@@ -166,10 +186,41 @@ class MagnitudeBalancer(Balancer):
             self.ema[idx] = torch.where(ok, new, old)
             self.seen[idx] = seen | ok
         m, seen = self.ema[idx], self.seen[idx]
-        # A term with no finite observation yet has no EMA: weight 1 (times base), and it is left out of the mean.
+        # A term with no finite observation yet has no EMA: factor 1, and it is left out of the mean.
         mean = (m * seen).sum() / seen.sum().clamp_min(1)
-        w = torch.where(seen, mean / (m + opts.eps), torch.ones_like(m))
-        return self._weighted(active, values, self.base[idx] * w)
+        return torch.where(seen, mean / (m + opts.eps), torch.ones_like(m))
+
+    def _combine(self, active: list[str], idx: Tensor, values: Tensor, step: int,
+                 counts: Tensor | None) -> tuple[Tensor, dict[str, float]]:
+        return self._weighted(active, values, self.base[idx] * self._equalise(idx, values))
+
+
+class CoverageOptions(MagnitudeOptions):
+    equalise: bool = Field(True, description="also equalise the terms' smoothed magnitudes (as magnitude "
+                                             "does); false: base weight times coverage only")
+
+
+@register_balancer("coverage")
+class CoverageBalancer(MagnitudeBalancer):
+    """Weights each term by the share of the batch it saw (edgedistill's rule, docs/methods.md#coverage).
+
+    ``c_i = n_i / max_j n_j`` over the active terms, ``n_i`` = the samples term i's value averages over this
+    step (the trainer's counts); ``w_i = base_i * c_i * mean_j(m_j) / (m_i + eps)`` with ``magnitude``'s EMAs
+    (``equalise``), else ``w_i = base_i * c_i``. A term on the few captioned pairs of a mostly uncaptioned batch
+    keeps a weight in proportion to its pairs, however its magnitude compares. Without counts every ``c_i`` is 1.
+    """
+    Options = CoverageOptions
+    uses_counts = True
+
+    def _combine(self, active: list[str], idx: Tensor, values: Tensor, step: int,
+                 counts: Tensor | None) -> tuple[Tensor, dict[str, float]]:
+        opts: CoverageOptions = self.options  # type: ignore[assignment]
+        w = self.base[idx].clone()
+        if counts is not None:
+            w = w * counts.to(w) / counts.max().clamp_min(1.0)
+        if opts.equalise:
+            w = w * self._equalise(idx, values)
+        return self._weighted(active, values, w)
 
 
 @register_balancer("dsmd")
@@ -215,8 +266,8 @@ class DWABalancer(Balancer):
         self.register_buffer("avg_prev2", torch.zeros(k, dtype=torch.float64))  # ... and of the one before
         self.register_buffer("closed", torch.zeros(k, dtype=torch.long))  # closed periods per term
 
-    def _combine(self, active: list[str], idx: Tensor, values: Tensor,
-                 step: int) -> tuple[Tensor, dict[str, float]]:
+    def _combine(self, active: list[str], idx: Tensor, values: Tensor, step: int,
+                 counts: Tensor | None) -> tuple[Tensor, dict[str, float]]:
         opts: DWAOptions = self.options  # type: ignore[assignment]
         p = step // opts.period
         v = _detached(values).to(device=self.period_sum.device, dtype=torch.float64)
@@ -259,8 +310,8 @@ class UncertaintyBalancer(Balancer):
         super().__init__(options, context)
         self.log_vars = nn.ParameterList([nn.Parameter(torch.zeros(())) for _ in self.names])
 
-    def _combine(self, active: list[str], idx: Tensor, values: Tensor,
-                 step: int) -> tuple[Tensor, dict[str, float]]:
+    def _combine(self, active: list[str], idx: Tensor, values: Tensor, step: int,
+                 counts: Tensor | None) -> tuple[Tensor, dict[str, float]]:
         s = torch.stack([self.log_vars[i] for i in idx.tolist()]).to(values.device)  # (A,) with gradient
         base = self.base[idx].to(device=values.device, dtype=values.dtype)
         total = (base * (values * torch.exp(-s) / 2 + s / 2)).sum()
@@ -328,8 +379,8 @@ class GradNormBalancer(Balancer):
         sq = [g.detach().float().pow(2).sum() for g in grads if g is not None]
         return torch.stack(sq).sum().sqrt() if sq else torch.zeros((), device=loss.device)
 
-    def _combine(self, active: list[str], idx: Tensor, values: Tensor,
-                 step: int) -> tuple[Tensor, dict[str, float]]:
+    def _combine(self, active: list[str], idx: Tensor, values: Tensor, step: int,
+                 counts: Tensor | None) -> tuple[Tensor, dict[str, float]]:
         if not self._shared:
             raise RuntimeError("the gradnorm balancer needs the last shared layer: call "
                                "balancer.bind_shared(list(layer.parameters())) before the first step")
@@ -394,7 +445,8 @@ def build_balancer(options: BalancerOptions, names: list[str], base_weights: dic
 
 
 __all__ = [
-    "BALANCERS", "BalanceContext", "Balancer", "BalancerOptions", "DSMDBalancer", "DWABalancer", "DWAOptions",
-    "GradNormBalancer", "GradNormOptions", "MagnitudeBalancer", "MagnitudeOptions", "StaticBalancer", "UncertaintyBalancer",
-    "build_balancer", "register_balancer", "validate_balancer",
+    "BALANCERS", "BalanceContext", "Balancer", "BalancerOptions", "CoverageBalancer", "CoverageOptions",
+    "DSMDBalancer", "DWABalancer", "DWAOptions", "GradNormBalancer", "GradNormOptions",
+    "MagnitudeBalancer", "MagnitudeOptions", "StaticBalancer", "UncertaintyBalancer", "build_balancer",
+    "register_balancer", "validate_balancer",
 ]

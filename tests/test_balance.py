@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgedistill.balance import (BALANCERS, Balancer, DSMDBalancer, MagnitudeBalancer, build_balancer,
-                                 validate_balancer)
+from edgedistill.balance import (BALANCERS, Balancer, CoverageBalancer, DSMDBalancer, MagnitudeBalancer,
+                                 build_balancer, validate_balancer)
 
 NAMES = ["big", "small"]
 
@@ -23,7 +23,7 @@ def _one_thread():
     yield
     torch.set_num_threads(threads)
 
-ADAPTIVE = ["magnitude", "dsmd", "dwa", "uncertainty", "gradnorm"]
+ADAPTIVE = ["magnitude", "coverage", "dsmd", "dwa", "uncertainty", "gradnorm"]
 
 
 def make(name: str, base: dict[str, float] | None = None, **options: object) -> Balancer:
@@ -68,11 +68,11 @@ def run(balancer: Balancer, steps: int, **toy: object) -> list[dict[str, float]]
     return [t.step(balancer, s) for s in range(steps)]
 
 
-def test_registry_and_dsmd_is_magnitude():
-    assert {"static", "magnitude", "dsmd", "dwa", "uncertainty", "gradnorm"} <= set(BALANCERS)
+def test_registry():
+    assert {"static", "magnitude", "coverage", "dsmd", "dwa", "uncertainty", "gradnorm"} <= set(BALANCERS)
     assert issubclass(BALANCERS["dsmd"], MagnitudeBalancer) and BALANCERS["dsmd"] is DSMDBalancer
-    assert "magnitude" in (DSMDBalancer.__doc__ or "") and "not" in (DSMDBalancer.__doc__ or "")
     assert [n for n, c in BALANCERS.items() if c.learned] == ["uncertainty"]
+    assert [n for n, c in BALANCERS.items() if c.uses_counts] == ["coverage"]
     for cls in BALANCERS.values():  # every option is documented
         for field, info in cls.Options.model_fields.items():
             assert info.description, f"{cls.name}.{field} has no description"
@@ -93,7 +93,7 @@ def test_static_leaves_a_dominating_term_dominant():
     assert hist[-1] == {"big": 1.0, "small": 1.0}
 
 
-@pytest.mark.parametrize("name", ["magnitude", "dsmd", "uncertainty", "gradnorm"])
+@pytest.mark.parametrize("name", ["magnitude", "coverage", "dsmd", "uncertainty", "gradnorm"])
 def test_weight_moves_away_from_a_dominating_term(name):
     """"big" is 1000x "small"; after a few hundred steps of a real optimisation the big term has lost weight."""
     hist = run(make(name), 300)
@@ -102,7 +102,7 @@ def test_weight_moves_away_from_a_dominating_term(name):
     if name in ("uncertainty", "gradnorm"):  # these start equal and learn their way there
         assert first["big"] == first["small"]
         assert last["big"] < first["big"] and last["small"] > first["small"]
-    else:  # magnitude equalises contributions at once: w_i ~ mean(m) / m_i
+    else:  # magnitude equalises contributions at once: w_i ~ mean(m) / m_i; dsmd: w_i = (k / N) max L / L_i
         assert last["big"] < 1.0 < last["small"]
         assert last["small"] / last["big"] > 50
 
@@ -263,7 +263,7 @@ def test_validate_balancer():
     assert validate_balancer(opts.model_dump()) == opts  # the resolved recipe re-reads
     assert validate_balancer("dsmd").momentum == 0.9  # type: ignore[attr-defined]
     cases = [
-        ("gradnrom", r"unknown balancer 'gradnrom'; did you mean 'gradnorm'\? valid: dsmd, dwa, gradnorm"),
+        ("gradnrom", r"unknown balancer 'gradnrom'; did you mean 'gradnorm'\? valid: coverage, dsmd, dwa, gradnorm"),
         ({"name": "dwa", "temprature": 1},
          r"unknown option 'temprature' of balancer 'dwa'; did you mean 'temperature'"),
         ({"name": "static", "alpha": 1}, r"unknown option 'alpha' of balancer 'static'; valid: \(none\)"),
@@ -275,3 +275,50 @@ def test_validate_balancer():
         with pytest.raises(ValueError, match=pattern) as e:
             validate_balancer(raw)  # type: ignore[arg-type]
         assert "\n" not in str(e.value)
+
+
+# ---------------------------------------------------------------------------- coverage: weight by samples seen
+
+def one(v: float) -> torch.Tensor:
+    return torch.tensor(float(v), dtype=torch.float64)
+
+
+def test_coverage_weighs_terms_by_the_samples_they_saw():
+    """A caption term seeing 2 of 64 images gets 2/64 of the weight magnitude equalisation would give it."""
+    counts = {"big": 64, "small": 2}
+    cov, mag = make("coverage"), make("magnitude")
+    for t, (a, c) in enumerate([(100.0, 1.0), (80.0, 1.2), (90.0, 0.8)]):
+        losses = {"big": one(a), "small": one(c)}
+        _, w_cov = cov(losses, t, counts)
+        _, w_mag = mag(losses, t)
+        assert w_cov["big"] == pytest.approx(w_mag["big"]) and w_cov["small"] == pytest.approx(w_mag["small"] * 2 / 64)
+    # without counts it is the magnitude rule; with equalise off, base weight times coverage
+    assert make("coverage")({"big": one(5), "small": one(1)}, 0)[1] == make("magnitude")(
+        {"big": one(5), "small": one(1)}, 0)[1]
+    plain = build_balancer(validate_balancer({"name": "coverage", "equalise": False}), NAMES,
+                           {"big": 2.0, "small": 1.0})
+    total, w = plain({"big": one(5), "small": one(1)}, 0, {"big": 64, "small": 16})
+    assert w == {"big": 2.0, "small": 0.25} and total.item() == pytest.approx(2.0 * 5 + 0.25 * 1)
+
+
+def test_coverage_counts_are_checked():
+    b = make("coverage")
+    with pytest.raises(ValueError, match="no sample count for: small"):
+        b({"big": one(1), "small": one(1)}, 0, {"big": 3})
+    with pytest.raises(ValueError, match=">= 0"):
+        b({"big": one(1), "small": one(1)}, 0, {"big": 3, "small": float("nan")})
+
+
+def test_coverage_state_resumes_exactly_with_counts():
+    b = make("coverage")
+    toy = Toy(b)
+    counts = lambda s: {"big": 64, "small": 1 + s % 5}  # noqa: E731 - a caption count that moves
+    for s in range(9):
+        total, _ = b(toy.losses(), s, counts(s))
+        toy.opt.zero_grad()
+        total.backward()
+        toy.opt.step()
+    resumed = _roundtrip(b, "coverage")
+    for s in range(9, 14):
+        losses = toy.losses()
+        assert resumed(losses, s, counts(s))[1] == b(losses, s, counts(s))[1]

@@ -449,3 +449,44 @@ def test_build_every_term_with_defaults():
     for name, loss in losses.items():
         out = loss(e)
         assert out is not None and out.dim() == 0 and torch.isfinite(out), name
+
+
+# ---------------------------------------------------------------------------------------------- sample counts
+
+
+def expected_samples(name: str, B: int, P: int, tis: bool) -> float:
+    """Samples behind each term's value: B per image part, P per caption part, the mean over the parts that run."""
+    def mean(parts: list[int]) -> float:
+        return sum(parts) / len(parts)
+    text = [P] if tis else []
+    return {"feature": mean([B] + text), "similarity": mean([B] + text),
+            "contrastive": mean([B] * (B >= 2) + [P] * (tis and P >= 2)),  # an empty queue: 2 rows for 2 keys
+            "relation": mean([B] * (B >= 3) + [P] * (tis and P >= 3) + [P] * (P >= 2)),
+            "hard_negative": mean([B] * (B >= 2) + [P] * (tis and P >= 2) + [P] * (P >= 2)),
+            "clip": P, "image_contrastive": B, "vl_align": B}[name]
+
+
+@pytest.mark.parametrize("B,P,tis", SHAPES + [(7, 1, True), (6, 0, False)])
+@pytest.mark.parametrize("name", ["feature", "similarity", "relation", "hard_negative", "contrastive", "clip",
+                                  "image_contrastive", "vl_align"])
+def test_samples_counts_what_each_term_averages_over(name, B, P, tis):
+    e, _ = make_batch(B, P, text_is_student=tis, seed=50)
+    loss = term(name)
+    if loss(e) is None:
+        return
+    assert loss.samples(e) == pytest.approx(expected_samples(name, B, P, tis))
+
+
+def test_samples_of_the_filtered_and_labelled_terms():
+    D = 8
+    class_text = torch.tensor(np.random.default_rng(51).normal(size=(4, D)))
+    e, b = make_batch(6, 2, seed=52)
+    argmax = np.argmax(nunit(b["tv"]) @ nunit(class_text.numpy()).T, axis=1)
+    labels = argmax.copy()
+    labels[0] = (argmax[0] + 1) % 4  # the teacher is wrong on image 0
+    labels[3] = -1                   # image 3 has no label
+    e.labels = torch.tensor(labels)
+    context = LossContext(embed_dim=D, class_text=class_text)
+    assert term("vl_align", filter_wrong=True, context=context).samples(e) == 4
+    assert term("vl_align", context=context).samples(e) == 6
+    assert term("classification", context=context).samples(e) == 5

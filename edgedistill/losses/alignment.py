@@ -5,6 +5,7 @@ docs/methods.md#vl_align and docs/methods.md#classification describe them.
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor
@@ -41,24 +42,45 @@ class VLAlignLoss(LossTerm):
             bank = getattr(context, name)
             self.register_buffer(name, None if bank is None else teacher_unit(bank), persistent=False)
 
-    def forward(self, e: Embeddings) -> Tensor | None:
+    def _candidates(self, e: Embeddings) -> tuple[Tensor | None, bool]:
+        """(the candidate texts (K, D) or None, whether they are class texts)."""
         class_text: Tensor | None = self.class_text
         text_bank: Tensor | None = self.text_bank
         by_class = class_text is not None and e.labels is not None
         texts = class_text if by_class else text_bank if text_bank is not None else e.teacher_text
-        if texts is None or texts.shape[0] < 2:
+        return (texts if texts is not None and texts.shape[0] >= 2 else None), by_class
+
+    def _kept(self, logits_t: Tensor, e: Embeddings, by_class: bool) -> Tensor | None:
+        """(B,) bool: the images this term uses (filter_wrong with class texts), or None for all."""
+        if not (self.options.filter_wrong and by_class):
+            return None
+        return (e.labels >= 0) & (logits_t.argmax(dim=1) == e.labels)
+
+    def _teacher_logits(self, texts: Tensor, e: Embeddings) -> Tensor:
+        return teacher_unit(e.teacher_image) @ texts.T / self.options.temperature  # (B, K)
+
+    def forward(self, e: Embeddings) -> Tensor | None:
+        texts, by_class = self._candidates(e)
+        if texts is None:
             return None
         texts = teacher_unit(texts).to(e.student_image.dtype)
-        tau = self.options.temperature
-        logits_t = teacher_unit(e.teacher_image) @ texts.T / tau
-        logits_s = unit(e.student_image) @ texts.T / tau
-        if self.options.filter_wrong and by_class:
-            keep = (e.labels >= 0) & (logits_t.argmax(dim=1) == e.labels)
+        logits_t = self._teacher_logits(texts, e)
+        logits_s = unit(e.student_image) @ texts.T / self.options.temperature
+        keep = self._kept(logits_t, e, by_class)
+        if keep is not None:
             if not keep.any():
                 return None
             logits_t, logits_s = logits_t[keep], logits_s[keep]
         top = logits_t.topk(min(self.options.k, texts.shape[0]), dim=1).indices  # the teacher's top-k texts
         return row_kl(logits_s.gather(1, top), logits_t.gather(1, top))
+
+    @torch.no_grad()
+    def samples(self, e: Embeddings) -> float:
+        texts, by_class = self._candidates(e)
+        if texts is None:
+            return 0.0
+        keep = self._kept(self._teacher_logits(teacher_unit(texts).to(e.teacher_image.dtype), e), e, by_class)
+        return float(e.student_image.shape[0] if keep is None else keep.sum())
 
 
 @register_loss("classification")
@@ -90,3 +112,6 @@ class ClassificationLoss(LossTerm):
         texts = teacher_unit(class_text).to(e.student_image.dtype)
         logits = unit(e.student_image[keep]) @ texts.T / self.options.temperature
         return F.cross_entropy(logits, e.labels[keep].long())
+
+    def samples(self, e: Embeddings) -> float:
+        return float((e.labels >= 0).sum()) if e.labels is not None else 0.0  # the labelled images

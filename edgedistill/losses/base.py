@@ -1,5 +1,8 @@
 """The loss-term interface: the batch a term sees (``Embeddings``), what it may use when built
-(``LossContext``), its base class and options, and the registry the terms are named in."""
+(``LossContext``), its base class and options, and the registry the terms are named in.
+
+A term's ``forward`` returns its value (a scalar) or None; its ``samples`` says how many samples that value
+averages over, so a balancer can weigh a term on a few captioned pairs below one on every image."""
 
 from __future__ import annotations
 
@@ -55,6 +58,12 @@ class LossTerm(nn.Module):
 
     def forward(self, e: Embeddings) -> Tensor | None:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def samples(self, e: Embeddings) -> float:
+        """How many samples this term's value averages over in batch ``e`` (the ``coverage`` balancer weighs
+        terms by it): the B images by default; a term on caption pairs counts its P pairs, and a term that is a
+        mean of parts the mean of its parts' counts. Only asked when the term returned a value."""
+        return float(e.student_image.shape[0])
 
     @torch.no_grad()
     def after_step(self, e: Embeddings) -> None:

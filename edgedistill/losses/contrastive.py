@@ -10,7 +10,7 @@ from pydantic import Field
 from torch import Tensor
 
 from edgedistill.losses.base import Embeddings, LossContext, LossTerm, TermOptions, register_loss
-from edgedistill.losses.output import mean_of, student_text_pairs, teacher_unit, unit
+from edgedistill.losses.output import mean_count, mean_of, student_text_pairs, teacher_unit, unit
 
 
 def symmetric_ce(logits: Tensor) -> Tensor:
@@ -66,6 +66,11 @@ class ContrastiveLoss(LossTerm):
         parts = [self._info_nce(s, t, m) for m, s, t in self._pairs(e)]
         return mean_of([p for p in parts if p is not None])
 
+    def samples(self, e: Embeddings) -> float:
+        # A modality runs when it has at least 2 keys (its rows and its queue), as in _info_nce.
+        return mean_count([s.shape[0] for m, s, t in self._pairs(e)
+                           if t.shape[0] + int(getattr(self, f"{m}_queue_fill")) >= 2])
+
     @torch.no_grad()
     def after_step(self, e: Embeddings) -> None:
         """Enqueue this step's teacher embeddings (after the step, so a batch is never its own queued negative)."""
@@ -106,6 +111,9 @@ class ClipLoss(LossTerm):
         if e.logit_scale is None:
             return symmetric_ce(sims / self.options.temperature)
         return symmetric_ce(e.logit_scale.exp().clamp(max=100) * sims)  # open_clip's clamp of the scale
+
+    def samples(self, e: Embeddings) -> float:
+        return float(e.pair_image.numel())  # the P pairs
 
 
 @register_loss("image_contrastive")

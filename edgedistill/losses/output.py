@@ -39,6 +39,19 @@ def has_captions(e: Embeddings) -> bool:
     return e.student_text is not None and e.pair_image is not None
 
 
+def mean_count(counts: list[int]) -> float:
+    """The samples behind a mean of parts: the mean of the parts' sample counts (0 when no part ran)."""
+    return sum(counts) / len(counts) if counts else 0.0
+
+
+def image_and_text_samples(e: Embeddings) -> float:
+    """Samples of a term on images (B) and, with a student text tower, on captions (P): the mean of the two."""
+    counts = [e.student_image.shape[0]]
+    if student_text_pairs(e):
+        counts.append(e.student_text.shape[0])
+    return mean_count(counts)
+
+
 @register_loss("feature")
 class FeatureLoss(LossTerm):
     """Instance-scale term: distance between each student embedding and its teacher embedding.
@@ -65,6 +78,9 @@ class FeatureLoss(LossTerm):
             parts.append(self._distance(e.student_text, e.teacher_text))
         return mean_of(parts)
 
+    def samples(self, e: Embeddings) -> float:
+        return image_and_text_samples(e)
+
 
 @register_loss("similarity")
 class SimilarityLoss(LossTerm):
@@ -85,6 +101,9 @@ class SimilarityLoss(LossTerm):
         if student_text_pairs(e):
             parts.append(one(e.student_text, e.teacher_text))
         return mean_of(parts)
+
+    def samples(self, e: Embeddings) -> float:
+        return image_and_text_samples(e)
 
 
 def row_kl(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
@@ -119,26 +138,38 @@ class RelationLoss(LossTerm):
 
     options: Options
 
-    def _self_relation(self, s: Tensor, t: Tensor) -> Tensor | None:
-        if s.shape[0] < 3:  # after leaving out the diagonal a row needs >= 2 entries to have a distribution
-            return None
+    def _parts(self, e: Embeddings) -> list[str]:
+        """The parts that run on batch ``e`` (a self-similarity row needs >= 2 entries once the diagonal is out)."""
+        pairs, parts = self.options.pairs, []
+        if "image" in pairs and e.student_image.shape[0] >= 3:
+            parts.append("image")
+        if "text" in pairs and student_text_pairs(e) and e.student_text.shape[0] >= 3:
+            parts.append("text")
+        if "image_text" in pairs and has_captions(e) and e.teacher_text is not None and e.pair_image.numel() >= 2:
+            parts.append("image_text")
+        return parts
+
+    def _self_relation(self, s: Tensor, t: Tensor) -> Tensor:
         s, t = unit(s), teacher_unit(t)
         tau = self.options.temperature
         return row_kl(off_diagonal(s @ s.T) / tau, off_diagonal(t @ t.T) / tau)
 
-    def forward(self, e: Embeddings) -> Tensor | None:
+    def _part(self, part: str, e: Embeddings) -> Tensor:
+        if part == "image":
+            return self._self_relation(e.student_image, e.teacher_image)
+        if part == "text":
+            return self._self_relation(e.student_text, e.teacher_text)
         tau = self.options.temperature
-        parts: list[Tensor | None] = []
-        if "image" in self.options.pairs:
-            parts.append(self._self_relation(e.student_image, e.teacher_image))
-        if "text" in self.options.pairs and student_text_pairs(e):
-            parts.append(self._self_relation(e.student_text, e.teacher_text))
-        if ("image_text" in self.options.pairs and has_captions(e) and e.teacher_text is not None
-                and e.pair_image.numel() >= 2):
-            s_rows = unit(e.student_image)[e.pair_image]
-            t_rows = teacher_unit(e.teacher_image)[e.pair_image]
-            parts.append(row_kl(s_rows @ unit(e.student_text).T / tau, t_rows @ teacher_unit(e.teacher_text).T / tau))
-        return mean_of([p for p in parts if p is not None])
+        s_rows = unit(e.student_image)[e.pair_image]
+        t_rows = teacher_unit(e.teacher_image)[e.pair_image]
+        return row_kl(s_rows @ unit(e.student_text).T / tau, t_rows @ teacher_unit(e.teacher_text).T / tau)
+
+    def forward(self, e: Embeddings) -> Tensor | None:
+        return mean_of([self._part(p, e) for p in self._parts(e)])
+
+    def samples(self, e: Embeddings) -> float:
+        p = 0 if e.student_text is None else e.student_text.shape[0]
+        return mean_count([e.student_image.shape[0] if part == "image" else p for part in self._parts(e)])
 
 
 def max_violation(scores: Tensor, margin: float) -> Tensor:
@@ -172,13 +203,26 @@ class HardNegativeLoss(LossTerm):
 
     options: Options
 
+    def _parts(self, e: Embeddings) -> list[str]:
+        """The score matrices that run on batch ``e`` (each needs >= 2 rows)."""
+        pairs, parts = self.options.pairs, []
+        if "student_teacher" in pairs:
+            parts += ["image"] if e.student_image.shape[0] >= 2 else []
+            parts += ["text"] if student_text_pairs(e) and e.student_text.shape[0] >= 2 else []
+        if "image_text" in pairs and has_captions(e) and e.pair_image.numel() >= 2:
+            parts.append("image_text")
+        return parts
+
+    def _scores(self, part: str, e: Embeddings) -> Tensor:
+        if part == "image":
+            return unit(e.student_image) @ teacher_unit(e.teacher_image).T  # (B, B)
+        if part == "text":
+            return unit(e.student_text) @ teacher_unit(e.teacher_text).T  # (P, P)
+        return unit(e.student_image)[e.pair_image] @ unit(e.student_text).T  # (P, P)
+
     def forward(self, e: Embeddings) -> Tensor | None:
-        margin = self.options.margin
-        scores: list[Tensor] = []
-        if "student_teacher" in self.options.pairs:
-            scores.append(unit(e.student_image) @ teacher_unit(e.teacher_image).T)
-            if student_text_pairs(e):
-                scores.append(unit(e.student_text) @ teacher_unit(e.teacher_text).T)
-        if "image_text" in self.options.pairs and has_captions(e):
-            scores.append(unit(e.student_image)[e.pair_image] @ unit(e.student_text).T)
-        return mean_of([max_violation(s, margin) for s in scores if s.shape[0] >= 2])
+        return mean_of([max_violation(self._scores(p, e), self.options.margin) for p in self._parts(e)])
+
+    def samples(self, e: Embeddings) -> float:
+        p = 0 if e.student_text is None else e.student_text.shape[0]
+        return mean_count([e.student_image.shape[0] if part == "image" else p for part in self._parts(e)])

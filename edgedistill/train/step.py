@@ -51,9 +51,15 @@ class DistillStep(torch.nn.Module):
         if not active:
             raise UserError("no loss term applies to this data (terms needing captions on a dataset without "
                             "captions?); add feature or similarity to loss.terms")
-        total, weights = self.balancer(active, batch.step)
+        total, weights = self.balancer(active, batch.step, self._counts(e, active) if self.balancer.uses_counts
+                                       else None)
         self.last = (e, active, weights)
         return total
+
+    def _counts(self, e: Embeddings, active: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Samples behind each active term's value: its own count, the B images for a hidden-state term."""
+        images = float(e.student_image.shape[0])
+        return {n: float(self.losses[n].samples(e)) if n in self.losses else images for n in active}
 
     def _embed(self, batch: RankBatch, lw: Layerwise | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The whole batch's student embeddings at the teacher's width: (B, D) images, (P, D) texts or None."""
