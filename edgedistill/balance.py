@@ -223,14 +223,61 @@ class CoverageBalancer(MagnitudeBalancer):
         return self._weighted(active, values, w)
 
 
-@register_balancer("dsmd")
-class DSMDBalancer(MagnitudeBalancer):
-    """The default self-adaptive balancer: an alias of ``magnitude``, the DSMD-style candidate.
+# ----------------------------------------------------------------------------------------------------------------
+# dsmd
 
-    DSMD (arXiv 2404.10838) balances its terms self-adaptively, but its update rule could not be recovered; this
-    name runs the reconstruction in ``magnitude`` (EMA of each loss, weight = mean EMA / own EMA). It is not
-    claimed to be the paper's balancer.
+
+class DSMDOptions(BalancerOptions):
+    k: float = Field(10.0, gt=0.0, description="overall scale k of the weights (10 in the official code)")
+    temperature: float = Field(1.0, gt=0.0, description="softmax temperature T of the ratios (1 in the official "
+                                                        "code)")
+    ratio: Literal["scaled", "raw"] = Field(
+        "scaled", description="r_i from the magnitude-scaled losses, as coded ('scaled': all r_i equal, the "
+                              "softmax is uniform), or from the raw losses, as the paper intends ('raw')")
+    eps: float = Field(1e-8, gt=0.0, description="added to a loss before dividing by it (1e-8 in the code)")
+
+
+@register_balancer("dsmd")
+class DSMDBalancer(Balancer):
+    """The rule in the official DSMD code (its ``AdaptiveLossWeighting``; docs/methods.md#dsmd).
+
+    For the active terms' detached losses ``L_i`` at step t: ``m_i = max_j L_j / (L_i + eps)``,
+    ``L~_i = m_i L_i``, ``r_i = L~_i(t) / L~_i(t-1)`` (``ratio: raw``: ``L_i(t) / L_i(t-1)``),
+    ``w_i = base_i * k * softmax(r / T)_i * m_i``; every weight is ``base_i`` at the first step. A term's
+    previous value is its own last one; a term without one has ``r_i = 1``. As coded ``L~_i = max_j L_j`` for
+    every term, so the rule is ``w_i = (k / N) max_j L_j / L_i``: magnitude equalisation to the largest term.
     """
+    Options = DSMDOptions
+
+    def __init__(self, options: BalancerOptions, context: BalanceContext) -> None:
+        super().__init__(options, context)
+        k = len(self.names)
+        self.register_buffer("prev_scaled", torch.zeros(k, dtype=torch.float64))  # L~_i of the term's last step
+        self.register_buffer("prev_raw", torch.zeros(k, dtype=torch.float64))  # L_i of the term's last step
+        self.register_buffer("seen", torch.zeros(k, dtype=torch.bool))
+        self.register_buffer("started", torch.zeros((), dtype=torch.bool))  # a first step has been taken
+
+    def _combine(self, active: list[str], idx: Tensor, values: Tensor, step: int,
+                 counts: Tensor | None) -> tuple[Tensor, dict[str, float]]:
+        opts: DSMDOptions = self.options  # type: ignore[assignment]
+        v = _detached(values).to(device=self.prev_raw.device, dtype=torch.float64)
+        if not bool(torch.isfinite(v).all()):
+            return self._weighted(active, values, self.base[idx])  # no statistics from a non-finite step
+        m = v.max() / (v + opts.eps)
+        scaled = m * v
+        with torch.no_grad():
+            if bool(self.started):
+                seen = self.seen[idx]
+                now, prev = (scaled, self.prev_scaled[idx]) if opts.ratio == "scaled" else (v, self.prev_raw[idx])
+                # A zero previous value would divide by zero: it counts as eps.
+                r = torch.where(seen, now / prev.clamp_min(opts.eps), torch.ones_like(now))
+                w = opts.k * torch.softmax(r / opts.temperature, dim=0) * m
+            else:
+                w = torch.ones_like(v)
+            self.prev_scaled[idx], self.prev_raw[idx] = scaled, v
+            self.seen[idx] = True
+            self.started.fill_(True)
+        return self._weighted(active, values, self.base[idx] * w.float())
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -446,7 +493,7 @@ def build_balancer(options: BalancerOptions, names: list[str], base_weights: dic
 
 __all__ = [
     "BALANCERS", "BalanceContext", "Balancer", "BalancerOptions", "CoverageBalancer", "CoverageOptions",
-    "DSMDBalancer", "DWABalancer", "DWAOptions", "GradNormBalancer", "GradNormOptions",
+    "DSMDBalancer", "DSMDOptions", "DWABalancer", "DWAOptions", "GradNormBalancer", "GradNormOptions",
     "MagnitudeBalancer", "MagnitudeOptions", "StaticBalancer", "UncertaintyBalancer", "build_balancer",
     "register_balancer", "validate_balancer",
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 
 import pytest
 import torch
@@ -70,7 +71,8 @@ def run(balancer: Balancer, steps: int, **toy: object) -> list[dict[str, float]]
 
 def test_registry():
     assert {"static", "magnitude", "coverage", "dsmd", "dwa", "uncertainty", "gradnorm"} <= set(BALANCERS)
-    assert issubclass(BALANCERS["dsmd"], MagnitudeBalancer) and BALANCERS["dsmd"] is DSMDBalancer
+    assert BALANCERS["dsmd"] is DSMDBalancer and not issubclass(DSMDBalancer, MagnitudeBalancer)
+    assert "official DSMD code" in (DSMDBalancer.__doc__ or "")
     assert [n for n, c in BALANCERS.items() if c.learned] == ["uncertainty"]
     assert [n for n, c in BALANCERS.items() if c.uses_counts] == ["coverage"]
     for cls in BALANCERS.values():  # every option is documented
@@ -103,7 +105,7 @@ def test_weight_moves_away_from_a_dominating_term(name):
         assert first["big"] == first["small"]
         assert last["big"] < first["big"] and last["small"] > first["small"]
     else:  # magnitude equalises contributions at once: w_i ~ mean(m) / m_i; dsmd: w_i = (k / N) max L / L_i
-        assert last["big"] < 1.0 < last["small"]
+        assert last["big"] < last["small"] and (last["big"] < 1.0 < last["small"] or name == "dsmd")
         assert last["small"] / last["big"] > 50
 
 
@@ -261,7 +263,8 @@ def test_validate_balancer():
     opts = validate_balancer({"name": "gradnorm", "alpha": 2})
     assert opts.alpha == 2.0  # type: ignore[attr-defined]
     assert validate_balancer(opts.model_dump()) == opts  # the resolved recipe re-reads
-    assert validate_balancer("dsmd").momentum == 0.9  # type: ignore[attr-defined]
+    assert validate_balancer("dsmd").model_dump() == {"name": "dsmd", "k": 10.0, "temperature": 1.0, "ratio": "scaled",
+                                                      "eps": 1e-8}
     cases = [
         ("gradnrom", r"unknown balancer 'gradnrom'; did you mean 'gradnorm'\? valid: coverage, dsmd, dwa, gradnorm"),
         ({"name": "dwa", "temprature": 1},
@@ -277,11 +280,86 @@ def test_validate_balancer():
         assert "\n" not in str(e.value)
 
 
-# ---------------------------------------------------------------------------- coverage: weight by samples seen
+# ------------------------------------------------------------------------------------- dsmd, the official rule
 
 def one(v: float) -> torch.Tensor:
     return torch.tensor(float(v), dtype=torch.float64)
 
+
+def dsmd_reference(history: list[dict[str, float]], k: float = 10.0, T: float = 1.0, ratio: str = "scaled",
+                   eps: float = 1e-8) -> list[dict[str, float]]:
+    """The official code's rule written out in plain Python: weights of each step of ``history``."""
+    out, prev_scaled, prev_raw = [], {}, {}
+    for t, losses in enumerate(history):
+        top = max(losses.values())
+        m = {n: top / (v + eps) for n, v in losses.items()}
+        scaled = {n: m[n] * v for n, v in losses.items()}
+        if t == 0:
+            w = {n: 1.0 for n in losses}
+        else:
+            now, prev = (scaled, prev_scaled) if ratio == "scaled" else (losses, prev_raw)
+            r = {n: now[n] / max(prev[n], eps) if n in prev else 1.0 for n in losses}
+            z = sum(math.exp(x / T) for x in r.values())
+            w = {n: k * math.exp(r[n] / T) / z * m[n] for n in losses}
+        prev_scaled.update(scaled)
+        prev_raw.update(losses)
+        out.append(w)
+    return out
+
+
+def run_dsmd(history: list[dict[str, float]], **options: object) -> list[dict[str, float]]:
+    b = make("dsmd", **options)
+    return [b({n: one(v) for n, v in losses.items()}, t)[1] for t, losses in enumerate(history)]
+
+
+HISTORY = [{"big": 800.0, "small": 2.0}, {"big": 600.0, "small": 1.9}, {"big": 300.0, "small": 1.95},
+           {"big": 310.0}, {"big": 200.0, "small": 1.5}, {"big": 100.0, "small": 1.4}]
+
+
+@pytest.mark.parametrize("ratio", ["scaled", "raw"])
+def test_dsmd_follows_the_official_rule(ratio):
+    got = run_dsmd(HISTORY, ratio=ratio)
+    want = dsmd_reference(HISTORY, ratio=ratio)
+    for g, w in zip(got, want):
+        assert g.keys() == w.keys() and list(g.values()) == pytest.approx(list(w.values()), rel=1e-6)
+    assert got[0] == {"big": 1.0, "small": 1.0}  # weights 1 at the first step
+
+
+def test_dsmd_as_coded_is_magnitude_equalisation_to_the_largest_term():
+    """With every term present at consecutive steps, all r_i are equal: w_i = (k / N) max_j L_j / L_i."""
+    steps = [{"big": 800.0, "small": 2.0}, {"big": 600.0, "small": 1.9}, {"big": 30.0, "small": 3.0}]
+    got = run_dsmd(steps, k=10.0)
+    for losses, w in zip(steps[1:], got[1:]):
+        top = max(losses.values())
+        assert w == pytest.approx({n: 10.0 / 2 * top / v for n, v in losses.items()}, rel=1e-6)
+    # the temperature cannot matter: the softmax is uniform
+    for a, b in zip(run_dsmd(steps, temperature=0.01)[1:], got[1:]):
+        assert a == pytest.approx(b, rel=1e-6)
+
+
+def test_dsmd_raw_ratio_moves_weight_to_the_term_that_falls_slower():
+    """The intended variant: r_i = L_i(t) / L_i(t-1); the term that stalls gets the larger softmax share."""
+    steps = [{"big": 100.0, "small": 1.0}, {"big": 50.0, "small": 1.0}]
+    w = run_dsmd(steps, ratio="raw")[1]
+    share = {n: w[n] / (max(steps[1].values()) / v) for n, v in steps[1].items()}  # k softmax(r)_i
+    assert share["small"] > share["big"] and share["small"] + share["big"] == pytest.approx(10.0)
+
+
+def test_dsmd_zero_previous_value_does_not_divide_by_zero():
+    w = run_dsmd([{"big": 1.0, "small": 0.0}, {"big": 1.0, "small": 0.5}], ratio="raw")[1]
+    assert all(math.isfinite(x) for x in w.values())
+
+
+def test_dsmd_non_finite_step_leaves_state_alone():
+    b = make("dsmd")
+    b({"big": one(4.0), "small": one(2.0)}, 0)
+    before = {k: v.clone() for k, v in b.state_dict().items()}
+    _, w = b({"big": one(float("nan")), "small": one(2.0)}, 1)
+    assert w == {"big": 1.0, "small": 1.0}
+    assert all(torch.equal(v, before[k]) for k, v in b.state_dict().items())
+
+
+# ---------------------------------------------------------------------------- coverage: weight by samples seen
 
 def test_coverage_weighs_terms_by_the_samples_they_saw():
     """A caption term seeing 2 of 64 images gets 2/64 of the weight magnitude equalisation would give it."""
