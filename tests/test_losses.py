@@ -46,10 +46,11 @@ def text_is_student_pairs(b: dict[str, Any]) -> bool:
     return b["text_is_student"] and b["st"] is not None
 
 
-def ref_feature(b: dict[str, Any], distance: str = "l1") -> float:
+def ref_feature(b: dict[str, Any], distance: str = "l1", reduction: str = "sum") -> float:
     def one(s: np.ndarray, t: np.ndarray) -> float:
         s, t = nunit(s), nunit(t)
-        per = [np.abs(s[i] - t[i]).sum() if distance == "l1" else ((s[i] - t[i]) ** 2).sum() for i in range(len(s))]
+        reduce = np.sum if reduction == "sum" else np.mean
+        per = [reduce(np.abs(s[i] - t[i]) if distance == "l1" else (s[i] - t[i]) ** 2) for i in range(len(s))]
         return float(np.mean(per))
     parts = [one(b["sv"], b["tv"])] + ([one(b["st"], b["tt"])] if text_is_student_pairs(b) else [])
     return float(np.mean(parts))
@@ -132,6 +133,30 @@ def ref_clip(b: dict[str, Any], temperature: float = 0.07) -> float:
     return nsym_ce(scale * sims)
 
 
+def ref_icl(b: dict[str, Any], temperature: float = 0.07) -> float | None:
+    """CLIP-KD's interactive contrastive loss: student image vs teacher text (and student text vs teacher image)."""
+    if b["st"] is None or len(b["pair"]) < 2:
+        return None
+    sv, tv, st, tt = nunit(b["sv"]), nunit(b["tv"]), nunit(b["st"]), nunit(b["tt"])
+    scale = min(math.exp(float(np.float32(math.log(1 / temperature)))), 100.0)  # the term keeps log scale in float32
+    n = len(b["pair"])
+    parts = [nce(scale * sv[b["pair"]] @ tt.T, list(range(n)))]
+    if text_is_student_pairs(b):
+        parts.append(nce(scale * st @ tv[b["pair"]].T, list(range(n))))
+    return float(np.mean(parts))
+
+
+def ref_logit_kl(b: dict[str, Any], teacher_scale: float, temperature: float = 1.0) -> float | None:
+    """KL(teacher || student) of the P x P image-text logits, rows and columns, times T^2."""
+    if b["st"] is None or len(b["pair"]) < 2:
+        return None
+    sv, tv, st, tt = nunit(b["sv"]), nunit(b["tv"]), nunit(b["st"]), nunit(b["tt"])
+    s_scale = teacher_scale if b["logit_scale"] is None else min(math.exp(b["logit_scale"]), 100.0)
+    S = s_scale * sv[b["pair"]] @ st.T / temperature
+    T = teacher_scale * tv[b["pair"]] @ tt.T / temperature
+    return temperature ** 2 * (nkl_rows(S, T) + nkl_rows(S.T, T.T)) / 2
+
+
 def ref_image_contrastive(b: dict[str, Any], temperature: float = 0.07) -> float:
     return nsym_ce(nunit(b["sv"]) @ nunit(b["tv"]).T / temperature)
 
@@ -179,9 +204,12 @@ def make_batch(B: int = 6, P: int = 6, D: int = 8, text_is_student: bool = True,
     return e, b
 
 
+TEACHER_SCALE = 30.0  # the teacher's logit scale in the tests' contexts (logit_kl)
+
+
 def term(name: str, D: int = 8, context: LossContext | None = None, **options: Any) -> torch.nn.Module:
     opts = validate_term_options(name, options)
-    return build_losses({name: opts}, context or LossContext(embed_dim=D))[name]
+    return build_losses({name: opts}, context or LossContext(embed_dim=D, teacher_logit_scale=TEACHER_SCALE))[name]
 
 
 # (B, P, text_is_student): all pairs, P < B, and a student without its own text tower
@@ -201,9 +229,52 @@ def close(got: torch.Tensor | None, want: float | None) -> None:
 
 @pytest.mark.parametrize("B,P,tis", SHAPES)
 @pytest.mark.parametrize("distance", ["l1", "mse"])
-def test_feature_matches_numpy(B, P, tis, distance):
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_feature_matches_numpy(B, P, tis, distance, reduction):
     e, b = make_batch(B, P, text_is_student=tis)
-    close(term("feature", distance=distance)(e), ref_feature(b, distance))
+    close(term("feature", distance=distance, reduction=reduction)(e), ref_feature(b, distance, reduction))
+
+
+def test_feature_mean_reduction_is_torchs_mse_loss_on_normalised_embeddings():
+    """CLIP-KD's FD: F.mse_loss between the L2-normalised embeddings (mean over every element)."""
+    e, _ = make_batch(6, 0, D=8, seed=60)
+    want = torch.nn.functional.mse_loss(torch.nn.functional.normalize(e.student_image, dim=1), e.teacher_image)
+    close(term("feature", distance="mse", reduction="mean")(e), want.item())
+
+
+@pytest.mark.parametrize("B,P,tis", SHAPES + [(6, 1, True), (6, 0, True)])
+@pytest.mark.parametrize("temperature", [0.07, 0.005])  # 1 / 0.005 > 100 exercises the clamp
+def test_icl_matches_numpy(B, P, tis, temperature):
+    e, b = make_batch(B, P, text_is_student=tis, seed=61)
+    close(term("icl", temperature=temperature)(e), ref_icl(b, temperature))
+    close(term("icl", temperature=temperature, learnable=False)(e), ref_icl(b, temperature))
+
+
+@pytest.mark.parametrize("B,P,tis", SHAPES + [(6, 1, True), (6, 0, True)])
+@pytest.mark.parametrize("logit_scale", [2.3, 5.0, None])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_logit_kl_matches_numpy(B, P, tis, logit_scale, temperature):
+    e, b = make_batch(B, P, text_is_student=tis, seed=62, logit_scale=logit_scale)
+    close(term("logit_kl", temperature=temperature)(e), ref_logit_kl(b, TEACHER_SCALE, temperature))
+    close(term("logit_kl", temperature=temperature, teacher_temperature=0.05)(e),
+          ref_logit_kl(b, 1 / 0.05, temperature))
+
+
+def test_logit_kl_needs_a_teacher_scale_and_is_zero_when_the_student_is_the_teacher():
+    with pytest.raises(ValueError, match="teacher_temperature"):
+        term("logit_kl", context=LossContext(embed_dim=8))
+    e, _ = make_batch(5, 4, seed=63, logit_scale=math.log(TEACHER_SCALE))
+    e.student_image, e.student_text = e.teacher_image.clone() * 3, e.teacher_text.clone()  # same directions
+    assert term("logit_kl")(e).item() == pytest.approx(0.0, abs=1e-12)
+
+
+def test_icl_scale_is_learned_or_fixed():
+    learned, fixed = term("icl"), term("icl", learnable=False)
+    assert [n for n, _ in learned.named_parameters()] == ["log_scale"]
+    assert list(fixed.parameters()) == [] and "log_scale" in fixed.state_dict()
+    e, _ = make_batch(6, 4, seed=64, dtype=torch.float32)
+    learned(e).backward()
+    assert learned.log_scale.grad is not None and learned.log_scale.grad.abs() > 0
 
 
 @pytest.mark.parametrize("B,P,tis", SHAPES)
@@ -295,7 +366,8 @@ def test_vl_align_filter_wrong():
 GRAD_TERMS: list[tuple[str, dict[str, Any]]] = [
     ("feature", {"distance": "l1"}), ("feature", {"distance": "mse"}), ("similarity", {}), ("relation", {}),
     ("hard_negative", {"margin": 2.0}), ("contrastive", {"queue_size": 3}), ("clip", {}),
-    ("image_contrastive", {}), ("vl_align", {"k": 3}),
+    ("image_contrastive", {}), ("vl_align", {"k": 3}), ("feature", {"distance": "mse", "reduction": "mean"}),
+    ("icl", {}), ("logit_kl", {}), ("logit_kl", {"temperature": 2.0}),
 ]
 
 
@@ -351,6 +423,8 @@ def test_none_cases():
     assert term("clip")(make_batch(6, 0)[0]) is None
     assert term("clip")(make_batch(6, 1)[0]) is None
     assert term("vl_align")(make_batch(6, 0)[0]) is None  # no candidates at all
+    for name in ("icl", "logit_kl"):  # pairs: at least 2
+        assert term(name)(make_batch(6, 0)[0]) is None and term(name)(make_batch(6, 1)[0]) is None
     # the feature terms always have the image part
     assert term("feature")(one) is not None and term("similarity")(one) is not None
 
@@ -440,9 +514,9 @@ def test_build_every_term_with_defaults():
     validate_term_options("feature", None)  # loads the built-in terms
     names = sorted(LOSSES)
     assert {"feature", "similarity", "relation", "hard_negative", "contrastive", "clip", "image_contrastive",
-            "vl_align", "classification"} <= set(names)
+            "vl_align", "classification", "icl", "logit_kl"} <= set(names)
     losses = build_losses({n: validate_term_options(n, None) for n in names},
-                          LossContext(embed_dim=8, class_text=torch.randn(5, 8)))
+                          LossContext(embed_dim=8, class_text=torch.randn(5, 8), teacher_logit_scale=50.0))
     assert list(losses) == names
     e, _ = make_batch(6, 4, D=8, dtype=torch.float32)
     e.labels = torch.tensor([0, 1, 2, 3, 4, 0])  # classification needs labels (and class texts)
@@ -463,12 +537,12 @@ def expected_samples(name: str, B: int, P: int, tis: bool) -> float:
             "contrastive": mean([B] * (B >= 2) + [P] * (tis and P >= 2)),  # an empty queue: 2 rows for 2 keys
             "relation": mean([B] * (B >= 3) + [P] * (tis and P >= 3) + [P] * (P >= 2)),
             "hard_negative": mean([B] * (B >= 2) + [P] * (tis and P >= 2) + [P] * (P >= 2)),
-            "clip": P, "image_contrastive": B, "vl_align": B}[name]
+            "clip": P, "image_contrastive": B, "vl_align": B, "icl": P, "logit_kl": P}[name]
 
 
 @pytest.mark.parametrize("B,P,tis", SHAPES + [(7, 1, True), (6, 0, False)])
 @pytest.mark.parametrize("name", ["feature", "similarity", "relation", "hard_negative", "contrastive", "clip",
-                                  "image_contrastive", "vl_align"])
+                                  "image_contrastive", "vl_align", "icl", "logit_kl"])
 def test_samples_counts_what_each_term_averages_over(name, B, P, tis):
     e, _ = make_batch(B, P, text_is_student=tis, seed=50)
     loss = term(name)

@@ -1,6 +1,7 @@
 """The trainer end to end on a tiny teacher: output contract, exact resume after SIGKILL, bad input, NaN steps."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -315,3 +316,28 @@ def test_eval_of_a_student_with_non_finite_weights_exits_2(tiny_teacher, dataset
     cfg.write_text(json.dumps(doc))
     assert main(["eval", str(out)]) == 2
     assert f"{key}); the training diverged or the file is damaged" in capsys.readouterr().err
+
+
+def test_clipkd_terms_train_with_the_teachers_scale_and_a_learned_icl_scale(tiny_teacher, dataset, tmp_path,
+                                                                           monkeypatch):
+    from edgedistill.losses.clipkd import LogitKLLoss
+    scales = []
+    original = LogitKLLoss.__init__
+
+    def spy(self, options, context):
+        original(self, options, context)
+        scales.append(self.teacher_scale)
+
+    monkeypatch.setattr(LogitKLLoss, "__init__", spy)
+    recipe, out = recipe_for(tmp_path, tiny_teacher, dataset, name="clipkd", train={"epochs": 1},
+                             loss={"terms": {"clip": {}, "logit_kl": {}, "icl": {},
+                                             "feature": {"distance": "mse", "reduction": "mean", "weight": 2000}},
+                                   "balancer": "coverage"})
+    assert main(["distill", str(recipe)]) == 0
+    teacher = torch.load(tiny_teacher[1], weights_only=True)
+    assert scales == [pytest.approx(teacher["logit_scale"].exp().item())]  # the teacher's own logit scale
+    first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert set(first["terms"]) == {"clip", "logit_kl", "icl", "feature"}
+    # icl's scale joined the optimizer: it moved from log(1 / 0.07) and is saved with the run
+    state = torch.load(out / "checkpoints" / "last.pt", weights_only=True)["losses"]
+    assert state["icl.log_scale"].item() != pytest.approx(math.log(1 / 0.07), abs=1e-6)

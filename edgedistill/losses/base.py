@@ -45,6 +45,7 @@ class LossContext:
     embed_dim: int
     text_bank: Tensor | None = None         # (K, D) teacher text embeddings, L2-normalised (vl_align's candidates)
     class_text: Tensor | None = None        # (C, D) teacher class-prompt embeddings when labels exist
+    teacher_logit_scale: float | None = None  # the teacher's CLIP logit scale, exp'ed (logit_kl's teacher logits)
 
 
 class LossTerm(nn.Module):

@@ -57,19 +57,24 @@ class FeatureLoss(LossTerm):
     """Instance-scale term: distance between each student embedding and its teacher embedding.
 
     Per sample ``sum_d |s^ - t^|`` (l1) or ``sum_d (s^ - t^)^2`` (mse) on image embeddings (B, D), and on text
-    embeddings (P, D) when the student has its own text tower; mean over samples, then over modalities.
+    embeddings (P, D) when the student has its own text tower (``reduction: mean``: the mean over the D
+    dimensions instead of the sum); mean over samples, then over modalities.
     """
 
     class Options(TermOptions):
         distance: Literal["l1", "mse"] = Field(
             "l1", description="per-sample distance between normalised embeddings: 'l1' (DSMD) or 'mse' "
                               "(squared L2, the feature matching of Li et al. ICCV 2023)")
+        reduction: Literal["sum", "mean"] = Field(
+            "sum", description="over a sample's D dimensions: 'sum' (the distance) or 'mean' (per element, as "
+                               "torch's mse_loss: with distance mse, CLIP-KD's FD)")
 
     options: Options
 
     def _distance(self, s: Tensor, t: Tensor) -> Tensor:
         diff = unit(s) - teacher_unit(t)
-        per_sample = diff.abs().sum(-1) if self.options.distance == "l1" else diff.pow(2).sum(-1)
+        per_dim = diff.abs() if self.options.distance == "l1" else diff.pow(2)  # (N, D)
+        per_sample = per_dim.sum(-1) if self.options.reduction == "sum" else per_dim.mean(-1)
         return per_sample.mean()
 
     def forward(self, e: Embeddings) -> Tensor | None:

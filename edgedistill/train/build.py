@@ -51,13 +51,14 @@ def build_parts(recipe: Recipe, teacher: Teacher, manifests: dict[str, Manifest]
     class_root = recipe.cache.root if recipe.train.teacher == "cached" else None  # online: nothing is written
     labels, class_text = _class_texts(recipe, train, teacher, prompts, class_root, device)
     losses = build_losses(recipe.loss.terms, LossContext(embed_dim=teacher.embed_dim, class_text=class_text,
-                                                         text_bank=_text_bank(recipe, cache, device))).to(device)
+                                                         text_bank=_text_bank(recipe, cache, device),
+                                                         teacher_logit_scale=_logit_scale(teacher))).to(device)
     balancer = _balancer(recipe, layerwise, model, device)
     batches = _batches(recipe, train, cache, ctx)
     total = min(recipe.train.epochs * batches.per_epoch, recipe.train.max_steps or recipe.train.epochs *
                 batches.per_epoch)
     amp_dtype = _amp_dtype(recipe, device)
-    modules = [m for m in (model, projection, layerwise) if m is not None]
+    modules = [m for m in (model, projection, layerwise, losses) if m is not None]  # terms may learn (icl)
     groups = param_groups(modules, recipe.train.weight_decay)
     if balancer.learned:
         groups.append({"params": list(balancer.parameters()), "weight_decay": 0.0})
@@ -112,6 +113,12 @@ def _class_texts(recipe: Recipe, train: Manifest, teacher: Teacher, prompts: Cla
     if not {"vl_align", "classification"} & set(terms):
         return None, None
     return labels, class_text_features(teacher, prompts.sets(classes), root).to(device)  # type: ignore[arg-type]
+
+
+def _logit_scale(teacher: Teacher) -> float | None:
+    """The teacher's CLIP logit scale, exp'ed (logit_kl's teacher logits); None for a model without one."""
+    scale = getattr(teacher.model, "logit_scale", None)
+    return float(scale.detach().exp()) if isinstance(scale, torch.Tensor) else None
 
 
 def _text_bank(recipe: Recipe, cache: FeatureCache | None, device: torch.device) -> torch.Tensor | None:
