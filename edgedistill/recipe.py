@@ -112,7 +112,9 @@ class CacheConfig(_Section):
         return cache_root(self.dir)
 
 
+# The recipe defaults of loss.terms and loss.balancer; to be chosen by the quality benchmark (benchmarks/README.md).
 DEFAULT_TERMS = ["feature", "similarity", "relation", "contrastive", "hard_negative", "clip"]
+DEFAULT_BALANCER = "dsmd"
 
 
 class LayerwiseConfig(_Section):
@@ -139,7 +141,7 @@ class LossConfig(_Section):
     terms: dict[str, SerializeAsAny[TermOptions]] = Field(
         default_factory=lambda: {t: validate_term_options(t, {}) for t in DEFAULT_TERMS},
         description="loss terms by name, each with its options ({} = defaults); a plain list of names also works")
-    balancer: SerializeAsAny[BalancerOptions] = Field(default_factory=lambda: validate_balancer("dsmd"),
+    balancer: SerializeAsAny[BalancerOptions] = Field(default_factory=lambda: validate_balancer(DEFAULT_BALANCER),
                                                       description="balancer name, or {name: ..., options}")
 
     @field_validator("terms", mode="before")
