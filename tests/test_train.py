@@ -203,6 +203,13 @@ def test_augmentation_depends_on_epoch_and_index_only(dataset):
     assert torch.equal(ds[3][1], a)
     ds.epoch = 1
     assert not torch.equal(ds[3][1], a)
+    # the view is the one torch.manual_seed(seed_of(seed, epoch, index)) gives: seeding the CPU generator alone
+    # draws the same augmentation
+    from edgedistill.data.images import open_image
+    from edgedistill.hashing import seed_of
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed_of(0, 1, 3))
+        assert torch.equal(ds.transform(open_image(paths[3])), ds[3][1])
 
 
 def test_cosine_schedule_warms_up_then_decays_to_zero():
