@@ -5,7 +5,7 @@ import json
 import pytest
 
 from edgedistill.cli import main
-from edgedistill.demo import MARKER, _prepare_out
+from edgedistill.demo import MARKER, _prepare_out, compression
 from edgedistill.errors import UserError
 
 SUMMARY_KEYS = {"i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum"}
@@ -43,6 +43,10 @@ def test_quick_demo_runs_every_stage_and_reports(quick_demo, capsys):
     exported = json.loads((out / "export" / "export.json").read_text())
     assert {"image_fp32_onnx", "image_int8_onnx", "text_fp32_onnx"} <= {a["name"] for a in exported["artifacts"]}
     assert "| model |" in (out / "demo.md").read_text()
+    # the compression ratios come from the teacher's and the student's fp32 ONNX rows (the quick demo's tiny
+    # teacher is smaller than its student: the ratios are measured, not asserted above 1 here)
+    assert report["compression"] == compression(report["rows"]) and report["compression"]["size_ratio"] > 0
+    assert "Compression (fp32 ONNX image encoders)" in (out / "demo.md").read_text()
     # bench's own report sits beside it: every artifact and the timed teacher, at batch 1 and 8
     bench = json.loads((out / "bench" / "bench.json").read_text())
     timed = {(r["artifact"], r["batch"]) for r in bench["rows"] if r["status"] == "ok" and r["p50_ms"]}
@@ -51,6 +55,22 @@ def test_quick_demo_runs_every_stage_and_reports(quick_demo, capsys):
     # data and teacher live in the cache, for the next demo to reuse
     assert list((cache / "teachers").glob("tiny-*/pretrain.json"))
     assert list((cache / "scenes").glob("demo-quick-*/scenes.json"))
+
+
+def test_compression_compares_the_fp32_onnx_encoders_and_fails_closed():
+    teacher = {"model": "teacher (open_clip ViT, ONNX)", "precision": "fp32", "size_mb": 7.4, "latency_ms": 2.0}
+    torch_row = {"model": "student (PyTorch)", "precision": "fp32", "size_mb": None, "latency_ms": 9.0}
+    fp32 = {"model": "student ONNX (image_fp32_onnx)", "precision": "fp32", "size_mb": 2.5, "latency_ms": 0.5}
+    int8 = {"model": "student ONNX (image_int8_onnx)", "precision": "int8", "size_mb": 0.8, "latency_ms": 0.4}
+    assert compression([teacher, torch_row, fp32, int8]) == {"size_ratio": 2.96, "smaller": True,
+                                                             "latency_ratio": 4.0, "faster": True}
+    slow = {**fp32, "latency_ms": 3.0}
+    assert compression([teacher, torch_row, slow])["faster"] is False
+    for bad in (float("nan"), None, 0.0):
+        c = compression([teacher, torch_row, {**fp32, "size_mb": bad}])
+        assert c["smaller"] is False and c["size_ratio"] is None
+    assert compression([teacher, torch_row]) == {"size_ratio": None, "smaller": False, "latency_ratio": None,
+                                                 "faster": False}
 
 
 def test_demo_replaces_only_a_previous_demo(tmp_path):
