@@ -36,7 +36,8 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColum
                            TimeRemainingColumn)
 
 from edgedistill import atomic, distributed
-from edgedistill.data.images import BadImages, ImageDataset, collate_images
+from edgedistill.data.batching import ImageDataset, collate_images
+from edgedistill.data.images import BadImages
 from edgedistill.data.manifest import Manifest, load_manifest
 from edgedistill.errors import UserError
 from edgedistill.recipe import Recipe
@@ -600,7 +601,7 @@ def load_split_manifests(recipe: Recipe) -> dict[str, Manifest]:
     """The recipe's manifests by split name ('train', and 'val' / 'ood_val' when given)."""
     splits = {"train": recipe.data.train, "val": recipe.data.val, "ood_val": recipe.data.ood_val}
     index_dir = recipe.cache.root / "shards"  # indexes of webdataset shards
-    return {name: load_manifest(path, recipe.data.image_root, index_dir)
+    return {name: load_manifest(path, recipe.data.image_root, index_dir, recipe.data.folder_labels)
             for name, path in splits.items() if path is not None}
 
 

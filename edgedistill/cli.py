@@ -15,6 +15,7 @@ import traceback
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -62,7 +63,7 @@ def check(recipe: Path = RECIPE_ARG, overrides: Optional[list[str]] = OVERRIDES_
     """
     # deferred: the command's own stack loads when it runs
     from edgedistill.cache import load_split_manifests
-    from edgedistill.evaluate import read_class_descriptions
+    from edgedistill.valsplit import read_class_descriptions
     from edgedistill.recipe import load_recipe, recipe_to_yaml
     from edgedistill.students import check_vision_tower
     from edgedistill.teachers import check_teacher
@@ -234,7 +235,8 @@ def demo(
     retention = report.get("retention_rsum")
     console.print(f"{'student RSUM retention ' + format(retention, '.1%') + '; ' if retention else ''}"
                   f"{report['seconds']:.0f} s in all. Report: {out / 'demo.md'}, run: {out}, export: "
-                  f"{out / 'export' / 'export.json'}, bench: {report['bench']['md']}, plot: {report['bench']['plot']}",
+                  f"{out / 'export' / 'export.json'}, bench: {report['bench']['md']}, plot: {report['bench']['plot']}, "
+                  f"search: {out / 'search.png'}",
                   highlight=False)
 
 
@@ -374,6 +376,155 @@ def export(
     console.print(f"written to {Path(doc['out']) / 'export.json'}", highlight=False)
 
 
+MODEL_OPTION = typer.Option(..., "--model", help="The student: an export folder, one artifact, a run folder or its "
+                             "student/ folder (see edgedistill.load).", show_default=False)
+DEVICE_OPTION = typer.Option("auto", "--device", help="auto, cpu, cuda or jetson.")
+BACKEND_OPTION = typer.Option("auto", "--backend", help="auto (the fastest here) or a backend name, e.g. "
+                              "onnxruntime-cpu, tensorrt, pytorch-cpu.")
+PRECISION_OPTION = typer.Option(None, "--precision", help="fp32, fp16 or int8 (default: the fastest here).")
+
+
+@app.command()
+def embed(
+    source: Path = typer.Argument(..., help="A folder of images (recursive), a manifest (.jsonl, .csv) or webdataset "
+                                  "shards.", show_default=False),
+    model: Path = MODEL_OPTION,
+    out: Optional[Path] = typer.Option(None, "--out", help="Index folder (default: SOURCE's name + .index here)."),
+    batch: int = typer.Option(64, "--batch", help="Images per inference call."),
+    device: str = DEVICE_OPTION,
+    backend: str = BACKEND_OPTION,
+    precision: Optional[str] = PRECISION_OPTION,
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads of the runtime."),
+    max_bad_fraction: float = typer.Option(0.05, "--max-bad-fraction", help="Stop when more than this share of "
+                                           "the images cannot be read."),
+) -> None:
+    """Embed every image of SOURCE with a student into an index for `edgedistill search`.
+
+    Built in resumable chunks (run the same command again after an interruption); unreadable images are skipped,
+    counted and named at the end.
+
+    Examples:
+
+    * `edgedistill embed photos/ --model runs/clip_to_mobilenet/export`
+    * `edgedistill embed data/val.jsonl --model runs/clip_to_mobilenet/export --out val.index --precision int8`
+    """
+    # deferred: the command's own stack loads when it runs
+    from edgedistill.api import load
+    from edgedistill.index import build_index
+
+    console = Console(stderr=True, soft_wrap=True)
+    encoder = load(model, device=device, backend=backend, precision=precision, threads=threads)
+    console.print(f"model {encoder.info.image['artifact']} on {encoder.info.image['backend']} "
+                  f"({encoder.info.device}; chosen by {encoder.info.chosen_by})", highlight=False)
+    out = out or Path(f"{Path(str(source).rstrip('/')).name.split('{')[0] or 'images'}.index")
+    doc = build_index(source, encoder, out, batch=batch, max_bad_fraction=max_bad_fraction, console=console)
+    console.print(f"{doc.count} images embedded into {out}", highlight=False)
+
+
+@app.command()
+def search(
+    index: Path = typer.Argument(..., help="An index folder made by `edgedistill embed`.", show_default=False),
+    query: Optional[str] = typer.Argument(None, help="The text to search for.", show_default=False),
+    k: int = typer.Option(10, "-k", "--top", help="How many hits."),
+    image: Optional[Path] = typer.Option(None, "--image", help="Search with an image instead of text."),
+    model: Optional[Path] = typer.Option(None, "--model", help="The model (default: the one that made the index)."),
+    html: Optional[Path] = typer.Option(None, "--html", help="Also write the hits as an HTML page."),
+    png: Optional[Path] = typer.Option(None, "--png", help="Also write the hits as a PNG contact sheet."),
+    device: str = DEVICE_OPTION,
+    backend: str = BACKEND_OPTION,
+) -> None:
+    """The images of an index closest to a text (or to an image): a table, and optionally a contact sheet.
+
+    Examples:
+
+    * `edgedistill search photos.index "a red car on a street" -k 5 --png hits.png`
+    * `edgedistill search photos.index --image query.jpg --html hits.html`
+    """
+    # deferred: the command's own stack loads when it runs
+    from edgedistill.api import load
+    from edgedistill.index import check_same_model, open_index
+    from edgedistill.sheets import Hit, html_sheet, png_sheet
+
+    if (query is None) == (image is None):
+        raise UserError("give a text query or --image (one of them)")
+    idx = open_index(index)
+    encoder = load(model or idx.doc.model.source, device=device, backend=backend)
+    check_same_model(idx, encoder)
+    vector = encoder.encode_text([query])[0] if query is not None else encoder.encode_image([str(image)])[0]
+    hits = [Hit(rank + 1, s, idx.items[row]["path"], (idx.items[row].get("captions") or [None])[0])
+            for rank, (row, s) in enumerate(idx.search(vector, k))]
+    title = f"{query!r}" if query is not None else f"like {image}"
+    table = Table(title=f"{title}: top {len(hits)} of {len(idx.items)}")
+    for col in ("#", "score", "image", "caption"):
+        table.add_column(col, overflow="fold")
+    for h in hits:
+        table.add_row(str(h.rank), f"{h.score:.4f}", h.path, h.caption or "")
+    _wide().print(table)
+    err = Console(stderr=True, soft_wrap=True)
+    for path, write in ((html, html_sheet), (png, png_sheet)):
+        if path is not None:
+            write(hits, f"{title} in {index}", path)
+            err.print(f"written to {path}", highlight=False)
+
+
+@app.command()
+def classify(
+    images: list[Path] = typer.Argument(..., help="Image files or folders of images.", show_default=False),
+    model: Path = MODEL_OPTION,
+    labels: str = typer.Option(..., "--labels", help="Class names, comma-separated, or a text file with one a line.",
+                               show_default=False),
+    prompt: str = typer.Option("a photo of a {label}.", "--prompt", help="The class prompt; {label} is the name."),
+    k: int = typer.Option(3, "-k", "--top", help="How many classes per image."),
+    device: str = DEVICE_OPTION,
+    backend: str = BACKEND_OPTION,
+) -> None:
+    """Zero-shot classification: the top classes of each image among the labels, with their probabilities.
+
+    Examples:
+
+    * `edgedistill classify photo.jpg --model runs/clip_to_mobilenet/export --labels "cat,dog,car"`
+    * `edgedistill classify photos/ --model export/ --labels classes.txt -k 1`
+    """
+    # deferred: the command's own stack loads when it runs
+    from edgedistill.api import load
+    from edgedistill.data.manifest import load_folder
+
+    names = _labels(labels)
+    files = [f for p in images for f in ([str(e.image) for e in load_folder(p).entries] if p.is_dir() else [str(p)])]
+    for f in files:
+        if not Path(f).is_file():
+            raise UserError(f"{f} not found; give image files or folders of images")
+    encoder = load(model, device=device, backend=backend)
+    table = Table(title=f"zero-shot over {len(names)} labels ({prompt!r})")
+    table.add_column("image", overflow="fold")
+    table.add_column("top classes", overflow="fold")
+    for start in range(0, len(files), 64):
+        chunk = files[start:start + 64]
+        probs = encoder.zero_shot(chunk, names, prompt=prompt)
+        for f, p in zip(chunk, probs):
+            top = np.argsort(-p, kind="stable")[:max(1, k)]
+            table.add_row(f, ", ".join(f"{names[i]} {p[i]:.1%}" for i in top))
+    _wide().print(table)
+
+
+def _wide() -> Console:
+    """stdout; piped or captured, wide enough for paths (rich assumes 80 columns off a terminal)."""
+    console = Console()
+    return console if console.is_terminal else Console(width=200)
+
+
+def _labels(text: str) -> list[str]:
+    """``--labels``: a file of one label a line, or a comma-separated list."""
+    path = Path(text)
+    raw = path.read_text(encoding="utf-8").splitlines() if path.is_file() else text.split(",")
+    names = [x.strip() for x in raw if x.strip()]
+    if not names:
+        raise UserError(f"--labels {text!r} holds no class names; give \"cat,dog\" or a file of one name a line")
+    if len(set(names)) != len(names):
+        raise UserError("--labels names a class twice; give each class once")
+    return names
+
+
 INTERRUPTED = "interrupted; run the same command again to continue where it stopped\n"
 INTERRUPTED_DISTILL = "interrupted; add --resume to the same command to continue from checkpoints/last.pt\n"
 
@@ -384,6 +535,9 @@ def _interrupted_hint(args: list[str]) -> str:
     return INTERRUPTED_DISTILL if "distill" in args and "--resume" not in args else INTERRUPTED
 
 
+# What the `train` extra installs: a command that reaches for it on a device install says so in one line.
+TRAINING_STACK = {"torch", "torchvision", "open_clip", "timm", "onnxscript", "onnxslim", "safetensors",
+                  "tensorboard"}
 # Environment faults a user fixes (a full disk, a read-only or forbidden folder), wherever they surface.
 USER_ERRNOS = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT)
 
@@ -442,6 +596,16 @@ def main(argv: Optional[list[str]] = None) -> int:
             traceback.print_exc()
         sys.stderr.write(f"error: {e}\n")
         return 2
+    except ModuleNotFoundError as e:
+        stack = (e.name or "").split(".")[0]
+        if stack not in TRAINING_STACK:
+            raise
+        if debug:
+            traceback.print_exc()
+        command = next((a for a in args if not a.startswith("-")), "this command")
+        sys.stderr.write(f"error: edgedistill {command} needs the training install ({stack} is missing): pip install "
+                         f"'edgedistill[train]'\n")
+        return 2
     except OSError as e:
         if e.errno not in USER_ERRNOS:
             raise
@@ -498,7 +662,7 @@ def bench(
     """
     # deferred: the command's own stack loads when it runs
     from edgedistill.bench.runner import BenchOptions, parse_batches, run_bench
-    from edgedistill.export.exporter import latest_run
+    from edgedistill.locations import latest_run
 
     console = Console(stderr=True, soft_wrap=True)
     if export_dir is None:

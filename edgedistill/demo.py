@@ -22,12 +22,15 @@ from rich.console import Console
 from rich.table import Table
 
 from edgedistill import atomic
+from edgedistill.api import load
 from edgedistill.bench.runner import BenchOptions, run_bench
 from edgedistill.data.scenes import write_scenes
 from edgedistill.export.exporter import ExportOptions, run_export
+from edgedistill.index import build_index, open_index
 from edgedistill.locations import default_cache_root
 from edgedistill.pretrain import pretrain_config, pretrain_teacher
 from edgedistill.recipe import validate_recipe
+from edgedistill.sheets import Hit, png_sheet
 from edgedistill.train import distill
 from edgedistill.errors import UserError
 
@@ -103,13 +106,13 @@ def run_demo(out: Path = Path("runs/demo"), quick: bool = False, console: Consol
         stages[name] = round(time.perf_counter() - t0, 1)
         console.print(f"[bold]{name}[/] done in {stages[name]:.1f} s", highlight=False)
 
-    console.rule(f"1/5 scenes: {size.scenes} training images, {size.val} held out ({IMAGE_SIZE} px)")
+    console.rule(f"1/6 scenes: {size.scenes} training images, {size.val} held out ({IMAGE_SIZE} px)")
     t0 = time.perf_counter()
     data = root / "scenes" / f"demo-{size.name}-{size.scenes}-{IMAGE_SIZE}px"
     write_scenes(data, size.scenes, seed=0, size=IMAGE_SIZE, n_val=size.val, n_hard=0, n_ood=0, progress=console)
     stage("scenes", t0)
 
-    console.rule(f"2/5 teacher: open_clip CLIP, preset {size.teacher} (trained once, then reused)")
+    console.rule(f"2/6 teacher: open_clip CLIP, preset {size.teacher} (trained once, then reused)")
     t0 = time.perf_counter()
     teacher = pretrain_teacher(data / "train.jsonl", data / "val.jsonl", pretrain_config(size.teacher),
                                console=console)
@@ -117,25 +120,30 @@ def run_demo(out: Path = Path("runs/demo"), quick: bool = False, console: Consol
                   f"image->text R@1 {teacher.metrics.get('i2t_r1', float('nan')):.1f}%", highlight=False)
     stage("teacher", t0)
 
-    console.rule(f"3/5 distill: {size.student} student, {size.steps} steps")
+    console.rule(f"3/6 distill: {size.student} student, {size.steps} steps")
     t0 = time.perf_counter()
     recipe = validate_recipe(_recipe(size, data, teacher.teacher_config(), out, root), "demo recipe")
     summary = distill(recipe, console=console)
     stage("distill", t0)
 
-    console.rule("4/5 export: ONNX FP32 and calibrated INT8, checked against PyTorch")
+    console.rule("4/6 export: ONNX FP32 and calibrated INT8, checked against PyTorch")
     t0 = time.perf_counter()
     run_export(ExportOptions(run_dir=out, format="onnx", int8=True, calib_size=size.calib, out=out / "export"),
                console)
     stage("export", t0)
 
-    console.rule("5/5 bench: every artifact and the teacher on onnxruntime / PyTorch CPU")
+    console.rule("5/6 bench: every artifact and the teacher on onnxruntime / PyTorch CPU")
     t0 = time.perf_counter()
     threads = torch.get_num_threads()
     bench = run_bench(BenchOptions(export_dir=out / "export", device="cpu", batches=[1, 8], warmup=5,
                                    iters=size.latency_iters, threads=threads, teacher=True, out=out / "bench"),
                       console)
     stage("bench", t0)
+
+    console.rule("6/6 search: the held-out scenes embedded by the INT8 student, searched by text")
+    t0 = time.perf_counter()
+    searches = _search(data / "val.jsonl", out, console)
+    stage("search", t0)
 
     rows = _rows(summary, bench)
     report = {"size": size.name, "seconds": round(time.perf_counter() - started, 1), "stages": stages,
@@ -146,10 +154,37 @@ def run_demo(out: Path = Path("runs/demo"), quick: bool = False, console: Consol
                           "threads": threads, "iterations": size.latency_iters, "statistic": "p50 ms"},
               "bench": {"json": str(out / "bench" / "bench.json"), "md": str(out / "bench" / "bench.md"),
                         "plot": str(out / "bench" / "pareto.png")},
-              "rows": rows, "retention_rsum": (summary.get("retention") or {}).get("rsum")}
+              "rows": rows, "retention_rsum": (summary.get("retention") or {}).get("rsum"), "search": searches}
     atomic.write_json(out / MARKER, report)
     atomic.write_text(out / "demo.md", _markdown(report))
     return report
+
+
+SEARCH_QUERIES = ("a large red circle on the left", "a small blue square")
+
+
+def _search(val: Path, out: Path, console: Console) -> list[dict[str, Any]]:
+    """Embed the val scenes with the INT8 export (edgedistill.load: what an application does), search two texts,
+    print the top 5 of each with their captions and draw them in ``out/search.png``."""
+    encoder = load(out / "export", device="cpu", precision="int8")
+    build_index(val, encoder, out / "val.index", console=console)
+    index = open_index(out / "val.index")
+    results, hits = [], []
+    for query in SEARCH_QUERIES:
+        top = index.search(encoder.encode_text([query])[0], 5)
+        found = [{"rank": r + 1, "score": round(s, 4), "path": index.items[i]["path"],
+                  "caption": (index.items[i].get("captions") or [""])[0]} for r, (i, s) in enumerate(top)]
+        results.append({"query": query, "hits": found})
+        hits += [Hit(h["rank"], h["score"], h["path"], f"{query!r}: {h['caption']}") for h in found]
+        table = Table(title=f"{query!r}: top 5 of {len(index.items)} held-out scenes ({encoder.info.image['artifact']} "
+                            f"on {encoder.info.image['backend']})")
+        for col in ("#", "score", "caption of the hit"):
+            table.add_column(col)
+        for h in found:
+            table.add_row(str(h["rank"]), f"{h['score']:.3f}", h["caption"])
+        console.print(table)
+    png_sheet(hits, " | ".join(repr(q) for q in SEARCH_QUERIES), out / "search.png")
+    return results
 
 
 def _rows(summary: dict[str, Any], bench: dict[str, Any]) -> list[dict[str, Any]]:
@@ -189,8 +224,14 @@ def _markdown(report: dict[str, Any]) -> str:
     for row in report["rows"]:
         lines.append("| " + " | ".join(_cell(row.get(k)) for k, _ in COLUMNS) + " |")
     retention = report.get("retention_rsum")
+    stages = ", ".join(f"{k} {v:.0f} s" for k, v in report["stages"].items())
     lines += ["", f"Student RSUM retention: {retention:.1%}" if retention else "",
-              f"Total time: {report['seconds']:.0f} s ({', '.join(f'{k} {v:.0f} s' for k, v in report['stages'].items())})."]
+              f"Total time: {report['seconds']:.0f} s ({stages})."]
+    for search in report.get("search") or []:
+        lines += ["", f"Search {search['query']!r} (INT8 student), top 5: " + "; ".join(
+            f"{h['score']:.3f} {h['caption']}" for h in search["hits"])]
+    if report.get("search"):
+        lines += ["", "![search hits](search.png)"]
     return "\n".join(lines) + "\n"
 
 

@@ -14,7 +14,8 @@ import yaml
 from edgedistill.cli import main
 from edgedistill.errors import UserError
 from edgedistill.export import artifacts
-from edgedistill.export.exporter import ExportOptions, latest_run, make_plan
+from edgedistill.export.exporter import ExportOptions, make_plan
+from edgedistill.locations import latest_run
 from edgedistill.export.graph import ImageEncoder, cosine_parity, export_onnx
 from edgedistill.runtime.ort import ort_session, run_session
 from edgedistill.export.precision import ImageCalibrationReader, _stride, quantize_int8, to_fp16

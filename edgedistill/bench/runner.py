@@ -10,45 +10,42 @@ command then ends with one line per failure and exit status 2. ``--host`` runs a
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
-import open_clip
-import torch
 from rich.console import Console
 
 from edgedistill import atomic
 from edgedistill.bench import report as rep
-from edgedistill.bench.accuracy import (BenchVal, References, class_prompts, image_accuracy, image_transform,
-                                       load_bench_val, reference_texts, text_accuracy)
+from edgedistill.bench.accuracy import (BenchVal, References, class_prompts, image_accuracy, load_bench_val,
+                                       reference_texts, text_accuracy)
 from edgedistill.bench.backends import Candidate, OrtRunner, RunOptions, Runner, TorchRunner, candidates
 from edgedistill.bench.devices import DEVICES, describe_device, describe_short
 from edgedistill.bench.remote import run_remote_bench
 from edgedistill.bench.timing import summarize, time_cpu, time_cuda
-from edgedistill.cache import caches_for_recipe
 from edgedistill.data.images import open_image
 from edgedistill.data.manifest import load_manifest
 from edgedistill.documents import BenchReport, BundleContext, BundleTeacher, read_document
 from edgedistill.errors import UserError
-from edgedistill.evaluate import ClassPrompts, prepare_val, teacher_metrics
 from edgedistill.export import artifacts
-from edgedistill.export.graph import IMAGE_INPUT, IMAGE_OUTPUT, ImageEncoder, export_onnx
 from edgedistill.formats import BACKENDS
-from edgedistill.hashing import sha256_json
 from edgedistill.jetson import TegrastatsSampler, measure_power
-from edgedistill.recipe import load_recipe
-from edgedistill.runtime.preprocess import image_side
-from edgedistill.teachers import load_teacher
+from edgedistill.runtime.preprocess import Preprocess, image_side
+from edgedistill.runtime.tokenizer import load_tokenizer
+from edgedistill.valsplit import ClassPrompts
 
 BUNDLE_TEACHER = "teacher"   # bundle folder: teacher.json (scores, preprocess) and image_fp32.onnx
 BUNDLE_VAL = "val"           # bundle folder: val.jsonl + images/
 BUNDLE_STUDENT = "student"   # bundle folder: the open_clip student (tokenizer, PyTorch backend)
 BUNDLE_CONTEXT = "bench_context.json"
+TOKENIZER_FOLDER = "tokenizer"  # the export's tokenizer files (runtime.tokenizer), next to the artifacts
 
 
 @dataclass
@@ -121,7 +118,7 @@ def resolve_sources(export_dir: Path, doc: dict[str, Any], val: Path | None) -> 
         student = run_dir / "student" if run_dir is not None and (run_dir / "student").is_dir() else None
     fallback = context.get("prompt")  # exports made before export.json recorded the class prompts
     if run_dir is not None and not (doc.get("val") or {}).get("prompts"):
-        fallback = load_recipe(run_dir / "recipe.yaml", ["device=cpu"]).eval.prompt
+        fallback = _recipe_prompt(run_dir) or fallback
     prompts = class_prompts(doc.get("val"), fallback)
     notes = []
     if val is None:
@@ -155,29 +152,12 @@ def teacher_side(src: Sources, val_manifest: Path | None, want_timing: bool,
         src.notes.append("teacher not scored: the export's run folder is not on this machine")
         return None
 
-    recipe = load_recipe(src.run_dir / "recipe.yaml", ["device=cpu"])
-    with console.status("loading the teacher"):
-        teacher = load_teacher(recipe.teacher, "cpu", seed=recipe.seed)
-    info: dict[str, Any] = {"name": teacher.source.model_name, "identity": teacher.identity,
-                            "preprocess": teacher.preprocess_cfg, "module": teacher.model}
-    if val_manifest is not None:
-        manifest = load_manifest(val_manifest)
-        cache = caches_for_recipe(recipe, teacher, {"val": manifest}, console=console)["val"].cache
-        info["metrics"] = teacher_metrics(prepare_val(manifest, teacher, cache, src.prompts, console=console,
-                                                      cache_root=recipe.cache.root))
-    if want_timing:
-
-        key = sha256_json(teacher.identity)[:16]
-        path = recipe.cache.root / "bench" / f"teacher-{key}" / "image_fp32.onnx"
-        if not path.is_file():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            size = image_side(teacher.preprocess_cfg)
-            with console.status("exporting the teacher's image encoder to ONNX (once)"):
-                export_onnx(ImageEncoder(teacher.model.float()), torch.zeros(2, 3, size, size), path, IMAGE_INPUT,
-                            IMAGE_OUTPUT)
-        info["onnx_path"] = path
-        info["onnx"] = path.name
-    return info
+    try:  # deferred: the training stack (torch, open_clip), needed only where the run folder is here
+        from edgedistill.bench.teacher import teacher_from_run
+    except ImportError as e:
+        src.notes.append(f"teacher not scored: the training stack is not installed here ({e.name})")
+        return None
+    return teacher_from_run(src.run_dir, src.prompts, val_manifest, want_timing, console)
 
 
 # ------------------------------------------------------------------------------------------------ jobs
@@ -222,7 +202,7 @@ def plan_jobs(src: Sources, opts: BenchOptions, teacher: dict[str, Any] | None,
         if teacher.get("module") is not None:
             jobs.append(Job("teacher_image_pytorch", "teacher", "image", "pytorch", "fp32", None, Candidate(
                 art, f"pytorch-{'cuda' if device != 'cpu' else 'cpu'}",
-                make=lambda: TorchRunner(ImageEncoder(teacher["module"].float()), device))))
+                make=lambda: TorchRunner(_image_encoder(teacher["module"]), device))))
         onnx_path = teacher.get("onnx_path")
         if onnx_path is not None and Path(onnx_path).is_file():
             entry = {"name": "teacher_image_fp32_onnx", "encoder": "image", "format": "onnx", "precision": "fp32",
@@ -327,7 +307,17 @@ def time_job(job: Job, runner: Runner, opts: BenchOptions, batch: int, source: n
 
 
 def _sync(runner: Runner) -> Callable[[], None]:
-    return torch.cuda.synchronize if runner.timer == "cuda" else (lambda: None)
+    if runner.timer != "cuda":
+        return lambda: None
+    import torch  # deferred: CUDA runners only; a CPU device may have no torch
+
+    return torch.cuda.synchronize
+
+
+def _image_encoder(model: Any) -> Any:
+    from edgedistill.export.graph import ImageEncoder  # deferred: torch (the teacher's PyTorch row)
+
+    return ImageEncoder(model.float())
 
 
 def _e2e(job: Job, runner: Runner, val: BenchVal | None, preprocess: dict[str, Any], tokenizer: Any,
@@ -336,20 +326,19 @@ def _e2e(job: Job, runner: Runner, val: BenchVal | None, preprocess: dict[str, A
     if val is None:
         return None
     if job.encoder == "image":
-        transform = image_transform(preprocess)
+        pre = Preprocess(preprocess)
         paths = val.paths
 
         def call(batch: int) -> Any:
             picks = [paths[i % len(paths)] for i in range(batch)]
-            x = torch.stack([transform(open_image(p)) for p in picks]).numpy()
-            return runner.call(runner.stage(x))
+            return runner.call(runner.stage(pre.batch([open_image(p) for p in picks])))
         return call
     if tokenizer is None or not captions:
         return None
 
     def call_text(batch: int) -> Any:
         texts = [captions[i % len(captions)] for i in range(batch)]
-        return runner.call(runner.stage(tokenizer(texts).numpy().astype(np.int64)))
+        return runner.call(runner.stage(np.asarray(tokenizer(texts), dtype=np.int64)))
     return call_text
 
 
@@ -363,13 +352,8 @@ def run_bench(opts: BenchOptions, console: Console | None = None) -> dict[str, A
     out = atomic.writable_dir(Path(opts.out) if opts.out else export_dir / "bench", "--out")  # before measuring
     if opts.host:
         return run_remote(opts, export_dir, doc, out, console)
-    previous = torch.get_num_threads()
-    threads = opts.threads or previous
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(opts.threads) as threads:
         return _bench_here(opts, export_dir, doc, out, threads, console)
-    finally:  # a process-wide setting: leave it as found (the demo and tests call bench in-process)
-        torch.set_num_threads(previous)
 
 
 @dataclass
@@ -509,10 +493,45 @@ def save_report(out: Path, report: dict[str, Any]) -> dict[str, Path]:
                         f"saved in {rescue}") from e
 
 
+def _recipe_prompt(run_dir: Path) -> str | None:
+    """eval.prompt of the run (exports made before export.json recorded the class prompts); None without the
+    training stack."""
+    try:
+        from edgedistill.recipe import load_recipe  # deferred: the training stack
+    except ImportError:
+        return None
+    return load_recipe(run_dir / "recipe.yaml", ["device=cpu"]).eval.prompt
+
+
 def _tokenizer(src: Sources) -> Any:
+    """The export's own tokenizer (no torch); for exports made before it was saved, open_clip's."""
+    folder = src.export_dir / str((src.doc.get("tokenizer") or {}).get("folder") or TOKENIZER_FOLDER)
+    if (folder / "tokenizer.json").is_file():
+        return load_tokenizer(folder)
     if src.student_dir is None:
         return None
+    try:
+        import open_clip  # deferred: only older exports without a saved tokenizer need it
+    except ImportError:
+        return None
     return open_clip.get_tokenizer(f"local-dir:{src.student_dir}")
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int | None) -> Iterator[int]:
+    """torch's CPU threads set for the bench and put back after (a process-wide setting; the demo and tests bench
+    in-process); without torch, the number asked for (or the CPU count)."""
+    try:
+        import torch  # deferred: a device may have no torch
+    except ImportError:
+        yield threads or (os.cpu_count() or 1)
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads or previous)
+    try:
+        yield threads or previous
+    finally:
+        torch.set_num_threads(previous)
 
 
 def _power_sampler(device: str) -> Any:
@@ -536,6 +555,9 @@ def make_bundle(export_dir: Path, doc: dict[str, Any], src: Sources, teacher: di
                 if side.is_file():
                     shutil.copy2(side, dest / (entry["path"] + ".json"))
     shutil.copy2(export_dir / artifacts.MANIFEST, dest / artifacts.MANIFEST)
+    tokenizer = export_dir / str((doc.get("tokenizer") or {}).get("folder") or TOKENIZER_FOLDER)
+    if tokenizer.is_dir():
+        shutil.copytree(tokenizer, dest / tokenizer.name)
     if src.student_dir is not None:
         shutil.copytree(src.student_dir, dest / BUNDLE_STUDENT)
     if src.val is not None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import open_clip
@@ -24,8 +24,7 @@ from edgedistill.cache import load_split_manifests
 from edgedistill.data.images import open_image
 from edgedistill.data.manifest import Manifest
 from edgedistill.errors import UserError
-from edgedistill.evaluate import (ClassPrompts, ValSplit, decode_split, score, student_eval_transform,
-                                  student_images, student_texts)
+from edgedistill.evaluate import student_images, student_texts
 from edgedistill.export import artifacts
 from edgedistill.export.graph import (IMAGE_INPUT, IMAGE_OUTPUT, TEXT_INPUT, TEXT_OUTPUT, ImageEncoder,
                                       TextEncoder, check_default_session, cosine_parity, export_onnx)
@@ -34,8 +33,13 @@ from edgedistill.export.precision import (CALIBRATION_METHODS, ImageCalibrationR
                                           quantize_int8, to_fp16)
 from edgedistill.formats import FORMATS, resolve
 from edgedistill.gates import at_least, at_most, finite
+from edgedistill.hashing import sha256_file
+from edgedistill.locations import latest_run
 from edgedistill.recipe import Recipe, load_recipe
 from edgedistill.runtime.ort import ort_session, run_session
+from edgedistill.runtime.preprocess import Preprocess
+from edgedistill.runtime.tokenizer import save_tokenizer
+from edgedistill.valsplit import ClassPrompts, ValSplit, decode_split, score
 from edgedistill.students import Student, load_student
 
 BUILDABLE = tuple(name for name, f in FORMATS.items() if name == "onnx" or f.build)   # what --format may ask for
@@ -68,16 +72,6 @@ def parity_ok(parity: dict[str, float], precision: str) -> bool:
     floor = MIN_PARITY.get(precision)
     mean_ok = finite(parity["cosine_mean"]) if floor is None else at_least(parity["cosine_mean"], floor)
     return mean_ok and finite(parity["cosine_min"])
-
-
-def latest_run(root: Path) -> Path:
-    """The most recently finished run under ``root`` (a folder with student/ and recipe.yaml)."""
-    runs = [p for p in Path(root).glob("*") if (p / "student").is_dir() and (p / "recipe.yaml").is_file()] \
-        if Path(root).is_dir() else []
-    if not runs:
-        raise UserError(f"no finished run under {root}/ (a folder with student/ and recipe.yaml); "
-                        "give the run directory: edgedistill export RUN_DIR")
-    return max(runs, key=lambda p: (p / "student").stat().st_mtime)
 
 
 @dataclass
@@ -164,12 +158,14 @@ def _export_run(opts: ExportOptions, plan: Plan, run_dir: Path, out: Path, promp
     entries = job.run()
     if prompts is not None:
         entries.append(job.text_embeddings(prompts))
+    tokenizer_files = _save_tokenizer(run_dir / "student", out, console)
     header = {"run_dir": str(run_dir.resolve()), "student": student.name,
+              "student_weights_sha256": student.weights_sha256,
               "vision": student.config["vision_cfg"].get("timm_model_name"),
               "embed_dim": student.embed_dim, "text_is_teacher": student.text_is_teacher,
               "preprocess": _preprocess_desc(student),
               "tokenizer": {"open_clip": f"local-dir:{run_dir / 'student'}",
-                            "context_length": int(tokenizer.context_length)},
+                            "context_length": int(tokenizer.context_length), **tokenizer_files},
               "inputs": {"image": IMAGE_INPUT, "text": TEXT_INPUT},
               "outputs": {"image": IMAGE_OUTPUT, "text": TEXT_OUTPUT},
               "target": plan.target, "batch_profile": list(plan.profile),
@@ -178,6 +174,23 @@ def _export_run(opts: ExportOptions, plan: Plan, run_dir: Path, out: Path, promp
                                                           "description_prompt": job.prompts.description_prompt}}}
     artifacts.write_manifest(out, header, entries)
     return {**header, "artifacts": entries, "out": str(out)}
+
+
+TOKENIZER_FOLDER = "tokenizer"
+
+
+def _save_tokenizer(student_dir: Path, out: Path, console: Console) -> dict[str, Any]:
+    """The student's tokenizer for devices without open_clip (runtime.tokenizer), next to the artifacts:
+    ``{"folder", "files": {name: sha256}}``; empty, with a warning, for a tokenizer that cannot be reproduced."""
+    folder = out / TOKENIZER_FOLDER
+    try:
+        save_tokenizer(f"local-dir:{student_dir}", folder)
+    except UserError as e:
+        console.print(f"[yellow]warning:[/] the tokenizer is not saved for devices ({e}); text on a device then "
+                      f"needs open_clip", highlight=False)
+        return {}
+    return {"folder": TOKENIZER_FOLDER,
+            "files": {f.name: sha256_file(f) for f in sorted(folder.iterdir()) if f.is_file()}}
 
 
 def _read_prompts(path: Path) -> list[str]:
@@ -200,12 +213,12 @@ class ExportJob:
                  val: Manifest, train: Manifest, out: Path, console: Console) -> None:
         self.opts, self.plan, self.recipe, self.student = opts, plan, recipe, student
         self.tokenizer, self.train, self.out, self.console = tokenizer, train, out, console
-        self.transform = student_eval_transform(student)
+        self.preprocess = Preprocess(_preprocess_desc(student))  # the pixels of open_clip's eval transform
         self.model = student.model.eval().float()
         self.image_encoder, self.text_encoder = ImageEncoder(self.model), TextEncoder(self.model)
         self.prompts = ClassPrompts.from_recipe(recipe)
         with console.status("reading val images"):
-            self.images, ok = decode_split(val, self.transform, console)
+            self.images, ok = decode_split(val, _preprocess_desc(student), console)
             self.split = ValSplit.from_manifest(val, ok, self.prompts)
             # the PyTorch student's own numbers, computed exactly as distill and eval compute them
             self.texts = student_texts(student, tokenizer, self.split, torch.device("cpu"))
@@ -302,7 +315,7 @@ class ExportJob:
         """INT8 ranges from ``calib_size`` training images, drawn with the recipe's seed."""
         n = len(self.train)
         picks = sorted(random.Random(self.recipe.seed).sample(range(n), min(self.plan.calib_size, n)))
-        loaded = [(i, _load(self.train, i, self.transform)) for i in picks]
+        loaded = [(i, _load(self.train, i, self.preprocess)) for i in picks]
         good = [arr for _, arr in loaded if arr is not None]
         if not good:
             raise UserError(f"{self.train.path}: none of the {len(picks)} calibration images could be read")
@@ -341,9 +354,9 @@ class ExportJob:
         return entry
 
 
-def _load(manifest: Manifest, index: int, transform: Callable) -> np.ndarray | None:
+def _load(manifest: Manifest, index: int, preprocess: Preprocess) -> np.ndarray | None:
     """One preprocessed image, or None when it cannot be read (skipped, like everywhere else)."""
     try:
-        return transform(open_image(manifest.entries[index].image)).numpy()
+        return preprocess.image(open_image(manifest.entries[index].image))
     except Exception:  # noqa: BLE001
         return None
