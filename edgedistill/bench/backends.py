@@ -137,10 +137,11 @@ class OrtRunner(Runner):
 
     @classmethod
     def open(cls, backend: str, path: Path, artifact: dict[str, Any], options: "RunOptions") -> "OrtRunner":
-        return cls(path, str(artifact.get("precision", "fp32")), backend, options.threads, options.batch_range)
+        return cls(path, str(artifact.get("precision", "fp32")), backend, options.threads, options.batch_range,
+                   spin=options.spin)
 
     def __init__(self, path: Path, precision: str, backend: str, threads: int | None,
-                 batch_range: tuple[int, int, int] | None = None) -> None:
+                 batch_range: tuple[int, int, int] | None = None, spin: bool | None = None) -> None:
         self.backend, self.name = backend, Path(path).name
         self.version = package_version("onnxruntime-gpu", "onnxruntime")
         self.provider = provider = ORT_PROVIDERS[backend]
@@ -155,7 +156,7 @@ class OrtRunner(Runner):
             providers.append("CPUExecutionProvider")
         try:
             self.session = ort_session(path, threads, providers=providers,
-                                       optimize=provider != "TensorrtExecutionProvider")
+                                       optimize=provider != "TensorrtExecutionProvider", spin=spin)
         except Exception as e:  # noqa: BLE001 - onnxruntime's EPFail, Fail, RuntimeException...
             raise UserError(f"onnxruntime's {provider} could not load {self.name}: {_first_line(e)}") from e
         used = self.session.get_providers()
@@ -311,10 +312,13 @@ class TensorRtRunner(Runner):
 # ---------------------------------------------------------------------------------------------- planning
 @dataclass
 class RunOptions:
-    """How a runner is opened: the bench device, CPU threads, and the batch profile TensorRT builds for."""
+    """How a runner is opened: the bench device, CPU threads, the batch profile TensorRT builds for, whether
+    onnxruntime's idle threads spin (None: its default, on), and OpenVINO's performance hint."""
     device: str = "cpu"
     threads: int | None = None
     batch_range: tuple[int, int, int] | None = None
+    spin: bool | None = None
+    hint: str | None = None          # "latency" (default) or "throughput"
 
 
 @dataclass
@@ -327,12 +331,13 @@ class Candidate:
 
 
 def candidates(artifact: dict[str, Any], path: Path, device: str, threads: int | None,
-               batch_range: tuple[int, int, int] | None = None) -> list[Candidate]:
+               batch_range: tuple[int, int, int] | None = None, *, spin: bool | None = None) -> list[Candidate]:
     """Every backend of ``device`` for one artifact (formats.BACKENDS): runnable ones with a factory, the others
-    with the reason. ``batch_range`` (min, opt, max): the batch profile onnxruntime's TensorRT provider builds for.
+    with the reason. ``batch_range`` (min, opt, max): the batch profile onnxruntime's TensorRT provider builds for;
+    ``spin``: onnxruntime's idle-thread spinning (RunOptions).
     """
     fmt = str(artifact.get("format"))
-    options = RunOptions(device, threads, batch_range)
+    options = RunOptions(device, threads, batch_range, spin=spin)
     backends = backends_for(fmt, device)
     if not backends:  # named after the backend the format would have elsewhere, so the row says what it is
         name = next((b.name for b in BACKENDS.values() if fmt in b.formats), "-")
