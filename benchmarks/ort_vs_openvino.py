@@ -7,7 +7,7 @@ onnxruntime's default spinning threads, ``OrtRunner`` with spinning off, ``OpenV
 compute). Each condition (model x precision x batch x load) times the runtimes interleaved in rounds, so they
 see the same machine state; the result is ratios of medians, not absolute times. Under load, ``--load N`` busy
 processes (``edgedistill.bench.timing.cpu_load``) run beside the timing: the state of an edge box that also runs
-its application. Issue 15: onnxruntime was faster idle, OpenVINO under contention.
+its application (docs/design.md#formats-and-backends: onnxruntime was faster idle, OpenVINO under contention).
 
     python benchmarks/ort_vs_openvino.py                        # everything: 2 models x 2 precisions x 2 batches x 2 loads
     python benchmarks/ort_vs_openvino.py --quick                # the same conditions, few iterations (a smoke run)

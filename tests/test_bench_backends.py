@@ -200,7 +200,7 @@ def test_openvino_comes_before_onnxruntime_on_the_cpu_and_is_skipped_with_the_fi
 
     artifact = {"name": "image_int8_onnx", "format": "onnx", "precision": "int8"}
     assert [c.backend for c in backends.candidates(artifact, image_graph, "cpu", 1)] == \
-        ["openvino-cpu", "onnxruntime-cpu"]  # the table's order of preference (issue 15)
+        ["openvino-cpu", "onnxruntime-cpu"]  # the table's order of preference
     assert "openvino-cpu" not in [c.backend for c in backends.candidates(artifact, image_graph, "jetson", 1)]
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "openvino" else real(name, *a))

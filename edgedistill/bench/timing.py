@@ -5,8 +5,8 @@ Why: docs/design.md#conditions-on-every-number.
 Inputs are staged by the caller before timing starts, so only inference is timed (``--e2e`` stages nothing and
 times decode + preprocessing too). GPU calls are timed with CUDA events recorded on the stream the work runs
 on; CPU calls with ``time.perf_counter``. ``cpu_load(n)`` runs n busy processes beside the timing: latency under
-contention, the normal state of an edge box that also runs its application (issue 15: runtimes rank differently
-there).
+contention, the normal state of an edge box that also runs its application (CPU runtimes rank differently there:
+docs/design.md#formats-and-backends).
 """
 
 from __future__ import annotations

@@ -22,7 +22,8 @@ def ort_session(path: Path, threads: int | None = None, providers: list[Any] | N
     ``providers``: names or (name, options) pairs. ``optimize=False`` hands the graph over untouched (TensorRT's
     provider optimises it itself). ``threads``: intra-op threads (inter-op 1); None: onnxruntime's default (one
     per core). ``spin``: whether idle pool threads busy-wait for the next op; None keeps onnxruntime's default
-    (on). Spinning lowers latency on idle cores and costs it when other processes want them (issue 15).
+    (on). Spinning lowers latency on idle cores and costs it when other processes want them
+    (docs/design.md#formats-and-backends).
     """
     import onnxruntime as ort  # deferred: an extra (cpu, gpu, device), not a core dependency
 
