@@ -190,8 +190,9 @@ def _search(val: Path, out: Path, console: Console) -> list[dict[str, Any]]:
 def _rows(summary: dict[str, Any], bench: dict[str, Any]) -> list[dict[str, Any]]:
     """One row per image model at batch 1: the teacher, the PyTorch student, each ONNX image artifact."""
     keys = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "rsum")
-    timed = {r["artifact"]: r for r in bench["rows"]
-             if r["status"] == "ok" and r["batch"] == 1 and r["encoder"] == "image"}
+    timed = {r["artifact"]: r for r in bench["rows"]  # the backends the table names (not OpenVINO's rows)
+             if r["status"] == "ok" and r["batch"] == 1 and r["encoder"] == "image"
+             and r["backend"] in ("onnxruntime-cpu", "pytorch-cpu")}
     teacher = timed.get("teacher_image_fp32_onnx") or {}
     rows = [{"model": "teacher (open_clip ViT, ONNX)", "precision": "fp32", "size_mb": teacher.get("size_mb"),
              "latency_ms": teacher.get("p50_ms"), **{k: summary["teacher"].get(k) for k in keys}}]

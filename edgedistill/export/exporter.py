@@ -27,11 +27,12 @@ from edgedistill.errors import UserError
 from edgedistill.evaluate import student_images, student_texts
 from edgedistill.export import artifacts
 from edgedistill.export.graph import (IMAGE_INPUT, IMAGE_OUTPUT, TEXT_INPUT, TEXT_OUTPUT, ImageEncoder,
-                                      TextEncoder, check_default_session, cosine_parity, export_onnx)
+                                      TextEncoder, check_default_openvino, check_default_session, cosine_parity,
+                                      export_onnx)
 from edgedistill.export.targets import load_target
 from edgedistill.export.precision import (CALIBRATION_METHODS, ImageCalibrationReader, calibration_data_hash,
                                           quantize_int8, to_fp16)
-from edgedistill.formats import FORMATS, resolve
+from edgedistill.formats import BACKENDS, FORMATS, resolve
 from edgedistill.gates import at_least, at_most, finite
 from edgedistill.hashing import sha256_file
 from edgedistill.locations import latest_run
@@ -295,6 +296,8 @@ class ExportJob:
             else:
                 info = {"calibration": self._calibrate(made[(encoder, "fp32")], staging, inp)}
             check_default_session(staging, inputs[:2])  # a user's default session must load and run it
+            if BACKENDS["openvino-cpu"].missing() is None:  # bench and load() run every graph on OpenVINO too
+                check_default_openvino(staging, inputs[:2])
             session = ort_session(staging, self.opts.threads)
             parity = self.parity(encoder, precision, run_session(session, inputs), f"{encoder} encoder ONNX "
                                                                                     f"{precision}")
