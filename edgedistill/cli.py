@@ -646,6 +646,12 @@ def bench(
     ssh_option: list[str] = typer.Option([], "--ssh-option", help="Extra ssh -o option (repeatable), e.g. "
                                          "ConnectTimeout=20."),
     timeout: float = typer.Option(3600, "--timeout", help="Seconds the remote bench may take."),
+    load: int = typer.Option(0, "--load", help="Busy processes beside the timed runs: latency under contention, "
+                             "as on a device that runs its application too."),
+    spin: Optional[bool] = typer.Option(None, "--spin/--no-spin", help="onnxruntime's spinning intra-op threads "
+                                        "(default: onnxruntime's, on); --no-spin is faster on a busy machine."),
+    openvino_hint: Optional[str] = typer.Option(None, "--openvino-hint", help="OpenVINO's performance hint: "
+                                                "latency (default) or throughput."),
 ) -> None:
     """Latency and accuracy of every exported artifact on every backend of a device, next to the teacher.
 
@@ -672,4 +678,5 @@ def bench(
         options += ["-o", opt]
     run_bench(BenchOptions(export_dir=export_dir, device=device, batches=parse_batches(batch), warmup=warmup,
                            iters=iters, threads=threads, teacher=teacher, e2e=e2e, out=out, val=val, host=host,
-                           port=port, remote_cmd=remote_cmd, ssh_options=options, timeout_s=timeout), console)
+                           port=port, remote_cmd=remote_cmd, ssh_options=options, timeout_s=timeout, load=load,
+                           spin=spin, openvino_hint=openvino_hint), console)

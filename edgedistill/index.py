@@ -231,7 +231,8 @@ def _assemble(out: Path, chunks: Path, manifest: Manifest, encoder: Encoder, sou
     atomic.write_text(out / ITEMS, "".join(json.dumps(_item(manifest, r)) + "\n" for r in rows))
     info = encoder.info
     doc = {"version": INDEX_VERSION,
-           "model": {"identity": info.model, "source": info.source, "image": info.image, "embed_dim": encoder.embed_dim},
+           "model": {"identity": info.model, "source": info.source, "image": info.image,
+                     "embed_dim": encoder.embed_dim},
            "source": {"path": source, "images": len(manifest)}, "count": len(rows), "dim": int(emb.shape[1]),
            "bad_images": [[p, w] for _, p, w in bad.items],
            "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}

@@ -11,7 +11,7 @@ import yaml
 
 from edgedistill.bench import report as rep
 from edgedistill.bench.backends import candidates
-from edgedistill.bench.runner import BenchOptions, parse_batches, run_bench
+from edgedistill.bench.runner import BenchOptions, parse_batches, remote_args, run_bench
 from edgedistill.bench.timing import summarize, time_cpu
 from edgedistill.cli import main
 from edgedistill.errors import UserError
@@ -215,12 +215,26 @@ def test_e2e_times_decoding_too(export_dir, tmp_path):
     assert {r["encoder"] for r in timed} == {"image", "text"}
 
 
+def test_latency_under_load_is_recorded_with_its_conditions(export_dir, tmp_path):
+    report = run_bench(BenchOptions(export_dir=export_dir, batches=[1], iters=2, warmup=0, threads=1, load=1,
+                                    spin=False, openvino_hint="throughput", out=tmp_path / "r"))
+    assert report["conditions"]["load"] == 1
+    assert report["conditions"]["onnxruntime_spinning"] is False
+    assert report["conditions"]["openvino_hint"] == "throughput"
+    timed = [r for r in report["rows"] if r["p50_ms"] is not None]
+    assert timed and all(r["load"] == 1 for r in timed)
+    assert remote_args(BenchOptions(export_dir=export_dir, load=2, spin=False, openvino_hint="latency"))[-5:] == \
+        ["--load", "2", "--no-spin", "--openvino-hint", "latency"]
+
+
 def test_missing_export_json_and_bad_flags_exit_2_with_one_line(tmp_path, export_dir, capsys):
     cases = [([str(tmp_path)], "no export.json"),
              ([str(export_dir), "--batch", "0,x"], "--batch"),
              ([str(export_dir), "--iters", "1"], "--iters"),
              ([str(export_dir), "--device", "tpu"], "--device"),
-             ([str(export_dir), "--val", str(tmp_path / "nope.jsonl")], "--val")]
+             ([str(export_dir), "--val", str(tmp_path / "nope.jsonl")], "--val"),
+             ([str(export_dir), "--load", "-1"], "--load"),
+             ([str(export_dir), "--openvino-hint", "fastest"], "--openvino-hint")]
     for args, needle in cases:
         assert main(["bench", *args, "--out", str(tmp_path / "r")]) == 2
         err = capsys.readouterr().err.strip().splitlines()

@@ -19,10 +19,10 @@ from edgedistill import atomic
 
 REPORT_JSON, REPORT_MD, PARETO_PNG = "bench.json", "bench.md", "pareto.png"
 ROW_FIELDS = ("artifact", "role", "encoder", "format", "precision", "backend", "backend_version", "device",
-              "threads", "batch", "warmup", "iters", "mode", "p50_ms", "p90_ms", "p99_ms", "mean_ms", "std_ms",
-              "throughput_ips", "peak_mem_mb", "peak_mem_kind", "size_mb", "avg_power_w", "energy_mj_per_item", "power",
-              "i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum", "zs_top1", "zs_mean_class",
-              "status", "reason")
+              "threads", "batch", "warmup", "iters", "mode", "load", "p50_ms", "p90_ms", "p99_ms", "mean_ms",
+              "std_ms", "throughput_ips", "peak_mem_mb", "peak_mem_kind", "size_mb", "avg_power_w",
+              "energy_mj_per_item", "power", "i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum",
+              "zs_top1", "zs_mean_class", "status", "reason")
 ACCURACY = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum", "zs_top1", "zs_mean_class")
 
 

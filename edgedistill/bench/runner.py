@@ -26,10 +26,11 @@ from edgedistill import atomic
 from edgedistill.bench import report as rep
 from edgedistill.bench.accuracy import (BenchVal, References, class_prompts, image_accuracy, load_bench_val,
                                        reference_texts, text_accuracy)
-from edgedistill.bench.backends import Candidate, OrtRunner, RunOptions, Runner, TorchRunner, candidates
+from edgedistill.bench.backends import (OPENVINO_HINTS, Candidate, OrtRunner, RunOptions, Runner, TorchRunner,
+                                       candidates)
 from edgedistill.bench.devices import DEVICES, describe_device, describe_short
 from edgedistill.bench.remote import run_remote_bench
-from edgedistill.bench.timing import summarize, time_cpu, time_cuda
+from edgedistill.bench.timing import cpu_load, summarize, time_cpu, time_cuda
 from edgedistill.data.images import open_image
 from edgedistill.data.manifest import load_manifest
 from edgedistill.documents import BenchReport, BundleContext, BundleTeacher, read_document
@@ -65,6 +66,9 @@ class BenchOptions:
     remote_cmd: str = "edgedistill"
     ssh_options: list[str] = field(default_factory=list)
     timeout_s: float = 3600.0
+    load: int = 0                        # busy processes beside the timed runs (latency under contention)
+    spin: bool | None = None             # onnxruntime's spinning intra-op threads (None: its default, on)
+    openvino_hint: str | None = None     # OpenVINO's performance hint (None: latency)
 
 
 def parse_batches(text: str) -> list[int]:
@@ -89,6 +93,10 @@ def check_options(opts: BenchOptions) -> None:
         raise UserError(f"--val {opts.val} does not exist; give a val manifest (.jsonl or .csv)")
     if opts.threads is not None and opts.threads < 1:
         raise UserError(f"--threads {opts.threads} must be 1 or more")
+    if opts.load < 0:
+        raise UserError(f"--load {opts.load} must be 0 or more (busy processes beside the timed runs)")
+    if opts.openvino_hint is not None and opts.openvino_hint not in OPENVINO_HINTS:
+        raise UserError(f"--openvino-hint {opts.openvino_hint!r}: choose {' or '.join(OPENVINO_HINTS)}")
 
 
 # ------------------------------------------------------------------------------------------------ sources
@@ -186,7 +194,8 @@ def plan_jobs(src: Sources, opts: BenchOptions, teacher: dict[str, Any] | None,
         except UserError as e:
             failures.append((entry, str(e)))
             continue
-        for cand in candidates(entry, path, device, opts.threads, batch_range):
+        for cand in candidates(entry, path, device, opts.threads, batch_range, spin=opts.spin,
+                               hint=opts.openvino_hint):
             jobs.append(Job(entry.get("name", entry["path"]), "student", entry.get("encoder", "image"),
                             entry.get("format", "?"), entry.get("precision", "fp32"), entry.get("size_mb"), cand))
     if src.student_dir is not None:  # the student as trained: the "pytorch" format of the table
@@ -194,7 +203,8 @@ def plan_jobs(src: Sources, opts: BenchOptions, teacher: dict[str, Any] | None,
         size = round(weights.stat().st_size / 2**20, 3) if weights.is_file() else None
         for encoder in ("image", "text"):
             art = {"name": f"{encoder}_fp32_pytorch", "encoder": encoder, "format": "pytorch", "precision": "fp32"}
-            for cand in candidates(art, src.student_dir, device, opts.threads, batch_range):
+            for cand in candidates(art, src.student_dir, device, opts.threads, batch_range, spin=opts.spin,
+                                   hint=opts.openvino_hint):
                 jobs.append(Job(art["name"], "student", encoder, "pytorch", "fp32", size, cand))
     if opts.teacher and teacher is not None:
 
@@ -207,7 +217,8 @@ def plan_jobs(src: Sources, opts: BenchOptions, teacher: dict[str, Any] | None,
         if onnx_path is not None and Path(onnx_path).is_file():
             entry = {"name": "teacher_image_fp32_onnx", "encoder": "image", "format": "onnx", "precision": "fp32",
                      "size_mb": round(Path(onnx_path).stat().st_size / 2**20, 3)}
-            for cand in candidates(entry, Path(onnx_path), device, opts.threads, batch_range):
+            for cand in candidates(entry, Path(onnx_path), device, opts.threads, batch_range, spin=opts.spin,
+                                   hint=opts.openvino_hint):
                 jobs.append(Job(entry["name"], "teacher", "image", "onnx", "fp32", entry["size_mb"], cand))
     return jobs
 
@@ -282,19 +293,16 @@ def time_job(job: Job, runner: Runner, opts: BenchOptions, batch: int, source: n
         call = lambda: runner.call(staged)  # noqa: E731
     timer = time_cuda if runner.timer == "cuda" else time_cpu
     runner.peak_memory_reset()
-    sampler = power() if power is not None else None
-    if sampler is not None:  # started before the warm-up, so tegrastats is already printing when timing starts
-        sampler.__enter__()
     summary = None
-    try:
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(cpu_load(opts.load))  # --load N: busy processes beside the timed runs
+        if power is not None:  # started before the warm-up, so tegrastats is already printing when timing starts
+            sampler = stack.enter_context(power())
         for _ in range(opts.warmup):
             call()
         times = timer(call, 0, opts.iters)
-        if sampler is not None:  # a window of its own, long enough to hold tegrastats samples
+        if power is not None:  # a window of its own, long enough to hold tegrastats samples
             summary = measure_power(sampler, call, batch, _sync(runner))
-    finally:
-        if sampler is not None:
-            sampler.__exit__(None, None, None)
     lat = summarize(times, batch, opts.warmup)
     out = lat.as_dict()
     out["peak_mem_mb"], out["peak_mem_kind"] = runner.peak_memory()
@@ -374,7 +382,7 @@ class Session:
     @property
     def common(self) -> dict[str, Any]:
         return {"device": self.opts.device, "threads": self.threads, "warmup": self.opts.warmup,
-                "iters": self.opts.iters, "mode": "e2e" if self.opts.e2e else "inference"}
+                "iters": self.opts.iters, "mode": "e2e" if self.opts.e2e else "inference", "load": self.opts.load}
 
 
 def _bench_here(opts: BenchOptions, export_dir: Path, doc: dict[str, Any], out: Path, threads: int,
@@ -474,7 +482,8 @@ def _report(ses: Session, export_dir: Path, device_info: dict[str, Any], teacher
     return {"export_dir": str(export_dir.resolve()), "device_info": device_info,
             "device_line": describe_short(device_info),
             "conditions": {"warmup": ses.opts.warmup, "iters": ses.opts.iters, "threads": ses.threads,
-                           "mode": ses.common["mode"], "batches": ses.opts.batches},
+                           "mode": ses.common["mode"], "batches": ses.opts.batches, "load": ses.opts.load,
+                           "onnxruntime_spinning": ses.opts.spin, "openvino_hint": ses.opts.openvino_hint},
             "val": str(src.val) if src.val else None, "val_images": int(len(val.images)) if val is not None else 0,
             "accuracy_note": note,
             "teacher": {k: v for k, v in (teacher or {}).items() if k in ("name", "identity", "metrics")},
@@ -596,6 +605,12 @@ def remote_args(opts: BenchOptions) -> list[str]:
         args.append("--teacher")
     if opts.e2e:
         args.append("--e2e")
+    if opts.load:
+        args += ["--load", str(opts.load)]
+    if opts.spin is not None:
+        args.append("--spin" if opts.spin else "--no-spin")
+    if opts.openvino_hint:
+        args += ["--openvino-hint", opts.openvino_hint]
     return args
 
 
