@@ -35,7 +35,8 @@ from rich.console import Console
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn,
                            TimeRemainingColumn)
 
-from edgedistill import atomic, distributed
+import edgedistill.atomic as atomic
+import edgedistill.distributed as distributed
 from edgedistill.data.batching import ImageDataset, collate_images
 from edgedistill.data.images import BadImages
 from edgedistill.data.manifest import Manifest, load_manifest

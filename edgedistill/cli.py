@@ -303,7 +303,7 @@ def teacher_pretrain(
     # deferred: the command's own stack loads when it runs
     from edgedistill.pretrain import pretrain_config, pretrain_teacher
 
-    from edgedistill import atomic
+    import edgedistill.atomic as atomic
 
     console = Console(stderr=True, soft_wrap=True)
     if out is not None:

@@ -21,7 +21,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from edgedistill import atomic
+import edgedistill.atomic as atomic
 from edgedistill.api import load
 from edgedistill.bench.runner import BenchOptions, run_bench
 from edgedistill.data.scenes import write_scenes

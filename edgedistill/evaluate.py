@@ -16,7 +16,7 @@ import open_clip
 import torch
 from rich.console import Console
 
-from edgedistill import atomic
+import edgedistill.atomic as atomic
 from edgedistill.cache import FeatureCache, caches_for_recipe, class_text_features, load_split_manifests
 from edgedistill.data.batching import ImageDataset, collate_images
 from edgedistill.data.images import BadImages

@@ -29,7 +29,7 @@ import numpy as np
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from edgedistill import atomic
+import edgedistill.atomic as atomic
 from edgedistill.api import Encoder
 from edgedistill.data.images import BadImages, open_image, why_unreadable
 from edgedistill.data.manifest import load_manifest

@@ -40,7 +40,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torchvision import transforms as T
 
-from edgedistill import atomic
+import edgedistill.atomic as atomic
 from edgedistill.data.images import BadImages, open_image, why_unreadable
 from edgedistill.data.manifest import Manifest, load_manifest
 from edgedistill.errors import UserError

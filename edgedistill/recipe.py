@@ -19,7 +19,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveFloat, PositiveInt, SerializeAsAny
 from pydantic import ValidationError, field_validator, model_validator
 
-from edgedistill import atomic
+import edgedistill.atomic as atomic
 from edgedistill.balance import BalancerOptions, validate_balancer
 from edgedistill.errors import UserError
 from edgedistill.locations import cache_root

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageOps
 
-from edgedistill import atomic
+import edgedistill.atomic as atomic
 from edgedistill.data.images import open_image, why_unreadable
 
 THUMB = 192          # thumbnail side (px)

@@ -21,7 +21,7 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from edgedistill import atomic
+import edgedistill.atomic as atomic
 from edgedistill.errors import UserError
 from edgedistill.recipe import StudentConfig, StudentTextConfig
 from edgedistill.runtime.preprocess import image_side

@@ -16,7 +16,7 @@ from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any
 
-from edgedistill import jetson
+import edgedistill.jetson as jetson
 from edgedistill.errors import UserError
 
 DEVICES = ("cpu", "cuda", "jetson")

@@ -15,7 +15,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from edgedistill import atomic
+import edgedistill.atomic as atomic
 
 REPORT_JSON, REPORT_MD, PARETO_PNG = "bench.json", "bench.md", "pareto.png"
 ROW_FIELDS = ("artifact", "role", "encoder", "format", "precision", "backend", "backend_version", "device",

@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 from rich.console import Console
 
-from edgedistill import atomic
+import edgedistill.atomic as atomic
 from edgedistill.bench import report as rep
 from edgedistill.bench.accuracy import (BenchVal, References, class_prompts, image_accuracy, load_bench_val,
                                        reference_texts, text_accuracy)

@@ -30,7 +30,7 @@ from typing import Any
 
 from braceexpand import braceexpand
 
-from edgedistill import atomic
+import edgedistill.atomic as atomic
 from edgedistill.data.records import Entry, Manifest
 from edgedistill.errors import UserError
 from edgedistill.hashing import sha256_json

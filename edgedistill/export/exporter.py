@@ -19,7 +19,7 @@ import open_clip
 import torch
 from rich.console import Console
 
-from edgedistill import atomic
+import edgedistill.atomic as atomic
 from edgedistill.cache import load_split_manifests
 from edgedistill.data.images import open_image
 from edgedistill.data.manifest import Manifest

@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 import torch
 
-from edgedistill import atomic
+import edgedistill.atomic as atomic
 from edgedistill.errors import UserError
 
 IMAGE_INPUT, IMAGE_OUTPUT = "image", "image_embedding"

@@ -25,7 +25,7 @@ from typing import Any, Sequence
 import numpy as np
 from rich.console import Console
 
-from edgedistill import atomic
+import edgedistill.atomic as atomic
 from edgedistill.errors import UserError
 from edgedistill.export import artifacts
 from edgedistill.hashing import sha256_file

@@ -22,7 +22,7 @@ from typing import Any, Callable, Collection
 
 from rich.console import Console
 
-from edgedistill import atomic
+import edgedistill.atomic as atomic
 from edgedistill.errors import UserError
 from edgedistill.export import artifacts
 from edgedistill.export.tensorrt import (BatchProfile, check_compatible, device_metadata, read_sidecar,

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from rich.console import Console
 
-from edgedistill import distributed
+import edgedistill.distributed as distributed
 from edgedistill.balance import Balancer, build_balancer
 from edgedistill.cache import FeatureCache, class_text_features
 from edgedistill.data.images import BadImages, open_image

@@ -10,7 +10,8 @@ from typing import Any
 
 from rich.console import Console
 
-from edgedistill import atomic, distributed
+import edgedistill.atomic as atomic
+import edgedistill.distributed as distributed
 from edgedistill.cache import FeatureCache, caches_for_recipe, load_split_manifests
 from edgedistill.data.manifest import Manifest
 from edgedistill.errors import UserError

@@ -16,7 +16,8 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-from edgedistill import atomic, distributed
+import edgedistill.atomic as atomic
+import edgedistill.distributed as distributed
 from edgedistill.balance import Balancer
 from edgedistill.cache import FeatureCache
 from edgedistill.data.images import BadImages
