@@ -410,14 +410,17 @@ def embed(
     """
     # deferred: the command's own stack loads when it runs
     from edgedistill.api import load
-    from edgedistill.index import build_index
+    from edgedistill.index import build_index, check_options, read_source
 
     console = Console(stderr=True, soft_wrap=True)
+    check_options(batch, max_bad_fraction)
+    manifest = read_source(source)  # a bad source is found before the model loads
     encoder = load(model, device=device, backend=backend, precision=precision, threads=threads)
     console.print(f"model {encoder.info.image['artifact']} on {encoder.info.image['backend']} "
                   f"({encoder.info.device}; chosen by {encoder.info.chosen_by})", highlight=False)
     out = out or Path(f"{Path(str(source).rstrip('/')).name.split('{')[0] or 'images'}.index")
-    doc = build_index(source, encoder, out, batch=batch, max_bad_fraction=max_bad_fraction, console=console)
+    doc = build_index(source, encoder, out, batch=batch, max_bad_fraction=max_bad_fraction, console=console,
+                      manifest=manifest)
     console.print(f"{doc.count} images embedded into {out}", highlight=False)
 
 
@@ -425,7 +428,7 @@ def embed(
 def search(
     index: Path = typer.Argument(..., help="An index folder made by `edgedistill embed`.", show_default=False),
     query: Optional[str] = typer.Argument(None, help="The text to search for.", show_default=False),
-    k: int = typer.Option(10, "-k", "--top", help="How many hits."),
+    k: int = typer.Option(10, "-k", "--top", min=1, help="How many hits."),
     image: Optional[Path] = typer.Option(None, "--image", help="Search with an image instead of text."),
     model: Optional[Path] = typer.Option(None, "--model", help="The model (default: the one that made the index)."),
     html: Optional[Path] = typer.Option(None, "--html", help="Also write the hits as an HTML page."),
@@ -474,7 +477,7 @@ def classify(
     labels: str = typer.Option(..., "--labels", help="Class names, comma-separated, or a text file with one a line.",
                                show_default=False),
     prompt: str = typer.Option("a photo of a {label}.", "--prompt", help="The class prompt; {label} is the name."),
-    k: int = typer.Option(3, "-k", "--top", help="How many classes per image."),
+    k: int = typer.Option(3, "-k", "--top", min=1, help="How many classes per image."),
     device: str = DEVICE_OPTION,
     backend: str = BACKEND_OPTION,
 ) -> None:
@@ -502,7 +505,7 @@ def classify(
         chunk = files[start:start + 64]
         probs = encoder.zero_shot(chunk, names, prompt=prompt)
         for f, p in zip(chunk, probs):
-            top = np.argsort(-p, kind="stable")[:max(1, k)]
+            top = np.argsort(-p, kind="stable")[:k]
             table.add_row(f, ", ".join(f"{names[i]} {p[i]:.1%}" for i in top))
     _wide().print(table)
 

@@ -30,6 +30,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 import edgedistill.atomic as atomic
+import edgedistill.gates as gates
 from edgedistill.api import Encoder
 from edgedistill.data.images import BadImages, open_image, why_unreadable
 from edgedistill.data.manifest import load_manifest
@@ -101,14 +102,21 @@ def read_source(source: str | Path, folder_labels: bool = False) -> Manifest:
     return load_manifest(source, folder_labels=folder_labels)
 
 
-def build_index(source: str | Path, encoder: Encoder, out: Path, batch: int = 64, max_bad_fraction: float = 0.05,
-                console: Console | None = None) -> IndexDoc:
-    """Embed every image of ``source`` with ``encoder`` into the index folder ``out`` (resuming a build that was
-    interrupted with the same model and source); returns what index.json says."""
-    console = console or Console(stderr=True, soft_wrap=True)
+def check_options(batch: int, max_bad_fraction: float) -> None:
     if batch < 1:
         raise UserError(f"--batch {batch} must be 1 or more")
-    manifest = read_source(source)
+    if not (gates.at_least(max_bad_fraction, 0.0) and gates.at_most(max_bad_fraction, 1.0)):  # NaN fails too
+        raise UserError(f"--max-bad-fraction {max_bad_fraction} must be a number from 0 to 1")
+
+
+def build_index(source: str | Path, encoder: Encoder, out: Path, batch: int = 64, max_bad_fraction: float = 0.05,
+                console: Console | None = None, manifest: Manifest | None = None) -> IndexDoc:
+    """Embed every image of ``source`` with ``encoder`` into the index folder ``out`` (resuming a build that was
+    interrupted with the same model and source); returns what index.json says. ``manifest``: ``source`` already
+    read (``read_source``)."""
+    console = console or Console(stderr=True, soft_wrap=True)
+    check_options(batch, max_bad_fraction)
+    manifest = manifest if manifest is not None else read_source(source)
     out = atomic.writable_dir(out, "--out")
     key = sha256_json({"model": encoder.info.model, "image": encoder.info.image, "source": manifest.content_hash()})
     with atomic.exclusive_dir(out, "--out"):

@@ -118,6 +118,11 @@ def test_classify_gives_each_image_its_top_classes(tiny_export, data, tmp_path, 
     (["search", "{nothing}"], "give a text query or --image"),
     (["classify", "{missing}", "--model", "{export}", "--labels", "a,b"], "not found"),
     (["classify", "{images}", "--model", "{export}", "--labels", " , "], "holds no class names"),
+    (["embed", "{images}", "--model", "{export}", "--batch", "0"], "--batch 0"),
+    (["embed", "{images}", "--model", "{export}", "--max-bad-fraction", "nan"], "--max-bad-fraction nan"),
+    (["embed", "{images}", "--model", "{export}", "--max-bad-fraction", "1.5"], "from 0 to 1"),
+    (["search", "{nothing}", "a dog", "-k", "0"], "--top"),
+    (["classify", "{images}", "--model", "{export}", "--labels", "a,b", "-k", "0"], "--top"),
 ])
 def test_bad_input_is_one_line(tiny_export, data, tmp_path, capsys, args, message):
     (tmp_path / "empty").mkdir()

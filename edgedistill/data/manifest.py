@@ -49,7 +49,8 @@ def load_manifest(path: str | Path, image_root: str | Path | None = None,
     if path.is_dir():
         return load_folder(path, folder_labels)
     if not path.is_file():
-        raise UserError(f"manifest {path} not found; check data.train / data.val in the recipe")
+        raise UserError(f"{path} not found: neither a folder of images nor a manifest file; check the path "
+                        f"(in a recipe: data.train / data.val)")
     # absolute, so the content hash (cache and teacher keys) does not depend on how the path was spelt
     root = (Path(image_root) if image_root is not None else path.parent).absolute()
     if path.suffix.lower() == ".jsonl":
