@@ -444,12 +444,16 @@ def search(
     * `edgedistill search photos.index --image query.jpg --html hits.html`
     """
     # deferred: the command's own stack loads when it runs
+    import edgedistill.atomic as atomic
     from edgedistill.api import load
     from edgedistill.index import check_same_model, open_index
     from edgedistill.sheets import Hit, html_sheet, png_sheet
 
     if (query is None) == (image is None):
         raise UserError("give a text query or --image (one of them)")
+    for path, flag in ((html, "--html"), (png, "--png")):
+        if path is not None:
+            atomic.writable_file(path, flag)  # before the search, not after it
     idx = open_index(index)
     encoder = load(model or idx.doc.model.source, device=device, backend=backend)
     check_same_model(idx, encoder)

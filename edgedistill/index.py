@@ -278,6 +278,8 @@ def open_index(folder: str | Path) -> Index:
     if emb.shape != (doc.count, doc.dim) or len(items) != doc.count:
         raise UserError(f"index {folder} is damaged ({EMBEDDINGS} is {emb.shape}, {ITEMS} has {len(items)} lines, "
                         f"{INDEX_JSON} says {doc.count} x {doc.dim}); embed again")
+    if not np.isfinite(emb).all():  # a NaN row would rank as a hit with score nan
+        raise UserError(f"index {folder} is damaged ({EMBEDDINGS} holds NaN or infinite values); embed again")
     return Index(folder, doc, emb, items)
 
 

@@ -122,6 +122,8 @@ def test_classify_gives_each_image_its_top_classes(tiny_export, data, tmp_path, 
     (["embed", "{images}", "--model", "{export}", "--max-bad-fraction", "nan"], "--max-bad-fraction nan"),
     (["embed", "{images}", "--model", "{export}", "--max-bad-fraction", "1.5"], "from 0 to 1"),
     (["search", "{nothing}", "a dog", "-k", "0"], "--top"),
+    (["search", "{nothing}", "a dog", "--png", "/proc/hits.png"], "--png /proc"),
+    (["search", "{nothing}", "a dog", "--html", "{empty}"], "is a folder"),
     (["classify", "{images}", "--model", "{export}", "--labels", "a,b", "-k", "0"], "--top"),
 ])
 def test_bad_input_is_one_line(tiny_export, data, tmp_path, capsys, args, message):
@@ -132,6 +134,18 @@ def test_bad_input_is_one_line(tiny_export, data, tmp_path, capsys, args, messag
     assert main([a.format(**values) for a in args]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert message in err[-1] and err[-1].startswith("error: ") and not any("Traceback" in e for e in err)
+
+
+def test_a_damaged_index_is_refused_not_searched(tiny_export, data, tmp_path, capsys):
+    out = tmp_path / "v.index"
+    assert main(["embed", str(data / "val_images"), "--model", str(tiny_export), "--out", str(out)]) == 0
+    emb = np.load(out / "embeddings.npy")
+    emb[1, 0] = np.nan
+    np.save(out / "embeddings.npy", emb)
+    capsys.readouterr()
+    assert main(["search", str(out), "a dog"]) == 2
+    assert capsys.readouterr().err.strip() == f"error: index {out} is damaged (embeddings.npy holds NaN or " \
+                                              f"infinite values); embed again"
 
 
 def test_shards_embed_like_a_manifest(tiny_export, tmp_path):
