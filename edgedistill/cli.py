@@ -523,10 +523,21 @@ def _wide() -> Console:
 def _labels(text: str) -> list[str]:
     """``--labels``: a file of one label a line, or a comma-separated list."""
     path = Path(text)
-    raw = path.read_text(encoding="utf-8").splitlines() if path.is_file() else text.split(",")
+    if path.is_file():
+        try:
+            raw = path.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"--labels {path} cannot be read as UTF-8 text ({type(e).__name__}); give a text file "
+                            f"of one name a line") from None
+    elif "," not in text and (os.sep in text or path.suffix.lower() in (".txt", ".csv", ".lst", ".labels")):
+        raise UserError(f"--labels file {path} not found; give an existing file or names like \"cat,dog\"")
+    else:
+        raw = text.split(",")
     names = [x.strip() for x in raw if x.strip()]
     if not names:
         raise UserError(f"--labels {text!r} holds no class names; give \"cat,dog\" or a file of one name a line")
+    if len(names) < 2:
+        raise UserError(f"--labels names one class ({names[0]!r}); zero-shot chooses among two or more")
     if len(set(names)) != len(names):
         raise UserError("--labels names a class twice; give each class once")
     return names

@@ -122,6 +122,9 @@ def test_classify_gives_each_image_its_top_classes(tiny_export, data, tmp_path, 
     (["embed", "{images}", "--model", "{export}", "--max-bad-fraction", "nan"], "--max-bad-fraction nan"),
     (["embed", "{images}", "--model", "{export}", "--max-bad-fraction", "1.5"], "from 0 to 1"),
     (["search", "{nothing}", "a dog", "-k", "0"], "--top"),
+    (["classify", "{images}", "--model", "{export}", "--labels", "{nothing}/clases.txt"], "not found"),
+    (["classify", "{images}", "--model", "{export}", "--labels", "cat"], "names one class"),
+    (["classify", "{images}", "--model", "{export}", "--labels", "{binary}"], "UTF-8"),
     (["search", "{nothing}", "a dog", "--png", "/proc/hits.png"], "--png /proc"),
     (["search", "{nothing}", "a dog", "--html", "{empty}"], "is a folder"),
     (["classify", "{images}", "--model", "{export}", "--labels", "a,b", "-k", "0"], "--top"),
@@ -129,7 +132,8 @@ def test_classify_gives_each_image_its_top_classes(tiny_export, data, tmp_path, 
 def test_bad_input_is_one_line(tiny_export, data, tmp_path, capsys, args, message):
     (tmp_path / "empty").mkdir()
     (tmp_path / "file").write_text("x")
-    values = {"missing": tmp_path / "missing.jsonl", "empty": tmp_path / "empty", "export": tiny_export,
+    (tmp_path / "binary.txt").write_bytes(b"\xff\xfe\x00cat")
+    values = {"binary": tmp_path / "binary.txt", "missing": tmp_path / "missing.jsonl", "empty": tmp_path / "empty", "export": tiny_export,
               "images": data / "val_images", "nothing": tmp_path, "file": tmp_path / "file"}
     assert main([a.format(**values) for a in args]) == 2
     err = capsys.readouterr().err.strip().splitlines()
