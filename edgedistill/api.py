@@ -109,6 +109,9 @@ class Encoder:
 
     def encode_text(self, texts: str | Sequence[str], batch_size: int = 256) -> np.ndarray:
         """Strings, one or many -> (N, D) float32, L2-normalised."""
+        if not isinstance(texts, str) and not isinstance(texts, (list, tuple)) and \
+                not (isinstance(texts, np.ndarray) and texts.ndim == 1):
+            raise UserError(f"texts must be a string or a list of strings, not {type(texts).__name__}")
         many = [texts] if isinstance(texts, str) else list(texts)
         if self._text is None:
             raise UserError(f"{self.info.source} has no text encoder (nor precomputed text embeddings); export the "

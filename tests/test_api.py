@@ -70,6 +70,22 @@ def test_zero_shot_gives_probabilities_over_the_labels(export_dir):
         enc.zero_shot([str(images(export_dir)[0])], ["x"], prompt="no placeholder")
 
 
+@pytest.mark.parametrize("bad, message", [
+    (np.zeros((0, 0, 3), np.uint8), "holds no pixels"), (np.zeros((8, 8), np.uint8), "uint8 \\(H, W, 3\\)"),
+    (np.random.rand(8, 8, 3), "not float64"), (None, "cannot read an image from a NoneType"),
+])
+def test_what_is_not_an_image_is_one_user_error(export_dir, bad, message):
+    enc = edgedistill.load(export_dir, device="cpu")
+    with pytest.raises(UserError, match=message):
+        enc.encode_image(bad)
+
+
+@pytest.mark.parametrize("bad", [None, 5, {"a": 1}])
+def test_what_is_not_text_is_one_user_error(export_dir, bad):
+    with pytest.raises(UserError, match="texts must be a string or a list of strings"):
+        edgedistill.load(export_dir, device="cpu").encode_text(bad)
+
+
 def test_an_artifact_file_pins_its_tower_and_a_run_folder_opens_its_export(export_dir):
     enc = edgedistill.load(export_dir / "image_fp32.onnx", device="cpu")
     assert enc.info.image["artifact"] == "image_fp32_onnx" and enc.info.text is not None
