@@ -8,8 +8,9 @@
 is one, else the student as trained) or a ``student/`` folder. From an export, each tower runs the artifact and
 backend that bench measured fastest on this device (``EXPORT/bench/bench.json``, batch 1, when it was measured on
 this processor); without a measurement, the first backend of ``formats.BACKENDS`` that can run here and the
-fastest precision of the device (``PRECISION_ORDER``). ``backend`` and ``precision`` narrow the choice; a choice
-that nothing satisfies is one clear error. What was picked is in ``encoder.info``. Images are preprocessed and
+fastest precision of the device (``PRECISION_ORDER``). ``backend`` and ``precision`` narrow the choice (a text tower
+with no artifact at ``precision`` falls back to the device order, noted in ``info.notes``); a choice that nothing
+satisfies is one clear error. What was picked is in ``encoder.info``. Images are preprocessed and
 text tokenised without torch (``runtime``), so an ONNX export runs with numpy, pillow, tokenizers and a runtime.
 """
 
@@ -158,10 +159,17 @@ def load(path: str | Path, device: str = "auto", backend: str = "auto", precisio
     measured = bench_ranking(export_dir, device)
     image = _choose(doc, export_dir, "image", device, backend, precision, pinned, measured)
     text = _choose(doc, export_dir, "text", device, backend, precision, pinned, measured, required=False)
+    # The precision asked for is the image tower's: exports hold the text tower in fp32 only, and a request for
+    # int8 must not quietly leave the encoder without text.
+    text_fallback = text is None and precision is not None
+    if text_fallback:
+        text = _choose(doc, export_dir, "text", device, backend, None, pinned, measured, required=False)
     chosen_by = "request" if pinned is not None or backend != "auto" or precision else \
         ("bench.json" if measured else "rule")
     info = EncoderInfo(str(path), device, image.describe(), text.describe() if text else None, chosen_by,
                        doc.get("student_weights_sha256") or image.artifact.get("sha256"))
+    if text_fallback and text is not None:
+        info.notes.append(f"no {precision} text encoder in this export: text runs at {text.artifact.get('precision')}")
     return Encoder(_open(image, device, threads), _open_text(text, doc, export_dir, device, threads),
                    Preprocess(doc["preprocess"]), _tokenizer(export_dir, doc, info), int(doc["embed_dim"]), info)
 

@@ -45,6 +45,7 @@ from edgedistill.recipe import Recipe
 from edgedistill.memory import keep_freed_memory
 from edgedistill.hashing import sha256_file, sha256_json
 from edgedistill.teachers import Teacher
+from edgedistill.terminal import make_console, warn
 
 CACHE_VERSION = 1
 ARRAYS = ("image_emb", "image_ok", "text_emb", "text_offsets")
@@ -453,7 +454,7 @@ def build_or_load(teacher: Teacher, manifest: Manifest, root: Path, *, batch_siz
                   chunk_size: int = 1024, max_bad_fraction: float = 0.05, what: str = "cache",
                   console: Console | None = None, rebuild: bool = False) -> CacheResult:
     """Return the verified cache of ``manifest`` under ``root``, building (or resuming) it when needed."""
-    console = console or Console(stderr=True, soft_wrap=True)
+    console = console or make_console(stderr=True, soft_wrap=True)
     if teacher.device.type == "cpu":
         keep_freed_memory()
     try:
@@ -484,7 +485,7 @@ def _open_existing(final: Path, key: str, manifest: Manifest, rebuild: bool, con
     except FileNotFoundError:
         return None
     except CacheMismatch as e:
-        console.print(f"[yellow]{what}: cache {final} does not match ({e}); rebuilding it[/]", highlight=False)
+        warn(console, f"{what}: cache {final} does not match ({e}); rebuilding it")
         shutil.rmtree(final)
         return None
 

@@ -22,6 +22,7 @@ from rich.table import Table
 
 from edgedistill import __version__
 from edgedistill.errors import UserError
+from edgedistill.terminal import make_console
 
 app = typer.Typer(
     name="edgedistill",
@@ -77,7 +78,7 @@ def check(recipe: Path = RECIPE_ARG, overrides: Optional[list[str]] = OVERRIDES_
     if resolved.data.class_descriptions is not None:
         read_class_descriptions(resolved.data.class_descriptions)
     typer.echo(recipe_to_yaml(resolved), nl=False)
-    err = Console(stderr=True, soft_wrap=True)
+    err = make_console(stderr=True, soft_wrap=True)
     for name, m in manifests.items():
         err.print(f"{name}: {len(m)} images, {m.n_captions} captions ({m.path})", highlight=False)
 
@@ -103,7 +104,7 @@ def cache(
     from edgedistill.recipe import load_recipe
     from edgedistill.teachers import load_teacher
 
-    console = Console(stderr=True, soft_wrap=True)
+    console = make_console(stderr=True, soft_wrap=True)
     resolved = load_recipe(recipe, overrides or [])
     manifests = load_split_manifests(resolved)
     with console.status(f"loading teacher {resolved.teacher.model} ({resolved.teacher.pretrained})"):
@@ -118,7 +119,7 @@ def cache(
     for name, r in results.items():
         table.add_row(name, str(r.cache.n_images), str(len(r.cache.bad_images)), str(r.cache.n_texts),
                       "reused" if r.hit else "built", f"{r.seconds:.1f}", str(r.cache.path))
-    Console().print(table)
+    make_console().print(table)
 
 
 @app.command()
@@ -149,7 +150,7 @@ def distill(
     from edgedistill.recipe import load_recipe
     from edgedistill.train import distill as run_distill
 
-    console = Console(stderr=True, soft_wrap=True)
+    console = make_console(stderr=True, soft_wrap=True)
     resolved = load_recipe(recipe, overrides or [])
     if nproc > 1:
         from edgedistill.distributed import launch_distill  # deferred: only --nproc needs the launcher
@@ -168,7 +169,7 @@ METRIC_LABELS = {"i2t_r1": "image->text R@1", "i2t_r5": "image->text R@5", "i2t_
 def _print_summary(summary: dict, out: Path, trained: bool = True) -> None:
     """One row per metric, a column per model: fits any terminal width."""
     models = {k: v for k, v in (("teacher", summary.get("teacher")), ("student", summary.get("student"))) if v}
-    console = Console()
+    console = make_console()
     if models:
         table = Table(title=f"val ({summary.get('val_images', 0)} images; recall in %)")
         table.add_column("metric")
@@ -204,7 +205,7 @@ def evaluate(
     # deferred: the command's own stack loads when it runs
     from edgedistill.evaluate import run_eval
 
-    console = Console(stderr=True, soft_wrap=True)
+    console = make_console(stderr=True, soft_wrap=True)
     result = run_eval(run_dir, device, console)
     _print_summary(result, run_dir, trained=False)
     console.print(f"written to {run_dir / 'eval.json'}", highlight=False)
@@ -229,7 +230,7 @@ def demo(
     # deferred: the command's own stack loads when it runs
     from edgedistill.demo import print_report, run_demo
 
-    console = Console(stderr=True, soft_wrap=True)
+    console = make_console(stderr=True, soft_wrap=True)
     report = run_demo(out, quick=quick, console=console)
     print_report(report)
     retention = report.get("retention_rsum")
@@ -272,7 +273,7 @@ def data_scenes(
     # deferred: the command's own stack loads when it runs
     from edgedistill.data.scenes import write_scenes
 
-    console = Console(stderr=True, soft_wrap=True)
+    console = make_console(stderr=True, soft_wrap=True)
     info = write_scenes(out, n, seed=seed, size=size, n_val=n_val, n_hard=n_hard, n_ood=n_ood, captioned=captioned,
                         workers=workers, progress=console)
     counts = ", ".join(f"{k} {v}" for k, v in info["counts"].items())
@@ -305,7 +306,7 @@ def teacher_pretrain(
 
     import edgedistill.atomic as atomic
 
-    console = Console(stderr=True, soft_wrap=True)
+    console = make_console(stderr=True, soft_wrap=True)
     if out is not None:
         atomic.writable_dir(out, "--out")
     train = data / "train.jsonl"
@@ -359,7 +360,7 @@ def export(
     # deferred: the command's own stack loads when it runs
     from edgedistill.export.exporter import ExportOptions, run_export
 
-    console = Console(stderr=True, soft_wrap=True)
+    console = make_console(stderr=True, soft_wrap=True)
     doc = run_export(ExportOptions(run_dir=run_dir, format=fmt, fp16=fp16, int8=int8, calib_method=calib_method,
                                    calib_size=calib_size, target=target, out=out, text_embeddings=text_embeddings,
                                    threads=threads), console)
@@ -372,7 +373,7 @@ def export(
         table.add_row(e["path"], e["format"], e["precision"], f"{e['size_mb']:.1f}",
                       f"{parity['cosine_mean']:.5f}" if parity else "-",
                       *[f"{val[k]:.1f}" if k in val else "-" for k in ("i2t_r1", "t2i_r1", "rsum")])
-    Console().print(table)
+    make_console().print(table)
     console.print(f"written to {Path(doc['out']) / 'export.json'}", highlight=False)
 
 
@@ -412,7 +413,7 @@ def embed(
     from edgedistill.api import load
     from edgedistill.index import build_index, check_options, read_source
 
-    console = Console(stderr=True, soft_wrap=True)
+    console = make_console(stderr=True, soft_wrap=True)
     check_options(batch, max_bad_fraction)
     manifest = read_source(source)  # a bad source is found before the model loads
     encoder = load(model, device=device, backend=backend, precision=precision, threads=threads)
@@ -467,7 +468,7 @@ def search(
     for h in hits:
         table.add_row(str(h.rank), f"{h.score:.4f}", h.path, h.caption or "")
     _wide().print(table)
-    err = Console(stderr=True, soft_wrap=True)
+    err = make_console(stderr=True, soft_wrap=True)
     for path, write in ((html, html_sheet), (png, png_sheet)):
         if path is not None:
             write(hits, f"{title} in {index}", path)
@@ -516,8 +517,8 @@ def classify(
 
 def _wide() -> Console:
     """stdout; piped or captured, wide enough for paths (rich assumes 80 columns off a terminal)."""
-    console = Console()
-    return console if console.is_terminal else Console(width=200)
+    console = make_console()
+    return console if console.is_terminal else make_console(width=200)
 
 
 def _labels(text: str) -> list[str]:
@@ -688,7 +689,7 @@ def bench(
     from edgedistill.bench.runner import BenchOptions, parse_batches, run_bench
     from edgedistill.locations import latest_run
 
-    console = Console(stderr=True, soft_wrap=True)
+    console = make_console(stderr=True, soft_wrap=True)
     if export_dir is None:
         export_dir = latest_run(Path("runs")) / "export"
     options = []

@@ -31,6 +31,7 @@ from edgedistill.locations import default_cache_root
 from edgedistill.pretrain import pretrain_config, pretrain_teacher
 from edgedistill.recipe import validate_recipe
 from edgedistill.sheets import Hit, png_sheet
+from edgedistill.terminal import make_console
 from edgedistill.train import distill
 from edgedistill.errors import UserError
 
@@ -94,7 +95,7 @@ def _prepare_out(out: Path) -> None:
 
 def run_demo(out: Path = Path("runs/demo"), quick: bool = False, console: Console | None = None) -> dict[str, Any]:
     """Run every stage; returns the report written to ``out/demo.json``."""
-    console = console or Console(stderr=True, soft_wrap=True)
+    console = console or make_console(stderr=True, soft_wrap=True)
     size = SIZES["quick" if quick else "full"]
     out = Path(out)
     _prepare_out(out)
@@ -104,7 +105,7 @@ def run_demo(out: Path = Path("runs/demo"), quick: bool = False, console: Consol
 
     def stage(name: str, t0: float) -> None:
         stages[name] = round(time.perf_counter() - t0, 1)
-        console.print(f"[bold]{name}[/] done in {stages[name]:.1f} s", highlight=False)
+        console.print(f"{name} done in {stages[name]:.1f} s", highlight=False, markup=False)
 
     console.rule(f"1/6 scenes: {size.scenes} training images, {size.val} held out ({IMAGE_SIZE} px)")
     t0 = time.perf_counter()
@@ -237,7 +238,7 @@ def _markdown(report: dict[str, Any]) -> str:
 
 
 def print_report(report: dict[str, Any], console: Console | None = None) -> None:
-    console = console or Console()
+    console = console or make_console()
     lat = report["latency"]
     table = Table(title=f"teacher vs student on held-out scenes (recall in %; latency {lat['backend']}, batch "
                         f"{lat['batch']}, {lat['threads']} threads, p50)")

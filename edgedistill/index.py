@@ -38,6 +38,7 @@ from edgedistill.data.records import Manifest
 from edgedistill.documents import Document, read_document
 from edgedistill.errors import UserError
 from edgedistill.hashing import sha256_json
+from edgedistill.terminal import make_console
 
 INDEX_VERSION = 1
 CHUNK = 1024               # images per resumable chunk
@@ -114,7 +115,7 @@ def build_index(source: str | Path, encoder: Encoder, out: Path, batch: int = 64
     """Embed every image of ``source`` with ``encoder`` into the index folder ``out`` (resuming a build that was
     interrupted with the same model and source); returns what index.json says. ``manifest``: ``source`` already
     read (``read_source``)."""
-    console = console or Console(stderr=True, soft_wrap=True)
+    console = console or make_console(stderr=True, soft_wrap=True)
     check_options(batch, max_bad_fraction)
     manifest = manifest if manifest is not None else read_source(source)
     out = atomic.writable_dir(out, "--out")

@@ -57,6 +57,9 @@ def test_every_backend_and_precision_agrees_with_the_pytorch_student(export_dir)
         assert cos.min() >= floor, (precision, cos.min())
     fp32 = edgedistill.load(export_dir, device="cpu", precision="fp32")
     assert ((fp32.encode_text(texts) * ref_text).sum(axis=1) > 0.9999).all()
+    int8 = edgedistill.load(export_dir, device="cpu", precision="int8")  # the text tower exists in fp32 only
+    assert int8.info.text["precision"] == "fp32" and any("no int8 text encoder" in n for n in int8.info.notes)
+    assert ((int8.encode_text(texts) * ref_text).sum(axis=1) > 0.9999).all()
 
 
 def test_zero_shot_gives_probabilities_over_the_labels(export_dir):

@@ -40,6 +40,7 @@ from edgedistill.formats import BACKENDS
 from edgedistill.jetson import TegrastatsSampler, measure_power
 from edgedistill.runtime.preprocess import Preprocess, image_side
 from edgedistill.runtime.tokenizer import load_tokenizer
+from edgedistill.terminal import make_console
 from edgedistill.valsplit import ClassPrompts
 
 BUNDLE_TEACHER = "teacher"   # bundle folder: teacher.json (scores, preprocess) and image_fp32.onnx
@@ -353,7 +354,7 @@ def _e2e(job: Job, runner: Runner, val: BenchVal | None, preprocess: dict[str, A
 # ------------------------------------------------------------------------------------------------ main
 def run_bench(opts: BenchOptions, console: Console | None = None) -> dict[str, Any]:
     """Measure every artifact; write bench.json, bench.md and pareto.png into ``opts.out``; return the report."""
-    console = console or Console(stderr=True, soft_wrap=True)
+    console = console or make_console(stderr=True, soft_wrap=True)
     check_options(opts)
     export_dir = Path(opts.export_dir)
     doc = artifacts.read_manifest(export_dir)

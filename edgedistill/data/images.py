@@ -12,6 +12,7 @@ from rich.console import Console
 
 from edgedistill.data.shards import ShardMember
 from edgedistill.errors import UserError
+from edgedistill.terminal import make_console, warn
 
 
 def open_image(path: str | Path | ShardMember) -> Image.Image:
@@ -44,12 +45,12 @@ class BadImages:
         self.total = total
         self.max_fraction = max_fraction
         self.what = what
-        self.console = console or Console(stderr=True, soft_wrap=True)
+        self.console = console or make_console(stderr=True, soft_wrap=True)
         self.items: list[tuple[int, str, str]] = list(known)  # (index, path, reason)
 
     def add(self, index: int, path: str | Path, reason: str) -> None:
         self.items.append((index, str(path), reason))
-        self.console.print(f"[yellow]warning:[/] skipped image {path}: {reason}", highlight=False)
+        warn(self.console, f"skipped image {path}: {reason}")
         self.check()
 
     def check(self) -> None:

@@ -40,6 +40,7 @@ from edgedistill.recipe import Recipe, load_recipe
 from edgedistill.runtime.ort import ort_session, run_session
 from edgedistill.runtime.preprocess import Preprocess
 from edgedistill.runtime.tokenizer import save_tokenizer
+from edgedistill.terminal import make_console, warn
 from edgedistill.valsplit import ClassPrompts, ValSplit, decode_split, score
 from edgedistill.students import Student, load_student
 
@@ -128,7 +129,7 @@ def _preprocess_desc(student: Student) -> dict[str, Any]:
 
 def run_export(opts: ExportOptions, console: Console | None = None) -> dict[str, Any]:
     """Export the run's student as the options ask; returns the export.json document."""
-    console = console or Console(stderr=True, soft_wrap=True)
+    console = console or make_console(stderr=True, soft_wrap=True)
     plan = make_plan(opts)
     _check_backend(opts.format)
     run_dir = Path(opts.run_dir) if opts.run_dir else latest_run(opts.runs_root)
@@ -187,8 +188,7 @@ def _save_tokenizer(student_dir: Path, out: Path, console: Console) -> dict[str,
     try:
         save_tokenizer(f"local-dir:{student_dir}", folder)
     except UserError as e:
-        console.print(f"[yellow]warning:[/] the tokenizer is not saved for devices ({e}); text on a device then "
-                      f"needs open_clip", highlight=False)
+        warn(console, f"the tokenizer is not saved for devices ({e}); text on a device then needs open_clip")
         return {}
     return {"folder": TOKENIZER_FOLDER,
             "files": {f.name: sha256_file(f) for f in sorted(folder.iterdir()) if f.is_file()}}
@@ -323,7 +323,7 @@ class ExportJob:
         if not good:
             raise UserError(f"{self.train.path}: none of the {len(picks)} calibration images could be read")
         if len(good) < len(picks):
-            self.console.print(f"[yellow]calibration: {len(picks) - len(good)} unreadable images skipped[/]")
+            warn(self.console, f"calibration: {len(picks) - len(good)} unreadable images skipped")
         data_hash = calibration_data_hash([self.train.entries[i].image for i, a in loaded if a is not None],
                                           _preprocess_desc(self.student))
         reader = ImageCalibrationReader(inp, len(good), lambda i: good[i])
@@ -338,8 +338,8 @@ class ExportJob:
             drop = self.torch_val["i2t_r1"] - e["val"]["i2t_r1"]
             e["val_r1_drop"] = round(drop, 4)
             if not at_most(drop, MAX_INT8_R1_DROP):  # a NaN drop is flagged too
-                self.console.print(f"[yellow]INT8 loses {drop:.1f} points of val image->text R@1; try "
-                                   f"--calib-method percentile or a larger --calib-size[/]", highlight=False)
+                warn(self.console, f"INT8 loses {drop:.1f} points of val image->text R@1; try --calib-method "
+                                   f"percentile or a larger --calib-size")
 
     @torch.no_grad()
     def text_embeddings(self, prompts: list[str]) -> dict[str, Any]:

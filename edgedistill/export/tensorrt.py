@@ -23,13 +23,13 @@ from types import ModuleType
 from typing import Any, Sequence
 
 import numpy as np
-from rich.console import Console
 
 import edgedistill.atomic as atomic
 from edgedistill.errors import UserError
 from edgedistill.export import artifacts
 from edgedistill.hashing import sha256_file
 from edgedistill.jetson import detect_jetson
+from edgedistill.terminal import make_console, warn
 
 REBUILD_HINT = "rebuild it here with `edgedistill export --format trt`"
 ALIGNMENT = 256  # bytes: TensorRT wants every tensor address aligned to this (IExecutionContext.set_tensor_address)
@@ -310,8 +310,7 @@ def _load_timing_cache(config: Any, path: Path, console: Any) -> Any:
         if cache is not None and config.set_timing_cache(cache, False):
             return cache
         # made by another GPU or TensorRT version: timing only speeds the build up, so start afresh
-        console.print(f"[yellow]timing cache {path} was made by another GPU or TensorRT version; "
-                      f"starting a new one[/]")
+        warn(console, f"timing cache {path} was made by another GPU or TensorRT version; starting a new one")
     cache = config.create_timing_cache(b"")
     config.set_timing_cache(cache, False)
     return cache
@@ -327,7 +326,7 @@ def build_engine(onnx_path: Path, engine_path: Path, profile: BatchProfile, work
     written atomically.
     """
     trt = require_tensorrt()
-    console = console or Console(stderr=True)
+    console = console or make_console(stderr=True)
     onnx_path, engine_path, timing_cache = Path(onnx_path), Path(engine_path), Path(timing_cache)
     if not onnx_path.is_file():
         raise UserError(f"ONNX model {onnx_path} not found; export one first with `edgedistill export`")
