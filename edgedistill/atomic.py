@@ -137,6 +137,16 @@ def writable_dir(path: str | os.PathLike, what: str) -> Path:
     return folder
 
 
+def writable_file(path: str | os.PathLike, what: str) -> Path:
+    """Check before the work that the file ``path`` can be written: not a folder, in a folder that can be written
+    (created if missing). One-line UserError naming ``what`` (e.g. "--png") otherwise."""
+    target = Path(path)
+    if target.is_dir():
+        raise UserError(f"{what} {target} is a folder; give a file path")
+    writable_dir(target.parent, what)
+    return target
+
+
 TEMPORARY_PATTERNS = (".*.tmp", ".*.unverified.*")  # what atomic_path and the export's staging leave when killed
 
 

@@ -34,7 +34,7 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
-from edgedistill import distributed
+import edgedistill.distributed as distributed
 from edgedistill.registry import ComponentOptions, Registry
 
 

@@ -35,14 +35,17 @@ from rich.console import Console
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn,
                            TimeRemainingColumn)
 
-from edgedistill import atomic, distributed
-from edgedistill.data.images import BadImages, ImageDataset, collate_images
+import edgedistill.atomic as atomic
+import edgedistill.distributed as distributed
+from edgedistill.data.batching import ImageDataset, collate_images
+from edgedistill.data.images import BadImages
 from edgedistill.data.manifest import Manifest, load_manifest
 from edgedistill.errors import UserError
 from edgedistill.recipe import Recipe
 from edgedistill.memory import keep_freed_memory
 from edgedistill.hashing import sha256_file, sha256_json
 from edgedistill.teachers import Teacher
+from edgedistill.terminal import make_console, warn
 
 CACHE_VERSION = 1
 ARRAYS = ("image_emb", "image_ok", "text_emb", "text_offsets")
@@ -451,7 +454,7 @@ def build_or_load(teacher: Teacher, manifest: Manifest, root: Path, *, batch_siz
                   chunk_size: int = 1024, max_bad_fraction: float = 0.05, what: str = "cache",
                   console: Console | None = None, rebuild: bool = False) -> CacheResult:
     """Return the verified cache of ``manifest`` under ``root``, building (or resuming) it when needed."""
-    console = console or Console(stderr=True, soft_wrap=True)
+    console = console or make_console(stderr=True, soft_wrap=True)
     if teacher.device.type == "cpu":
         keep_freed_memory()
     try:
@@ -482,7 +485,7 @@ def _open_existing(final: Path, key: str, manifest: Manifest, rebuild: bool, con
     except FileNotFoundError:
         return None
     except CacheMismatch as e:
-        console.print(f"[yellow]{what}: cache {final} does not match ({e}); rebuilding it[/]", highlight=False)
+        warn(console, f"{what}: cache {final} does not match ({e}); rebuilding it")
         shutil.rmtree(final)
         return None
 
@@ -600,7 +603,7 @@ def load_split_manifests(recipe: Recipe) -> dict[str, Manifest]:
     """The recipe's manifests by split name ('train', and 'val' / 'ood_val' when given)."""
     splits = {"train": recipe.data.train, "val": recipe.data.val, "ood_val": recipe.data.ood_val}
     index_dir = recipe.cache.root / "shards"  # indexes of webdataset shards
-    return {name: load_manifest(path, recipe.data.image_root, index_dir)
+    return {name: load_manifest(path, recipe.data.image_root, index_dir, recipe.data.folder_labels)
             for name, path in splits.items() if path is not None}
 
 

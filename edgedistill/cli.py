@@ -15,12 +15,14 @@ import traceback
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from edgedistill import __version__
 from edgedistill.errors import UserError
+from edgedistill.terminal import make_console
 
 app = typer.Typer(
     name="edgedistill",
@@ -62,7 +64,7 @@ def check(recipe: Path = RECIPE_ARG, overrides: Optional[list[str]] = OVERRIDES_
     """
     # deferred: the command's own stack loads when it runs
     from edgedistill.cache import load_split_manifests
-    from edgedistill.evaluate import read_class_descriptions
+    from edgedistill.valsplit import read_class_descriptions
     from edgedistill.recipe import load_recipe, recipe_to_yaml
     from edgedistill.students import check_vision_tower
     from edgedistill.teachers import check_teacher
@@ -76,7 +78,7 @@ def check(recipe: Path = RECIPE_ARG, overrides: Optional[list[str]] = OVERRIDES_
     if resolved.data.class_descriptions is not None:
         read_class_descriptions(resolved.data.class_descriptions)
     typer.echo(recipe_to_yaml(resolved), nl=False)
-    err = Console(stderr=True, soft_wrap=True)
+    err = make_console(stderr=True, soft_wrap=True)
     for name, m in manifests.items():
         err.print(f"{name}: {len(m)} images, {m.n_captions} captions ({m.path})", highlight=False)
 
@@ -102,7 +104,7 @@ def cache(
     from edgedistill.recipe import load_recipe
     from edgedistill.teachers import load_teacher
 
-    console = Console(stderr=True, soft_wrap=True)
+    console = make_console(stderr=True, soft_wrap=True)
     resolved = load_recipe(recipe, overrides or [])
     manifests = load_split_manifests(resolved)
     with console.status(f"loading teacher {resolved.teacher.model} ({resolved.teacher.pretrained})"):
@@ -117,7 +119,7 @@ def cache(
     for name, r in results.items():
         table.add_row(name, str(r.cache.n_images), str(len(r.cache.bad_images)), str(r.cache.n_texts),
                       "reused" if r.hit else "built", f"{r.seconds:.1f}", str(r.cache.path))
-    Console().print(table)
+    make_console().print(table)
 
 
 @app.command()
@@ -148,7 +150,7 @@ def distill(
     from edgedistill.recipe import load_recipe
     from edgedistill.train import distill as run_distill
 
-    console = Console(stderr=True, soft_wrap=True)
+    console = make_console(stderr=True, soft_wrap=True)
     resolved = load_recipe(recipe, overrides or [])
     if nproc > 1:
         from edgedistill.distributed import launch_distill  # deferred: only --nproc needs the launcher
@@ -167,7 +169,7 @@ METRIC_LABELS = {"i2t_r1": "image->text R@1", "i2t_r5": "image->text R@5", "i2t_
 def _print_summary(summary: dict, out: Path, trained: bool = True) -> None:
     """One row per metric, a column per model: fits any terminal width."""
     models = {k: v for k, v in (("teacher", summary.get("teacher")), ("student", summary.get("student"))) if v}
-    console = Console()
+    console = make_console()
     if models:
         table = Table(title=f"val ({summary.get('val_images', 0)} images; recall in %)")
         table.add_column("metric")
@@ -203,7 +205,7 @@ def evaluate(
     # deferred: the command's own stack loads when it runs
     from edgedistill.evaluate import run_eval
 
-    console = Console(stderr=True, soft_wrap=True)
+    console = make_console(stderr=True, soft_wrap=True)
     result = run_eval(run_dir, device, console)
     _print_summary(result, run_dir, trained=False)
     console.print(f"written to {run_dir / 'eval.json'}", highlight=False)
@@ -228,13 +230,14 @@ def demo(
     # deferred: the command's own stack loads when it runs
     from edgedistill.demo import print_report, run_demo
 
-    console = Console(stderr=True, soft_wrap=True)
+    console = make_console(stderr=True, soft_wrap=True)
     report = run_demo(out, quick=quick, console=console)
     print_report(report)
     retention = report.get("retention_rsum")
     console.print(f"{'student RSUM retention ' + format(retention, '.1%') + '; ' if retention else ''}"
                   f"{report['seconds']:.0f} s in all. Report: {out / 'demo.md'}, run: {out}, export: "
-                  f"{out / 'export' / 'export.json'}, bench: {report['bench']['md']}, plot: {report['bench']['plot']}",
+                  f"{out / 'export' / 'export.json'}, bench: {report['bench']['md']}, plot: {report['bench']['plot']}, "
+                  f"search: {out / 'search.png'}",
                   highlight=False)
 
 
@@ -270,7 +273,7 @@ def data_scenes(
     # deferred: the command's own stack loads when it runs
     from edgedistill.data.scenes import write_scenes
 
-    console = Console(stderr=True, soft_wrap=True)
+    console = make_console(stderr=True, soft_wrap=True)
     info = write_scenes(out, n, seed=seed, size=size, n_val=n_val, n_hard=n_hard, n_ood=n_ood, captioned=captioned,
                         workers=workers, progress=console)
     counts = ", ".join(f"{k} {v}" for k, v in info["counts"].items())
@@ -301,9 +304,9 @@ def teacher_pretrain(
     # deferred: the command's own stack loads when it runs
     from edgedistill.pretrain import pretrain_config, pretrain_teacher
 
-    from edgedistill import atomic
+    import edgedistill.atomic as atomic
 
-    console = Console(stderr=True, soft_wrap=True)
+    console = make_console(stderr=True, soft_wrap=True)
     if out is not None:
         atomic.writable_dir(out, "--out")
     train = data / "train.jsonl"
@@ -357,7 +360,7 @@ def export(
     # deferred: the command's own stack loads when it runs
     from edgedistill.export.exporter import ExportOptions, run_export
 
-    console = Console(stderr=True, soft_wrap=True)
+    console = make_console(stderr=True, soft_wrap=True)
     doc = run_export(ExportOptions(run_dir=run_dir, format=fmt, fp16=fp16, int8=int8, calib_method=calib_method,
                                    calib_size=calib_size, target=target, out=out, text_embeddings=text_embeddings,
                                    threads=threads), console)
@@ -370,8 +373,175 @@ def export(
         table.add_row(e["path"], e["format"], e["precision"], f"{e['size_mb']:.1f}",
                       f"{parity['cosine_mean']:.5f}" if parity else "-",
                       *[f"{val[k]:.1f}" if k in val else "-" for k in ("i2t_r1", "t2i_r1", "rsum")])
-    Console().print(table)
+    make_console().print(table)
     console.print(f"written to {Path(doc['out']) / 'export.json'}", highlight=False)
+
+
+MODEL_OPTION = typer.Option(..., "--model", help="The student: an export folder, one artifact, a run folder or its "
+                             "student/ folder (see edgedistill.load).", show_default=False)
+DEVICE_OPTION = typer.Option("auto", "--device", help="auto, cpu, cuda or jetson.")
+BACKEND_OPTION = typer.Option("auto", "--backend", help="auto (the fastest here) or a backend name, e.g. "
+                              "onnxruntime-cpu, tensorrt, pytorch-cpu.")
+PRECISION_OPTION = typer.Option(None, "--precision", help="fp32, fp16 or int8 (default: the fastest here).")
+
+
+@app.command()
+def embed(
+    source: Path = typer.Argument(..., help="A folder of images (recursive), a manifest (.jsonl, .csv) or webdataset "
+                                  "shards.", show_default=False),
+    model: Path = MODEL_OPTION,
+    out: Optional[Path] = typer.Option(None, "--out", help="Index folder (default: SOURCE's name + .index here)."),
+    batch: int = typer.Option(64, "--batch", help="Images per inference call."),
+    device: str = DEVICE_OPTION,
+    backend: str = BACKEND_OPTION,
+    precision: Optional[str] = PRECISION_OPTION,
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads of the runtime."),
+    max_bad_fraction: float = typer.Option(0.05, "--max-bad-fraction", help="Stop when more than this share of "
+                                           "the images cannot be read."),
+) -> None:
+    """Embed every image of SOURCE with a student into an index for `edgedistill search`.
+
+    Built in resumable chunks (run the same command again after an interruption); unreadable images are skipped,
+    counted and named at the end.
+
+    Examples:
+
+    * `edgedistill embed photos/ --model runs/clip_to_mobilenet/export`
+    * `edgedistill embed data/val.jsonl --model runs/clip_to_mobilenet/export --out val.index --precision int8`
+    """
+    # deferred: the command's own stack loads when it runs
+    from edgedistill.api import load
+    from edgedistill.index import build_index, check_options, read_source
+
+    console = make_console(stderr=True, soft_wrap=True)
+    check_options(batch, max_bad_fraction)
+    manifest = read_source(source)  # a bad source is found before the model loads
+    encoder = load(model, device=device, backend=backend, precision=precision, threads=threads)
+    console.print(f"model {encoder.info.image['artifact']} on {encoder.info.image['backend']} "
+                  f"({encoder.info.device}; chosen by {encoder.info.chosen_by})", highlight=False)
+    out = out or Path(f"{Path(str(source).rstrip('/')).name.split('{')[0] or 'images'}.index")
+    doc = build_index(source, encoder, out, batch=batch, max_bad_fraction=max_bad_fraction, console=console,
+                      manifest=manifest)
+    console.print(f"{doc.count} images embedded into {out}", highlight=False)
+
+
+@app.command()
+def search(
+    index: Path = typer.Argument(..., help="An index folder made by `edgedistill embed`.", show_default=False),
+    query: Optional[str] = typer.Argument(None, help="The text to search for.", show_default=False),
+    k: int = typer.Option(10, "-k", "--top", min=1, help="How many hits."),
+    image: Optional[Path] = typer.Option(None, "--image", help="Search with an image instead of text."),
+    model: Optional[Path] = typer.Option(None, "--model", help="The model (default: the one that made the index)."),
+    html: Optional[Path] = typer.Option(None, "--html", help="Also write the hits as an HTML page."),
+    png: Optional[Path] = typer.Option(None, "--png", help="Also write the hits as a PNG contact sheet."),
+    device: str = DEVICE_OPTION,
+    backend: str = BACKEND_OPTION,
+) -> None:
+    """The images of an index closest to a text (or to an image): a table, and optionally a contact sheet.
+
+    Examples:
+
+    * `edgedistill search photos.index "a red car on a street" -k 5 --png hits.png`
+    * `edgedistill search photos.index --image query.jpg --html hits.html`
+    """
+    # deferred: the command's own stack loads when it runs
+    import edgedistill.atomic as atomic
+    from edgedistill.api import load
+    from edgedistill.index import check_same_model, open_index
+    from edgedistill.sheets import Hit, html_sheet, png_sheet
+
+    if (query is None) == (image is None):
+        raise UserError("give a text query or --image (one of them)")
+    for path, flag in ((html, "--html"), (png, "--png")):
+        if path is not None:
+            atomic.writable_file(path, flag)  # before the search, not after it
+    idx = open_index(index)
+    encoder = load(model or idx.doc.model.source, device=device, backend=backend)
+    check_same_model(idx, encoder)
+    vector = encoder.encode_text([query])[0] if query is not None else encoder.encode_image([str(image)])[0]
+    hits = [Hit(rank + 1, s, idx.items[row]["path"], (idx.items[row].get("captions") or [None])[0])
+            for rank, (row, s) in enumerate(idx.search(vector, k))]
+    title = f"{query!r}" if query is not None else f"like {image}"
+    table = Table(title=f"{title}: top {len(hits)} of {len(idx.items)}")
+    for col in ("#", "score", "image", "caption"):
+        table.add_column(col, overflow="fold")
+    for h in hits:
+        table.add_row(str(h.rank), f"{h.score:.4f}", h.path, h.caption or "")
+    _wide().print(table)
+    err = make_console(stderr=True, soft_wrap=True)
+    for path, write in ((html, html_sheet), (png, png_sheet)):
+        if path is not None:
+            write(hits, f"{title} in {index}", path)
+            err.print(f"written to {path}", highlight=False)
+
+
+@app.command()
+def classify(
+    images: list[Path] = typer.Argument(..., help="Image files or folders of images.", show_default=False),
+    model: Path = MODEL_OPTION,
+    labels: str = typer.Option(..., "--labels", help="Class names, comma-separated, or a text file with one a line.",
+                               show_default=False),
+    prompt: str = typer.Option("a photo of a {label}.", "--prompt", help="The class prompt; {label} is the name."),
+    k: int = typer.Option(3, "-k", "--top", min=1, help="How many classes per image."),
+    device: str = DEVICE_OPTION,
+    backend: str = BACKEND_OPTION,
+) -> None:
+    """Zero-shot classification: the top classes of each image among the labels, with their probabilities.
+
+    Examples:
+
+    * `edgedistill classify photo.jpg --model runs/clip_to_mobilenet/export --labels "cat,dog,car"`
+    * `edgedistill classify photos/ --model export/ --labels classes.txt -k 1`
+    """
+    # deferred: the command's own stack loads when it runs
+    from edgedistill.api import load
+    from edgedistill.data.manifest import load_folder
+
+    names = _labels(labels)
+    files = [f for p in images for f in ([str(e.image) for e in load_folder(p).entries] if p.is_dir() else [str(p)])]
+    for f in files:
+        if not Path(f).is_file():
+            raise UserError(f"{f} not found; give image files or folders of images")
+    encoder = load(model, device=device, backend=backend)
+    table = Table(title=f"zero-shot over {len(names)} labels ({prompt!r})")
+    table.add_column("image", overflow="fold")
+    table.add_column("top classes", overflow="fold")
+    for start in range(0, len(files), 64):
+        chunk = files[start:start + 64]
+        probs = encoder.zero_shot(chunk, names, prompt=prompt)
+        for f, p in zip(chunk, probs):
+            top = np.argsort(-p, kind="stable")[:k]
+            table.add_row(f, ", ".join(f"{names[i]} {p[i]:.1%}" for i in top))
+    _wide().print(table)
+
+
+def _wide() -> Console:
+    """stdout; piped or captured, wide enough for paths (rich assumes 80 columns off a terminal)."""
+    console = make_console()
+    return console if console.is_terminal else make_console(width=200)
+
+
+def _labels(text: str) -> list[str]:
+    """``--labels``: a file of one label a line, or a comma-separated list."""
+    path = Path(text)
+    if path.is_file():
+        try:
+            raw = path.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"--labels {path} cannot be read as UTF-8 text ({type(e).__name__}); give a text file "
+                            f"of one name a line") from None
+    elif "," not in text and (os.sep in text or path.suffix.lower() in (".txt", ".csv", ".lst", ".labels")):
+        raise UserError(f"--labels file {path} not found; give an existing file or names like \"cat,dog\"")
+    else:
+        raw = text.split(",")
+    names = [x.strip() for x in raw if x.strip()]
+    if not names:
+        raise UserError(f"--labels {text!r} holds no class names; give \"cat,dog\" or a file of one name a line")
+    if len(names) < 2:
+        raise UserError(f"--labels names one class ({names[0]!r}); zero-shot chooses among two or more")
+    if len(set(names)) != len(names):
+        raise UserError("--labels names a class twice; give each class once")
+    return names
 
 
 INTERRUPTED = "interrupted; run the same command again to continue where it stopped\n"
@@ -384,6 +554,9 @@ def _interrupted_hint(args: list[str]) -> str:
     return INTERRUPTED_DISTILL if "distill" in args and "--resume" not in args else INTERRUPTED
 
 
+# What the `train` extra installs: a command that reaches for it on a device install says so in one line.
+TRAINING_STACK = {"torch", "torchvision", "open_clip", "timm", "onnxscript", "onnxslim", "safetensors",
+                  "tensorboard"}
 # Environment faults a user fixes (a full disk, a read-only or forbidden folder), wherever they surface.
 USER_ERRNOS = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT)
 
@@ -442,6 +615,16 @@ def main(argv: Optional[list[str]] = None) -> int:
             traceback.print_exc()
         sys.stderr.write(f"error: {e}\n")
         return 2
+    except ModuleNotFoundError as e:
+        stack = (e.name or "").split(".")[0]
+        if stack not in TRAINING_STACK:
+            raise
+        if debug:
+            traceback.print_exc()
+        command = next((a for a in args if not a.startswith("-")), "this command")
+        sys.stderr.write(f"error: edgedistill {command} needs the training install ({stack} is missing): pip install "
+                         f"'edgedistill[train]'\n")
+        return 2
     except OSError as e:
         if e.errno not in USER_ERRNOS:
             raise
@@ -482,6 +665,12 @@ def bench(
     ssh_option: list[str] = typer.Option([], "--ssh-option", help="Extra ssh -o option (repeatable), e.g. "
                                          "ConnectTimeout=20."),
     timeout: float = typer.Option(3600, "--timeout", help="Seconds the remote bench may take."),
+    load: int = typer.Option(0, "--load", help="Busy processes beside the timed runs: latency under contention, "
+                             "as on a device that runs its application too."),
+    spin: Optional[bool] = typer.Option(None, "--spin/--no-spin", help="onnxruntime's spinning intra-op threads "
+                                        "(default: onnxruntime's, on); --no-spin is faster on a busy machine."),
+    openvino_hint: Optional[str] = typer.Option(None, "--openvino-hint", help="OpenVINO's performance hint: "
+                                                "latency (default) or throughput."),
 ) -> None:
     """Latency and accuracy of every exported artifact on every backend of a device, next to the teacher.
 
@@ -498,9 +687,9 @@ def bench(
     """
     # deferred: the command's own stack loads when it runs
     from edgedistill.bench.runner import BenchOptions, parse_batches, run_bench
-    from edgedistill.export.exporter import latest_run
+    from edgedistill.locations import latest_run
 
-    console = Console(stderr=True, soft_wrap=True)
+    console = make_console(stderr=True, soft_wrap=True)
     if export_dir is None:
         export_dir = latest_run(Path("runs")) / "export"
     options = []
@@ -508,4 +697,5 @@ def bench(
         options += ["-o", opt]
     run_bench(BenchOptions(export_dir=export_dir, device=device, batches=parse_batches(batch), warmup=warmup,
                            iters=iters, threads=threads, teacher=teacher, e2e=e2e, out=out, val=val, host=host,
-                           port=port, remote_cmd=remote_cmd, ssh_options=options, timeout_s=timeout), console)
+                           port=port, remote_cmd=remote_cmd, ssh_options=options, timeout_s=timeout, load=load,
+                           spin=spin, openvino_hint=openvino_hint), console)

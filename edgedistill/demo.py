@@ -22,14 +22,18 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from edgedistill import atomic
+import edgedistill.atomic as atomic
+from edgedistill.api import load
 from edgedistill.bench.runner import BenchOptions, run_bench
 from edgedistill.data.scenes import write_scenes
 from edgedistill.export.exporter import ExportOptions, run_export
 from edgedistill.gates import finite
+from edgedistill.index import build_index, open_index
 from edgedistill.locations import default_cache_root
 from edgedistill.pretrain import pretrain_config, pretrain_teacher
 from edgedistill.recipe import validate_recipe
+from edgedistill.sheets import Hit, png_sheet
+from edgedistill.terminal import make_console
 from edgedistill.train import distill
 from edgedistill.errors import UserError
 
@@ -96,7 +100,7 @@ def _prepare_out(out: Path) -> None:
 
 def run_demo(out: Path = Path("runs/demo"), quick: bool = False, console: Console | None = None) -> dict[str, Any]:
     """Run every stage; returns the report written to ``out/demo.json``."""
-    console = console or Console(stderr=True, soft_wrap=True)
+    console = console or make_console(stderr=True, soft_wrap=True)
     size = SIZES["quick" if quick else "full"]
     out = Path(out)
     _prepare_out(out)
@@ -106,15 +110,15 @@ def run_demo(out: Path = Path("runs/demo"), quick: bool = False, console: Consol
 
     def stage(name: str, t0: float) -> None:
         stages[name] = round(time.perf_counter() - t0, 1)
-        console.print(f"[bold]{name}[/] done in {stages[name]:.1f} s", highlight=False)
+        console.print(f"{name} done in {stages[name]:.1f} s", highlight=False, markup=False)
 
-    console.rule(f"1/5 scenes: {size.scenes} training images, {size.val} held out ({IMAGE_SIZE} px)")
+    console.rule(f"1/6 scenes: {size.scenes} training images, {size.val} held out ({IMAGE_SIZE} px)")
     t0 = time.perf_counter()
     data = root / "scenes" / f"demo-{size.name}-{size.scenes}-{IMAGE_SIZE}px"
     write_scenes(data, size.scenes, seed=0, size=IMAGE_SIZE, n_val=size.val, n_hard=0, n_ood=0, progress=console)
     stage("scenes", t0)
 
-    console.rule(f"2/5 teacher: open_clip CLIP, preset {size.teacher} (trained once, then reused)")
+    console.rule(f"2/6 teacher: open_clip CLIP, preset {size.teacher} (trained once, then reused)")
     t0 = time.perf_counter()
     teacher = pretrain_teacher(data / "train.jsonl", data / "val.jsonl", pretrain_config(size.teacher),
                                console=console)
@@ -122,25 +126,30 @@ def run_demo(out: Path = Path("runs/demo"), quick: bool = False, console: Consol
                   f"image->text R@1 {teacher.metrics.get('i2t_r1', float('nan')):.1f}%", highlight=False)
     stage("teacher", t0)
 
-    console.rule(f"3/5 distill: {size.student} student, {size.steps} steps")
+    console.rule(f"3/6 distill: {size.student} student, {size.steps} steps")
     t0 = time.perf_counter()
     recipe = validate_recipe(_recipe(size, data, teacher.teacher_config(), out, root), "demo recipe")
     summary = distill(recipe, console=console)
     stage("distill", t0)
 
-    console.rule("4/5 export: ONNX FP32 and calibrated INT8, checked against PyTorch")
+    console.rule("4/6 export: ONNX FP32 and calibrated INT8, checked against PyTorch")
     t0 = time.perf_counter()
     run_export(ExportOptions(run_dir=out, format="onnx", int8=True, calib_size=size.calib, out=out / "export"),
                console)
     stage("export", t0)
 
-    console.rule("5/5 bench: every artifact and the teacher on onnxruntime / PyTorch CPU")
+    console.rule("5/6 bench: every artifact and the teacher on onnxruntime / PyTorch CPU")
     t0 = time.perf_counter()
     threads = torch.get_num_threads()
     bench = run_bench(BenchOptions(export_dir=out / "export", device="cpu", batches=[1, 8], warmup=5,
                                    iters=size.latency_iters, threads=threads, teacher=True, out=out / "bench"),
                       console)
     stage("bench", t0)
+
+    console.rule("6/6 search: the held-out scenes embedded by the INT8 student, searched by text")
+    t0 = time.perf_counter()
+    searches = _search(data / "val.jsonl", out, console)
+    stage("search", t0)
 
     rows = _rows(summary, bench)
     report = {"size": size.name, "seconds": round(time.perf_counter() - started, 1), "stages": stages,
@@ -152,17 +161,45 @@ def run_demo(out: Path = Path("runs/demo"), quick: bool = False, console: Consol
               "bench": {"json": str(out / "bench" / "bench.json"), "md": str(out / "bench" / "bench.md"),
                         "plot": str(out / "bench" / "pareto.png")},
               "rows": rows, "compression": compression(rows),
-              "retention_rsum": (summary.get("retention") or {}).get("rsum")}
+              "retention_rsum": (summary.get("retention") or {}).get("rsum"), "search": searches}
     atomic.write_json(out / MARKER, report)
     atomic.write_text(out / "demo.md", _markdown(report))
     return report
 
 
+SEARCH_QUERIES = ("a large red circle on the left", "a small blue square")
+
+
+def _search(val: Path, out: Path, console: Console) -> list[dict[str, Any]]:
+    """Embed the val scenes with the INT8 export (edgedistill.load: what an application does), search two texts,
+    print the top 5 of each with their captions and draw them in ``out/search.png``."""
+    encoder = load(out / "export", device="cpu", precision="int8")
+    build_index(val, encoder, out / "val.index", console=console)
+    index = open_index(out / "val.index")
+    results, hits = [], []
+    for query in SEARCH_QUERIES:
+        top = index.search(encoder.encode_text([query])[0], 5)
+        found = [{"rank": r + 1, "score": round(s, 4), "path": index.items[i]["path"],
+                  "caption": (index.items[i].get("captions") or [""])[0]} for r, (i, s) in enumerate(top)]
+        results.append({"query": query, "hits": found})
+        hits += [Hit(h["rank"], h["score"], h["path"], f"{query!r}: {h['caption']}") for h in found]
+        table = Table(title=f"{query!r}: top 5 of {len(index.items)} held-out scenes ({encoder.info.image['artifact']} "
+                            f"on {encoder.info.image['backend']})")
+        for col in ("#", "score", "caption of the hit"):
+            table.add_column(col)
+        for h in found:
+            table.add_row(str(h["rank"]), f"{h['score']:.3f}", h["caption"])
+        console.print(table)
+    png_sheet(hits, " | ".join(repr(q) for q in SEARCH_QUERIES), out / "search.png")
+    return results
+
+
 def _rows(summary: dict[str, Any], bench: dict[str, Any]) -> list[dict[str, Any]]:
     """One row per image model at batch 1: the teacher, the PyTorch student, each ONNX image artifact."""
     keys = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "rsum")
-    timed = {r["artifact"]: r for r in bench["rows"]
-             if r["status"] == "ok" and r["batch"] == 1 and r["encoder"] == "image"}
+    timed = {r["artifact"]: r for r in bench["rows"]  # the backends the table names (not OpenVINO's rows)
+             if r["status"] == "ok" and r["batch"] == 1 and r["encoder"] == "image"
+             and r["backend"] in ("onnxruntime-cpu", "pytorch-cpu")}
     teacher = timed.get("teacher_image_fp32_onnx") or {}
     rows = [{"model": "teacher (open_clip ViT, ONNX)", "precision": "fp32", "size_mb": teacher.get("size_mb"),
              "latency_ms": teacher.get("p50_ms"), **{k: summary["teacher"].get(k) for k in keys}}]
@@ -209,8 +246,14 @@ def _markdown(report: dict[str, Any]) -> str:
     for row in report["rows"]:
         lines.append("| " + " | ".join(_cell(row.get(k)) for k, _ in COLUMNS) + " |")
     retention = report.get("retention_rsum")
+    stages = ", ".join(f"{k} {v:.0f} s" for k, v in report["stages"].items())
     lines += ["", f"Student RSUM retention: {retention:.1%}" if retention else "", "", _compression_line(report), "",
-              f"Total time: {report['seconds']:.0f} s ({', '.join(f'{k} {v:.0f} s' for k, v in report['stages'].items())})."]
+              f"Total time: {report['seconds']:.0f} s ({stages})."]
+    for search in report.get("search") or []:
+        lines += ["", f"Search {search['query']!r} (INT8 student), top 5: " + "; ".join(
+            f"{h['score']:.3f} {h['caption']}" for h in search["hits"])]
+    if report.get("search"):
+        lines += ["", "![search hits](search.png)"]
     return "\n".join(lines) + "\n"
 
 
@@ -224,7 +267,7 @@ def _compression_line(report: dict[str, Any]) -> str:
 
 
 def print_report(report: dict[str, Any], console: Console | None = None) -> None:
-    console = console or Console()
+    console = console or make_console()
     lat = report["latency"]
     table = Table(title=f"teacher vs student on held-out scenes (recall in %; latency {lat['backend']}, batch "
                         f"{lat['batch']}, {lat['threads']} threads, p50)")

@@ -58,7 +58,7 @@ def _ort_provider_missing(provider: str) -> Callable[[], str | None]:
 
 FORMATS: dict[str, Format] = {f.name: f for f in (
     Format("onnx", ".onnx", ("fp32", "fp16", "int8"),
-           "ONNX graph; every precision; run by onnxruntime (CPU, CUDA, TensorRT providers)"),
+           "ONNX graph; every precision; run by onnxruntime (CPU, CUDA, TensorRT providers) and OpenVINO (CPU)"),
     Format("trt", ".engine", ("fp32", "fp16", "int8"),
            "serialized TensorRT engine, built on the machine (GPU and TensorRT version) that runs it",
            requires="edgedistill.export.tensorrt:require_tensorrt", build="edgedistill.export.tensorrt:export_engines"),
@@ -79,6 +79,8 @@ BACKENDS: dict[str, Backend] = {b.name: b for b in (
             _module_missing("torch_tensorrt", "pip install 'edgedistill[gpu]'")),
     Backend("onnxruntime-cuda", ("onnx",), ("cuda", "jetson"), "edgedistill.bench.backends:OrtRunner",
             _ort_provider_missing("CUDAExecutionProvider")),
+    Backend("openvino-cpu", ("onnx",), ("cpu",), "edgedistill.bench.backends:OpenVinoRunner",
+            _module_missing("openvino", "pip install 'edgedistill[openvino]'")),
     Backend("onnxruntime-cpu", ("onnx",), ("cpu",), "edgedistill.bench.backends:OrtRunner",
             _ort_provider_missing("CPUExecutionProvider")),
     Backend("pytorch-cuda", ("pytorch",), ("cuda", "jetson"), "edgedistill.bench.backends:TorchRunner",

@@ -40,7 +40,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torchvision import transforms as T
 
-from edgedistill import atomic
+import edgedistill.atomic as atomic
 from edgedistill.data.images import BadImages, open_image, why_unreadable
 from edgedistill.data.manifest import Manifest, load_manifest
 from edgedistill.errors import UserError
@@ -48,6 +48,7 @@ from edgedistill.metrics import retrieval_metrics
 from edgedistill.hashing import sha256_file, sha256_json
 from edgedistill.locations import default_cache_root
 from edgedistill.teachers import quiet_open_clip, register_open_clip_config, resolve_device
+from edgedistill.terminal import warn
 
 PRETRAIN_VERSION = 1       # bump when a change here changes what a given config trains to
 VOCAB_SIZE = 49408         # open_clip's default BPE tokenizer
@@ -457,7 +458,7 @@ def pretrain_teacher(train: Path, val: Path | None, cfg: PretrainConfig, root: P
         return PretrainResult(folder / info["files"]["config"], folder / info["files"]["checkpoint"], metrics,
                               reused=True, seconds=time.perf_counter() - t0, folder=folder, info=info)
     if folder.exists() and console is not None:
-        console.print(f"[yellow]warning:[/] {folder} is incomplete or changed; training it again", highlight=False)
+        warn(console, f"{folder} is incomplete or changed; training it again")
 
     with atomic.staging_dir(folder) as tmp:
         with torch.random.fork_rng(devices=[]):  # seeded here without disturbing the caller's RNG

@@ -19,16 +19,13 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveFloat, PositiveInt, SerializeAsAny
 from pydantic import ValidationError, field_validator, model_validator
 
-from edgedistill import atomic
+import edgedistill.atomic as atomic
 from edgedistill.balance import BalancerOptions, validate_balancer
 from edgedistill.errors import UserError
 from edgedistill.locations import cache_root
 from edgedistill.losses import TermOptions, validate_term_options
 from edgedistill.select import SelectorOptions, validate_selector
-
-
-DEFAULT_PROMPT = "a photo of a {label}."                               # eval.prompt
-DEFAULT_DESCRIPTION_PROMPT = "a photo of {label} . {description}"      # data.description_prompt (Li et al.'s form)
+from edgedistill.valsplit import DEFAULT_DESCRIPTION_PROMPT, DEFAULT_PROMPT
 
 
 class _Section(BaseModel):
@@ -77,8 +74,8 @@ class AugmentConfig(_Section):
 
 
 class DataConfig(_Section):
-    train: Path = Field(description="training manifest (.jsonl or .csv)")
-    val: Path | None = Field(None, description="validation manifest (.jsonl or .csv)")
+    train: Path = Field(description="training manifest (.jsonl or .csv), webdataset shards, or a folder of images")
+    val: Path | None = Field(None, description="validation manifest (.jsonl or .csv), shards or a folder of images")
     image_root: Path | None = Field(None, description="folder for relative image paths; default: the manifest's")
     batch_size: PositiveInt = 64
     workers: NonNegativeInt = 2
@@ -91,6 +88,8 @@ class DataConfig(_Section):
                           "keep eval.prompt)")
     description_prompt: str = Field(DEFAULT_DESCRIPTION_PROMPT,
                                     description="class prompt with a description; {label} and {description}")
+    folder_labels: bool = Field(False, description="a folder given as a split: each image's first subfolder is "
+                                                   "its label (the ImageFolder layout)")
     ood_val: Path | None = Field(None, description="manifest of out-of-distribution classes (disjoint from the "
                                                    "training classes) for zero-shot and few-shot evaluation")
 

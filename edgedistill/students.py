@@ -21,7 +21,7 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from edgedistill import atomic
+import edgedistill.atomic as atomic
 from edgedistill.errors import UserError
 from edgedistill.recipe import StudentConfig, StudentTextConfig
 from edgedistill.runtime.preprocess import image_side
@@ -49,6 +49,7 @@ class Student:
     config: dict[str, Any]          # open_clip model config (embed_dim, vision_cfg, text_cfg, ...)
     preprocess_cfg: dict[str, Any]  # image size, mean, std, interpolation, resize mode
     text_is_teacher: bool           # the text tower is the teacher's, frozen
+    weights_sha256: str | None = None  # of the saved weights (a loaded student; the model's identity)
 
     @property
     def embed_dim(self) -> int:
@@ -192,4 +193,4 @@ def load_student(folder: Path, device: str | torch.device = "cpu") -> Student:
         raise UserError(f"{folder}: {len(bad)} weight tensors hold NaN or inf (first: {bad[0]}); the training "
                         f"diverged or the file is damaged: distill again")
     return Student(model, info.get("name", "edgedistill-student"), model_cfg, preprocess_cfg,
-                   bool(info.get("text_is_teacher", False)))
+                   bool(info.get("text_is_teacher", False)), weights_sha256=recorded)

@@ -223,3 +223,23 @@ def read_only_copy(src: Path, dest: Path) -> Iterator[Path]:
         yield dest
     finally:
         subprocess.run(["umount", "-l", str(dest)], capture_output=True)  # lazy: open memmaps keep it busy
+
+
+# ---------------------------------------------------------------------------------------------- a trained export
+@pytest.fixture(scope="session")
+def tiny_export(tiny_teacher: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny student distilled for one epoch and exported (ONNX fp32 + INT8, the tokenizer): RUN/export. Shared by
+    the loader, embed/search and device tests (the data is in RUN/../data: val_images/ and val.jsonl)."""
+    from edgedistill.cli import main
+
+    root = tmp_path_factory.mktemp("export")
+    train = write_manifest(root / "data" / "train.jsonl", write_images(root / "data" / "images", 32))
+    val = write_manifest(root / "data" / "val.jsonl", write_images(root / "data" / "val_images", 10, seed=1))
+    recipe = write_recipe(root / "tiny.yaml", tiny_teacher, train, val, cache_dir=root / "cache",
+                          student={"image_size": 32}, train={"epochs": 1, "warmup_steps": 1, "tensorboard": False})
+    raw = yaml.safe_load(recipe.read_text())
+    raw["out"] = str(root / "run")
+    recipe.write_text(yaml.safe_dump(raw))
+    assert main(["distill", str(recipe)]) == 0
+    assert main(["export", str(root / "run"), "--int8", "--calib-size", "16"]) == 0
+    return root / "run" / "export"

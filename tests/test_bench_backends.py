@@ -50,8 +50,8 @@ class FakeSession:
     """An onnxruntime session on the requested provider whose run fails like a TensorRT EP build does."""
     made: list = []
 
-    def __init__(self, path, threads, providers=None, precision="fp32", optimize=True):
-        FakeSession.made.append({"providers": providers, "optimize": optimize})
+    def __init__(self, path, threads, providers=None, precision="fp32", optimize=True, spin=None):
+        FakeSession.made.append({"providers": providers, "optimize": optimize, "spin": spin})
         self.providers = [p if isinstance(p, str) else p[0] for p in providers]
 
     def get_providers(self):
@@ -161,3 +161,49 @@ def test_tensorrt_engines_run_where_the_module_imports_without_pip_metadata(monk
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorrt" else real(name, *a))
     (cand,) = candidates(engine, tmp_path / "image_int8.engine", "jetson", None)
     assert "tensorrt is not installed" in cand.reason
+
+
+def _config(session, key):
+    """A session config entry as onnxruntime holds it, or None when it was never set."""
+    options = session.get_session_options()
+    try:
+        return options.get_session_config_entry(key)
+    except Exception:  # noqa: BLE001 - onnxruntime raises a plain Fail for a key that is not set
+        return None
+
+
+@pytest.mark.parametrize("spin, expect", [(False, "0"), (True, "1"), (None, None)])
+def test_onnxruntime_threads_and_spinning_reach_the_session(image_graph, spin, expect):
+    from edgedistill.bench.backends import RunOptions
+    from edgedistill.runtime.ort import SPIN_KEYS
+
+    artifact = {"name": "image_int8_onnx", "format": "onnx", "precision": "fp32"}
+    runner = OrtRunner.open("onnxruntime-cpu", image_graph, artifact, RunOptions("cpu", threads=2, spin=spin))
+    options = runner.session.get_session_options()
+    assert (options.intra_op_num_threads, options.inter_op_num_threads) == (2, 1)
+    assert [_config(runner.session, key) for key in SPIN_KEYS] == [expect, expect]  # None: onnxruntime's default
+    assert np.allclose(runner.embed(np.ones((3, 3, 8, 8), np.float32)), 1.0)
+
+
+def test_candidates_pass_the_spin_option_to_the_onnxruntime_runner(image_graph):
+    from edgedistill.runtime.ort import SPIN_KEYS
+
+    artifact = {"name": "image_int8_onnx", "format": "onnx", "precision": "fp32"}
+    cand = next(c for c in backends.candidates(artifact, image_graph, "cpu", 1, spin=False)
+                if c.backend == "onnxruntime-cpu")
+    assert _config(cand.make().session, SPIN_KEYS[0]) == "0"
+
+
+def test_openvino_comes_before_onnxruntime_on_the_cpu_and_is_skipped_with_the_fix_when_missing(image_graph,
+                                                                                               monkeypatch):
+    import importlib.util
+
+    artifact = {"name": "image_int8_onnx", "format": "onnx", "precision": "int8"}
+    assert [c.backend for c in backends.candidates(artifact, image_graph, "cpu", 1)] == \
+        ["openvino-cpu", "onnxruntime-cpu"]  # the table's order of preference
+    assert "openvino-cpu" not in [c.backend for c in backends.candidates(artifact, image_graph, "jetson", 1)]
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "openvino" else real(name, *a))
+    skipped, ort = backends.candidates(artifact, image_graph, "cpu", 1)
+    assert skipped.make is None and skipped.reason == "openvino is not installed (pip install 'edgedistill[openvino]')"
+    assert ort.reason is None

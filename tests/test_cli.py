@@ -100,8 +100,9 @@ def test_debug_shows_the_traceback(tmp_path, capsys):
 def test_missing_manifest_exit_2(tiny_teacher, tmp_path, capsys):
     recipe = write_recipe(tmp_path / "r.yaml", tiny_teacher, tmp_path / "none.jsonl")
     assert main(["cache", str(recipe)]) == 2
-    assert capsys.readouterr().err.strip() == f"error: manifest {tmp_path / 'none.jsonl'} not found; " \
-                                              f"check data.train / data.val in the recipe"
+    assert capsys.readouterr().err.strip() == f"error: {tmp_path / 'none.jsonl'} not found: neither a folder of " \
+                                              f"images nor a manifest file; check the path (in a recipe: " \
+                                              f"data.train / data.val)"
 
 
 def test_bad_manifest_line_exit_2(tiny_teacher, tmp_path, capsys):

@@ -111,3 +111,17 @@ def test_data_scenes_command_writes_and_reuses(tmp_path, capsys):
     assert main([*args[:4], "--n", "31"]) == 2
     err = capsys.readouterr().err
     assert "other settings" in err and len(err.strip().splitlines()) == 1
+
+
+def test_the_demo_table_times_onnx_artifacts_on_onnxruntime_whatever_else_bench_ran():
+    from edgedistill.demo import _rows
+
+    def row(artifact, backend, p50, fmt="onnx", role="student"):
+        return {"artifact": artifact, "backend": backend, "p50_ms": p50, "status": "ok", "batch": 1,
+                "encoder": "image", "format": fmt, "role": role, "precision": "int8", "size_mb": 1.0}
+    bench = {"rows": [row("image_int8_onnx", "onnxruntime-cpu", 2.0), row("image_int8_onnx", "openvino-cpu", 9.0),
+                      row("image_fp32_pytorch", "pytorch-cpu", 5.0, fmt="pytorch")]}
+    summary = {"teacher": {}, "student": {}}
+    for order in (bench["rows"], bench["rows"][::-1]):
+        got = {r["model"]: r["latency_ms"] for r in _rows(summary, {"rows": order})}
+        assert got["student ONNX (image_int8_onnx)"] == 2.0 and got["student (PyTorch)"] == 5.0

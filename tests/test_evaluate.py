@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from edgedistill.cli import main
-from edgedistill.evaluate import ClassPrompts, ValSplit, class_embeddings, score
+from edgedistill.valsplit import ClassPrompts, ValSplit, class_embeddings, score
 from edgedistill.data.manifest import load_manifest
 from tests.conftest import WORDS, write_recipe
 
@@ -79,6 +79,6 @@ def test_score_uses_every_prompt_of_a_class(tmp_path):
     first = sum(len(g) for g in split.class_prompts[:red])
     unit = prompt_emb / np.linalg.norm(prompt_emb, axis=1, keepdims=True)
     mean = unit[first:first + 2].mean(0)
-    assert np.allclose(class_text[red].numpy(), mean / np.linalg.norm(mean), atol=1e-6)
+    assert np.allclose(class_text[red], mean / np.linalg.norm(mean), atol=1e-6)
     out = score(split, image, image[split.text_to_image], class_text)
     assert out["i2t_r1"] == 100.0 and out["t2i_r1"] == 100.0 and 0 <= out["zs_top1"] <= 100

@@ -14,7 +14,8 @@ import yaml
 from edgedistill.cli import main
 from edgedistill.errors import UserError
 from edgedistill.export import artifacts
-from edgedistill.export.exporter import ExportOptions, latest_run, make_plan
+from edgedistill.export.exporter import ExportOptions, make_plan
+from edgedistill.locations import latest_run
 from edgedistill.export.graph import ImageEncoder, cosine_parity, export_onnx
 from edgedistill.runtime.ort import ort_session, run_session
 from edgedistill.export.precision import ImageCalibrationReader, _stride, quantize_int8, to_fp16
@@ -392,6 +393,56 @@ def test_an_artifact_that_crashes_a_default_session_is_a_failed_gate(finished_ru
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "crashed onnxruntime (SIGSEGV)" in errors[0] and "Traceback" not in err
     assert not list(out.glob("*.onnx")) and not list(out.glob(".*"))
+
+
+def _sqrt_graph(path: Path) -> Path:
+    """(batch, 4) -> sqrt: NaN for negative inputs, a real graph that runs and gives non-finite output."""
+    from onnx import TensorProto, helper
+
+    g = helper.make_graph([helper.make_node("Sqrt", ["x"], ["y"])], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+def test_the_openvino_gate_runs_the_graph_with_openvinos_defaults(small_graph, tmp_path, monkeypatch):
+    pytest.importorskip("openvino")
+    import edgedistill.export.graph as graph
+
+    _, path, _ = small_graph
+    graph.check_default_openvino(path, np.zeros((2, 3, 32, 32), np.float32))  # a good graph passes
+    sqrt = _sqrt_graph(tmp_path / "sqrt.onnx")
+    graph.check_default_openvino(sqrt, np.ones((2, 4), np.float32))
+    with pytest.raises(UserError, match=r"^sqrt\.onnx does not run under OpenVINO's default CPU settings \(its "
+                                        r"output holds NaN or inf\); nothing was kept"):
+        graph.check_default_openvino(sqrt, -np.ones((2, 4), np.float32))
+    with pytest.raises(UserError) as e:  # a batch the graph cannot take: OpenVINO's own line, not its stack
+        graph.check_default_openvino(path, np.zeros((2, 3, 40, 32), np.float32))
+    msg = str(e.value)
+    assert "(OpenVINO failed: " in msg and "incompatible" in msg and "Exception from" not in msg and "\n" not in msg
+    monkeypatch.setattr(graph, "_DEFAULT_OPENVINO_PROBE", "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)")
+    with pytest.raises(UserError, match=r"it crashed OpenVINO \(SIGSEGV\)"):
+        graph.check_default_openvino(path, np.zeros((2, 3, 32, 32), np.float32))
+
+
+def test_an_artifact_that_crashes_openvino_is_a_failed_gate_where_openvino_is_installed(finished_run, tmp_path,
+                                                                                         monkeypatch, capsys):
+    pytest.importorskip("openvino")
+    import importlib.util
+
+    import edgedistill.export.graph as graph
+
+    monkeypatch.setattr(graph, "_DEFAULT_OPENVINO_PROBE", "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)")
+    out = tmp_path / "e"
+    assert main(["export", str(finished_run), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "crashed OpenVINO (SIGSEGV)" in errors[0] and "Traceback" not in err
+    assert not list(out.glob("*.onnx")) and not list(out.glob(".*"))
+    real = importlib.util.find_spec  # without openvino there is no OpenVINO gate: the same export succeeds
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "openvino" else real(name, *a))
+    assert main(["export", str(finished_run), "--out", str(tmp_path / "f")]) == 0
 
 
 def test_a_killed_exports_temporaries_are_removed_by_the_next(finished_run, tmp_path):

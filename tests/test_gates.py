@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from edgedistill import gates
-from edgedistill.evaluate import score
+from edgedistill.valsplit import score
 from edgedistill.errors import UserError
 from edgedistill.export import exporter
 from edgedistill.metrics import (NonFiniteEmbeddings, agreement, few_shot_accuracy, retention, retrieval_metrics,

@@ -4,7 +4,8 @@ from PIL import Image
 from torchvision import transforms as T
 from rich.console import Console
 
-from edgedistill.data.images import BadImages, ImageDataset, collate_images, open_image
+from edgedistill.data.batching import ImageDataset, collate_images
+from edgedistill.data.images import BadImages, open_image
 from edgedistill.data.transforms import student_train_transform
 from edgedistill.errors import UserError
 from tests.conftest import write_images

@@ -127,3 +127,21 @@ def test_content_hash_does_not_depend_on_how_the_path_is_spelt(tmp_path, monkeyp
     absolute = load_manifest(tmp_path / "d" / "m.jsonl")
     assert relative.entries[0].image.is_absolute()
     assert relative.content_hash() == absolute.content_hash()
+
+
+def test_a_folder_of_images_is_a_manifest_without_captions(tmp_path):
+    from tests.conftest import write_images
+
+    write_images(tmp_path / "imgs" / "cat", 2)
+    write_images(tmp_path / "imgs" / "dog" / "deep", 3, start=10)
+    write_images(tmp_path / "imgs", 1, start=20)
+    (tmp_path / "imgs" / "notes.txt").write_text("x")
+    write_images(tmp_path / "imgs" / ".thumbs", 1, start=30)  # hidden: skipped
+    m = load_manifest(tmp_path / "imgs", folder_labels=True)
+    assert len(m) == 6 and m.n_captions == 0
+    labels = {e.image.name: e.label for e in m.entries}
+    assert labels["img_00000.jpg"] == "cat" and labels["img_00010.jpg"] == "dog" and labels["img_00020.jpg"] is None
+    assert [e.label for e in load_manifest(tmp_path / "imgs").entries] == [None] * 6
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="holds no images"):
+        load_manifest(tmp_path / "empty")

@@ -12,7 +12,7 @@ import torch
 
 from edgedistill.cli import main
 from edgedistill.errors import UserError
-from edgedistill.evaluate import class_prompt_sets, read_class_descriptions
+from edgedistill.valsplit import class_prompt_sets, read_class_descriptions
 from edgedistill.losses import LossContext
 from edgedistill.metrics import few_shot_accuracy, mean_class_top1, prototype_logits, tip_adapter_logits
 from tests.conftest import captions_for, write_images
@@ -71,15 +71,14 @@ def test_prototype_and_tip_adapter_match_numpy():
     s_lab = np.array([0, 0, 1, 1, 2, 2])
     proto = nunit(np.stack([nunit(support)[s_lab == c].sum(0) for c in range(3)]))
     got = prototype_logits(torch.tensor(queries), torch.tensor(support), torch.tensor(s_lab), 3)
-    np.testing.assert_allclose(got.numpy(), nunit(queries) @ proto.T, rtol=1e-10)
+    np.testing.assert_allclose(got, nunit(queries) @ proto.T, rtol=1e-10)  # torch in, numpy out
     affinity = np.exp(-5.5 * (1 - nunit(queries) @ nunit(support).T))
     want = 2.0 * affinity @ np.eye(3)[s_lab] + 100 * nunit(queries) @ nunit(classes).T
     got = tip_adapter_logits(torch.tensor(queries), torch.tensor(support), torch.tensor(s_lab), 3,
                              torch.tensor(classes), alpha=2.0, beta=5.5)
-    np.testing.assert_allclose(got.numpy(), want, rtol=1e-10)
+    np.testing.assert_allclose(got, want, rtol=1e-10)
     # a class without support scores -inf for the prototype classifier
-    assert torch.isinf(prototype_logits(torch.tensor(queries), torch.tensor(support[:4]),
-                                        torch.tensor(s_lab[:4]), 3)[:, 2]).all()
+    assert np.isinf(prototype_logits(queries, support[:4], s_lab[:4], 3)[:, 2]).all()
 
 
 def test_mean_class_top1_weights_classes_equally():

@@ -15,18 +15,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-import open_clip
 from rich.console import Console
 
 from edgedistill.data.manifest import load_manifest
-from edgedistill.evaluate import ClassPrompts, ValSplit, class_embeddings, decode_split, score
-
-
-def image_transform(preprocess: dict[str, Any]) -> Any:
-    """open_clip's eval transform for an export.json ``preprocess`` description."""
-    return open_clip.image_transform(preprocess["size"], is_train=False, mean=preprocess.get("mean"),
-                                     std=preprocess.get("std"), resize_mode=preprocess.get("resize_mode"),
-                                     interpolation=preprocess.get("interpolation"))
+from edgedistill.valsplit import ClassPrompts, ValSplit, class_embeddings, decode_split, score
 
 
 def class_prompts(val_doc: dict[str, Any] | None, fallback: str | None = None) -> ClassPrompts:
@@ -59,7 +51,7 @@ def load_bench_val(manifest_path: Path, preprocess: dict[str, Any], tokenizer: C
                    console: Console | None = None) -> BenchVal:
     """Decode and preprocess the val split once (unreadable images are skipped and counted), tokenize its texts."""
     manifest = load_manifest(manifest_path)
-    images, ok = decode_split(manifest, image_transform(preprocess), console)
+    images, ok = decode_split(manifest, preprocess, console)
     split = ValSplit.from_manifest(manifest, ok, prompts)
     return BenchVal(split, images, _tokens(tokenizer, split.captions),
                     _tokens(tokenizer, split.prompt_texts) if split.class_prompts else None)

@@ -4,7 +4,7 @@ Backends by device (an artifact runs on every backend of the device that can run
 skipped with the reason):
 
     device   onnx graphs                                   TensorRT engine   Torch-TensorRT   PyTorch student
-    cpu      onnxruntime-cpu                               -                 -                pytorch-cpu
+    cpu      openvino-cpu, onnxruntime-cpu                 -                 -                pytorch-cpu
     cuda     onnxruntime-cuda, onnxruntime-tensorrt         tensorrt          torch-tensorrt   pytorch-cuda
     jetson   (as cuda)
 
@@ -137,10 +137,11 @@ class OrtRunner(Runner):
 
     @classmethod
     def open(cls, backend: str, path: Path, artifact: dict[str, Any], options: "RunOptions") -> "OrtRunner":
-        return cls(path, str(artifact.get("precision", "fp32")), backend, options.threads, options.batch_range)
+        return cls(path, str(artifact.get("precision", "fp32")), backend, options.threads, options.batch_range,
+                   spin=options.spin)
 
     def __init__(self, path: Path, precision: str, backend: str, threads: int | None,
-                 batch_range: tuple[int, int, int] | None = None) -> None:
+                 batch_range: tuple[int, int, int] | None = None, spin: bool | None = None) -> None:
         self.backend, self.name = backend, Path(path).name
         self.version = package_version("onnxruntime-gpu", "onnxruntime")
         self.provider = provider = ORT_PROVIDERS[backend]
@@ -155,7 +156,7 @@ class OrtRunner(Runner):
             providers.append("CPUExecutionProvider")
         try:
             self.session = ort_session(path, threads, providers=providers,
-                                       optimize=provider != "TensorrtExecutionProvider")
+                                       optimize=provider != "TensorrtExecutionProvider", spin=spin)
         except Exception as e:  # noqa: BLE001 - onnxruntime's EPFail, Fail, RuntimeException...
             raise UserError(f"onnxruntime's {provider} could not load {self.name}: {_first_line(e)}") from e
         used = self.session.get_providers()
@@ -196,6 +197,62 @@ class OrtRunner(Runner):
         if self.on_gpu:
             return np.asarray(out.copy_outputs_to_cpu()[0], dtype=np.float32)
         return np.asarray(out, dtype=np.float32)
+
+
+# ---------------------------------------------------------------------------------------------- openvino
+OPENVINO_HINTS = ("latency", "throughput")
+
+
+def openvino_message(error: BaseException) -> str:
+    """OpenVINO's errors are stacks of "Exception from src/...:" lines around one line of substance: that one."""
+    lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
+    useful = [ln for ln in lines if not ln.startswith(("Exception from", "Check '"))]
+    text = (useful or lines or [type(error).__name__])[-1]
+    return text if len(text) <= 300 else text[:300] + "..."
+
+
+class OpenVinoRunner(Runner):
+    """An ONNX graph (fp32, fp16, INT8 QDQ) in OpenVINO's CPU runtime, batch axis left dynamic as exported.
+
+    Compute is pinned to fp32 (``INFERENCE_PRECISION_HINT``): OpenVINO's CPU default is bf16 wherever the CPU has
+    bf16 instructions (AVX512_BF16, AMX), which would make an fp32 row a bf16 one. INT8 QDQ graphs still run
+    their int8 kernels. ``threads`` sets ``INFERENCE_NUM_THREADS`` (None: OpenVINO's default, every core);
+    ``hint`` the performance hint: "latency" (one stream, all threads on each call) or "throughput" (several
+    streams, fewer threads each; meant for many requests in flight).
+    """
+    backend = "openvino-cpu"
+
+    @classmethod
+    def open(cls, backend: str, path: Path, artifact: dict[str, Any], options: "RunOptions") -> "OpenVinoRunner":
+        return cls(path, options.threads, options.hint)
+
+    def __init__(self, path: Path, threads: int | None = None, hint: str | None = None) -> None:
+        import openvino as ov  # deferred: an optional extra (edgedistill[openvino])
+
+        self.name = Path(path).name
+        self.version = package_version("openvino")
+        self.hint = (hint or "latency").lower()
+        if self.hint not in OPENVINO_HINTS:
+            raise UserError(f"OpenVINO performance hint {hint!r}: choose {' or '.join(OPENVINO_HINTS)}")
+        config: dict[str, Any] = {"PERFORMANCE_HINT": self.hint.upper(), "INFERENCE_PRECISION_HINT": "f32"}
+        if threads:
+            config["INFERENCE_NUM_THREADS"] = int(threads)
+        try:
+            core = ov.Core()
+            self.compiled = core.compile_model(core.read_model(str(path)), "CPU", config)
+            self.request = self.compiled.create_infer_request()
+            self.output = self.compiled.output(0)
+        except Exception as e:  # noqa: BLE001 - OpenVINO raises RuntimeError for everything
+            raise UserError(f"OpenVINO could not load {self.name} on the CPU: {openvino_message(e)}") from e
+
+    def stage(self, x: np.ndarray) -> Any:
+        return np.require(x, requirements=("C", "W"))  # what OpenVINO can share without a copy
+
+    def call(self, staged: Any) -> Any:
+        try:
+            return self.request.infer({0: staged}, share_inputs=True)[self.output]
+        except Exception as e:  # noqa: BLE001 - OpenVINO raises RuntimeError for everything
+            raise UserError(f"OpenVINO failed to run {self.name} on the CPU: {openvino_message(e)}") from e
 
 
 # ---------------------------------------------------------------------------------------------- torch
@@ -311,10 +368,13 @@ class TensorRtRunner(Runner):
 # ---------------------------------------------------------------------------------------------- planning
 @dataclass
 class RunOptions:
-    """How a runner is opened: the bench device, CPU threads, and the batch profile TensorRT builds for."""
+    """How a runner is opened: the bench device, CPU threads, the batch profile TensorRT builds for, whether
+    onnxruntime's idle threads spin (None: its default, on), and OpenVINO's performance hint."""
     device: str = "cpu"
     threads: int | None = None
     batch_range: tuple[int, int, int] | None = None
+    spin: bool | None = None
+    hint: str | None = None          # "latency" (default) or "throughput"
 
 
 @dataclass
@@ -327,12 +387,14 @@ class Candidate:
 
 
 def candidates(artifact: dict[str, Any], path: Path, device: str, threads: int | None,
-               batch_range: tuple[int, int, int] | None = None) -> list[Candidate]:
+               batch_range: tuple[int, int, int] | None = None, *, spin: bool | None = None,
+               hint: str | None = None) -> list[Candidate]:
     """Every backend of ``device`` for one artifact (formats.BACKENDS): runnable ones with a factory, the others
-    with the reason. ``batch_range`` (min, opt, max): the batch profile onnxruntime's TensorRT provider builds for.
+    with the reason. ``batch_range`` (min, opt, max): the batch profile onnxruntime's TensorRT provider builds for;
+    ``spin``: onnxruntime's idle-thread spinning; ``hint``: OpenVINO's performance hint (RunOptions).
     """
     fmt = str(artifact.get("format"))
-    options = RunOptions(device, threads, batch_range)
+    options = RunOptions(device, threads, batch_range, spin=spin, hint=hint)
     backends = backends_for(fmt, device)
     if not backends:  # named after the backend the format would have elsewhere, so the row says what it is
         name = next((b.name for b in BACKENDS.values() if fmt in b.formats), "-")

@@ -7,6 +7,7 @@ clocks (from ``nvidia-smi`` where it is installed). ``jetson``: the board model,
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import platform
 import shutil
@@ -15,7 +16,7 @@ from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any
 
-from edgedistill import jetson
+import edgedistill.jetson as jetson
 from edgedistill.errors import UserError
 
 DEVICES = ("cpu", "cuda", "jetson")
@@ -50,8 +51,20 @@ def nvidia_smi() -> dict[str, str]:
     return {k.replace(".", "_"): v for k, v in zip(fields, values)}
 
 
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
 def require_cuda(device: str) -> None:
-    import torch  # deferred: only --device cuda/jetson asks torch about the GPU
+    try:
+        import torch  # deferred: only --device cuda/jetson asks torch about the GPU
+    except ImportError:
+        raise UserError(f"--device {device} times GPU runs with torch's CUDA events, and torch is not installed "
+                        f"here; install torch for this machine (on a Jetson: NVIDIA's wheel for your JetPack) or "
+                        f"use --device cpu") from None
 
     if not torch.cuda.is_available():
         raise UserError(f"--device {device}: no CUDA GPU is visible to torch on this machine; use --device cpu, "
@@ -60,12 +73,11 @@ def require_cuda(device: str) -> None:
 
 def describe_device(device: str, threads: int) -> dict[str, Any]:
     """The conditions every row names: device kind, processor, threads, and the accelerator when there is one."""
-    import torch  # deferred: only --device cuda/jetson asks torch about the GPU
-
     if device not in DEVICES:
         raise UserError(f"--device {device!r} is not one of {', '.join(DEVICES)}")
     info: dict[str, Any] = {"device": device, "cpu": cpu_model(), "cpu_cores": os.cpu_count(), "threads": threads,
-                            "hostname": platform.node(), "platform": platform.platform(), "torch": torch.__version__}
+                            "hostname": platform.node(), "platform": platform.platform(),
+                            "torch": _version("torch")}  # None on a device install without torch
     if device == "jetson":
 
         board = jetson.require_jetson()
@@ -78,6 +90,8 @@ def describe_device(device: str, threads: int) -> dict[str, Any]:
         info["power_mode"] = _plain(mode)
     if device in ("cuda", "jetson"):
         require_cuda(device)
+        import torch  # deferred: GPU devices only (CUDA events and buffers come from torch there)
+
         props = torch.cuda.get_device_properties(0)
         info.update({"gpu": props.name, "compute_capability": f"{props.major}.{props.minor}",
                      "gpu_memory_mb": round(props.total_memory / 2**20), "cuda": torch.version.cuda})

@@ -360,65 +360,73 @@ def run_remote_bench(host: str, bundle_dir: Path, bench_args: list[str], out_dir
     remote.check_reachable()
     remote.check_command(remote_cmd)
     workdir = remote.mktemp()
-    bundle, report = f"{workdir}/bundle", f"{workdir}/report"
     deadline = _Deadline(timeout_s)
-    stage = "copying the bundle"
+    stage = ["copying the bundle"]  # what is under way, for the timeout's message
     running = False  # while the bench may still run there, cleaning up means stopping it first
     try:
-        remote.emit(f"copying {bundle_dir} to {host}:{bundle}")
-        tar_rc, tar_err, ssh_rc, ssh_err = _pipe(["tar", "-C", str(bundle_dir), "-chf", "-", "."],
-                                                 remote.argv(unpack_command(bundle)), deadline, "packing the bundle")
-        if ssh_rc == SSH_FAILED:
-            raise remote.lost(stage, ssh_err)
-        if ssh_rc != 0:
-            raise UserError(f"copying the bundle to {host} failed: {last_line(ssh_err)}; check the free space "
-                            f"in its temporary folder and that tar is installed there")
-        if tar_rc != 0:
-            raise UserError(f"packing {bundle_dir} for {host} failed: {last_line(tar_err)}")
-
-        stage = "running the bench"
-        running = True
-        rc, tail = _stream(remote, bench_command(remote_cmd, workdir, bench_args), deadline)
-        running = False
-        if rc == 2:
-            message = remote_error(tail)
-            raise UserError(f"{host}: {message}" if message else
-                            f"bench on {host} failed (exit status 2): {summarise(tail)}")
-        if rc == SSH_FAILED:
-            raise remote.lost("the bench ran", "\n".join(tail))
-        if rc != 0:
-            raise UserError(f"bench on {host} failed (exit status {rc}): {summarise(tail)}")
-
-        stage = "fetching the report"
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        # staged beside out_dir (same filesystem, so the final moves are renames); removed in any case
-        staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.fetch-", dir=out_dir.parent))
-        try:
-            fetched = staging / "report"  # made by mkdir, not mkdtemp: it may become out_dir, with umask modes
-            fetched.mkdir()
-            # the target's file owners and modes mean nothing here (and root would otherwise restore them)
-            untar = ["tar", "--no-same-owner", "--no-same-permissions", "-C", str(fetched), "-xf", "-"]
-            ssh_rc, ssh_err, tar_rc, tar_err = _pipe(remote.argv(pack_command(report)), untar, deadline,
-                                                     "unpacking the report")
-            if ssh_rc == SSH_FAILED:
-                raise remote.lost(stage, ssh_err)
-            if ssh_rc != 0:
-                raise UserError(f"bench on {host} finished but its report cannot be read ({report}): "
-                                f"{last_line(ssh_err)}")
-            if tar_rc != 0:
-                raise UserError(f"unpacking the report from {host} into {out_dir.parent} failed: "
-                                f"{last_line(tar_err)}")
-            if not any(fetched.iterdir()):
-                raise UserError(f"bench on {host} finished but wrote no report in {report}")
-            _install(fetched, out_dir)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+        _copy_bundle(remote, bundle_dir, f"{workdir}/bundle", deadline)
+        stage[0], running = "running the bench", True
+        _run_bench(remote, bench_command(remote_cmd, workdir, bench_args), deadline)
+        stage[0], running = "fetching the report", False
+        _fetch_report(remote, f"{workdir}/report", out_dir, deadline)
     except _TimedOut:
         remote.cleanup(workdir, kill=True)
-        raise UserError(f"bench on {host} timed out after {timeout_s:g} s (while {stage}); pass a larger "
+        raise UserError(f"bench on {host} timed out after {timeout_s:g} s (while {stage[0]}); pass a larger "
                         f"--timeout, or bench fewer batch sizes or iterations") from None
     except BaseException:
         remote.cleanup(workdir, kill=running)
         raise
     remote.cleanup(workdir)
     return out_dir
+
+
+def _copy_bundle(remote: _Remote, bundle_dir: Path, bundle: str, deadline: _Deadline) -> None:
+    remote.emit(f"copying {bundle_dir} to {remote.host}:{bundle}")
+    tar_rc, tar_err, ssh_rc, ssh_err = _pipe(["tar", "-C", str(bundle_dir), "-chf", "-", "."],
+                                             remote.argv(unpack_command(bundle)), deadline, "packing the bundle")
+    if ssh_rc == SSH_FAILED:
+        raise remote.lost("copying the bundle", ssh_err)
+    if ssh_rc != 0:
+        raise UserError(f"copying the bundle to {remote.host} failed: {last_line(ssh_err)}; check the free space "
+                        f"in its temporary folder and that tar is installed there")
+    if tar_rc != 0:
+        raise UserError(f"packing {bundle_dir} for {remote.host} failed: {last_line(tar_err)}")
+
+
+def _run_bench(remote: _Remote, command: str, deadline: _Deadline) -> None:
+    rc, tail = _stream(remote, command, deadline)
+    if rc == 2:
+        message = remote_error(tail)
+        raise UserError(f"{remote.host}: {message}" if message else
+                        f"bench on {remote.host} failed (exit status 2): {summarise(tail)}")
+    if rc == SSH_FAILED:
+        raise remote.lost("the bench ran", "\n".join(tail))
+    if rc != 0:
+        raise UserError(f"bench on {remote.host} failed (exit status {rc}): {summarise(tail)}")
+
+
+def _fetch_report(remote: _Remote, report: str, out_dir: Path, deadline: _Deadline) -> None:
+    """The remote report folder into ``out_dir``, complete or not at all."""
+    host = remote.host
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    # staged beside out_dir (same filesystem, so the final moves are renames); removed in any case
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.fetch-", dir=out_dir.parent))
+    try:
+        fetched = staging / "report"  # made by mkdir, not mkdtemp: it may become out_dir, with umask modes
+        fetched.mkdir()
+        # the target's file owners and modes mean nothing here (and root would otherwise restore them)
+        untar = ["tar", "--no-same-owner", "--no-same-permissions", "-C", str(fetched), "-xf", "-"]
+        ssh_rc, ssh_err, tar_rc, tar_err = _pipe(remote.argv(pack_command(report)), untar, deadline,
+                                                 "unpacking the report")
+        if ssh_rc == SSH_FAILED:
+            raise remote.lost("fetching the report", ssh_err)
+        if ssh_rc != 0:
+            raise UserError(f"bench on {host} finished but its report cannot be read ({report}): "
+                            f"{last_line(ssh_err)}")
+        if tar_rc != 0:
+            raise UserError(f"unpacking the report from {host} into {out_dir.parent} failed: {last_line(tar_err)}")
+        if not any(fetched.iterdir()):
+            raise UserError(f"bench on {host} finished but wrote no report in {report}")
+        _install(fetched, out_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

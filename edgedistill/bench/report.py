@@ -14,15 +14,17 @@ from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
-from edgedistill import atomic
+import edgedistill.atomic as atomic
+from edgedistill.terminal import make_console
 
 REPORT_JSON, REPORT_MD, PARETO_PNG = "bench.json", "bench.md", "pareto.png"
 ROW_FIELDS = ("artifact", "role", "encoder", "format", "precision", "backend", "backend_version", "device",
-              "threads", "batch", "warmup", "iters", "mode", "p50_ms", "p90_ms", "p99_ms", "mean_ms", "std_ms",
-              "throughput_ips", "peak_mem_mb", "peak_mem_kind", "size_mb", "avg_power_w", "energy_mj_per_item", "power",
-              "i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum", "zs_top1", "zs_mean_class",
-              "status", "reason")
+              "threads", "batch", "warmup", "iters", "mode", "load", "p50_ms", "p90_ms", "p99_ms", "mean_ms",
+              "std_ms", "throughput_ips", "peak_mem_mb", "peak_mem_kind", "size_mb", "avg_power_w",
+              "energy_mj_per_item", "power", "i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum",
+              "zs_top1", "zs_mean_class", "status", "reason")
 ACCURACY = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum", "zs_top1", "zs_mean_class")
 
 
@@ -126,7 +128,7 @@ def write_report(out: Path, report: dict[str, Any]) -> dict[str, Path]:
 
 def print_table(report: dict[str, Any], console: Console) -> None:
     if not console.is_terminal:  # a pipe or a log file: do not squeeze the table into 80 columns
-        console = Console(file=console.file, width=200)
+        console = make_console(file=console.file, width=200)
     table = Table(title=f"edgedistill bench — {report['device_line']}", title_style="bold")
     for col, justify in (("artifact", "left"), ("backend", "left"), ("prec", "left"), ("batch", "right"),
                          ("p50 ms", "right"), ("p99 ms", "right"), ("items/s", "right"), ("MB", "right"),
@@ -134,7 +136,7 @@ def print_table(report: dict[str, Any], console: Console) -> None:
                          ("status", "left")):
         table.add_column(col, justify=justify)  # type: ignore[arg-type]
     for r in report["rows"]:
-        status = "ok" if r["status"] == "ok" else f"[yellow]{r['status']}[/]: {r['reason']}"
+        status = Text("ok") if r["status"] == "ok" else Text.assemble((str(r["status"]), "yellow"), f": {r['reason']}")
         table.add_row(str(r["artifact"]), str(r["backend"]), str(r["precision"] or "-"), _fmt(r["batch"]),
                       _fmt(r["p50_ms"], 3), _fmt(r["p99_ms"], 3), _fmt(r["throughput_ips"], 1), _fmt(r["size_mb"]),
                       _fmt(r["i2t_r1"], 1), _fmt(r["rsum"], 1), _fmt(r["zs_mean_class"], 1),

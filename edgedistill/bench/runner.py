@@ -10,45 +10,44 @@ command then ends with one line per failure and exit status 2. ``--host`` runs a
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
-import open_clip
-import torch
 from rich.console import Console
 
-from edgedistill import atomic
+import edgedistill.atomic as atomic
 from edgedistill.bench import report as rep
-from edgedistill.bench.accuracy import (BenchVal, References, class_prompts, image_accuracy, image_transform,
-                                       load_bench_val, reference_texts, text_accuracy)
-from edgedistill.bench.backends import Candidate, OrtRunner, RunOptions, Runner, TorchRunner, candidates
+from edgedistill.bench.accuracy import (BenchVal, References, class_prompts, image_accuracy, load_bench_val,
+                                       reference_texts, text_accuracy)
+from edgedistill.bench.backends import (OPENVINO_HINTS, Candidate, OrtRunner, RunOptions, Runner, TorchRunner,
+                                       candidates)
 from edgedistill.bench.devices import DEVICES, describe_device, describe_short
 from edgedistill.bench.remote import run_remote_bench
-from edgedistill.bench.timing import summarize, time_cpu, time_cuda
-from edgedistill.cache import caches_for_recipe
+from edgedistill.bench.timing import cpu_load, summarize, time_cpu, time_cuda
 from edgedistill.data.images import open_image
 from edgedistill.data.manifest import load_manifest
 from edgedistill.documents import BenchReport, BundleContext, BundleTeacher, read_document
 from edgedistill.errors import UserError
-from edgedistill.evaluate import ClassPrompts, prepare_val, teacher_metrics
 from edgedistill.export import artifacts
-from edgedistill.export.graph import IMAGE_INPUT, IMAGE_OUTPUT, ImageEncoder, export_onnx
 from edgedistill.formats import BACKENDS
-from edgedistill.hashing import sha256_json
 from edgedistill.jetson import TegrastatsSampler, measure_power
-from edgedistill.recipe import load_recipe
-from edgedistill.runtime.preprocess import image_side
-from edgedistill.teachers import load_teacher
+from edgedistill.runtime.preprocess import Preprocess, image_side
+from edgedistill.runtime.tokenizer import load_tokenizer
+from edgedistill.terminal import make_console
+from edgedistill.valsplit import ClassPrompts
 
 BUNDLE_TEACHER = "teacher"   # bundle folder: teacher.json (scores, preprocess) and image_fp32.onnx
 BUNDLE_VAL = "val"           # bundle folder: val.jsonl + images/
 BUNDLE_STUDENT = "student"   # bundle folder: the open_clip student (tokenizer, PyTorch backend)
 BUNDLE_CONTEXT = "bench_context.json"
+TOKENIZER_FOLDER = "tokenizer"  # the export's tokenizer files (runtime.tokenizer), next to the artifacts
 
 
 @dataclass
@@ -68,6 +67,9 @@ class BenchOptions:
     remote_cmd: str = "edgedistill"
     ssh_options: list[str] = field(default_factory=list)
     timeout_s: float = 3600.0
+    load: int = 0                        # busy processes beside the timed runs (latency under contention)
+    spin: bool | None = None             # onnxruntime's spinning intra-op threads (None: its default, on)
+    openvino_hint: str | None = None     # OpenVINO's performance hint (None: latency)
 
 
 def parse_batches(text: str) -> list[int]:
@@ -92,6 +94,10 @@ def check_options(opts: BenchOptions) -> None:
         raise UserError(f"--val {opts.val} does not exist; give a val manifest (.jsonl or .csv)")
     if opts.threads is not None and opts.threads < 1:
         raise UserError(f"--threads {opts.threads} must be 1 or more")
+    if opts.load < 0:
+        raise UserError(f"--load {opts.load} must be 0 or more (busy processes beside the timed runs)")
+    if opts.openvino_hint is not None and opts.openvino_hint not in OPENVINO_HINTS:
+        raise UserError(f"--openvino-hint {opts.openvino_hint!r}: choose {' or '.join(OPENVINO_HINTS)}")
 
 
 # ------------------------------------------------------------------------------------------------ sources
@@ -121,7 +127,7 @@ def resolve_sources(export_dir: Path, doc: dict[str, Any], val: Path | None) -> 
         student = run_dir / "student" if run_dir is not None and (run_dir / "student").is_dir() else None
     fallback = context.get("prompt")  # exports made before export.json recorded the class prompts
     if run_dir is not None and not (doc.get("val") or {}).get("prompts"):
-        fallback = load_recipe(run_dir / "recipe.yaml", ["device=cpu"]).eval.prompt
+        fallback = _recipe_prompt(run_dir) or fallback
     prompts = class_prompts(doc.get("val"), fallback)
     notes = []
     if val is None:
@@ -155,29 +161,12 @@ def teacher_side(src: Sources, val_manifest: Path | None, want_timing: bool,
         src.notes.append("teacher not scored: the export's run folder is not on this machine")
         return None
 
-    recipe = load_recipe(src.run_dir / "recipe.yaml", ["device=cpu"])
-    with console.status("loading the teacher"):
-        teacher = load_teacher(recipe.teacher, "cpu", seed=recipe.seed)
-    info: dict[str, Any] = {"name": teacher.source.model_name, "identity": teacher.identity,
-                            "preprocess": teacher.preprocess_cfg, "module": teacher.model}
-    if val_manifest is not None:
-        manifest = load_manifest(val_manifest)
-        cache = caches_for_recipe(recipe, teacher, {"val": manifest}, console=console)["val"].cache
-        info["metrics"] = teacher_metrics(prepare_val(manifest, teacher, cache, src.prompts, console=console,
-                                                      cache_root=recipe.cache.root))
-    if want_timing:
-
-        key = sha256_json(teacher.identity)[:16]
-        path = recipe.cache.root / "bench" / f"teacher-{key}" / "image_fp32.onnx"
-        if not path.is_file():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            size = image_side(teacher.preprocess_cfg)
-            with console.status("exporting the teacher's image encoder to ONNX (once)"):
-                export_onnx(ImageEncoder(teacher.model.float()), torch.zeros(2, 3, size, size), path, IMAGE_INPUT,
-                            IMAGE_OUTPUT)
-        info["onnx_path"] = path
-        info["onnx"] = path.name
-    return info
+    try:  # deferred: the training stack (torch, open_clip), needed only where the run folder is here
+        from edgedistill.bench.teacher import teacher_from_run
+    except ImportError as e:
+        src.notes.append(f"teacher not scored: the training stack is not installed here ({e.name})")
+        return None
+    return teacher_from_run(src.run_dir, src.prompts, val_manifest, want_timing, console)
 
 
 # ------------------------------------------------------------------------------------------------ jobs
@@ -206,7 +195,8 @@ def plan_jobs(src: Sources, opts: BenchOptions, teacher: dict[str, Any] | None,
         except UserError as e:
             failures.append((entry, str(e)))
             continue
-        for cand in candidates(entry, path, device, opts.threads, batch_range):
+        for cand in candidates(entry, path, device, opts.threads, batch_range, spin=opts.spin,
+                               hint=opts.openvino_hint):
             jobs.append(Job(entry.get("name", entry["path"]), "student", entry.get("encoder", "image"),
                             entry.get("format", "?"), entry.get("precision", "fp32"), entry.get("size_mb"), cand))
     if src.student_dir is not None:  # the student as trained: the "pytorch" format of the table
@@ -214,7 +204,8 @@ def plan_jobs(src: Sources, opts: BenchOptions, teacher: dict[str, Any] | None,
         size = round(weights.stat().st_size / 2**20, 3) if weights.is_file() else None
         for encoder in ("image", "text"):
             art = {"name": f"{encoder}_fp32_pytorch", "encoder": encoder, "format": "pytorch", "precision": "fp32"}
-            for cand in candidates(art, src.student_dir, device, opts.threads, batch_range):
+            for cand in candidates(art, src.student_dir, device, opts.threads, batch_range, spin=opts.spin,
+                                   hint=opts.openvino_hint):
                 jobs.append(Job(art["name"], "student", encoder, "pytorch", "fp32", size, cand))
     if opts.teacher and teacher is not None:
 
@@ -222,12 +213,13 @@ def plan_jobs(src: Sources, opts: BenchOptions, teacher: dict[str, Any] | None,
         if teacher.get("module") is not None:
             jobs.append(Job("teacher_image_pytorch", "teacher", "image", "pytorch", "fp32", None, Candidate(
                 art, f"pytorch-{'cuda' if device != 'cpu' else 'cpu'}",
-                make=lambda: TorchRunner(ImageEncoder(teacher["module"].float()), device))))
+                make=lambda: TorchRunner(_image_encoder(teacher["module"]), device))))
         onnx_path = teacher.get("onnx_path")
         if onnx_path is not None and Path(onnx_path).is_file():
             entry = {"name": "teacher_image_fp32_onnx", "encoder": "image", "format": "onnx", "precision": "fp32",
                      "size_mb": round(Path(onnx_path).stat().st_size / 2**20, 3)}
-            for cand in candidates(entry, Path(onnx_path), device, opts.threads, batch_range):
+            for cand in candidates(entry, Path(onnx_path), device, opts.threads, batch_range, spin=opts.spin,
+                                   hint=opts.openvino_hint):
                 jobs.append(Job(entry["name"], "teacher", "image", "onnx", "fp32", entry["size_mb"], cand))
     return jobs
 
@@ -302,19 +294,16 @@ def time_job(job: Job, runner: Runner, opts: BenchOptions, batch: int, source: n
         call = lambda: runner.call(staged)  # noqa: E731
     timer = time_cuda if runner.timer == "cuda" else time_cpu
     runner.peak_memory_reset()
-    sampler = power() if power is not None else None
-    if sampler is not None:  # started before the warm-up, so tegrastats is already printing when timing starts
-        sampler.__enter__()
     summary = None
-    try:
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(cpu_load(opts.load))  # --load N: busy processes beside the timed runs
+        if power is not None:  # started before the warm-up, so tegrastats is already printing when timing starts
+            sampler = stack.enter_context(power())
         for _ in range(opts.warmup):
             call()
         times = timer(call, 0, opts.iters)
-        if sampler is not None:  # a window of its own, long enough to hold tegrastats samples
+        if power is not None:  # a window of its own, long enough to hold tegrastats samples
             summary = measure_power(sampler, call, batch, _sync(runner))
-    finally:
-        if sampler is not None:
-            sampler.__exit__(None, None, None)
     lat = summarize(times, batch, opts.warmup)
     out = lat.as_dict()
     out["peak_mem_mb"], out["peak_mem_kind"] = runner.peak_memory()
@@ -327,7 +316,17 @@ def time_job(job: Job, runner: Runner, opts: BenchOptions, batch: int, source: n
 
 
 def _sync(runner: Runner) -> Callable[[], None]:
-    return torch.cuda.synchronize if runner.timer == "cuda" else (lambda: None)
+    if runner.timer != "cuda":
+        return lambda: None
+    import torch  # deferred: CUDA runners only; a CPU device may have no torch
+
+    return torch.cuda.synchronize
+
+
+def _image_encoder(model: Any) -> Any:
+    from edgedistill.export.graph import ImageEncoder  # deferred: torch (the teacher's PyTorch row)
+
+    return ImageEncoder(model.float())
 
 
 def _e2e(job: Job, runner: Runner, val: BenchVal | None, preprocess: dict[str, Any], tokenizer: Any,
@@ -336,40 +335,34 @@ def _e2e(job: Job, runner: Runner, val: BenchVal | None, preprocess: dict[str, A
     if val is None:
         return None
     if job.encoder == "image":
-        transform = image_transform(preprocess)
+        pre = Preprocess(preprocess)
         paths = val.paths
 
         def call(batch: int) -> Any:
             picks = [paths[i % len(paths)] for i in range(batch)]
-            x = torch.stack([transform(open_image(p)) for p in picks]).numpy()
-            return runner.call(runner.stage(x))
+            return runner.call(runner.stage(pre.batch([open_image(p) for p in picks])))
         return call
     if tokenizer is None or not captions:
         return None
 
     def call_text(batch: int) -> Any:
         texts = [captions[i % len(captions)] for i in range(batch)]
-        return runner.call(runner.stage(tokenizer(texts).numpy().astype(np.int64)))
+        return runner.call(runner.stage(np.asarray(tokenizer(texts), dtype=np.int64)))
     return call_text
 
 
 # ------------------------------------------------------------------------------------------------ main
 def run_bench(opts: BenchOptions, console: Console | None = None) -> dict[str, Any]:
     """Measure every artifact; write bench.json, bench.md and pareto.png into ``opts.out``; return the report."""
-    console = console or Console(stderr=True, soft_wrap=True)
+    console = console or make_console(stderr=True, soft_wrap=True)
     check_options(opts)
     export_dir = Path(opts.export_dir)
     doc = artifacts.read_manifest(export_dir)
     out = atomic.writable_dir(Path(opts.out) if opts.out else export_dir / "bench", "--out")  # before measuring
     if opts.host:
         return run_remote(opts, export_dir, doc, out, console)
-    previous = torch.get_num_threads()
-    threads = opts.threads or previous
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(opts.threads) as threads:
         return _bench_here(opts, export_dir, doc, out, threads, console)
-    finally:  # a process-wide setting: leave it as found (the demo and tests call bench in-process)
-        torch.set_num_threads(previous)
 
 
 @dataclass
@@ -390,7 +383,7 @@ class Session:
     @property
     def common(self) -> dict[str, Any]:
         return {"device": self.opts.device, "threads": self.threads, "warmup": self.opts.warmup,
-                "iters": self.opts.iters, "mode": "e2e" if self.opts.e2e else "inference"}
+                "iters": self.opts.iters, "mode": "e2e" if self.opts.e2e else "inference", "load": self.opts.load}
 
 
 def _bench_here(opts: BenchOptions, export_dir: Path, doc: dict[str, Any], out: Path, threads: int,
@@ -490,7 +483,8 @@ def _report(ses: Session, export_dir: Path, device_info: dict[str, Any], teacher
     return {"export_dir": str(export_dir.resolve()), "device_info": device_info,
             "device_line": describe_short(device_info),
             "conditions": {"warmup": ses.opts.warmup, "iters": ses.opts.iters, "threads": ses.threads,
-                           "mode": ses.common["mode"], "batches": ses.opts.batches},
+                           "mode": ses.common["mode"], "batches": ses.opts.batches, "load": ses.opts.load,
+                           "onnxruntime_spinning": ses.opts.spin, "openvino_hint": ses.opts.openvino_hint},
             "val": str(src.val) if src.val else None, "val_images": int(len(val.images)) if val is not None else 0,
             "accuracy_note": note,
             "teacher": {k: v for k, v in (teacher or {}).items() if k in ("name", "identity", "metrics")},
@@ -509,10 +503,45 @@ def save_report(out: Path, report: dict[str, Any]) -> dict[str, Path]:
                         f"saved in {rescue}") from e
 
 
+def _recipe_prompt(run_dir: Path) -> str | None:
+    """eval.prompt of the run (exports made before export.json recorded the class prompts); None without the
+    training stack."""
+    try:
+        from edgedistill.recipe import load_recipe  # deferred: the training stack
+    except ImportError:
+        return None
+    return load_recipe(run_dir / "recipe.yaml", ["device=cpu"]).eval.prompt
+
+
 def _tokenizer(src: Sources) -> Any:
+    """The export's own tokenizer (no torch); for exports made before it was saved, open_clip's."""
+    folder = src.export_dir / str((src.doc.get("tokenizer") or {}).get("folder") or TOKENIZER_FOLDER)
+    if (folder / "tokenizer.json").is_file():
+        return load_tokenizer(folder)
     if src.student_dir is None:
         return None
+    try:
+        import open_clip  # deferred: only older exports without a saved tokenizer need it
+    except ImportError:
+        return None
     return open_clip.get_tokenizer(f"local-dir:{src.student_dir}")
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int | None) -> Iterator[int]:
+    """torch's CPU threads set for the bench and put back after (a process-wide setting; the demo and tests bench
+    in-process); without torch, the number asked for (or the CPU count)."""
+    try:
+        import torch  # deferred: a device may have no torch
+    except ImportError:
+        yield threads or (os.cpu_count() or 1)
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads or previous)
+    try:
+        yield threads or previous
+    finally:
+        torch.set_num_threads(previous)
 
 
 def _power_sampler(device: str) -> Any:
@@ -536,6 +565,9 @@ def make_bundle(export_dir: Path, doc: dict[str, Any], src: Sources, teacher: di
                 if side.is_file():
                     shutil.copy2(side, dest / (entry["path"] + ".json"))
     shutil.copy2(export_dir / artifacts.MANIFEST, dest / artifacts.MANIFEST)
+    tokenizer = export_dir / str((doc.get("tokenizer") or {}).get("folder") or TOKENIZER_FOLDER)
+    if tokenizer.is_dir():
+        shutil.copytree(tokenizer, dest / tokenizer.name)
     if src.student_dir is not None:
         shutil.copytree(src.student_dir, dest / BUNDLE_STUDENT)
     if src.val is not None:
@@ -574,6 +606,12 @@ def remote_args(opts: BenchOptions) -> list[str]:
         args.append("--teacher")
     if opts.e2e:
         args.append("--e2e")
+    if opts.load:
+        args += ["--load", str(opts.load)]
+    if opts.spin is not None:
+        args.append("--spin" if opts.spin else "--no-spin")
+    if opts.openvino_hint:
+        args += ["--openvino-hint", opts.openvino_hint]
     return args
 
 

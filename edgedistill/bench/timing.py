@@ -4,16 +4,23 @@ Why: docs/design.md#conditions-on-every-number.
 
 Inputs are staged by the caller before timing starts, so only inference is timed (``--e2e`` stages nothing and
 times decode + preprocessing too). GPU calls are timed with CUDA events recorded on the stream the work runs
-on; CPU calls with ``time.perf_counter``.
+on; CPU calls with ``time.perf_counter``. ``cpu_load(n)`` runs n busy processes beside the timing: latency under
+contention, the normal state of an edge box that also runs its application (CPU runtimes rank differently there:
+docs/design.md#formats-and-backends).
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
+import signal
+import subprocess
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -83,6 +90,41 @@ def time_cuda(call: Callable[[], Any], warmup: int, iters: int) -> list[float]:
         end.record()
         end.synchronize()  # one call at a time: latency, not pipelined throughput
     return [s.elapsed_time(e) for s, e in zip(starts, ends)]
+
+
+# ------------------------------------------------------------------------------------------- background load
+# A busy loop that ignores Ctrl-C (the parent kills it) and ends by itself within milliseconds once its parent is
+# gone, so a parent killed with SIGKILL leaves nothing spinning either.
+_BUSY = """
+import os, signal, sys
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+parent = int(sys.argv[1])
+while os.getppid() == parent:
+    for _ in range(20000):
+        pass
+"""
+
+
+@contextlib.contextmanager
+def cpu_load(n: int) -> Iterator[list[int]]:
+    """``n`` processes that busy-loop on the CPU while the block runs (latency under contention, as on an edge box
+    running its application); yields their pids. They are killed and reaped on exit, an exception or Ctrl-C
+    included; ``n`` = 0 starts nothing."""
+    if n < 0:
+        raise ValueError(f"cpu_load: {n} processes")
+    procs: list[subprocess.Popen] = []
+    try:
+        for _ in range(n):  # -I -S: no site packages, so each starts in milliseconds and imports nothing of ours
+            procs.append(subprocess.Popen([sys.executable, "-I", "-S", "-c", _BUSY, str(os.getpid())],
+                                          stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                          stderr=subprocess.DEVNULL))
+        yield [p.pid for p in procs]
+    finally:
+        for p in procs:
+            with contextlib.suppress(ProcessLookupError):
+                p.send_signal(signal.SIGKILL)
+        for p in procs:
+            p.wait()
 
 
 # ------------------------------------------------------------------------------------------- peak memory

@@ -1,17 +1,18 @@
-"""Reading images for the teacher and the student; unreadable images are skipped, counted and reported."""
+"""Reading images (files or tar-shard members) into RGB PIL images; unreadable images are skipped, counted and
+reported. No torch: the device runtime reads images with this too (torch datasets over it: ``data.batching``)."""
 
 from __future__ import annotations
 
 import io
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
-import torch
 from PIL import Image, UnidentifiedImageError
 from rich.console import Console
 
 from edgedistill.data.shards import ShardMember
 from edgedistill.errors import UserError
+from edgedistill.terminal import make_console, warn
 
 
 def open_image(path: str | Path | ShardMember) -> Image.Image:
@@ -36,33 +37,6 @@ def why_unreadable(exc: BaseException) -> str:
     return f"unreadable ({text})"
 
 
-class ImageDataset(torch.utils.data.Dataset):
-    """Images by index through a transform; item = (index, tensor (3, H, W) or None, reason or None)."""
-
-    def __init__(self, paths: Sequence[Path], transform: Callable[[Image.Image], torch.Tensor]) -> None:
-        self.paths = list(paths)
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, str | None]:
-        try:
-            return index, self.transform(open_image(self.paths[index])), None
-        except Exception as e:  # a bad file must not stop the run; BadImages decides when too many are bad
-            return index, None, why_unreadable(e)
-
-
-def collate_images(items: list[tuple[int, torch.Tensor | None, str | None]]
-                   ) -> tuple[torch.Tensor, torch.Tensor | None, list[tuple[int, str]]]:
-    """Batch the readable images: (indices (B,), images (B, 3, H, W) or None, [(index, reason) of bad ones])."""
-    good = [(i, x) for i, x, _ in items if x is not None]
-    bad = [(i, why) for i, x, why in items if x is None]
-    indices = torch.tensor([i for i, _ in good], dtype=torch.long)
-    images = torch.stack([x for _, x in good]) if good else None
-    return indices, images, bad
-
-
 class BadImages:
     """Counts skipped images, warns about each, and stops the run past ``max_fraction`` of ``total``."""
 
@@ -71,12 +45,12 @@ class BadImages:
         self.total = total
         self.max_fraction = max_fraction
         self.what = what
-        self.console = console or Console(stderr=True, soft_wrap=True)
+        self.console = console or make_console(stderr=True, soft_wrap=True)
         self.items: list[tuple[int, str, str]] = list(known)  # (index, path, reason)
 
     def add(self, index: int, path: str | Path, reason: str) -> None:
         self.items.append((index, str(path), reason))
-        self.console.print(f"[yellow]warning:[/] skipped image {path}: {reason}", highlight=False)
+        warn(self.console, f"skipped image {path}: {reason}")
         self.check()
 
     def check(self) -> None:

@@ -25,27 +25,32 @@ from edgedistill.data.shards import is_shard_spec, load_shards
 from edgedistill.errors import UserError
 from edgedistill.locations import default_cache_root
 
-__all__ = ["Entry", "Manifest", "load_manifest"]
+__all__ = ["Entry", "IMAGE_SUFFIXES", "Manifest", "load_folder", "load_manifest"]
 
 KNOWN_KEYS = ("image", "captions", "label")
 SUFFIXES = (".jsonl", ".csv")
 
 
 def load_manifest(path: str | Path, image_root: str | Path | None = None,
-                  index_dir: str | Path | None = None) -> Manifest:
+                  index_dir: str | Path | None = None, folder_labels: bool = False) -> Manifest:
     """Read a .jsonl or .csv manifest; relative image paths resolve against ``image_root`` or the manifest's folder.
 
     Webdataset tar shards (``shards/{00000..00099}.tar``) are read too (see ``edgedistill.data.shards``); their
-    index is kept in ``index_dir`` (default: ``shards/`` in the default cache root).
-    Raises UserError for a missing or empty manifest, an unknown format, or a bad line (with its line number).
+    index is kept in ``index_dir`` (default: ``shards/`` in the default cache root). A folder is read as its image
+    files, recursively, without captions (``folder_labels``: the first subfolder is the label, ImageFolder's
+    layout). Raises UserError for a missing or empty manifest, an unknown format, or a bad line (with its line
+    number).
     """
     if is_shard_spec(path):
         if index_dir is None:
             index_dir = default_cache_root() / "shards"
         return load_shards(path, Path(index_dir))
     path = Path(path)
+    if path.is_dir():
+        return load_folder(path, folder_labels)
     if not path.is_file():
-        raise UserError(f"manifest {path} not found; check data.train / data.val in the recipe")
+        raise UserError(f"{path} not found: neither a folder of images nor a manifest file; check the path "
+                        f"(in a recipe: data.train / data.val)")
     # absolute, so the content hash (cache and teacher keys) does not depend on how the path was spelt
     root = (Path(image_root) if image_root is not None else path.parent).absolute()
     if path.suffix.lower() == ".jsonl":
@@ -66,6 +71,24 @@ def load_manifest(path: str | Path, image_root: str | Path | None = None,
         p = Path(image).expanduser()
         entries.append(Entry(image=p if p.is_absolute() else root / p, captions=tuple(captions), label=label))
     return Manifest(path=path, entries=entries)
+
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+def load_folder(folder: Path, folder_labels: bool = False) -> Manifest:
+    """The image files under ``folder`` (recursive, in sorted order; hidden files and folders skipped) as a manifest
+    without captions; with ``folder_labels`` each image's label is its first subfolder (images directly in
+    ``folder`` have none)."""
+    root = folder.absolute()
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+                   and not any(part.startswith(".") for part in p.relative_to(root).parts))
+    if not files:
+        raise UserError(f"folder {folder} holds no images ({', '.join(s[1:] for s in IMAGE_SUFFIXES)}); give a "
+                        f"folder of images, a manifest (.jsonl, .csv) or webdataset shards")
+    entries = [Entry(image=f, label=(f.relative_to(root).parts[0] if folder_labels and len(f.relative_to(root).parts)
+                                     > 1 else None)) for f in files]
+    return Manifest(path=folder, entries=entries)
 
 
 Row = tuple[int, str, list[str], "str | None"]

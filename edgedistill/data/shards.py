@@ -28,7 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edgedistill import atomic
+from braceexpand import braceexpand
+
+import edgedistill.atomic as atomic
 from edgedistill.data.records import Entry, Manifest
 from edgedistill.errors import UserError
 from edgedistill.hashing import sha256_json
@@ -69,9 +71,7 @@ def shard_paths(spec: str | Path) -> list[Path]:
     if re.match(r"^([A-Za-z][A-Za-z0-9+.-]*://|pipe:)", text):
         raise UserError(f"{text}: shards are read by offset, so they must be files on a mounted file system "
                         f"(local disk, NFS, Lustre), not URLs; copy or mount them")
-    from webdataset.shardlists import expand_urls  # deferred: webdataset imports torch; manifests do not need it
-
-    paths = [Path(p).expanduser() for p in expand_urls(text)]
+    paths = [Path(p).expanduser() for part in text.split("::") for p in braceexpand(part)]
     for p in paths:
         if p.name.endswith((".tar.gz", ".tgz")):
             raise UserError(f"shard {p} is compressed; use uncompressed .tar shards (img2dataset's default), which "
@@ -79,6 +79,16 @@ def shard_paths(spec: str | Path) -> list[Path]:
         if not p.is_file():
             raise UserError(f"shard {p} not found ({len(paths)} shards in {text}); check data.train / data.val")
     return paths
+
+
+def split_key(name: str) -> tuple[str | None, str | None]:
+    """webdataset's sample key and member suffix of a tar member name: ``dir/00042.seg.jpg`` -> ``dir/00042``,
+    ``seg.jpg`` (the key ends at the first dot of the file name); (None, None) for a name without one."""
+    match = _KEY.match(name)
+    return (match.group(1), match.group(2)) if match else (None, None)
+
+
+_KEY = re.compile(r"^((?:.*/|)[^./]+)[.]([^/]*)$")
 
 
 def index_key(paths: list[Path]) -> str:
@@ -94,15 +104,13 @@ def _text(tf: tarfile.TarFile, member: tarfile.TarInfo) -> str:
 
 def _scan(shard: Path) -> list[list[Any]]:
     """One shard's samples: [member name, offset, size, captions, label], in tar order."""
-    from webdataset.tariterators import base_plus_ext  # deferred: webdataset imports torch
-
     samples: dict[str, dict[str, Any]] = {}
     try:
         with tarfile.open(shard, "r:") as tf:
             for m in tf:
                 if not m.isfile():
                     continue
-                key, ext = base_plus_ext(m.name)
+                key, ext = split_key(m.name)
                 if key is None or Path(m.name).name.startswith("."):
                     continue
                 s = samples.setdefault(key, {"captions": [], "label": None})

@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
-from edgedistill import atomic
+import edgedistill.atomic as atomic
 from edgedistill.documents import Document, read_document
 from edgedistill.errors import UserError
 from edgedistill.hashing import sha256_file

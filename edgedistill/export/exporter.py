@@ -12,30 +12,36 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import open_clip
 import torch
 from rich.console import Console
 
-from edgedistill import atomic
+import edgedistill.atomic as atomic
 from edgedistill.cache import load_split_manifests
 from edgedistill.data.images import open_image
 from edgedistill.data.manifest import Manifest
 from edgedistill.errors import UserError
-from edgedistill.evaluate import (ClassPrompts, ValSplit, decode_split, score, student_eval_transform,
-                                  student_images, student_texts)
+from edgedistill.evaluate import student_images, student_texts
 from edgedistill.export import artifacts
 from edgedistill.export.graph import (IMAGE_INPUT, IMAGE_OUTPUT, TEXT_INPUT, TEXT_OUTPUT, ImageEncoder,
-                                      TextEncoder, check_default_session, cosine_parity, export_onnx)
+                                      TextEncoder, check_default_openvino, check_default_session, cosine_parity,
+                                      export_onnx)
 from edgedistill.export.targets import load_target
 from edgedistill.export.precision import (CALIBRATION_METHODS, ImageCalibrationReader, calibration_data_hash,
                                           quantize_int8, to_fp16)
-from edgedistill.formats import FORMATS, resolve
+from edgedistill.formats import BACKENDS, FORMATS, resolve
 from edgedistill.gates import at_least, at_most, finite
+from edgedistill.hashing import sha256_file
+from edgedistill.locations import latest_run
 from edgedistill.recipe import Recipe, load_recipe
 from edgedistill.runtime.ort import ort_session, run_session
+from edgedistill.runtime.preprocess import Preprocess
+from edgedistill.runtime.tokenizer import save_tokenizer
+from edgedistill.terminal import make_console, warn
+from edgedistill.valsplit import ClassPrompts, ValSplit, decode_split, score
 from edgedistill.students import Student, load_student
 
 BUILDABLE = tuple(name for name, f in FORMATS.items() if name == "onnx" or f.build)   # what --format may ask for
@@ -68,16 +74,6 @@ def parity_ok(parity: dict[str, float], precision: str) -> bool:
     floor = MIN_PARITY.get(precision)
     mean_ok = finite(parity["cosine_mean"]) if floor is None else at_least(parity["cosine_mean"], floor)
     return mean_ok and finite(parity["cosine_min"])
-
-
-def latest_run(root: Path) -> Path:
-    """The most recently finished run under ``root`` (a folder with student/ and recipe.yaml)."""
-    runs = [p for p in Path(root).glob("*") if (p / "student").is_dir() and (p / "recipe.yaml").is_file()] \
-        if Path(root).is_dir() else []
-    if not runs:
-        raise UserError(f"no finished run under {root}/ (a folder with student/ and recipe.yaml); "
-                        "give the run directory: edgedistill export RUN_DIR")
-    return max(runs, key=lambda p: (p / "student").stat().st_mtime)
 
 
 @dataclass
@@ -133,7 +129,7 @@ def _preprocess_desc(student: Student) -> dict[str, Any]:
 
 def run_export(opts: ExportOptions, console: Console | None = None) -> dict[str, Any]:
     """Export the run's student as the options ask; returns the export.json document."""
-    console = console or Console(stderr=True, soft_wrap=True)
+    console = console or make_console(stderr=True, soft_wrap=True)
     plan = make_plan(opts)
     _check_backend(opts.format)
     run_dir = Path(opts.run_dir) if opts.run_dir else latest_run(opts.runs_root)
@@ -164,12 +160,14 @@ def _export_run(opts: ExportOptions, plan: Plan, run_dir: Path, out: Path, promp
     entries = job.run()
     if prompts is not None:
         entries.append(job.text_embeddings(prompts))
+    tokenizer_files = _save_tokenizer(run_dir / "student", out, console)
     header = {"run_dir": str(run_dir.resolve()), "student": student.name,
+              "student_weights_sha256": student.weights_sha256,
               "vision": student.config["vision_cfg"].get("timm_model_name"),
               "embed_dim": student.embed_dim, "text_is_teacher": student.text_is_teacher,
               "preprocess": _preprocess_desc(student),
               "tokenizer": {"open_clip": f"local-dir:{run_dir / 'student'}",
-                            "context_length": int(tokenizer.context_length)},
+                            "context_length": int(tokenizer.context_length), **tokenizer_files},
               "inputs": {"image": IMAGE_INPUT, "text": TEXT_INPUT},
               "outputs": {"image": IMAGE_OUTPUT, "text": TEXT_OUTPUT},
               "target": plan.target, "batch_profile": list(plan.profile),
@@ -178,6 +176,22 @@ def _export_run(opts: ExportOptions, plan: Plan, run_dir: Path, out: Path, promp
                                                           "description_prompt": job.prompts.description_prompt}}}
     artifacts.write_manifest(out, header, entries)
     return {**header, "artifacts": entries, "out": str(out)}
+
+
+TOKENIZER_FOLDER = "tokenizer"
+
+
+def _save_tokenizer(student_dir: Path, out: Path, console: Console) -> dict[str, Any]:
+    """The student's tokenizer for devices without open_clip (runtime.tokenizer), next to the artifacts:
+    ``{"folder", "files": {name: sha256}}``; empty, with a warning, for a tokenizer that cannot be reproduced."""
+    folder = out / TOKENIZER_FOLDER
+    try:
+        save_tokenizer(f"local-dir:{student_dir}", folder)
+    except UserError as e:
+        warn(console, f"the tokenizer is not saved for devices ({e}); text on a device then needs open_clip")
+        return {}
+    return {"folder": TOKENIZER_FOLDER,
+            "files": {f.name: sha256_file(f) for f in sorted(folder.iterdir()) if f.is_file()}}
 
 
 def _read_prompts(path: Path) -> list[str]:
@@ -200,12 +214,12 @@ class ExportJob:
                  val: Manifest, train: Manifest, out: Path, console: Console) -> None:
         self.opts, self.plan, self.recipe, self.student = opts, plan, recipe, student
         self.tokenizer, self.train, self.out, self.console = tokenizer, train, out, console
-        self.transform = student_eval_transform(student)
+        self.preprocess = Preprocess(_preprocess_desc(student))  # the pixels of open_clip's eval transform
         self.model = student.model.eval().float()
         self.image_encoder, self.text_encoder = ImageEncoder(self.model), TextEncoder(self.model)
         self.prompts = ClassPrompts.from_recipe(recipe)
         with console.status("reading val images"):
-            self.images, ok = decode_split(val, self.transform, console)
+            self.images, ok = decode_split(val, _preprocess_desc(student), console)
             self.split = ValSplit.from_manifest(val, ok, self.prompts)
             # the PyTorch student's own numbers, computed exactly as distill and eval compute them
             self.texts = student_texts(student, tokenizer, self.split, torch.device("cpu"))
@@ -282,6 +296,8 @@ class ExportJob:
             else:
                 info = {"calibration": self._calibrate(made[(encoder, "fp32")], staging, inp)}
             check_default_session(staging, inputs[:2])  # a user's default session must load and run it
+            if BACKENDS["openvino-cpu"].missing() is None:  # bench and load() run every graph on OpenVINO too
+                check_default_openvino(staging, inputs[:2])
             session = ort_session(staging, self.opts.threads)
             parity = self.parity(encoder, precision, run_session(session, inputs), f"{encoder} encoder ONNX "
                                                                                     f"{precision}")
@@ -302,12 +318,12 @@ class ExportJob:
         """INT8 ranges from ``calib_size`` training images, drawn with the recipe's seed."""
         n = len(self.train)
         picks = sorted(random.Random(self.recipe.seed).sample(range(n), min(self.plan.calib_size, n)))
-        loaded = [(i, _load(self.train, i, self.transform)) for i in picks]
+        loaded = [(i, _load(self.train, i, self.preprocess)) for i in picks]
         good = [arr for _, arr in loaded if arr is not None]
         if not good:
             raise UserError(f"{self.train.path}: none of the {len(picks)} calibration images could be read")
         if len(good) < len(picks):
-            self.console.print(f"[yellow]calibration: {len(picks) - len(good)} unreadable images skipped[/]")
+            warn(self.console, f"calibration: {len(picks) - len(good)} unreadable images skipped")
         data_hash = calibration_data_hash([self.train.entries[i].image for i, a in loaded if a is not None],
                                           _preprocess_desc(self.student))
         reader = ImageCalibrationReader(inp, len(good), lambda i: good[i])
@@ -322,8 +338,8 @@ class ExportJob:
             drop = self.torch_val["i2t_r1"] - e["val"]["i2t_r1"]
             e["val_r1_drop"] = round(drop, 4)
             if not at_most(drop, MAX_INT8_R1_DROP):  # a NaN drop is flagged too
-                self.console.print(f"[yellow]INT8 loses {drop:.1f} points of val image->text R@1; try "
-                                   f"--calib-method percentile or a larger --calib-size[/]", highlight=False)
+                warn(self.console, f"INT8 loses {drop:.1f} points of val image->text R@1; try --calib-method "
+                                   f"percentile or a larger --calib-size")
 
     @torch.no_grad()
     def text_embeddings(self, prompts: list[str]) -> dict[str, Any]:
@@ -341,9 +357,9 @@ class ExportJob:
         return entry
 
 
-def _load(manifest: Manifest, index: int, transform: Callable) -> np.ndarray | None:
+def _load(manifest: Manifest, index: int, preprocess: Preprocess) -> np.ndarray | None:
     """One preprocessed image, or None when it cannot be read (skipped, like everywhere else)."""
     try:
-        return transform(open_image(manifest.entries[index].image)).numpy()
+        return preprocess.image(open_image(manifest.entries[index].image))
     except Exception:  # noqa: BLE001
         return None

@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 import torch
 
-from edgedistill import atomic
+import edgedistill.atomic as atomic
 from edgedistill.errors import UserError
 
 IMAGE_INPUT, IMAGE_OUTPUT = "image", "image_embedding"
@@ -170,29 +170,56 @@ out = session.run(None, {session.get_inputs()[0].name: np.load(sys.argv[2])})[0]
 sys.exit(0 if np.isfinite(out).all() else 3)
 """
 
+# OpenVINO as a user opens a graph: Core().compile_model(path, "CPU"), no properties (bf16 compute where the CPU
+# has it). Its errors are stacks of "Exception from src/..." lines: the one line of substance goes to stderr.
+_DEFAULT_OPENVINO_PROBE = """
+import sys, numpy as np, openvino as ov
+try:
+    compiled = ov.Core().compile_model(sys.argv[1], "CPU")
+    out = compiled.create_infer_request().infer({0: np.load(sys.argv[2])})[compiled.output(0)]
+except Exception as e:
+    lines = [x.strip() for x in str(e).splitlines() if x.strip()]
+    print(([x for x in lines if not x.startswith(("Exception from", "Check '"))] or lines or [type(e).__name__])[-1],
+          file=sys.stderr)
+    sys.exit(4)
+sys.exit(0 if np.isfinite(out).all() else 3)
+"""
+
 
 def check_default_session(path: Path, sample: np.ndarray, timeout_s: float = 300.0) -> None:
     """Open ``path`` the way a user does (``onnxruntime.InferenceSession(path)``, default options) in a child process
     and run ``sample`` through it; UserError when that crashes, fails or gives NaN, so no artifact is named that
     the runtime a user opens it with cannot run."""
+    _probe(_DEFAULT_SESSION_PROBE, "onnxruntime", "onnxruntime's default session options", path, sample, timeout_s)
+
+
+def check_default_openvino(path: Path, sample: np.ndarray, timeout_s: float = 300.0) -> None:
+    """The same gate for OpenVINO's CPU runtime (``Core().compile_model(path, "CPU")``, default settings): bench
+    and the loader run every ONNX graph there too when openvino is installed."""
+    _probe(_DEFAULT_OPENVINO_PROBE, "OpenVINO", "OpenVINO's default CPU settings", path, sample, timeout_s)
+
+
+def _probe(script: str, runtime: str, settings: str, path: Path, sample: np.ndarray, timeout_s: float) -> None:
+    """Run ``script`` (argv: the graph, a .npy batch) in a child process; exit 0 = ran and finite, 3 = NaN/inf."""
+    name = Path(path).name
     with tempfile.TemporaryDirectory(prefix="edgedistill-probe-") as tmp:
         np.save(Path(tmp) / "sample.npy", sample)
         try:
-            proc = subprocess.run([sys.executable, "-c", _DEFAULT_SESSION_PROBE, str(path),
-                                   str(Path(tmp) / "sample.npy")], capture_output=True, text=True, timeout=timeout_s)
+            proc = subprocess.run([sys.executable, "-c", script, str(path), str(Path(tmp) / "sample.npy")],
+                                  capture_output=True, text=True, timeout=timeout_s)
         except subprocess.TimeoutExpired:
-            raise UserError(f"{Path(path).name}: onnxruntime with default options did not finish one batch in "
+            raise UserError(f"{name}: {runtime} with default options did not finish one batch in "
                             f"{timeout_s:.0f} s; nothing was kept") from None
     if proc.returncode == 0:
         return
     if proc.returncode < 0:
-        why = f"it crashed onnxruntime ({signal.Signals(-proc.returncode).name})"
+        why = f"it crashed {runtime} ({signal.Signals(-proc.returncode).name})"
     elif proc.returncode == 3:
         why = "its output holds NaN or inf"
     else:
-        why = f"onnxruntime failed: {(proc.stderr.strip().splitlines() or ['?'])[-1][:200]}"
-    raise UserError(f"{Path(path).name} does not run under onnxruntime's default session options ({why}); nothing "
-                    f"was kept. Run with --debug and report it")
+        why = f"{runtime} failed: {(proc.stderr.strip().splitlines() or ['?'])[-1][:200]}"
+    raise UserError(f"{name} does not run under {settings} ({why}); nothing was kept. Run with --debug and "
+                    f"report it")
 
 
 def cosine_parity(candidate: np.ndarray, reference: np.ndarray) -> dict[str, float]:

@@ -32,7 +32,7 @@ from onnx import version_converter
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from edgedistill import atomic
+import edgedistill.atomic as atomic
 from edgedistill.errors import UserError
 from edgedistill.hashing import sha256_file, sha256_json
 

@@ -23,13 +23,13 @@ from types import ModuleType
 from typing import Any, Sequence
 
 import numpy as np
-from rich.console import Console
 
-from edgedistill import atomic
+import edgedistill.atomic as atomic
 from edgedistill.errors import UserError
 from edgedistill.export import artifacts
 from edgedistill.hashing import sha256_file
 from edgedistill.jetson import detect_jetson
+from edgedistill.terminal import make_console, warn
 
 REBUILD_HINT = "rebuild it here with `edgedistill export --format trt`"
 ALIGNMENT = 256  # bytes: TensorRT wants every tensor address aligned to this (IExecutionContext.set_tensor_address)
@@ -310,8 +310,7 @@ def _load_timing_cache(config: Any, path: Path, console: Any) -> Any:
         if cache is not None and config.set_timing_cache(cache, False):
             return cache
         # made by another GPU or TensorRT version: timing only speeds the build up, so start afresh
-        console.print(f"[yellow]timing cache {path} was made by another GPU or TensorRT version; "
-                      f"starting a new one[/]")
+        warn(console, f"timing cache {path} was made by another GPU or TensorRT version; starting a new one")
     cache = config.create_timing_cache(b"")
     config.set_timing_cache(cache, False)
     return cache
@@ -327,7 +326,7 @@ def build_engine(onnx_path: Path, engine_path: Path, profile: BatchProfile, work
     written atomically.
     """
     trt = require_tensorrt()
-    console = console or Console(stderr=True)
+    console = console or make_console(stderr=True)
     onnx_path, engine_path, timing_cache = Path(onnx_path), Path(engine_path), Path(timing_cache)
     if not onnx_path.is_file():
         raise UserError(f"ONNX model {onnx_path} not found; export one first with `edgedistill export`")
@@ -345,35 +344,12 @@ def build_engine(onnx_path: Path, engine_path: Path, profile: BatchProfile, work
     if not parser.parse(model_bytes):
         raise UserError(f"TensorRT cannot parse {onnx_path}: {_parse_errors(parser)}; "
                         f"re-export the ONNX (opset 17) or simplify the unsupported operator")
-
-    config = builder.create_builder_config()
-    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_mb) << 20)
-    opt_profile = builder.create_optimization_profile()
     inputs = [network.get_input(i) for i in range(network.num_inputs)]
     outputs = [network.get_output(i) for i in range(network.num_outputs)]
-    for tensor in inputs:
-        shapes = profile_shapes(tuple(tensor.shape), profile, tensor.name)
-        opt_profile.set_shape(tensor.name, *shapes)
-    config.add_optimization_profile(opt_profile)
+    config = _builder_config(trt, builder, inputs, profile, workspace_mb)
     cache = _load_timing_cache(config, timing_cache, console)
-
     label = f"building TensorRT engine ({precision}, batch {profile.describe()}) from {onnx_path.name}"
-    with console.status(label) as status:
-        # TensorRT holds the monitor without owning it: this frame keeps it alive until it is detached below
-        monitor = _progress_monitor(trt, status)
-        if monitor is not None:
-            try:
-                config.progress_monitor = monitor
-            except (AttributeError, TypeError):
-                monitor = None
-        try:
-            serialized = builder.build_serialized_network(network, config)
-        finally:
-            if monitor is not None:
-                try:
-                    config.progress_monitor = None
-                except (AttributeError, TypeError):
-                    pass
+    serialized = _build_with_progress(trt, builder, network, config, console, label)
     if serialized is None:
         raise UserError(f"TensorRT could not build an engine from {onnx_path} (its log above says why): "
                         f"try a larger workspace_mb (now {workspace_mb}) or a smaller batch max "
@@ -401,6 +377,37 @@ def build_engine(onnx_path: Path, engine_path: Path, profile: BatchProfile, work
     console.print(f"TensorRT engine {engine_path} ({len(engine_bytes) / 2**20:.1f} MiB, {precision}, "
                   f"batch {profile.describe()}) for {_describe_device(meta)}")
     return meta
+
+
+def _builder_config(trt: Any, builder: Any, inputs: list[Any], profile: BatchProfile, workspace_mb: int) -> Any:
+    """The builder config: the workspace limit and one optimization profile, ``profile`` on every input's axis 0."""
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_mb) << 20)
+    opt_profile = builder.create_optimization_profile()
+    for tensor in inputs:
+        opt_profile.set_shape(tensor.name, *profile_shapes(tuple(tensor.shape), profile, tensor.name))
+    config.add_optimization_profile(opt_profile)
+    return config
+
+
+def _build_with_progress(trt: Any, builder: Any, network: Any, config: Any, console: Any, label: str) -> Any:
+    """``build_serialized_network`` under a status line that TensorRT's progress monitor updates (when it has one)."""
+    with console.status(label) as status:
+        # TensorRT holds the monitor without owning it: this frame keeps it alive until it is detached below
+        monitor = _progress_monitor(trt, status)
+        if monitor is not None:
+            try:
+                config.progress_monitor = monitor
+            except (AttributeError, TypeError):
+                monitor = None
+        try:
+            return builder.build_serialized_network(network, config)
+        finally:
+            if monitor is not None:
+                try:
+                    config.progress_monitor = None
+                except (AttributeError, TypeError):
+                    pass
 
 
 # ---------------------------------------------------------------------------------------------- running

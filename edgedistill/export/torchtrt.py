@@ -20,13 +20,12 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Callable, Collection
 
-from rich.console import Console
-
-from edgedistill import atomic
+import edgedistill.atomic as atomic
 from edgedistill.errors import UserError
 from edgedistill.export import artifacts
 from edgedistill.export.tensorrt import (BatchProfile, check_compatible, device_metadata, read_sidecar,
                                          require_cuda, sha256_file, sidecar_path, verify_sha256)
+from edgedistill.terminal import make_console
 
 REBUILD_HINT = "recompile it here with `edgedistill export --format torchtrt`"
 DEVICE = "cuda"  # where compilation runs; the CPU tests swap it to run the orchestration without a GPU
@@ -110,7 +109,7 @@ def compile_torchtrt(module: Any, example: Any, profile: BatchProfile, precision
     import torch  # deferred: torch-tensorrt is an extra; this module imports without it
 
     torch_tensorrt = require_torch_tensorrt()
-    console = console or Console(stderr=True)
+    console = console or make_console(stderr=True)
     out_path = Path(out_path)
     module = module.eval().to(DEVICE)
     item_shape = tuple(example.shape[1:])

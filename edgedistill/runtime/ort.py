@@ -10,13 +10,20 @@ from typing import Any
 import numpy as np
 
 
+# onnxruntime's session config keys (onnxruntime_session_options_config_keys.h): "1" lets idle pool threads spin
+SPIN_KEYS = ("session.intra_op.allow_spinning", "session.inter_op.allow_spinning")
+
+
 def ort_session(path: Path, threads: int | None = None, providers: list[Any] | None = None,
-                optimize: bool = True) -> Any:
+                optimize: bool = True, spin: bool | None = None) -> Any:
     """An onnxruntime session with full graph optimisation (CPU unless ``providers`` say otherwise), the level a
     user's default session runs at (every exported graph is checked to run there: ``check_default_session``).
 
     ``providers``: names or (name, options) pairs. ``optimize=False`` hands the graph over untouched (TensorRT's
-    provider optimises it itself).
+    provider optimises it itself). ``threads``: intra-op threads (inter-op 1); None: onnxruntime's default (one
+    per core). ``spin``: whether idle pool threads busy-wait for the next op; None keeps onnxruntime's default
+    (on). Spinning lowers latency on idle cores and costs it when other processes want them
+    (docs/design.md#formats-and-backends).
     """
     import onnxruntime as ort  # deferred: an extra (cpu, gpu, device), not a core dependency
 
@@ -27,6 +34,9 @@ def ort_session(path: Path, threads: int | None = None, providers: list[Any] | N
     if threads:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
+    if spin is not None:
+        for key in SPIN_KEYS:
+            options.add_session_config_entry(key, "1" if spin else "0")
     return ort.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"])
 
 

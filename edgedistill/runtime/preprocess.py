@@ -190,11 +190,15 @@ def load_image(source: ImageInput, convert_first: bool = True) -> Image.Image:
     An unreadable file or a wrong array is a UserError that names it.
     """
     if isinstance(source, Image.Image):
+        if source.width < 1 or source.height < 1:
+            raise UserError(f"an image of {source.width}x{source.height} pixels holds nothing to embed")
         return source.convert("RGB") if convert_first and source.mode != "RGB" else source
     if isinstance(source, np.ndarray):
         if source.dtype != np.uint8 or source.ndim != 3 or source.shape[2] != 3:
             raise UserError(f"an image array must be uint8 (H, W, 3) RGB, not {source.dtype} {source.shape}; "
                             "convert it first (e.g. np.asarray(pil_image.convert('RGB')))")
+        if source.shape[0] < 1 or source.shape[1] < 1:
+            raise UserError(f"an image array of shape {source.shape} holds no pixels to embed")
         return Image.fromarray(np.ascontiguousarray(source))
     if isinstance(source, (str, os.PathLike)):
         return _read(Path(source), convert_first)

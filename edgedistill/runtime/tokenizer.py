@@ -34,7 +34,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
-from edgedistill import atomic
+import edgedistill.atomic as atomic
 from edgedistill.errors import UserError
 
 TOKENIZER_FILE = "tokenizer.json"

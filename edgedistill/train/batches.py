@@ -15,7 +15,7 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from edgedistill import distributed
+import edgedistill.distributed as distributed
 from edgedistill.cache import FeatureCache
 from edgedistill.data.images import open_image, why_unreadable
 from edgedistill.data.manifest import Manifest

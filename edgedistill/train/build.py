@@ -7,14 +7,14 @@ import numpy as np
 import torch
 from rich.console import Console
 
-from edgedistill import distributed
+import edgedistill.distributed as distributed
 from edgedistill.balance import Balancer, build_balancer
 from edgedistill.cache import FeatureCache, class_text_features
 from edgedistill.data.images import BadImages, open_image
 from edgedistill.data.manifest import Manifest
 from edgedistill.data.transforms import student_train_transform
 from edgedistill.errors import UserError
-from edgedistill.evaluate import ClassPrompts, ValData, label_index, prepare_val, student_eval_transform
+from edgedistill.evaluate import ValData, prepare_val, student_eval_transform
 from edgedistill.hashing import seed_of
 from edgedistill.layerwise import HeldBatch, Layerwise
 from edgedistill.losses import LossContext, build_losses
@@ -24,6 +24,7 @@ from edgedistill.runtime.preprocess import image_side
 from edgedistill.select import SelectionControl, build_selector
 from edgedistill.students import Student, build_student
 from edgedistill.teachers import Teacher, resolve_device
+from edgedistill.valsplit import ClassPrompts, label_index
 from edgedistill.train.batches import BatchAssembler, EpochBatches, TeacherFeatures, TrainImages
 from edgedistill.train.rundir import RunDir
 from edgedistill.train.step import DistillStep, Optimization, param_groups

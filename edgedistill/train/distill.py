@@ -10,12 +10,14 @@ from typing import Any
 
 from rich.console import Console
 
-from edgedistill import atomic, distributed
+import edgedistill.atomic as atomic
+import edgedistill.distributed as distributed
 from edgedistill.cache import FeatureCache, caches_for_recipe, load_split_manifests
 from edgedistill.data.manifest import Manifest
 from edgedistill.errors import UserError
 from edgedistill.recipe import Recipe
 from edgedistill.teachers import Teacher, load_teacher
+from edgedistill.terminal import make_console
 from edgedistill.train.build import build_parts
 from edgedistill.train.rundir import RunDir
 from edgedistill.train.trainer import Trainer
@@ -26,7 +28,7 @@ def build_trainer(recipe: Recipe, teacher: Teacher, manifests: dict[str, Manifes
     """A trainer for ``recipe`` (its parts built, the run directory checked, a checkpoint restored on resume)."""
     RunDir(Path(recipe.out)).refuse_existing(resume)
     if not distributed.current().is_main:
-        console = Console(quiet=True)  # in a distributed run only rank 0 prints
+        console = make_console(quiet=True)  # in a distributed run only rank 0 prints
     return Trainer(build_parts(recipe, teacher, manifests, caches, console), resume)
 
 
@@ -52,8 +54,8 @@ def distill(recipe: Recipe, console: Console | None = None, resume: bool = False
     """
     ctx = distributed.init_from_env(recipe.device)
     if not ctx.is_main:
-        console = Console(quiet=True)
-    console = console or Console(stderr=True, soft_wrap=True)
+        console = make_console(quiet=True)
+    console = console or make_console(stderr=True, soft_wrap=True)
     try:
         summary = _distill(recipe, console, resume, ctx)
         return summary if ctx.is_main else None

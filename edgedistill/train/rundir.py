@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from edgedistill import atomic
+import edgedistill.atomic as atomic
 from edgedistill.errors import UserError
 from edgedistill.recipe import Recipe, read_yaml, save_recipe, validate_recipe
 

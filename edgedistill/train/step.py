@@ -8,7 +8,7 @@ from typing import Any, Callable
 
 import torch
 
-from edgedistill import distributed
+import edgedistill.distributed as distributed
 from edgedistill.balance import Balancer
 from edgedistill.errors import UserError
 from edgedistill.layerwise import Layerwise

@@ -16,7 +16,8 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-from edgedistill import atomic, distributed
+import edgedistill.atomic as atomic
+import edgedistill.distributed as distributed
 from edgedistill.balance import Balancer
 from edgedistill.cache import FeatureCache
 from edgedistill.data.images import BadImages
@@ -28,6 +29,7 @@ from edgedistill.recipe import Recipe
 from edgedistill.select import SelectionControl, Selector
 from edgedistill.students import Student, save_student
 from edgedistill.teachers import Teacher
+from edgedistill.terminal import warn
 from edgedistill.train.batches import BatchAssembler, EpochBatches, TrainImages, collate_train
 from edgedistill.train.rundir import MetricsLog, RunDir
 from edgedistill.train.step import DistillStep, Optimization
@@ -181,8 +183,7 @@ class Trainer:
         if out is None:
             s.skipped += 1
             s.bad_streak += 1
-            self.p.console.print(f"[yellow]warning:[/] step {s.step}: loss is not finite; step skipped",
-                                 highlight=False)
+            warn(self.p.console, f"step {s.step}: loss is not finite; step skipped")
             if s.bad_streak >= MAX_BAD_STEPS:
                 raise UserError(f"the loss was not finite for {MAX_BAD_STEPS} steps in a row (step {s.step}); "
                                 f"stopped. The last good checkpoint is {self.p.run.last}. Lower train.lr or "
@@ -246,8 +247,8 @@ class Trainer:
             if self._stop_requested:
                 raise KeyboardInterrupt
             self._stop_requested = True
-            self.p.console.print("[yellow]interrupt: finishing this step and saving a checkpoint (Ctrl-C again "
-                                 "to stop at once)[/]")
+            self.p.console.print("interrupt: finishing this step and saving a checkpoint (Ctrl-C again to stop at once)",
+                                 style="yellow", markup=False)
         return signal.signal(signal.SIGINT, handler)
 
     # ---------------------------------------------------------------------------------------- evaluation
