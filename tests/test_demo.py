@@ -27,7 +27,7 @@ def test_quick_demo_runs_every_stage_and_reports(quick_demo, capsys):
     code, out, cache = quick_demo
     assert code == 0
     report = json.loads((out / MARKER).read_text())
-    assert set(report["stages"]) == {"scenes", "teacher", "distill", "export", "bench"}
+    assert set(report["stages"]) == {"scenes", "teacher", "distill", "export", "bench", "search"}
     # loose checks: the teacher learned the scenes (chance is 0.5 % on 200 held-out images) ...
     assert report["teacher"]["held_out"]["i2t_r1"] > 5
     summary = json.loads((out / "summary.json").read_text())  # the distill contract
@@ -52,6 +52,10 @@ def test_quick_demo_runs_every_stage_and_reports(quick_demo, capsys):
     timed = {(r["artifact"], r["batch"]) for r in bench["rows"] if r["status"] == "ok" and r["p50_ms"]}
     assert {("image_int8_onnx", 1), ("image_int8_onnx", 8), ("teacher_image_fp32_onnx", 1)} <= timed
     assert (out / "bench" / "pareto.png").is_file() and report["bench"]["plot"].endswith("pareto.png")
+    # the search step embedded the held-out scenes with the INT8 export and ranked them for each query
+    assert report["search"] and all(len(q["hits"]) == 5 for q in report["search"])
+    assert all(q["hits"][0]["score"] >= q["hits"][-1]["score"] for q in report["search"])
+    assert (out / "search.png").is_file()
     # data and teacher live in the cache, for the next demo to reuse
     assert list((cache / "teachers").glob("tiny-*/pretrain.json"))
     assert list((cache / "scenes").glob("demo-quick-*/scenes.json"))
