@@ -12,11 +12,12 @@ Every stage is the toolkit's ordinary code path (the same functions ``data scene
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from rich.console import Console
@@ -98,6 +99,22 @@ def _prepare_out(out: Path) -> None:
         shutil.rmtree(out)
 
 
+class _Stages:
+    """Times each stage under its rule line: ``with stages("scenes", "1/6 scenes: ..."):``."""
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str, title: str) -> Iterator[None]:
+        self.console.rule(title)
+        t0 = time.perf_counter()
+        yield
+        self.seconds[name] = round(time.perf_counter() - t0, 1)
+        self.console.print(f"{name} done in {self.seconds[name]:.1f} s", highlight=False, markup=False)
+
+
 def run_demo(out: Path = Path("runs/demo"), quick: bool = False, console: Console | None = None) -> dict[str, Any]:
     """Run every stage; returns the report written to ``out/demo.json``."""
     console = console or make_console(stderr=True, soft_wrap=True)
@@ -105,54 +122,32 @@ def run_demo(out: Path = Path("runs/demo"), quick: bool = False, console: Consol
     out = Path(out)
     _prepare_out(out)
     started = time.perf_counter()
-    stages: dict[str, float] = {}
+    stage = _Stages(console)
     root = default_cache_root()
-
-    def stage(name: str, t0: float) -> None:
-        stages[name] = round(time.perf_counter() - t0, 1)
-        console.print(f"{name} done in {stages[name]:.1f} s", highlight=False, markup=False)
-
-    console.rule(f"1/6 scenes: {size.scenes} training images, {size.val} held out ({IMAGE_SIZE} px)")
-    t0 = time.perf_counter()
     data = root / "scenes" / f"demo-{size.name}-{size.scenes}-{IMAGE_SIZE}px"
-    write_scenes(data, size.scenes, seed=0, size=IMAGE_SIZE, n_val=size.val, n_hard=0, n_ood=0, progress=console)
-    stage("scenes", t0)
-
-    console.rule(f"2/6 teacher: open_clip CLIP, preset {size.teacher} (trained once, then reused)")
-    t0 = time.perf_counter()
-    teacher = pretrain_teacher(data / "train.jsonl", data / "val.jsonl", pretrain_config(size.teacher),
-                               console=console)
-    console.print(f"teacher {'reused from' if teacher.reused else 'saved to'} {teacher.folder}; held-out "
-                  f"image->text R@1 {teacher.metrics.get('i2t_r1', float('nan')):.1f}%", highlight=False)
-    stage("teacher", t0)
-
-    console.rule(f"3/6 distill: {size.student} student, {size.steps} steps")
-    t0 = time.perf_counter()
-    recipe = validate_recipe(_recipe(size, data, teacher.teacher_config(), out, root), "demo recipe")
-    summary = distill(recipe, console=console)
-    stage("distill", t0)
-
-    console.rule("4/6 export: ONNX FP32 and calibrated INT8, checked against PyTorch")
-    t0 = time.perf_counter()
-    run_export(ExportOptions(run_dir=out, format="onnx", int8=True, calib_size=size.calib, out=out / "export"),
-               console)
-    stage("export", t0)
-
-    console.rule("5/6 bench: every artifact and the teacher on onnxruntime / PyTorch CPU")
-    t0 = time.perf_counter()
+    with stage("scenes", f"1/6 scenes: {size.scenes} training images, {size.val} held out ({IMAGE_SIZE} px)"):
+        write_scenes(data, size.scenes, seed=0, size=IMAGE_SIZE, n_val=size.val, n_hard=0, n_ood=0,
+                     progress=console)
+    with stage("teacher", f"2/6 teacher: open_clip CLIP, preset {size.teacher} (trained once, then reused)"):
+        teacher = pretrain_teacher(data / "train.jsonl", data / "val.jsonl", pretrain_config(size.teacher),
+                                   console=console)
+        console.print(f"teacher {'reused from' if teacher.reused else 'saved to'} {teacher.folder}; held-out "
+                      f"image->text R@1 {teacher.metrics.get('i2t_r1', float('nan')):.1f}%", highlight=False)
+    with stage("distill", f"3/6 distill: {size.student} student, {size.steps} steps"):
+        summary = distill(validate_recipe(_recipe(size, data, teacher.teacher_config(), out, root), "demo recipe"),
+                          console=console)
+    with stage("export", "4/6 export: ONNX FP32 and calibrated INT8, checked against PyTorch"):
+        run_export(ExportOptions(run_dir=out, format="onnx", int8=True, calib_size=size.calib,
+                                 out=out / "export"), console)
     threads = torch.get_num_threads()
-    bench = run_bench(BenchOptions(export_dir=out / "export", device="cpu", batches=[1, 8], warmup=5,
-                                   iters=size.latency_iters, threads=threads, teacher=True, out=out / "bench"),
-                      console)
-    stage("bench", t0)
-
-    console.rule("6/6 search: the held-out scenes embedded by the INT8 student, searched by text")
-    t0 = time.perf_counter()
-    searches = _search(data / "val.jsonl", out, console)
-    stage("search", t0)
-
+    with stage("bench", "5/6 bench: every artifact and the teacher on onnxruntime / PyTorch CPU"):
+        bench = run_bench(BenchOptions(export_dir=out / "export", device="cpu", batches=[1, 8], warmup=5,
+                                       iters=size.latency_iters, threads=threads, teacher=True, out=out / "bench"),
+                          console)
+    with stage("search", "6/6 search: the held-out scenes embedded by the INT8 student, searched by text"):
+        searches = _search(data / "val.jsonl", out, console)
     rows = _rows(summary, bench)
-    report = {"size": size.name, "seconds": round(time.perf_counter() - started, 1), "stages": stages,
+    report = {"size": size.name, "seconds": round(time.perf_counter() - started, 1), "stages": stage.seconds,
               "teacher": {"folder": str(teacher.folder), "preset": size.teacher, "reused": teacher.reused,
                           "held_out": teacher.metrics},
               "summary": str(out / "summary.json"), "export": str(out / "export" / "export.json"),

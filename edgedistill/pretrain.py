@@ -104,9 +104,9 @@ class PretrainConfig(BaseModel):
 #   tiny  ~0.10 s: CI and tests; 150 steps on 5k scenes pairs take ~18 s in all (i2t R@1 7% of 1000 held out).
 #   small ~0.39 s: the demo; 450 steps on 20k scenes ~3.1 minutes in all, held-out i2t R@1 44%, t2i R@1 41%
 #         (the feasibility run reached 66.6% after 810 steps).
-#   medium ~0.49 s (1.27x small): the demo's teacher, small with a 160-wide vision tower (0.99M parameters, a
-#         3.8 MB fp32 ONNX image graph: 1.4x the 2.7 MB of the demo's MobileNetV3-Small 0.5x student, which runs
-#         it in well under half the CPU time); 400 steps.
+#   medium ~0.5 s: the demo's teacher, small with a 160-wide vision tower (0.99M parameters, a 3.8 MB fp32
+#         ONNX image graph: 1.4x the 2.7 MB of the demo's MobileNetV3-Small 0.5x student, 5x its batch-1 CPU
+#         latency); 400 steps on 20k scenes ~3.7 minutes in all, held-out i2t R@1 39%.
 #   base  ~0.80-0.92 s: the quality benchmark's teacher, 1260 steps ~17-19 minutes (85.0% i2t R@1 on scenes in
 #         the feasibility run).
 PRESETS: dict[str, PretrainConfig] = {
@@ -428,8 +428,42 @@ def pretrain_teacher(train: Path, val: Path | None, cfg: PretrainConfig, root: P
     Raises UserError for a missing manifest, no captioned images or a bad config.
     """
     t0 = time.perf_counter()
+    cfg, train_manifest, val_manifest = _checked_inputs(train, val, cfg)
+    root = Path(root) if root is not None else default_cache_root() / "teachers"
+    label = preset_name(cfg)
+    key = pretrain_key(cfg, train_manifest.content_hash())
+    folder = root / f"{label}-{key[:16]}"
+    dev = resolve_device(device)
+    info = _read_intact(folder, key)
+    if info is not None:
+        metrics = dict(info["metrics"])
+        if val_manifest is not None and (info.get("val") or {}).get("manifest_sha256") != val_manifest.content_hash():
+            metrics = {**_evaluate_saved(folder, info, val_manifest, dev, console), **_loss_metrics(info)}
+        if console is not None:
+            console.print(f"reusing pretrained teacher {folder}", highlight=False)
+        return PretrainResult(folder / info["files"]["config"], folder / info["files"]["checkpoint"], metrics,
+                              reused=True, seconds=time.perf_counter() - t0, folder=folder, info=info)
+    if folder.exists() and console is not None:
+        warn(console, f"{folder} is incomplete or changed; training it again")
+    with atomic.staging_dir(folder) as tmp:
+        info = _train_into(tmp, cfg, key, label, (Path(train), train_manifest),
+                           None if val is None or val_manifest is None else (Path(val), val_manifest), dev, console)
+        _publish(tmp, folder, key)
+    final = _read_intact(folder, key) or info  # another process may have published the same key first
+    if console is not None:
+        shown = ", ".join(f"{k} {v:.1f}" for k, v in final["metrics"].items() if k.endswith("_r1"))
+        console.print(f"saved pretrained teacher {folder} ({info['train_seconds']:.0f} s"
+                      f"{'; ' + shown if shown else ''})", highlight=False)
+    name = final["name"]
+    return PretrainResult(folder / f"{name}.json", folder / f"{name}.pt", dict(final["metrics"]), reused=False,
+                          seconds=time.perf_counter() - t0, folder=folder, info=final)
+
+
+def _checked_inputs(train: Path, val: Path | None, cfg: PretrainConfig
+                    ) -> tuple[PretrainConfig, Manifest, Manifest | None]:
+    """The config validated again (``model_copy(update=...)`` skips validation) and both manifests, captioned."""
     try:
-        cfg = PretrainConfig.model_validate(cfg.model_dump())  # model_copy(update=...) skips validation
+        cfg = PretrainConfig.model_validate(cfg.model_dump())
     except ValidationError as e:
         raise UserError(f"bad pretrain setting ({_validation_message(e)}); fix the value or use a preset") from None
     train_manifest = _manifest_or_error(Path(train), "train")
@@ -439,60 +473,38 @@ def pretrain_teacher(train: Path, val: Path | None, cfg: PretrainConfig, root: P
                         f"on its images")
     if val_manifest is not None and not any(e.captions for e in val_manifest.entries):
         raise UserError(f"val manifest {val} has no captioned images; add captions or pass no val manifest")
-    root = Path(root) if root is not None else default_cache_root() / "teachers"
-    label = preset_name(cfg)
-    key = pretrain_key(cfg, train_manifest.content_hash())
-    folder = root / f"{label}-{key[:16]}"
-    name = f"edgeclip-{label}"
-    model_cfg = cfg.open_clip_config()
-    dev = resolve_device(device)
-    val_sha = val_manifest.content_hash() if val_manifest is not None else None
+    return cfg, train_manifest, val_manifest
 
-    info = _read_intact(folder, key)
-    if info is not None:
-        metrics = dict(info["metrics"])
-        if val_manifest is not None and (info.get("val") or {}).get("manifest_sha256") != val_sha:
-            metrics = {**_evaluate_saved(folder, info, val_manifest, dev, console), **_loss_metrics(info)}
-        if console is not None:
-            console.print(f"reusing pretrained teacher {folder}", highlight=False)
-        return PretrainResult(folder / info["files"]["config"], folder / info["files"]["checkpoint"], metrics,
-                              reused=True, seconds=time.perf_counter() - t0, folder=folder, info=info)
-    if folder.exists() and console is not None:
-        warn(console, f"{folder} is incomplete or changed; training it again")
 
-    with atomic.staging_dir(folder) as tmp:
-        with torch.random.fork_rng(devices=[]):  # seeded here without disturbing the caller's RNG
-            torch.manual_seed(cfg.seed)
-            model, preprocess, tokenizer = build_model(f"{name}-{key[:10]}", model_cfg)
-        geometry, normalize = split_preprocess(preprocess)
-        train_data = load_pairs(train_manifest, geometry, cfg.image_size, tokenizer, "train", console)
-        val_data = load_pairs(val_manifest, geometry, cfg.image_size, tokenizer, "val", console) \
-            if val_manifest is not None else None
-        if console is not None:
-            n_params = sum(p.numel() for p in model.parameters()) / 1e6
-            console.print(f"pretraining CLIP '{label}' ({n_params:.1f}M parameters) on {len(train_data)} images, "
-                          f"{len(train_data.caption_tokens)} captions: {cfg.steps} steps of "
-                          f"{min(cfg.batch_size, len(train_data))}", highlight=False)
-        t_train = time.perf_counter()
-        losses = train_clip(model, train_data, normalize, cfg, dev, console)
-        train_seconds = time.perf_counter() - t_train
-        metrics = evaluate(model, val_data, normalize, dev) if val_data is not None else {}
-        info = _save(tmp, name, model, model_cfg, cfg, key, label, losses, train_seconds, metrics,
-                     {"manifest": str(train), "manifest_sha256": train_manifest.content_hash(),
-                      "images": len(train_data), "captions": len(train_data.caption_tokens),
-                      "skipped_images": train_data.skipped},
-                     None if val_data is None else
-                     {"manifest": str(val), "manifest_sha256": val_sha, "images": len(val_data),
-                      "captions": len(val_data.caption_tokens), "skipped_images": val_data.skipped},
-                     str(dev))
-        _publish(tmp, folder, key)
-    final = _read_intact(folder, key) or info  # another process may have published the same key first
+def _split_info(path: Path, manifest: Manifest, data: PairData) -> dict[str, Any]:
+    return {"manifest": str(path), "manifest_sha256": manifest.content_hash(), "images": len(data),
+            "captions": len(data.caption_tokens), "skipped_images": data.skipped}
+
+
+def _train_into(tmp: Path, cfg: PretrainConfig, key: str, label: str, train: tuple[Path, Manifest],
+                val: tuple[Path, Manifest] | None, dev: torch.device, console: Console | None
+                ) -> dict[str, Any]:
+    """Build, train, evaluate and save the model into the staging folder ``tmp``; returns its pretrain.json."""
+    name, model_cfg = f"edgeclip-{label}", cfg.open_clip_config()
+    with torch.random.fork_rng(devices=[]):  # seeded here without disturbing the caller's RNG
+        torch.manual_seed(cfg.seed)
+        model, preprocess, tokenizer = build_model(f"{name}-{key[:10]}", model_cfg)
+    geometry, normalize = split_preprocess(preprocess)
+    train_data = load_pairs(train[1], geometry, cfg.image_size, tokenizer, "train", console)
+    val_data = load_pairs(val[1], geometry, cfg.image_size, tokenizer, "val", console) if val is not None else None
     if console is not None:
-        shown = ", ".join(f"{k} {v:.1f}" for k, v in final["metrics"].items() if k.endswith("_r1"))
-        console.print(f"saved pretrained teacher {folder} ({train_seconds:.0f} s{'; ' + shown if shown else ''})",
-                      highlight=False)
-    return PretrainResult(folder / f"{name}.json", folder / f"{name}.pt", dict(final["metrics"]), reused=False,
-                          seconds=time.perf_counter() - t0, folder=folder, info=final)
+        n_params = sum(p.numel() for p in model.parameters()) / 1e6
+        console.print(f"pretraining CLIP '{label}' ({n_params:.1f}M parameters) on {len(train_data)} images, "
+                      f"{len(train_data.caption_tokens)} captions: {cfg.steps} steps of "
+                      f"{min(cfg.batch_size, len(train_data))}", highlight=False)
+    t_train = time.perf_counter()
+    losses = train_clip(model, train_data, normalize, cfg, dev, console)
+    train_seconds = time.perf_counter() - t_train
+    metrics = evaluate(model, val_data, normalize, dev) if val_data is not None else {}
+    return _save(tmp, name, model, model_cfg, cfg, key, label, losses, train_seconds, metrics,
+                 _split_info(*train, train_data),
+                 None if val is None or val_data is None else _split_info(*val, val_data),
+                 str(dev))
 
 
 def _loss_metrics(info: dict[str, Any]) -> dict[str, float]:
