@@ -113,7 +113,7 @@ class CacheConfig(_Section):
 
 # The recipe defaults of loss.terms and loss.balancer; to be chosen by the quality benchmark (benchmarks/README.md).
 DEFAULT_TERMS = ["feature", "similarity", "relation", "contrastive", "hard_negative", "clip"]
-DEFAULT_BALANCER = "dsmd"
+DEFAULT_BALANCER = "coverage"  # benchmarks/README.md#ground-truth-quality-on-procedural-scenes-qualitypy
 
 
 class LayerwiseConfig(_Section):
