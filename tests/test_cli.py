@@ -119,8 +119,8 @@ def test_check_prints_the_resolved_recipe_with_overrides(tiny_teacher, dataset, 
     captured = capsys.readouterr()
     resolved = yaml.safe_load(captured.out)
     assert resolved["train"]["epochs"] == 3 and resolved["data"]["batch_size"] == 32
-    assert resolved["loss"]["balancer"]["name"] == "dsmd"  # defaults filled in
-    assert resolved["loss"]["balancer"]["momentum"] == 0.9
+    assert resolved["loss"]["balancer"]["name"] == "coverage"  # defaults filled in
+    assert resolved["loss"]["balancer"]["momentum"] == 0.9 and resolved["loss"]["balancer"]["equalise"] is True
     assert "train: 40 images, 80 captions" in captured.err
 
 
