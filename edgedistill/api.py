@@ -148,8 +148,12 @@ def _unit(x: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------------- load
 
 def load(path: str | Path, device: str = "auto", backend: str = "auto", precision: str | None = None,
-         threads: int | None = None) -> Encoder:
-    """Open ``path`` (see the module docstring) on ``device`` (auto, cpu, cuda, jetson) -> Encoder."""
+         threads: int | None = None, spin: bool | None = None) -> Encoder:
+    """Open ``path`` (see the module docstring) on ``device`` (auto, cpu, cuda, jetson) -> Encoder.
+
+    ``spin``: whether onnxruntime's pool threads spin between calls (None: onnxruntime's default, on). Off suits a
+    process that does other work on the same cores, such as decoding the next images.
+    """
     device = resolve_device(device)
     _check_request(backend, precision, device)
     export_dir, pinned = _export_of(Path(path))
@@ -170,7 +174,7 @@ def load(path: str | Path, device: str = "auto", backend: str = "auto", precisio
                        doc.get("student_weights_sha256") or image.artifact.get("sha256"))
     if text_fallback and text is not None:
         info.notes.append(f"no {precision} text encoder in this export: text runs at {text.artifact.get('precision')}")
-    return Encoder(_open(image, device, threads), _open_text(text, doc, export_dir, device, threads),
+    return Encoder(_open(image, device, threads, spin), _open_text(text, doc, export_dir, device, threads, spin),
                    Preprocess(doc["preprocess"]), _tokenizer(export_dir, doc, info), int(doc["embed_dim"]), info)
 
 
@@ -279,18 +283,19 @@ def _pinned_encoder(doc: dict[str, Any], export_dir: Path, pinned: Path) -> str:
     raise UserError(f"{pinned} is not listed in {export_dir / artifacts.MANIFEST}; give an artifact of that export")
 
 
-def _open(choice: Choice, device: str, threads: int | None) -> Runner:
+def _open(choice: Choice, device: str, threads: int | None, spin: bool | None = None) -> Runner:
     path = artifacts.verify_artifact(choice.export_dir, choice.artifact)
-    cand = next(c for c in candidates(choice.artifact, path, device, threads) if c.backend == choice.backend)
+    cand = next(c for c in candidates(choice.artifact, path, device, threads, spin=spin)
+                if c.backend == choice.backend)
     if cand.make is None:
         raise UserError(f"{choice.artifact['name']} cannot run on {choice.backend}: {cand.reason}")
     return cand.make()
 
 
 def _open_text(choice: Choice | None, doc: dict[str, Any], export_dir: Path, device: str,
-               threads: int | None) -> Runner | TextTable | None:
+               threads: int | None, spin: bool | None = None) -> Runner | TextTable | None:
     if choice is not None:
-        return _open(choice, device, threads)
+        return _open(choice, device, threads, spin)
     table = next((a for a in doc["artifacts"] if a.get("format") == "npy" and a.get("encoder") == "text"), None)
     if table is None:
         return None

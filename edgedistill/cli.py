@@ -398,6 +398,8 @@ def embed(
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads of the runtime."),
     max_bad_fraction: float = typer.Option(0.05, "--max-bad-fraction", help="Stop when more than this share of "
                                            "the images cannot be read."),
+    spin: bool = typer.Option(False, "--spin/--no-spin", help="Let onnxruntime's pool threads spin between "
+                              "batches (off by default: they would compete with image decoding for the cores)."),
 ) -> None:
     """Embed every image of SOURCE with a student into an index for `edgedistill search`.
 
@@ -416,7 +418,7 @@ def embed(
     console = make_console(stderr=True, soft_wrap=True)
     check_options(batch, max_bad_fraction)
     manifest = read_source(source)  # a bad source is found before the model loads
-    encoder = load(model, device=device, backend=backend, precision=precision, threads=threads)
+    encoder = load(model, device=device, backend=backend, precision=precision, threads=threads, spin=spin)
     console.print(f"model {encoder.info.image['artifact']} on {encoder.info.image['backend']} "
                   f"({encoder.info.device}; chosen by {encoder.info.chosen_by})", highlight=False)
     out = out or Path(f"{Path(str(source).rstrip('/')).name.split('{')[0] or 'images'}.index")

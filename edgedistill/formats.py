@@ -79,14 +79,16 @@ BACKENDS: dict[str, Backend] = {b.name: b for b in (
             _module_missing("torch_tensorrt", "pip install 'edgedistill[gpu]'")),
     Backend("onnxruntime-cuda", ("onnx",), ("cuda", "jetson"), "edgedistill.bench.backends:OrtRunner",
             _ort_provider_missing("CUDAExecutionProvider")),
-    Backend("openvino-cpu", ("onnx",), ("cpu",), "edgedistill.bench.backends:OpenVinoRunner",
-            _module_missing("openvino", "pip install 'edgedistill[openvino]'")),
+    # onnxruntime before OpenVINO: on the flagship student (MobileNetV3) onnxruntime was faster in every idle
+    # condition measured (benchmarks/README.md, ort_vs_openvino.py); a bench.json measured here overrides it.
     Backend("onnxruntime-cpu", ("onnx",), ("cpu",), "edgedistill.bench.backends:OrtRunner",
             _ort_provider_missing("CPUExecutionProvider")),
+    Backend("openvino-cpu", ("onnx",), ("cpu",), "edgedistill.bench.backends:OpenVinoRunner",
+            _module_missing("openvino", "pip install 'edgedistill[openvino]'")),
     Backend("pytorch-cuda", ("pytorch",), ("cuda", "jetson"), "edgedistill.bench.backends:TorchRunner",
-            _module_missing("torch", "the training install: pip install edgedistill")),
+            _module_missing("torch", "the training install: pip install 'edgedistill[train]'")),
     Backend("pytorch-cpu", ("pytorch",), ("cpu",), "edgedistill.bench.backends:TorchRunner",
-            _module_missing("torch", "the training install: pip install edgedistill")),
+            _module_missing("torch", "the training install: pip install 'edgedistill[train]'")),
 )}
 
 # Why a format has no backend on a device (a skipped row says this).

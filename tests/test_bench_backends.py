@@ -194,16 +194,16 @@ def test_candidates_pass_the_spin_option_to_the_onnxruntime_runner(image_graph):
     assert _config(cand.make().session, SPIN_KEYS[0]) == "0"
 
 
-def test_openvino_comes_before_onnxruntime_on_the_cpu_and_is_skipped_with_the_fix_when_missing(image_graph,
-                                                                                               monkeypatch):
+def test_onnxruntime_comes_before_openvino_on_the_cpu_and_openvino_is_skipped_with_the_fix_when_missing(
+        image_graph, monkeypatch):
     import importlib.util
 
     artifact = {"name": "image_int8_onnx", "format": "onnx", "precision": "int8"}
     assert [c.backend for c in backends.candidates(artifact, image_graph, "cpu", 1)] == \
-        ["openvino-cpu", "onnxruntime-cpu"]  # the table's order of preference
+        ["onnxruntime-cpu", "openvino-cpu"]  # the table's order of preference
     assert "openvino-cpu" not in [c.backend for c in backends.candidates(artifact, image_graph, "jetson", 1)]
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "openvino" else real(name, *a))
-    skipped, ort = backends.candidates(artifact, image_graph, "cpu", 1)
+    ort, skipped = backends.candidates(artifact, image_graph, "cpu", 1)
     assert skipped.make is None and skipped.reason == "openvino is not installed (pip install 'edgedistill[openvino]')"
     assert ort.reason is None

@@ -164,3 +164,27 @@ def test_shards_embed_like_a_manifest(tiny_export, tmp_path):
     enc = edgedistill.load(tiny_export, device="cpu")
     doc = build_index(str(shard), enc, tmp_path / "s.index")
     assert doc.count == 5
+
+
+def test_embed_runs_onnxruntime_without_spinning_unless_asked(tiny_export, data, tmp_path, monkeypatch):
+    """Spinning pool threads compete with the decode threads (benchmarks/README.md, embed_speed.py)."""
+    import edgedistill.api as api
+
+    asked = []
+    real_load = api.load
+
+    def recording_load(*args, **kwargs):
+        asked.append(kwargs.get("spin"))
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(api, "load", recording_load)
+    for flags, want in (([], False), (["--spin"], True)):
+        out = tmp_path / f"spin{len(flags)}.index"
+        assert main(["embed", str(data / "val.jsonl"), "--model", str(tiny_export), "--out", str(out), *flags]) == 0
+        assert asked[-1] is want
+    from edgedistill.runtime.ort import SPIN_KEYS
+
+    enc = real_load(tiny_export, device="cpu", backend="onnxruntime-cpu", spin=False)
+    options = enc._image.session.get_session_options()
+    assert [options.get_session_config_entry(k) for k in SPIN_KEYS] == ["0", "0"]
+    assert enc._text.session.get_session_options().get_session_config_entry(SPIN_KEYS[0]) == "0"
