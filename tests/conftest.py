@@ -230,12 +230,17 @@ def read_only_copy(src: Path, dest: Path) -> Iterator[Path]:
 def tiny_export(tiny_teacher: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny student distilled for one epoch and exported (ONNX fp32 + INT8, the tokenizer): RUN/export. Shared by
     the loader, embed/search and device tests (the data is in RUN/../data: val_images/ and val.jsonl)."""
+    return build_tiny_export(tmp_path_factory.mktemp("export"), tiny_teacher)
+
+
+def build_tiny_export(root: Path, teacher: tuple[Path, Path]) -> Path:
+    """``teacher`` (config, weights) distilled for one epoch on 32 JPEGs into root/run and exported (ONNX fp32 +
+    INT8): root/run/export. The tiny_export fixture and CI's device check (.ci/make_export.py) use it."""
     from edgedistill.cli import main
 
-    root = tmp_path_factory.mktemp("export")
     train = write_manifest(root / "data" / "train.jsonl", write_images(root / "data" / "images", 32))
     val = write_manifest(root / "data" / "val.jsonl", write_images(root / "data" / "val_images", 10, seed=1))
-    recipe = write_recipe(root / "tiny.yaml", tiny_teacher, train, val, cache_dir=root / "cache",
+    recipe = write_recipe(root / "tiny.yaml", teacher, train, val, cache_dir=root / "cache",
                           student={"image_size": 32}, train={"epochs": 1, "warmup_steps": 1, "tensorboard": False})
     raw = yaml.safe_load(recipe.read_text())
     raw["out"] = str(root / "run")
