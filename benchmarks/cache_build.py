@@ -31,9 +31,9 @@ from rich.console import Console
 
 from common import cpu_model, random_checkpoint, report, write_dataset
 
-from edgedistill.cache import caches_for_recipe, load_split_manifests
-from edgedistill.recipe import validate_recipe
-from edgedistill.teachers import load_teacher
+from edgedistill.distill.cache import caches_for_recipe, load_split_manifests
+from edgedistill.distill.recipe import validate_recipe
+from edgedistill.distill.teachers import load_teacher
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -2,7 +2,7 @@
 
 ViT-B-32 teacher (open_clip architecture, random weights saved to a checkpoint: no download; the weights do
 not change the cost) and a MobileNetV3-Large student at 224 px, on JPEG photo stand-ins with two captions each.
-The trainer is the real one (`edgedistill.train.build_trainer`, default loss terms and balancer); only
+The trainer is the real one (`edgedistill.distill.train.build_trainer`, default loss terms and balancer); only
 `train.teacher` differs. Epochs alternate cached / online so drift of the machine hits both alike; the ratio
 is of the medians. The one-off cache build is reported separately.
 
@@ -28,10 +28,10 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from common import cpu_model, random_checkpoint, report, write_dataset  # noqa: E402
 
-from edgedistill.cache import caches_for_recipe, load_split_manifests  # noqa: E402
-from edgedistill.recipe import validate_recipe  # noqa: E402
-from edgedistill.teachers import load_teacher  # noqa: E402
-from edgedistill.train import build_trainer  # noqa: E402
+from edgedistill.distill.cache import caches_for_recipe, load_split_manifests  # noqa: E402
+from edgedistill.distill.recipe import validate_recipe  # noqa: E402
+from edgedistill.distill.teachers import load_teacher  # noqa: E402
+from edgedistill.distill.train import build_trainer  # noqa: E402
 
 
 def main() -> None:
@@ -45,7 +45,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2, help="epochs per mode, alternating")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--no-malloc-tuning", action="store_true",
-                    help="leave glibc's allocator as it is (edgedistill.memory.keep_freed_memory off)")
+                    help="leave glibc's allocator as it is (edgedistill.distill.memory.keep_freed_memory off)")
     ap.add_argument("--no-record", action="store_true")
     args = ap.parse_args()
     if args.no_malloc_tuning:

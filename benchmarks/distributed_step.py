@@ -34,9 +34,9 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from common import cpu_model, random_checkpoint, report, write_dataset  # noqa: E402
 
-from edgedistill.cache import caches_for_recipe, load_split_manifests  # noqa: E402
-from edgedistill.recipe import validate_recipe  # noqa: E402
-from edgedistill.teachers import load_teacher  # noqa: E402
+from edgedistill.distill.cache import caches_for_recipe, load_split_manifests  # noqa: E402
+from edgedistill.distill.recipe import validate_recipe  # noqa: E402
+from edgedistill.distill.teachers import load_teacher  # noqa: E402
 
 
 def run(recipe: Path, out: Path, nproc: int, threads: int) -> dict:

@@ -41,10 +41,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import cpu_model, report, write_dataset  # noqa: E402
 from benchmarks.export_speed import scene_images  # noqa: E402
 from benchmarks.ort_vs_openvino import export_graphs  # noqa: E402
-from edgedistill.api import Encoder, EncoderInfo  # noqa: E402
-from edgedistill.bench.backends import OpenVinoRunner, OrtRunner, Runner, package_version  # noqa: E402
+from edgedistill.runtime.encoder import Encoder, EncoderInfo  # noqa: E402
+from edgedistill.runtime.backends import OpenVinoRunner, OrtRunner, Runner, package_version  # noqa: E402
 from edgedistill.data.manifest import load_manifest  # noqa: E402
-from edgedistill.index import build_index, decoded_batches  # noqa: E402
+from edgedistill.runtime.index import build_index, decoded_batches  # noqa: E402
 from edgedistill.runtime.preprocess import Preprocess  # noqa: E402
 
 SIZE = 224

@@ -35,8 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import cpu_model, report  # noqa: E402
 from edgedistill.export.graph import ImageEncoder, export_onnx  # noqa: E402
 from edgedistill.runtime.ort import ort_session  # noqa: E402
-from edgedistill.export.precision import ImageCalibrationReader, quantize_int8  # noqa: E402
-from edgedistill.teachers import register_open_clip_config  # noqa: E402
+from edgedistill.export.precision import ORT_CPU_INT8, TENSORRT_INT8, ImageCalibrationReader, quantize_int8  # noqa: E402
+from edgedistill.distill.teachers import register_open_clip_config  # noqa: E402
 
 
 def student(vision: str, size: int = 224) -> torch.nn.Module:
@@ -126,7 +126,7 @@ def main() -> None:
             for flavour, symmetric in (("cpu", False), ("tensorrt", True)):
                 reader = ImageCalibrationReader("image", args.calib_size, lambda i: x[i])
                 quantize_int8(work / "fp32.onnx", work / f"int8-{flavour}.onnx", reader, "entropy", work / "cache",
-                              "scenes", symmetric_activations=symmetric)
+                              "scenes", settings=TENSORRT_INT8 if symmetric else ORT_CPU_INT8)
                 graphs[f"resnet18 int8 ({flavour} flavour)"] = work / f"int8-{flavour}.onnx"
         times = time_side_by_side(graphs, x[:args.batch], args.threads, args.warmup, args.iters)
     row_extra: dict = {}

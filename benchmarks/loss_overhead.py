@@ -37,10 +37,10 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from common import cpu_model, report  # noqa: E402
 
-from edgedistill.balance import build_balancer, validate_balancer  # noqa: E402
-from edgedistill.losses import Embeddings, LossContext, build_losses, validate_term_options  # noqa: E402
-from edgedistill.recipe import DEFAULT_TERMS  # noqa: E402
-from edgedistill.memory import keep_freed_memory  # noqa: E402
+from edgedistill.distill.balance import build_balancer, validate_balancer  # noqa: E402
+from edgedistill.distill.losses import Embeddings, LossContext, build_losses, validate_term_options  # noqa: E402
+from edgedistill.distill.recipe import DEFAULT_TERMS  # noqa: E402
+from edgedistill.distill.memory import keep_freed_memory  # noqa: E402
 
 BALANCERS = ["static", "dsmd", "dwa", "uncertainty", "gradnorm"]
 

@@ -50,8 +50,8 @@ def main() -> None:
     from rich.console import Console
 
     from edgedistill.data.scenes import write_ood_classes
-    from edgedistill.recipe import load_recipe
-    from edgedistill.train import distill
+    from edgedistill.distill.recipe import load_recipe
+    from edgedistill.distill.train import distill
 
     console = Console(stderr=True)
     torch.manual_seed(0)

@@ -35,10 +35,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import cpu_model, report  # noqa: E402
 from benchmarks.export_speed import scene_images, student  # noqa: E402
-from edgedistill.bench.backends import OpenVinoRunner, OrtRunner, Runner, package_version  # noqa: E402
+from edgedistill.runtime.backends import OpenVinoRunner, OrtRunner, Runner, package_version  # noqa: E402
 from edgedistill.bench.timing import cpu_load, time_cpu  # noqa: E402
 from edgedistill.export.graph import ImageEncoder, cosine_parity, export_onnx  # noqa: E402
-from edgedistill.export.precision import ImageCalibrationReader, quantize_int8  # noqa: E402
+from edgedistill.export.precision import ORT_CPU_INT8, ImageCalibrationReader, quantize_int8  # noqa: E402
 
 SIZE = 224
 # name -> runner factory (graph, precision, threads); the first is the baseline of every ratio
@@ -58,7 +58,7 @@ def export_graphs(vision: str, precisions: list[str], images: np.ndarray, calib:
     if "int8" in precisions:
         graphs["int8"] = work / f"{vision}_int8.onnx"
         reader = ImageCalibrationReader("image", calib, lambda i: images[i])
-        quantize_int8(fp32, graphs["int8"], reader, "entropy", work / "cache", "scenes", symmetric_activations=False)
+        quantize_int8(fp32, graphs["int8"], reader, "entropy", work / "cache", "scenes", settings=ORT_CPU_INT8)
     return {p: graphs[p] for p in precisions}
 
 

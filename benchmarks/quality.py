@@ -76,7 +76,7 @@ def prepare(work: Path, n: int, captioned: int, console: Any, preset: str = "bas
     """Scenes for both data variants (same images, same seeds) and the teacher (pretrain ``preset``; the
     benchmark's is ``base``, others are for smoke runs); all reused when present."""
     from edgedistill.data.scenes import write_scenes
-    from edgedistill.pretrain import pretrain_config, pretrain_teacher
+    from edgedistill.distill.pretrain import pretrain_config, pretrain_teacher
 
     full = work / "scenes"
     transfer = work / "scenes-transfer"
@@ -141,7 +141,7 @@ def split_scores(model: Any, tokenizer: Any, preprocess: Any, manifest_path: Pat
     """Retrieval and twin accuracy of ``model`` (and the teacher, scored once) on one scenes split."""
     from edgedistill.data.images import open_image
     from edgedistill.data.manifest import load_manifest
-    from edgedistill.metrics import retrieval_metrics, twin_accuracy
+    from edgedistill.evaluation.metrics import retrieval_metrics, twin_accuracy
 
     manifest = load_manifest(manifest_path)
     captions = [c for e in manifest.entries for c in e.captions]
@@ -208,7 +208,7 @@ def compute_of(recipe_for: Any, teacher: Any, tracks: list[str], strict: bool = 
     """Image-tower FLOPs and parameters of the teacher and each track's student; the compression ratio checked
     (``strict``: a ratio above MAX_COMPUTE_RATIO stops the benchmark; else a warning, for smoke teachers)."""
     from edgedistill.runtime.preprocess import image_side
-    from edgedistill.students import build_student
+    from edgedistill.distill.students import build_student
 
     t_size = image_side(teacher.preprocess_cfg)
     out: dict[str, Any] = {"teacher_image_mflops": round(image_flops(teacher.model.visual, t_size) / 1e6, 2),
@@ -244,7 +244,7 @@ def cells(args: argparse.Namespace, plan: Plan) -> list[tuple[str, str, int]]:
 
 def build_caches(jobs: list[tuple[str, str, int]], make_recipe: Any, teacher: Any, console: Any) -> float:
     """Build (or load) the teacher feature cache of every training manifest the runs use, once, up front."""
-    from edgedistill.cache import caches_for_recipe, load_split_manifests
+    from edgedistill.distill.cache import caches_for_recipe, load_split_manifests
 
     t0, done = time.perf_counter(), set()
     for track, method, seed in jobs:
@@ -258,7 +258,7 @@ def build_caches(jobs: list[tuple[str, str, int]], make_recipe: Any, teacher: An
 
 def run_one(track: str, method: str, seed: int, make_recipe: Any, paths: dict[str, Path], teacher: Any,
             console: Any) -> dict[str, Any]:
-    from edgedistill.train import distill
+    from edgedistill.distill.train import distill
 
     recipe = make_recipe(track, method, seed)
     shutil.rmtree(recipe.out, ignore_errors=True)
@@ -334,8 +334,8 @@ def main() -> None:
     plan = plan_of(args)
     from rich.console import Console
 
-    from edgedistill.recipe import load_recipe
-    from edgedistill.teachers import load_teacher
+    from edgedistill.distill.recipe import load_recipe
+    from edgedistill.distill.teachers import load_teacher
 
     console = Console(stderr=True)
     torch.manual_seed(0)

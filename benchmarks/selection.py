@@ -36,7 +36,7 @@ def prepare_scenes(work: Path, n: int, preset: str, console: Any) -> dict[str, P
         from benchmarks.quality import prepare
         return prepare(work, n, min(2000, n), console)
     from edgedistill.data.scenes import write_scenes
-    from edgedistill.pretrain import pretrain_config, pretrain_teacher
+    from edgedistill.distill.pretrain import pretrain_config, pretrain_teacher
     full = work / "scenes"
     write_scenes(full, n, seed=0, size=64, n_val=min(1000, max(50, n // 10)), n_hard=min(500, max(20, n // 20)),
                  n_ood=min(500, max(20, n // 20)), progress=console)
@@ -74,9 +74,9 @@ def main() -> None:
     from rich.console import Console
 
     from benchmarks.quality import evaluate_run
-    from edgedistill.recipe import load_recipe
-    from edgedistill.teachers import load_teacher
-    from edgedistill.train import distill
+    from edgedistill.distill.recipe import load_recipe
+    from edgedistill.distill.teachers import load_teacher
+    from edgedistill.distill.train import distill
 
     console = Console(stderr=True)
     torch.manual_seed(0)

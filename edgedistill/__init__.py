@@ -1,7 +1,7 @@
 """edgedistill: distill large open_clip image-text models into edge-ready students, and run them.
 
     import edgedistill
-    encoder = edgedistill.load("runs/clip_to_mobilenet/export")   # any exported form; see edgedistill.api
+    encoder = edgedistill.load("runs/clip_to_mobilenet/export")   # any exported form; see edgedistill.runtime.loader
     encoder.encode_image(["a.jpg"]), encoder.encode_text(["a dog"]), encoder.zero_shot(["a.jpg"], ["cat", "dog"])
 """
 
@@ -15,7 +15,7 @@ def __getattr__(name: str) -> Any:
     # Deferred: `import edgedistill` stays instant (the CLI, python -m edgedistill); the loader's stack loads when
     # it is asked for.
     if name in ("load", "Encoder"):
-        from edgedistill import api
+        import edgedistill.runtime.loader as loader
 
-        return getattr(api, name)
+        return getattr(loader, name)
     raise AttributeError(f"module 'edgedistill' has no attribute {name!r}")

@@ -21,8 +21,8 @@ from rich.console import Console
 from rich.table import Table
 
 from edgedistill import __version__
-from edgedistill.errors import UserError
-from edgedistill.terminal import make_console
+from edgedistill.core.errors import UserError
+from edgedistill.core.terminal import make_console
 
 app = typer.Typer(
     name="edgedistill",
@@ -63,12 +63,12 @@ def check(recipe: Path = RECIPE_ARG, overrides: Optional[list[str]] = OVERRIDES_
     * `edgedistill check recipes/clip_to_mobilenet.yaml train.epochs=3 data.batch_size=32`
     """
     # deferred: the command's own stack loads when it runs
-    from edgedistill.cache import load_split_manifests
-    from edgedistill.valsplit import read_class_descriptions
-    from edgedistill.recipe import load_recipe, recipe_to_yaml
-    from edgedistill.students import check_vision_tower
-    from edgedistill.teachers import check_teacher
-    from edgedistill.train import check_ood_classes
+    from edgedistill.distill.cache import load_split_manifests
+    from edgedistill.evaluation.split import read_class_descriptions
+    from edgedistill.distill.recipe import load_recipe, recipe_to_yaml
+    from edgedistill.distill.students import check_vision_tower
+    from edgedistill.distill.teachers import check_teacher
+    from edgedistill.distill.train import check_ood_classes
 
     resolved = load_recipe(recipe, overrides or [])
     check_teacher(resolved.teacher, seed=resolved.seed)  # the model config builds, the checkpoint fits it
@@ -100,9 +100,9 @@ def cache(
     * `edgedistill cache recipes/clip_to_mobilenet.yaml cache.dir=/data/cache data.workers=8`
     """
     # deferred: the command's own stack loads when it runs
-    from edgedistill.cache import caches_for_recipe, load_split_manifests
-    from edgedistill.recipe import load_recipe
-    from edgedistill.teachers import load_teacher
+    from edgedistill.distill.cache import caches_for_recipe, load_split_manifests
+    from edgedistill.distill.recipe import load_recipe
+    from edgedistill.distill.teachers import load_teacher
 
     console = make_console(stderr=True, soft_wrap=True)
     resolved = load_recipe(recipe, overrides or [])
@@ -147,13 +147,13 @@ def distill(
       edgedistill distill recipes/clip_to_mobilenet.yaml`)
     """
     # deferred: the command's own stack loads when it runs
-    from edgedistill.recipe import load_recipe
-    from edgedistill.train import distill as run_distill
+    from edgedistill.distill.recipe import load_recipe
+    from edgedistill.distill.train import distill as run_distill
 
     console = make_console(stderr=True, soft_wrap=True)
     resolved = load_recipe(recipe, overrides or [])
     if nproc > 1:
-        from edgedistill.distributed import launch_distill  # deferred: only --nproc needs the launcher
+        from edgedistill.distill.distributed import launch_distill  # deferred: only --nproc needs the launcher
         raise typer.Exit(launch_distill(resolved, nproc, [str(recipe), *(overrides or [])], resume))
     summary = run_distill(resolved, console=console, resume=resume)
     if summary is not None:  # None on the other ranks of a distributed run: rank 0 reports
@@ -203,7 +203,7 @@ def evaluate(
     * `edgedistill eval runs/clip_to_mobilenet --device cpu`
     """
     # deferred: the command's own stack loads when it runs
-    from edgedistill.evaluate import run_eval
+    from edgedistill.distill.evaluate import run_eval
 
     console = make_console(stderr=True, soft_wrap=True)
     result = run_eval(run_dir, device, console)
@@ -302,9 +302,9 @@ def teacher_pretrain(
     * `edgedistill teacher pretrain --data data/scenes --preset base --out data/scenes-teacher`
     """
     # deferred: the command's own stack loads when it runs
-    from edgedistill.pretrain import pretrain_config, pretrain_teacher
+    from edgedistill.distill.pretrain import pretrain_config, pretrain_teacher
 
-    import edgedistill.atomic as atomic
+    import edgedistill.core.atomic as atomic
 
     console = make_console(stderr=True, soft_wrap=True)
     if out is not None:
@@ -412,13 +412,15 @@ def embed(
     * `edgedistill embed data/val.jsonl --model runs/clip_to_mobilenet/export --out val.index --precision int8`
     """
     # deferred: the command's own stack loads when it runs
-    from edgedistill.api import load
-    from edgedistill.index import build_index, check_options, read_source
+    from edgedistill.runtime.loader import load
+    from edgedistill.runtime.index import build_index, check_options, read_source
 
     console = make_console(stderr=True, soft_wrap=True)
     check_options(batch, max_bad_fraction)
     manifest = read_source(source)  # a bad source is found before the model loads
-    encoder = load(model, device=device, backend=backend, precision=precision, threads=threads, spin=spin)
+    # measured (or cached) at embed's own batch: the artifact that is fastest for this job on this machine
+    encoder = load(model, device=device, backend=backend, precision=precision, threads=threads, spin=spin,
+                   batch=batch)
     console.print(f"model {encoder.info.image['artifact']} on {encoder.info.image['backend']} "
                   f"({encoder.info.device}; chosen by {encoder.info.chosen_by})", highlight=False)
     out = out or Path(f"{Path(str(source).rstrip('/')).name.split('{')[0] or 'images'}.index")
@@ -447,10 +449,10 @@ def search(
     * `edgedistill search photos.index --image query.jpg --html hits.html`
     """
     # deferred: the command's own stack loads when it runs
-    import edgedistill.atomic as atomic
-    from edgedistill.api import load
-    from edgedistill.index import check_same_model, open_index
-    from edgedistill.sheets import Hit, html_sheet, png_sheet
+    import edgedistill.core.atomic as atomic
+    from edgedistill.runtime.loader import load
+    from edgedistill.runtime.index import check_same_model, load_like_index, open_index
+    from edgedistill.runtime.sheets import Hit, html_sheet, png_sheet
 
     if (query is None) == (image is None):
         raise UserError("give a text query or --image (one of them)")
@@ -458,7 +460,10 @@ def search(
         if path is not None:
             atomic.writable_file(path, flag)  # before the search, not after it
     idx = open_index(index)
-    encoder = load(model or idx.doc.model.source, device=device, backend=backend)
+    if model is None and backend == "auto" and image is not None:  # an image query: the artifact the index used
+        encoder = load_like_index(idx, device)
+    else:
+        encoder = load(model or idx.doc.model.source, device=device, backend=backend)
     check_same_model(idx, encoder)
     vector = encoder.encode_text([query])[0] if query is not None else encoder.encode_image([str(image)])[0]
     hits = [Hit(rank + 1, s, idx.items[row]["path"], (idx.items[row].get("captions") or [None])[0])
@@ -496,7 +501,7 @@ def classify(
     * `edgedistill classify photos/ --model export/ --labels classes.txt -k 1`
     """
     # deferred: the command's own stack loads when it runs
-    from edgedistill.api import load
+    from edgedistill.runtime.loader import load
     from edgedistill.data.manifest import load_folder
 
     names = _labels(labels)
@@ -689,7 +694,7 @@ def bench(
     """
     # deferred: the command's own stack loads when it runs
     from edgedistill.bench.runner import BenchOptions, parse_batches, run_bench
-    from edgedistill.locations import latest_run
+    from edgedistill.core.locations import latest_run
 
     console = make_console(stderr=True, soft_wrap=True)
     if export_dir is None:

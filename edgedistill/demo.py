@@ -13,6 +13,7 @@ Every stage is the toolkit's ordinary code path (the same functions ``data scene
 from __future__ import annotations
 
 import contextlib
+import json
 import shutil
 import time
 from dataclasses import dataclass
@@ -23,20 +24,20 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-import edgedistill.atomic as atomic
-from edgedistill.api import load
+import edgedistill.core.atomic as atomic
+from edgedistill.runtime.loader import load
 from edgedistill.bench.runner import BenchOptions, run_bench
 from edgedistill.data.scenes import write_scenes
 from edgedistill.export.exporter import ExportOptions, run_export
-from edgedistill.gates import finite
-from edgedistill.index import build_index, open_index
-from edgedistill.locations import default_cache_root
-from edgedistill.pretrain import pretrain_config, pretrain_teacher
-from edgedistill.recipe import validate_recipe
-from edgedistill.sheets import Hit, png_sheet
-from edgedistill.terminal import make_console
-from edgedistill.train import distill
-from edgedistill.errors import UserError
+from edgedistill.core.gates import finite
+from edgedistill.runtime.index import build_index, open_index
+from edgedistill.core.locations import default_cache_root
+from edgedistill.distill.pretrain import pretrain_config, pretrain_teacher
+from edgedistill.distill.recipe import validate_recipe
+from edgedistill.runtime.sheets import Hit, png_sheet
+from edgedistill.core.terminal import make_console
+from edgedistill.distill.train import distill
+from edgedistill.core.errors import UserError
 
 MARKER = "demo.json"  # a folder holding this is a demo run the next demo may replace
 
@@ -137,15 +138,16 @@ def run_demo(out: Path = Path("runs/demo"), quick: bool = False, console: Consol
         summary = distill(validate_recipe(_recipe(size, data, teacher.teacher_config(), out, root), "demo recipe"),
                           console=console)
     with stage("export", "4/6 export: ONNX FP32 and calibrated INT8, checked against PyTorch"):
-        run_export(ExportOptions(run_dir=out, format="onnx", int8=True, calib_size=size.calib,
+        run_export(ExportOptions(run_dir=out, format="onnx", int8=True, int8_required=False, calib_size=size.calib,
                                  out=out / "export"), console)
     threads = torch.get_num_threads()
     with stage("bench", "5/6 bench: every artifact and the teacher on onnxruntime / PyTorch CPU"):
         bench = run_bench(BenchOptions(export_dir=out / "export", device="cpu", batches=[1, 8], warmup=5,
                                        iters=size.latency_iters, threads=threads, teacher=True, out=out / "bench"),
                           console)
-    with stage("search", "6/6 search: the held-out scenes embedded by the INT8 student, searched by text"):
-        searches = _search(data / "val.jsonl", out, console)
+    with stage("search", "6/6 search: the held-out scenes embedded by the student load() picks, searched by text"):
+        searches, picked = _search(data / "val.jsonl", out, console)
+    dropped = json.loads((out / "export" / "export.json").read_text(encoding="utf-8")).get("dropped") or []
     rows = _rows(summary, bench)
     report = {"size": size.name, "seconds": round(time.perf_counter() - started, 1), "stages": stage.seconds,
               "teacher": {"folder": str(teacher.folder), "preset": size.teacher, "reused": teacher.reused,
@@ -156,7 +158,8 @@ def run_demo(out: Path = Path("runs/demo"), quick: bool = False, console: Consol
               "bench": {"json": str(out / "bench" / "bench.json"), "md": str(out / "bench" / "bench.md"),
                         "plot": str(out / "bench" / "pareto.png")},
               "rows": rows, "compression": compression(rows),
-              "retention_rsum": (summary.get("retention") or {}).get("rsum"), "search": searches}
+              "retention_rsum": (summary.get("retention") or {}).get("rsum"), "search": searches,
+              "loaded": picked, "dropped": dropped}
     atomic.write_json(out / MARKER, report)
     atomic.write_text(out / "demo.md", _markdown(report))
     return report
@@ -165,10 +168,13 @@ def run_demo(out: Path = Path("runs/demo"), quick: bool = False, console: Consol
 SEARCH_QUERIES = ("a large red circle on the left", "a small blue square")
 
 
-def _search(val: Path, out: Path, console: Console) -> list[dict[str, Any]]:
-    """Embed the val scenes with the INT8 export (edgedistill.load: what an application does), search two texts,
-    print the top 5 of each with their captions and draw them in ``out/search.png``."""
-    encoder = load(out / "export", device="cpu", precision="int8")
+def _search(val: Path, out: Path, console: Console) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Embed the val scenes with the export as an application loads it (edgedistill.load: the artifact that is
+    accurate and fastest on this CPU, or what bench measured here), search two texts, print the top 5 of each with
+    their captions and draw them in ``out/search.png``."""
+    encoder = load(out / "export", device="cpu")
+    console.print(f"load() chose {encoder.info.image['artifact']} on {encoder.info.image['backend']} "
+                  f"({encoder.info.chosen_by})", highlight=False)
     build_index(val, encoder, out / "val.index", console=console)
     index = open_index(out / "val.index")
     results, hits = [], []
@@ -186,7 +192,7 @@ def _search(val: Path, out: Path, console: Console) -> list[dict[str, Any]]:
             table.add_row(str(h["rank"]), f"{h['score']:.3f}", h["caption"])
         console.print(table)
     png_sheet(hits, " | ".join(repr(q) for q in SEARCH_QUERIES), out / "search.png")
-    return results
+    return results, {**encoder.info.image, "chosen_by": encoder.info.chosen_by}
 
 
 def _rows(summary: dict[str, Any], bench: dict[str, Any]) -> list[dict[str, Any]]:
@@ -244,8 +250,11 @@ def _markdown(report: dict[str, Any]) -> str:
     stages = ", ".join(f"{k} {v:.0f} s" for k, v in report["stages"].items())
     lines += ["", f"Student RSUM retention: {retention:.1%}" if retention else "", "", _compression_line(report), "",
               f"Total time: {report['seconds']:.0f} s ({stages})."]
+    for d in report.get("dropped") or []:
+        lines += ["", f"Left out of the export: {d['name']} ({d['reason']})."]
+    loaded = report.get("loaded") or {}
     for search in report.get("search") or []:
-        lines += ["", f"Search {search['query']!r} (INT8 student), top 5: " + "; ".join(
+        lines += ["", f"Search {search['query']!r} ({loaded.get('artifact', 'student')}), top 5: " + "; ".join(
             f"{h['score']:.3f} {h['caption']}" for h in search["hits"])]
     if report.get("search"):
         lines += ["", "![search hits](search.png)"]

@@ -30,6 +30,20 @@ TINY_CONFIG: dict[str, Any] = {
 WORDS = ["red", "blue", "green", "circle", "square", "star", "small", "large", "left", "right"]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def shared_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """One cache root for the whole session (load()'s device measurements, calibration ranges...), never the
+    user's own ~/.cache: a test that wants a cache of its own sets EDGEDISTILL_CACHE itself."""
+    root = tmp_path_factory.mktemp("cache")
+    before = os.environ.get("EDGEDISTILL_CACHE")
+    os.environ["EDGEDISTILL_CACHE"] = str(root)
+    yield root
+    if before is None:
+        os.environ.pop("EDGEDISTILL_CACHE", None)
+    else:
+        os.environ["EDGEDISTILL_CACHE"] = before
+
+
 @pytest.fixture(scope="session")
 def tiny_teacher(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """(config JSON, checkpoint) of a randomly initialised tiny open_clip model, written by the test."""

@@ -8,8 +8,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from edgedistill import distributed
-from edgedistill.balance import build_balancer, validate_balancer
+import edgedistill.distill.distributed as distributed
+from edgedistill.distill.balance import build_balancer, validate_balancer
 
 
 def losses(s: torch.Tensor, t: torch.Tensor) -> dict[str, torch.Tensor]:

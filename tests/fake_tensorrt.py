@@ -12,6 +12,13 @@ so a call that exists in one release only fails in the test of the other (docs/g
   ``IBuilderConfig.int8_calibrator``, the ``IInt8*Calibrator`` classes and ``ICudaEngine.device_memory_size``
   removed.
 
+As strict as the real API where a runner can go wrong: ``OnnxParser.parse`` fails, with a parser error, on bytes
+that are not an ONNX ModelProto; ``IExecutionContext.set_input_shape`` returns False for a shape outside the
+engine's optimisation profile (or of the wrong rank or item shape); ``execute_async_v3`` returns False when an
+input shape or a tensor address is missing, or when the engine is made to fail (``FakeEngine(execute_ok=False)``).
+A ``FakeEngine`` given the fake GPU memory (tests/fake_cudart.py) really computes: it reads its input from the
+bound device buffer and writes ``image.reshape(B, -1) @ WEIGHTS`` (float16) to the output buffer.
+
 Every call is recorded in ``calls`` as a tuple (name, args...).
 """
 
@@ -20,6 +27,8 @@ from __future__ import annotations
 import types
 from types import SimpleNamespace
 from typing import Any, Callable
+
+import numpy as np
 
 ALIGNMENT = 256  # IExecutionContext.set_tensor_address: "The pointer must have at least 256-byte alignment."
 
@@ -122,7 +131,10 @@ def fake_tensorrt(calls: list, *, version: str = "10.3.0", parse_ok: bool = True
 
         def parse(self, model: bytes, path: str | None = None) -> bool:
             calls.append(("parse", bytes(model)))
-            if not self.network.explicit_batch:  # what TensorRT 8.x does with flags 0
+            problem = onnx_problem(bytes(model))
+            if problem is not None:
+                self.errors = [ParserError(problem)]
+            elif not self.network.explicit_batch:  # what TensorRT 8.x does with flags 0
                 self.errors = [ParserError("The ONNX parser only supports networks with an explicit batch "
                                            "dimension")]
             elif not parse_ok:
@@ -253,41 +265,91 @@ def fake_tensorrt(calls: list, *, version: str = "10.3.0", parse_ok: bool = True
     return trt
 
 
+def onnx_problem(model: bytes) -> str | None:
+    """Why TensorRT's ONNX parser would refuse ``model`` before looking at its operators, or None."""
+    import onnx  # deferred: the fake is imported by tests that never parse
+    from google.protobuf.message import DecodeError
+
+    try:
+        proto = onnx.load_from_string(model)
+    except (DecodeError, ValueError, RuntimeError) as e:
+        return f"Failed to parse ONNX model from buffer: not a ModelProto ({type(e).__name__})"
+    if not proto.ir_version or not proto.graph.node:
+        return "Failed to parse ONNX model from buffer: the ModelProto has no IR version or no graph"
+    return None
+
+
+WEIGHTS = np.random.default_rng(0).standard_normal((3 * 64 * 64, 32)).astype(np.float32) / 64
+
+
 class FakeContext:
-    """IExecutionContext: input shapes, tensor addresses (refused when not 256-byte aligned), enqueue."""
+    """IExecutionContext: input shapes (refused outside the profile), tensor addresses (refused when not 256-byte
+    aligned), enqueue (which computes through the fake GPU memory when the engine has some)."""
 
     def __init__(self, engine: "FakeEngine") -> None:
         self.engine, self.shapes, self.addresses = engine, {}, {}
+        self.calls: list[tuple] = []
 
     def set_input_shape(self, name: str, shape: tuple) -> bool:
-        self.shapes[name] = tuple(shape)
+        shape = tuple(shape)
+        self.calls.append(("set_input_shape", name, shape))
+        engine = self.engine
+        if name not in engine.tensors or engine.get_tensor_mode(name) != engine.trt.TensorIOMode.INPUT:
+            return False
+        expected = engine.get_tensor_shape(name)
+        low, high = engine.profile
+        if len(shape) != len(expected) or any(e >= 0 and e != s for e, s in zip(expected[1:], shape[1:])) \
+                or not low <= shape[0] <= high:
+            return False  # "false if ... the dimensions are not within the optimization profile"
+        self.shapes[name] = shape
         return True
 
     def get_tensor_shape(self, name: str) -> tuple:
         shape = self.engine.get_tensor_shape(name)
-        batch = next(iter(self.shapes.values()))[0]
+        if name in self.shapes:
+            return self.shapes[name]
+        batch = next(iter(self.shapes.values()))[0] if self.shapes else -1  # unknown until the inputs are set
         return (batch, *shape[1:])
 
     def set_tensor_address(self, name: str, memory: int) -> bool:
         if not isinstance(memory, int):
             raise TypeError("set_tensor_address(name: str, memory: int)")
+        self.calls.append(("set_tensor_address", name, memory))
         if memory % ALIGNMENT:
             return False
         self.addresses[name] = memory
         return True
 
     def execute_async_v3(self, stream_handle: int) -> bool:
+        if not isinstance(stream_handle, int):
+            raise TypeError("execute_async_v3(stream_handle: int)")
+        self.calls.append(("execute_async_v3", stream_handle))
+        engine = self.engine
+        inputs = [n for n in engine.tensors if engine.get_tensor_mode(n) == engine.trt.TensorIOMode.INPUT]
+        if not engine.execute_ok or any(n not in self.shapes for n in inputs) \
+                or any(n not in self.addresses for n in engine.tensors):
+            return False
+        if engine.memory is not None:
+            image = self.shapes["image"]
+            nbytes = int(np.prod(image)) * 4
+            x = engine.memory.view(self.addresses["image"], nbytes).view(np.float32).reshape(image)
+            out = (x.reshape(image[0], -1) @ WEIGHTS).astype(np.float16)
+            engine.memory.view(self.addresses["embedding"], out.nbytes)[:] = out.view(np.uint8).reshape(-1)
         return True
 
 
 class FakeEngine:
-    """An ICudaEngine: image (B, 3, 64, 64) float32 -> embedding (B, 32) float16."""
+    """An ICudaEngine: image (B, 3, 64, 64) float32 -> embedding (B, 32) float16, one optimisation profile of
+    batches ``profile`` (min, max). With ``memory`` (a tests.fake_cudart.FakeCuda) the context computes
+    ``FakeEngine.expected`` through the device buffers; ``execute_ok=False`` makes every enqueue fail."""
 
-    def __init__(self, trt: types.ModuleType) -> None:
-        self.trt = trt
+    def __init__(self, trt: types.ModuleType, *, memory: Any = None, profile: tuple[int, int] = (1, 4),
+                 execute_ok: bool = True) -> None:
+        self.trt, self.memory, self.profile, self.execute_ok = trt, memory, profile, execute_ok
         self.num_io_tensors = 2
         self.tensors = {"image": (trt.TensorIOMode.INPUT, trt.DataType.FLOAT, (-1, 3, 64, 64)),
                         "embedding": (trt.TensorIOMode.OUTPUT, trt.DataType.HALF, (-1, 32))}
+        self.contexts: list[FakeContext] = []
         major, minor = release(trt.__version__)
         if major < 11:
             self.device_memory_size = 2 << 20          # removed in 11.0
@@ -306,5 +368,18 @@ class FakeEngine:
     def get_tensor_shape(self, name: str) -> tuple:
         return self.tensors[name][2]
 
+    def get_tensor_profile_shape(self, name: str, profile_index: int) -> list:
+        if self.get_tensor_mode(name) != self.trt.TensorIOMode.INPUT or profile_index != 0:
+            raise ValueError("get_tensor_profile_shape: an input of profile 0")
+        low, high = self.profile
+        rest = self.get_tensor_shape(name)[1:]
+        return [(low, *rest), (low, *rest), (high, *rest)]
+
     def create_execution_context(self) -> FakeContext:
-        return FakeContext(self)
+        self.contexts.append(FakeContext(self))
+        return self.contexts[-1]
+
+    @staticmethod
+    def expected(images: np.ndarray) -> np.ndarray:
+        """What the engine computes for ``images`` (B, 3, 64, 64)."""
+        return (np.asarray(images, np.float32).reshape(len(images), -1) @ WEIGHTS).astype(np.float16)

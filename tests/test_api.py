@@ -13,7 +13,7 @@ from PIL import Image
 
 import edgedistill
 from edgedistill.cli import main
-from edgedistill.errors import UserError
+from edgedistill.core.errors import UserError
 
 
 @pytest.fixture(scope="module")
@@ -25,9 +25,9 @@ def images(export_dir: Path) -> list[Path]:
     return sorted((export_dir.parent.parent / "data" / "val_images").glob("*.jpg"))
 
 
-def test_the_rule_picks_int8_on_onnxruntime_cpu_and_embeds_every_input_kind(export_dir):
-    enc = edgedistill.load(export_dir, device="cpu")
-    assert enc.info.image["artifact"] == "image_int8_onnx" and enc.info.image["backend"] == "onnxruntime-cpu"
+def test_the_rule_never_prefers_int8_without_evidence_and_embeds_every_input_kind(export_dir):
+    enc = edgedistill.load(export_dir, device="cpu", measure=False)
+    assert enc.info.image["artifact"] == "image_fp32_onnx" and enc.info.image["backend"] == "onnxruntime-cpu"
     assert enc.info.text["artifact"] == "text_fp32_onnx" and enc.info.chosen_by == "rule"
     paths = images(export_dir)[:3]
     by_path = enc.encode_image([str(p) for p in paths])
@@ -104,9 +104,15 @@ def test_what_bench_measured_decides(export_dir, tmp_path):
     (copy / "bench" / "bench.json").write_text(json.dumps(report))
     enc = edgedistill.load(copy, device="cpu")
     assert enc.info.chosen_by == "bench.json" and enc.info.image["artifact"] == "image_fp32_onnx"
+    for r in report["rows"]:  # the fastest row loses a point of R@1 against fp32: not accurate enough to choose
+        if r["status"] == "ok" and r["batch"] == 1 and r["artifact"] == "image_int8_onnx":
+            r["p50_ms"], r["i2t_r1"] = 0.0001, max(r["i2t_r1"] for r in report["rows"] if r["i2t_r1"]) - 1.0
+    (copy / "bench" / "bench.json").write_text(json.dumps(report))
+    assert edgedistill.load(copy, device="cpu").info.image["artifact"] == "image_fp32_onnx"
     report["device_info"]["cpu"] = "another processor"  # measured elsewhere: says nothing about this machine
     (copy / "bench" / "bench.json").write_text(json.dumps(report))
-    assert edgedistill.load(copy, device="cpu").info.chosen_by == "rule"
+    assert edgedistill.load(copy, device="cpu").info.chosen_by.startswith("measured")
+    assert edgedistill.load(copy, device="cpu", measure=False).info.chosen_by == "rule"
 
 
 @pytest.mark.parametrize("kwargs, message", [

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from edgedistill import atomic
+import edgedistill.core.atomic as atomic
 
 
 def test_write_replaces_whole_file(tmp_path):

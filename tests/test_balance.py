@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgedistill.balance import (BALANCERS, Balancer, CoverageBalancer, DSMDBalancer, MagnitudeBalancer,
+from edgedistill.distill.balance import (BALANCERS, Balancer, CoverageBalancer, DSMDBalancer, MagnitudeBalancer,
                                  build_balancer, validate_balancer)
 
 NAMES = ["big", "small"]

@@ -10,12 +10,12 @@ import torch
 import yaml
 
 from edgedistill.bench import report as rep
-from edgedistill.bench.backends import candidates
+from edgedistill.runtime.backends import candidates
 from edgedistill.bench.runner import BenchOptions, parse_batches, remote_args, run_bench
 from edgedistill.bench.timing import summarize, time_cpu
 from edgedistill.cli import main
-from edgedistill.errors import UserError
-from edgedistill.export import artifacts
+from edgedistill.core.errors import UserError
+import edgedistill.runtime.manifest as artifacts
 from tests.conftest import write_images, write_manifest, write_recipe
 
 FAST = ["--iters", "3", "--warmup", "1", "--threads", "1"]
@@ -130,7 +130,7 @@ def test_a_corrupt_artifact_fails_alone_and_exits_2(export_dir, tmp_path, capsys
 def test_a_provider_failure_is_that_artifacts_failed_row(export_dir, tmp_path, monkeypatch):
     """onnxruntime raising from inside a run (a TensorRT EP that cannot build its engine, say) fails that
     artifact alone: the others are measured and the report is written."""
-    from edgedistill.bench import backends
+    import edgedistill.runtime.backends as backends
 
     real = backends.ort_session
 
@@ -162,7 +162,7 @@ def test_a_provider_failure_is_that_artifacts_failed_row(export_dir, tmp_path, m
 def test_every_onnx_graph_also_runs_on_openvino_and_its_failure_is_that_row_alone(export_dir, tmp_path,
                                                                                    monkeypatch):
     pytest.importorskip("openvino")
-    from edgedistill.bench import backends
+    import edgedistill.runtime.backends as backends
 
     real_open = backends.OpenVinoRunner.open
 
@@ -338,8 +338,8 @@ def test_jetson_power_is_sampled_around_the_timed_calls(tmp_path, monkeypatch):
     """On a Jetson, tegrastats runs while a batch size is timed: average board power and mJ per item."""
     import time as _time
 
-    from edgedistill import jetson
-    from edgedistill.bench.backends import Runner
+    import edgedistill.runtime.jetson as jetson
+    from edgedistill.runtime.backends import Runner
     from edgedistill.bench.runner import time_job
     from tests.test_jetson import _fake_tegrastats, device_lines
 
@@ -405,7 +405,7 @@ def test_a_report_that_cannot_be_written_after_timing_is_kept_elsewhere(export_d
 
 
 def test_a_non_finite_artifact_is_a_failed_row_not_a_perfect_score(export_dir, monkeypatch, tmp_path, capsys):
-    import edgedistill.bench.backends as backends
+    import edgedistill.runtime.backends as backends
 
     real_embed = backends.Runner.embed
 

@@ -10,8 +10,8 @@ import open_clip
 import pytest
 import torch
 
-from edgedistill.bench.backends import OpenVinoRunner, OrtRunner, RunOptions
-from edgedistill.errors import UserError
+from edgedistill.runtime.backends import OpenVinoRunner, OrtRunner, RunOptions
+from edgedistill.core.errors import UserError
 from edgedistill.export.graph import ImageEncoder, TextEncoder, cosine_parity, export_onnx
 from edgedistill.export.precision import ImageCalibrationReader, quantize_int8, to_fp16
 
@@ -24,7 +24,7 @@ CONTEXT = 8
 def graphs(tmp_path_factory) -> dict[str, Path]:
     """A ResNet-18 student at 32 px (random weights) exported as the exporter does: image fp32, fp16 and INT8 QDQ
     (onnxruntime's CPU flavour, uint8 activations), and its text tower fp32."""
-    from edgedistill.teachers import register_open_clip_config
+    from edgedistill.distill.teachers import register_open_clip_config
 
     torch.manual_seed(0)
     register_open_clip_config("openvino-test-resnet", {

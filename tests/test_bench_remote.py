@@ -23,7 +23,7 @@ from edgedistill.bench.remote import (
     run_remote_bench, ssh_command, summarise, validate_host,
 )
 from tests.conftest import Sshd
-from edgedistill.errors import UserError
+from edgedistill.core.errors import UserError
 
 
 

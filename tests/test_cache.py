@@ -6,12 +6,12 @@ import pytest
 import torch
 from rich.console import Console
 
-from edgedistill.cache import build_or_load, cache_dir
+from edgedistill.distill.cache import build_or_load, cache_dir
 from edgedistill.data.images import open_image
 from edgedistill.data.manifest import load_manifest
-from edgedistill.errors import UserError
-from edgedistill.recipe import TeacherConfig
-from edgedistill.teachers import Teacher, load_teacher
+from edgedistill.core.errors import UserError
+from edgedistill.distill.recipe import TeacherConfig
+from edgedistill.distill.teachers import Teacher, load_teacher
 from tests.conftest import read_only_copy, write_images, write_manifest
 
 
@@ -217,7 +217,7 @@ def test_a_damaged_unfinished_build_starts_over(teacher, dataset, tmp_path, monk
 def test_a_full_disk_is_a_user_error(teacher, dataset, tmp_path, monkeypatch):
     import errno
 
-    import edgedistill.cache as cache_module
+    import edgedistill.distill.cache as cache_module
 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")

@@ -59,23 +59,23 @@ def test_no_arguments_prints_the_help(capsys):
 def test_an_eof_error_is_not_hidden_as_aborted(tmp_path, monkeypatch):
     """click turns any EOFError into 'Aborted!' and exit 1, which once hid a damaged cache file; an unexpected
     EOFError must show itself (a bug to report), not pose as an interruption."""
-    import edgedistill.recipe
+    import edgedistill.distill.recipe
 
     def eof(*a, **k):
         raise EOFError("No data left in file")
 
-    monkeypatch.setattr(edgedistill.recipe, "load_recipe", eof)
+    monkeypatch.setattr(edgedistill.distill.recipe, "load_recipe", eof)
     with pytest.raises(EOFError, match="No data left"):
         main(["check", str(tmp_path / "r.yaml")])
 
 
 def test_storage_faults_anywhere_are_one_line(tmp_path, monkeypatch, capsys):
-    import edgedistill.recipe
+    import edgedistill.distill.recipe
 
     def full(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "x"))
 
-    monkeypatch.setattr(edgedistill.recipe, "load_recipe", full)
+    monkeypatch.setattr(edgedistill.distill.recipe, "load_recipe", full)
     assert main(["check", str(tmp_path / "r.yaml")]) == 2
     assert capsys.readouterr().err == f"error: cannot write {tmp_path / 'x'} (No space left on device); free " \
                                       f"space, or choose a folder you can write to\n"

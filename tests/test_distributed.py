@@ -16,16 +16,16 @@ import pytest
 import torch
 from rich.console import Console
 
-from edgedistill import distributed
-from edgedistill.cache import build_or_load
+import edgedistill.distill.distributed as distributed
+from edgedistill.distill.cache import build_or_load
 from edgedistill.cli import main
 from edgedistill.data import shards as shards_module
 from edgedistill.data.images import open_image
 from edgedistill.data.manifest import load_manifest
-from edgedistill.errors import UserError
-from edgedistill.recipe import TeacherConfig, load_recipe
-from edgedistill.teachers import load_teacher
-from edgedistill.train import FAULT_ENV, FAULT_RANK_ENV, EpochBatches, build_trainer
+from edgedistill.core.errors import UserError
+from edgedistill.distill.recipe import TeacherConfig, load_recipe
+from edgedistill.distill.teachers import load_teacher
+from edgedistill.distill.train import FAULT_ENV, FAULT_RANK_ENV, EpochBatches, build_trainer
 from tests.test_train import recipe_for
 
 # A student without BatchNorm: CPU ranks cannot synchronise BatchNorm statistics (torch's SyncBatchNorm needs a

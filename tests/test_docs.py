@@ -11,7 +11,7 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
-from edgedistill.recipe import Recipe, _unwrap_model, load_recipe
+from edgedistill.distill.recipe import Recipe, _unwrap_model, load_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -44,8 +44,8 @@ def test_readme_test_command_is_what_ci_runs():
 
 
 def test_readme_documents_every_loss_term_and_balancer_with_its_options():
-    from edgedistill.balance import BALANCERS
-    from edgedistill.losses import LOSSES
+    from edgedistill.distill.balance import BALANCERS
+    from edgedistill.distill.losses import LOSSES
     readme = (ROOT / "README.md").read_text()
     rows = {line.split("|")[1].strip(): line for line in readme.splitlines() if line.startswith("| `")}
     for registry in (LOSSES, BALANCERS):
@@ -245,10 +245,10 @@ def model_defaults(model: type[BaseModel], skip: tuple[str, ...] = (), prefix: s
 
 
 def test_methods_md_documents_every_component_with_its_options_and_defaults():
-    from edgedistill.balance import BALANCERS
-    from edgedistill.losses import LOSSES
-    from edgedistill.recipe import DataConfig, EvalConfig, LayerwiseConfig
-    from edgedistill.select import SELECTORS
+    from edgedistill.distill.balance import BALANCERS
+    from edgedistill.distill.losses import LOSSES
+    from edgedistill.distill.recipe import DataConfig, EvalConfig, LayerwiseConfig
+    from edgedistill.distill.select import SELECTORS
     methods = (DOCS / "methods.md").read_text(encoding="utf-8")
     problems = []
 
@@ -275,8 +275,8 @@ def test_documented_defaults_are_read_as_the_code_writes_them():
 
 def test_the_recipe_defaults_of_terms_and_balancer_are_the_documented_ones():
     """README's recipe table and docs/methods.md name the code's default terms and balancer (a switch of the
-    defaults in edgedistill/recipe.py fails here until the docs follow)."""
-    from edgedistill.recipe import DEFAULT_BALANCER, DEFAULT_TERMS
+    defaults in edgedistill/distill/recipe.py fails here until the docs follow)."""
+    from edgedistill.distill.recipe import DEFAULT_BALANCER, DEFAULT_TERMS
     terms, balancer = f"`[{', '.join(DEFAULT_TERMS)}]`", f"`{DEFAULT_BALANCER}`"
     readme = (ROOT / "README.md").read_text()
     assert f"| `loss.terms` | {terms} |" in readme

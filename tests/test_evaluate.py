@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from edgedistill.cli import main
-from edgedistill.valsplit import ClassPrompts, ValSplit, class_embeddings, score
+from edgedistill.evaluation.split import ClassPrompts, ValSplit, class_embeddings, score
 from edgedistill.data.manifest import load_manifest
 from tests.conftest import WORDS, write_recipe
 

@@ -12,13 +12,13 @@ import torch
 import yaml
 
 from edgedistill.cli import main
-from edgedistill.errors import UserError
-from edgedistill.export import artifacts
+from edgedistill.core.errors import UserError
+import edgedistill.runtime.manifest as artifacts
 from edgedistill.export.exporter import ExportOptions, make_plan
-from edgedistill.locations import latest_run
+from edgedistill.core.locations import latest_run
 from edgedistill.export.graph import ImageEncoder, cosine_parity, export_onnx
 from edgedistill.runtime.ort import ort_session, run_session
-from edgedistill.export.precision import ImageCalibrationReader, _stride, quantize_int8, to_fp16
+from edgedistill.export.precision import TENSORRT_INT8, ImageCalibrationReader, _stride, quantize_int8, to_fp16
 from tests.conftest import write_images, write_manifest, write_recipe
 
 
@@ -133,6 +133,34 @@ def test_failed_parity_leaves_no_artifact_and_exits_2(finished_run, monkeypatch,
     assert not list(out.glob("*.onnx")) and not list(out.glob(".*")) and not (out / "export.json").exists()
 
 
+def test_an_int8_graph_that_does_not_hold_on_this_cpu_fails_the_export_or_is_left_out(finished_run, monkeypatch,
+                                                                                      capsys):
+    import edgedistill.export.exporter as exporter
+    from edgedistill.export.exporter import ExportOptions, run_export
+
+    monkeypatch.setattr(exporter, "INT8_MIN_COSINE", 1.01)  # unreachable: the onnxruntime-CPU INT8 gate must fail
+    out = finished_run.parent / "export-int8-gate"
+    assert main(["export", str(finished_run), "--int8", "--calib-size", "8", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "does not hold cosine 1.01 to PyTorch on this CPU" in err and "Traceback" not in err
+    assert not (out / "export.json").exists() and not list(out.glob("*int8*"))
+    doc = run_export(ExportOptions(run_dir=finished_run, int8=True, calib_size=8, out=out, int8_required=False))
+    assert [d["name"] for d in doc["dropped"]] == ["image_int8_onnx"]
+    assert "does not hold cosine 1.01" in doc["dropped"][0]["reason"]
+    assert {a["name"] for a in doc["artifacts"]} == {"image_fp32_onnx", "text_fp32_onnx"}
+    assert not (out / "image_int8.onnx").exists()
+
+
+def test_the_cpu_int8_graph_records_its_flavour_settings_and_the_cpu_it_was_checked_on(exported):
+    doc = json.loads((exported / "export.json").read_text())
+    int8 = next(a for a in doc["artifacts"] if a["name"] == "image_int8_onnx")
+    assert int8["flavour"] == "onnxruntime-cpu" and int8["calibration"]["reduce_range"] is True
+    assert int8["checked_on"]["cpu"] and isinstance(int8["checked_on"]["flags"], list)
+    assert int8["parity"]["cosine_min"] >= 0.99  # it passed the gate on this CPU, VNNI or not
+    assert doc["probe"]["images"] >= 8 and set(doc["probe"]["files"]) == {"pixels", "image_ref", "tokens",
+                                                                            "text_ref"}
+
+
 def test_default_run_dir_is_the_latest_run(finished_run, tmp_path):
     assert latest_run(finished_run.parent) == finished_run
     with pytest.raises(UserError, match="no finished run"):
@@ -193,7 +221,7 @@ def small_graph(tmp_path_factory):
     cfg = {"embed_dim": 16, "vision_cfg": {"timm_model_name": "resnet18", "timm_model_pretrained": False,
                                            "timm_pool": "avg", "timm_proj": "", "image_size": 32},
            "text_cfg": {"context_length": 8, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
-    from edgedistill.teachers import register_open_clip_config
+    from edgedistill.distill.teachers import register_open_clip_config
     register_open_clip_config("export-test-resnet", cfg)
     model = open_clip.create_model("export-test-resnet").eval()
     folder = tmp_path_factory.mktemp("graph")
@@ -241,7 +269,7 @@ def test_fp16_and_int8_run_on_cpu_and_calibration_is_cached(small_graph, tmp_pat
                           "minmax", tmp_path / "cache", "data-v2")
     assert not other["cache_hit"]  # other images, other ranges
     trt = quantize_int8(path, tmp_path / "int8-trt.onnx", ImageCalibrationReader("image", 20, lambda i: images[i]),
-                        "minmax", tmp_path / "cache", "data-v1", symmetric_activations=True)
+                        "minmax", tmp_path / "cache", "data-v1", settings=TENSORRT_INT8)
     assert not trt["cache_hit"] and trt["activations"] == "int8 symmetric"
     zero_points = [onnx.numpy_helper.to_array(i) for i in onnx.load(str(tmp_path / "int8-trt.onnx")).graph.initializer
                    if "zero_point" in i.name]
@@ -266,7 +294,7 @@ def test_tensorrt_int8_graph_has_float_biases_and_fp16_outside_the_qdq_pairs(sma
     model, path, _ = small_graph
     images = np.random.default_rng(0).normal(size=(16, 3, 32, 32)).astype(np.float32)
     info = quantize_int8(path, tmp_path / "trt.onnx", ImageCalibrationReader("image", 16, lambda i: images[i]),
-                         "minmax", tmp_path / "cache", "data", symmetric_activations=True)
+                         "minmax", tmp_path / "cache", "data", settings=TENSORRT_INT8)
     graph = onnx.load(str(tmp_path / "trt.onnx"))
     initializers = {i.name: i for i in graph.graph.initializer}
     dequantized = [initializers[n.input[0]] for n in graph.graph.node

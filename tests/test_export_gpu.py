@@ -1,6 +1,7 @@
 """TensorRT and Torch-TensorRT on a real NVIDIA GPU: build, run, and match onnxruntime / torch on the CPU.
 
-Skipped without CUDA or TensorRT; run on a GPU machine with ``pip install -e '.[gpu]'`` and ``pytest -m gpu``.
+Engines run through the runtime's torch-free runner (numpy in and out, buffers from cuda-python). Skipped without
+CUDA, TensorRT or cuda-python; run on a GPU machine with ``pip install -e '.[gpu]'`` and ``pytest -m gpu``.
 """
 
 from __future__ import annotations
@@ -13,13 +14,17 @@ import numpy as np
 import pytest
 import torch
 
-from edgedistill.errors import UserError
-from edgedistill.export.tensorrt import BatchProfile, TrtRunner, build_engine, sidecar_path
+from edgedistill.core.errors import UserError
+from edgedistill.export.tensorrt import BatchProfile, build_engine, sidecar_path
+from edgedistill.runtime.backends import TensorRtRunner
+from edgedistill.runtime.cuda import cuda_python_missing
+from edgedistill.runtime.tensorrt import TrtRunner
 
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU (CUDA)"),
     pytest.mark.skipif(importlib.util.find_spec("tensorrt") is None, reason="needs TensorRT (pip install -e '.[gpu]')"),
+    pytest.mark.skipif(cuda_python_missing() is not None, reason="needs cuda-python (pip install -e '.[gpu]')"),
 ]
 
 IMAGE = (3, 64, 64)
@@ -75,10 +80,20 @@ def test_engine_matches_onnxruntime_and_reuses_the_timing_cache(onnx_models, tmp
         got = runner(images)
         assert got.shape == (batch, 32)
         assert cosine_rows(got, reference(onnx_models["fp32"], images)).min() >= 0.999
-    x = torch.from_numpy(images).cuda()
-    assert runner.infer_torch(x).is_cuda
     with pytest.raises(UserError, match="outside engine"):
         runner(np.zeros((9, *IMAGE), np.float32))
+    runner.close()
+
+    # the bench's runner: staged once, run (and waited for) by call, read back by to_numpy; timed on the wall clock
+    bench = TensorRtRunner(engine)
+    assert bench.timer == "cpu"
+    images = rng.standard_normal((4, *IMAGE)).astype(np.float32)
+    staged = bench.stage(images)
+    for _ in range(3):
+        bench.call(staged)
+    assert cosine_rows(bench.to_numpy(staged), reference(onnx_models["fp32"], images)).min() >= 0.999
+    mib, kind = bench.peak_memory()
+    assert mib is not None and mib >= 0 and kind == "engine activation memory"
 
     # the second build starts from the first one's timing cache and writes it back
     size_before = cache.stat().st_size
@@ -120,13 +135,13 @@ def test_torchtrt_compile_save_load(student, tmp_path, precision):
 
 def test_int8_engine_from_the_tensorrt_flavour(onnx_models, tmp_path):
     """The TensorRT INT8 graph (float biases, fp16 outside the Q/DQ pairs) parses and builds strongly typed."""
-    from edgedistill.export.precision import ImageCalibrationReader, quantize_int8
+    from edgedistill.export.precision import TENSORRT_INT8, ImageCalibrationReader, quantize_int8
 
     rng = np.random.default_rng(2)
     calib = rng.standard_normal((32, *IMAGE)).astype(np.float32)
     qdq = tmp_path / "student_int8.onnx"
     quantize_int8(onnx_models["fp32"], qdq, ImageCalibrationReader("image", 32, lambda i: calib[i]), "minmax",
-                  tmp_path / "cache", "gpu-test", symmetric_activations=True)
+                  tmp_path / "cache", "gpu-test", settings=TENSORRT_INT8)
     engine = tmp_path / "student_int8.engine"
     meta = build_engine(qdq, engine, BatchProfile(1, 4, 8), 1024, tmp_path / "timing.cache", "int8")
     assert meta["precision"] == "int8" and engine.stat().st_size > 0

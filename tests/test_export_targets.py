@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from edgedistill.errors import UserError
+from edgedistill.core.errors import UserError
 from edgedistill.export.targets import Target, list_targets, load_target
 
 PRESETS = ["cpu", "jetson-agx-orin", "jetson-orin-nano", "x86-cuda"]

@@ -1,13 +1,18 @@
 """TensorRT and Torch-TensorRT export on CPU: the messages when they cannot run, the pure shape and compatibility
-logic, and the engine build's command sequence against strict fakes of ``tensorrt`` 8.6, 10.x and 11.x
-(tests/fake_tensorrt.py) that record each call and have only the members each release documents.
+logic, the engine build's command sequence against strict fakes of ``tensorrt`` 8.6, 10.x and 11.x
+(tests/fake_tensorrt.py) that record each call and have only the members each release documents, and the
+runtime's torch-free engine runner against a strict fake of cuda-python's runtime bindings (tests/fake_cudart.py)
+whose device memory the fake engine really computes through.
 
 The real build and run are in test_export_gpu.py.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import importlib.util
+import inspect
 import json
 import sys
 import types
@@ -15,14 +20,20 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
-from edgedistill.errors import UserError
+from edgedistill.core.errors import UserError
 from edgedistill.export import tensorrt as trt_export
 from edgedistill.export import torchtrt
-from edgedistill.export.tensorrt import (BatchProfile, TrtRunner, aligned, build_engine, check_compatible,
-                                         dtype_name, profile_shapes, sidecar_path)
+from edgedistill.export.tensorrt import (BatchProfile, build_engine, check_compatible, network_flags,
+                                         profile_shapes, sidecar_path)
+from edgedistill.runtime import cuda as rt_cuda
+from edgedistill.runtime import tensorrt as rt_trt
+from edgedistill.runtime.backends import TensorRtRunner
+from edgedistill.runtime.tensorrt import TrtRunner, dtype_name, numpy_dtype
+from tests.fake_cudart import FUNCTIONS, FakeCuda, block_cuda_python
 from tests.fake_tensorrt import FakeEngine, fake_tensorrt
 
 GPU = SimpleNamespace(name="NVIDIA GeForce RTX 4090", major=8, minor=9, multi_processor_count=128)
@@ -35,12 +46,21 @@ def calls() -> list:
 
 
 @pytest.fixture
-def gpu(monkeypatch):
-    """torch sees one CUDA device (GPU above), without touching CUDA."""
+def cuda(monkeypatch) -> FakeCuda:
+    """cuda-python sees one GPU (GPU above, CUDA 12.6) whose memory is numpy buffers; not a Jetson."""
+    fake = FakeCuda(name=GPU.name, capability=(GPU.major, GPU.minor), sm_count=GPU.multi_processor_count)
+    fake.install(monkeypatch)
+    monkeypatch.setattr(rt_trt, "board_model", lambda: None)
+    return fake
+
+
+@pytest.fixture
+def gpu(monkeypatch, cuda):
+    """The same GPU seen by cuda-python (the engine side) and by torch (Torch-TensorRT), without touching CUDA."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: GPU)
-    monkeypatch.setattr(trt_export, "board_model", lambda: None)  # not a Jetson
+    return cuda
 
 
 def install(monkeypatch, module: types.ModuleType, name: str = "tensorrt") -> types.ModuleType:
@@ -48,10 +68,23 @@ def install(monkeypatch, module: types.ModuleType, name: str = "tensorrt") -> ty
     return module
 
 
+def onnx_bytes() -> bytes:
+    """A real (tiny) ONNX ModelProto: what TensorRT's parser accepts (the fake refuses anything else)."""
+    from onnx import TensorProto, helper
+
+    node = helper.make_node("Relu", ["image"], ["embedding"])
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, [1, 4])])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
+
+
+MODEL = onnx_bytes()
+
+
 @pytest.fixture
 def onnx_file(tmp_path) -> Path:
     path = tmp_path / "student.onnx"
-    path.write_bytes(b"fake onnx graph")
+    path.write_bytes(MODEL)
     return path
 
 
@@ -69,29 +102,71 @@ def test_require_tensorrt_not_installed(monkeypatch):
 
 def test_require_tensorrt_without_gpu(monkeypatch, calls):
     install(monkeypatch, fake_tensorrt(calls))
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    FakeCuda(devices=0).install(monkeypatch)
     with pytest.raises(UserError) as e:
         trt_export.require_tensorrt()
     msg = str(e.value)
-    assert "needs an NVIDIA GPU" in msg and "torch.cuda.is_available() is False" in msg
-    assert "not installed" not in msg and "--format onnx" in msg
+    assert msg.startswith("--format trt needs an NVIDIA GPU and CUDA sees none (cudaGetDeviceCount: "
+                          "cudaErrorNoDevice: no CUDA-capable device is detected)")
+    assert "not installed" not in msg and "--format onnx" in msg and "\n" not in msg
 
 
-def test_require_tensorrt_ok(monkeypatch, calls, gpu):
+def test_require_tensorrt_without_cuda_python(monkeypatch, calls):
+    install(monkeypatch, fake_tensorrt(calls))
+    block_cuda_python(monkeypatch)
+    with pytest.raises(UserError) as e:
+        trt_export.require_tensorrt()
+    assert str(e.value).startswith("--format trt needs NVIDIA's cuda-python, which is not installed: "
+                                   "pip install -e '.[gpu]' (cuda-python)")
+    assert rt_cuda.cuda_python_missing().startswith("cuda-python is not installed")
+
+
+def test_require_tensorrt_ok(monkeypatch, calls, cuda):
     fake = install(monkeypatch, fake_tensorrt(calls))
     assert trt_export.require_tensorrt() is fake
     assert trt_export.device_metadata(fake) == {"tensorrt_version": "10.3.0", "gpu_name": GPU.name,
                                                 "compute_capability": "8.9", "sm_count": 128, "board_model": None,
-                                                "cuda": torch.version.cuda}
+                                                "cuda": "12.6"}
+    # the identity comes from cuda-python, not torch: the device layer has no torch
+    assert ("cudaGetDeviceProperties", 0) in cuda.calls and ("cudaRuntimeGetVersion",) in cuda.calls
+
+
+@pytest.mark.parametrize("version", ["8.5.2", "8.6.1"])  # JetPack 5.x, JetPack 6.0
+def test_require_tensorrt_refuses_releases_before_10_before_touching_cuda(monkeypatch, calls, cuda, version):
+    install(monkeypatch, fake_tensorrt(calls, version=version))
+    with pytest.raises(UserError) as e:
+        trt_export.require_tensorrt()
+    msg = str(e.value)
+    assert msg.startswith(f"--format trt needs TensorRT 10 or newer (strongly typed networks: precision lives in "
+                          f"the graph) and TensorRT {version} is installed")
+    assert "JetPack 6.1+ ships 10.3" in msg and "--format onnx" in msg and "\n" not in msg
+    assert cuda.calls == [] and calls == []  # refused before CUDA or TensorRT did anything
+
+
+def test_export_trt_refuses_tensorrt_8_before_the_onnx_export_and_calibration(monkeypatch, calls, gpu, tmp_path):
+    """`edgedistill export --format trt --int8` on TensorRT 8.6 stops in _check_backend (the format's
+    ``requires``), before any graph is exported or calibrated; the refusal used to come from build_engine, after
+    both had run."""
+    from edgedistill.export import exporter
+
+    install(monkeypatch, fake_tensorrt(calls, version="8.6.1"))
+    run = tmp_path / "run"
+    (run / "student").mkdir(parents=True)
+    (run / "recipe.yaml").write_text("name: r\n")
+    started = []
+    monkeypatch.setattr(exporter, "_export_run", lambda *a, **k: started.append(a))
+    with pytest.raises(UserError, match=r"--format trt needs TensorRT 10 or newer .* TensorRT 8\.6\.1 is installed"):
+        exporter.run_export(exporter.ExportOptions(run_dir=run, format="trt", int8=True, out=tmp_path / "out"))
+    assert started == [] and gpu.calls == [] and not (tmp_path / "out").exists()
 
 
 def test_board_model_comes_from_the_device_tree(monkeypatch, tmp_path):
-    from edgedistill import jetson
+    import edgedistill.runtime.jetson as jetson
     model = "NVIDIA Jetson Orin Nano Engineering Reference Developer Kit Super"
-    monkeypatch.setattr(trt_export, "detect_jetson", lambda root=None: jetson.JetsonInfo(model=model, release=None))
-    assert trt_export.board_model() == model
-    monkeypatch.setattr(trt_export, "detect_jetson", lambda root=None: None)
-    assert trt_export.board_model() is None
+    monkeypatch.setattr(rt_trt, "detect_jetson", lambda root=None: jetson.JetsonInfo(model=model, release=None))
+    assert rt_trt.board_model() == model
+    monkeypatch.setattr(rt_trt, "detect_jetson", lambda root=None: None)
+    assert rt_trt.board_model() is None
 
 
 def test_require_torch_tensorrt_not_installed(monkeypatch):
@@ -125,8 +200,12 @@ def test_torchtrt_precision_options_follow_the_installed_api():
     middle_api = {"inputs", "enabled_precisions", "use_explicit_typing"}
     assert torchtrt.precision_kwargs(middle_api, "fp16", torch) == {
         "enabled_precisions": {torch.float16, torch.float32}, "use_explicit_typing": False}
+    # fp32 never asks for weak typing: strong typing where the switch exists, else the release's default
+    assert torchtrt.precision_kwargs(middle_api, "fp32", torch) == {"use_explicit_typing": True}
     old_api = {"inputs", "enabled_precisions"}
-    assert torchtrt.precision_kwargs(old_api, "fp32", torch) == {"enabled_precisions": {torch.float32}}
+    assert torchtrt.precision_kwargs(old_api, "fp32", torch) == {}
+    assert torchtrt.precision_kwargs(old_api, "fp16", torch) == {
+        "enabled_precisions": {torch.float16, torch.float32}}
 
 
 # ----------------------------------------------------------------------------------------------- shapes
@@ -166,7 +245,9 @@ def test_dtype_names():
     trt = fake_tensorrt([])
     assert [dtype_name(getattr(trt.DataType, n)) for n in ("FLOAT", "HALF", "INT8", "INT32", "INT64", "BOOL")] == [
         "float32", "float16", "int8", "int32", "int64", "bool"]
-    assert trt_export.torch_dtype(trt.DataType.HALF) is torch.float16
+    assert numpy_dtype(trt.DataType.HALF) == np.float16 and numpy_dtype(trt.DataType.INT64) == np.int64
+    with pytest.raises(UserError, match="TensorRT type bfloat16, which numpy and this runner do not handle"):
+        numpy_dtype(trt.DataType.BF16)
 
 
 # -------------------------------------------------------------------------------------------- compatibility
@@ -221,7 +302,7 @@ def test_check_compatible_message_names_both_sides():
 
 
 @pytest.mark.parametrize("version", SUPPORTED)
-def test_build_engine_command_sequence(monkeypatch, calls, gpu, onnx_file, tmp_path, version):
+def test_build_engine_command_sequence(monkeypatch, calls, cuda, onnx_file, tmp_path, version):
     fake = install(monkeypatch, fake_tensorrt(calls, version=version,
                                               inputs=[("image", (-1, 3, 64, 64)), ("mask", ("batch", 16))]))
     engine, cache = tmp_path / "out" / "student.engine", tmp_path / "cache" / "timing.cache"
@@ -229,7 +310,7 @@ def test_build_engine_command_sequence(monkeypatch, calls, gpu, onnx_file, tmp_p
 
     assert ("create_network", 1 << int(fake.NetworkDefinitionCreationFlag.STRONGLY_TYPED)) in calls
     assert not [c for c in calls if c[0] in ("set_flag", "deprecated")]  # no precision flags, no EXPLICIT_BATCH
-    assert ("parse", b"fake onnx graph") in calls
+    assert ("parse", MODEL) in calls
     assert ("set_memory_pool_limit", "WORKSPACE", 1024 << 20) in calls
     assert [c for c in calls if c[0] == "set_shape"] == [  # every input, batch axis from the profile
         ("set_shape", "image", (1, 3, 64, 64), (4, 3, 64, 64), (8, 3, 64, 64)),
@@ -244,7 +325,7 @@ def test_build_engine_command_sequence(monkeypatch, calls, gpu, onnx_file, tmp_p
     on_disk = json.loads(sidecar_path(engine).read_text())
     assert on_disk == meta
     assert meta["sha256"] == hashlib.sha256(b"SERIALIZED-ENGINE").hexdigest()
-    assert meta["onnx"]["sha256"] == hashlib.sha256(b"fake onnx graph").hexdigest()
+    assert meta["onnx"]["sha256"] == hashlib.sha256(MODEL).hexdigest()
     assert (meta["gpu_name"], meta["compute_capability"], meta["tensorrt_version"]) == (GPU.name, "8.9", version)
     assert (meta["sm_count"], meta["board_model"]) == (128, None)
     assert meta["precision"] == "fp16" and meta["profile"] == {"min": 1, "opt": 4, "max": 8}
@@ -260,14 +341,16 @@ def test_build_engine_command_sequence(monkeypatch, calls, gpu, onnx_file, tmp_p
 
 
 @pytest.mark.parametrize("version", ["8.5.2", "8.6.1"])  # JetPack 5.x, JetPack 6.0
-def test_build_engine_refuses_tensorrt_before_10_in_one_line(monkeypatch, calls, gpu, onnx_file, tmp_path, version):
-    install(monkeypatch, fake_tensorrt(calls, version=version))
+def test_build_engine_refuses_tensorrt_before_10_in_one_line(monkeypatch, calls, cuda, onnx_file, tmp_path, version):
+    fake = install(monkeypatch, fake_tensorrt(calls, version=version))
     with pytest.raises(UserError) as e:
         build_engine(onnx_file, tmp_path / "m.engine", BatchProfile(1, 1, 1), 256, tmp_path / "c", "fp16")
     msg = str(e.value)
-    assert msg.startswith(f"TensorRT {version} cannot build strongly typed networks") and "\n" not in msg
-    assert "TensorRT 10 or newer" in msg and "--format onnx" in msg
-    assert calls == [] and not (tmp_path / "m.engine").exists()  # refused before any work
+    assert "needs TensorRT 10 or newer" in msg and f"TensorRT {version} is installed" in msg and "\n" not in msg
+    assert calls == [] and cuda.calls == [] and not (tmp_path / "m.engine").exists()  # refused before any work
+    # and the builder's own guard, should a release without strong typing get that far
+    with pytest.raises(UserError, match=f"TensorRT {version} cannot build strongly typed networks"):
+        network_flags(fake)
 
 
 def test_the_fakes_tell_the_releases_apart():
@@ -283,13 +366,27 @@ def test_the_fakes_tell_the_releases_apart():
     with pytest.raises(ValueError, match="invalid flags"):  # EXPLICIT_BATCH's bit means nothing in 11
         eleven.Builder(None).create_network(1 << 3)
     assert not hasattr(FakeEngine(eleven), "device_memory_size") and hasattr(FakeEngine(ten), "device_memory_size")
+    # as strict as the real API where a runner can go wrong: the profile, a failing enqueue, bytes that are not ONNX
+    context = FakeEngine(ten, profile=(1, 4)).create_execution_context()
+    assert context.set_input_shape("image", (4, 3, 64, 64)) is True
+    assert context.set_input_shape("image", (5, 3, 64, 64)) is False       # beyond the profile's max
+    assert context.set_input_shape("image", (2, 3, 32, 32)) is False       # another item shape
+    assert context.set_input_shape("embedding", (2, 32)) is False          # not an input
+    assert context.execute_async_v3(0) is False                            # no tensor address bound
+    failing = FakeEngine(ten, execute_ok=False).create_execution_context()
+    failing.set_input_shape("image", (1, 3, 64, 64))
+    failing.addresses = {"image": 256, "embedding": 512}
+    assert failing.execute_async_v3(0) is False
+    parser = ten.OnnxParser(ten.Builder(None).create_network(1 << 1), None)
+    assert parser.parse(b"fake onnx graph") is False and "not a ModelProto" in parser.get_error(0).desc()
+    assert ten.OnnxParser(ten.Builder(None).create_network(1 << 1), None).parse(MODEL) is True
     config = ten.Builder(None).create_builder_config()
     config.set_flag(ten.BuilderFlag.FP16)
     assert ten.Builder(None).build_serialized_network(  # precision flags on a strongly typed network fail
         ten.Builder(None).create_network(1 << int(ten.NetworkDefinitionCreationFlag.STRONGLY_TYPED)), config) is None
 
 
-def test_build_engine_replaces_a_foreign_timing_cache(monkeypatch, calls, gpu, onnx_file, tmp_path):
+def test_build_engine_replaces_a_foreign_timing_cache(monkeypatch, calls, cuda, onnx_file, tmp_path):
     install(monkeypatch, fake_tensorrt(calls, accept_cache=lambda data: data != b"from another gpu"))
     cache = tmp_path / "timing.cache"
     cache.write_bytes(b"from another gpu")
@@ -298,7 +395,7 @@ def test_build_engine_replaces_a_foreign_timing_cache(monkeypatch, calls, gpu, o
     assert cache.read_bytes() == b"|timed"
 
 
-def test_build_engine_parse_error_is_one_line(monkeypatch, calls, gpu, onnx_file, tmp_path):
+def test_build_engine_parse_error_is_one_line(monkeypatch, calls, cuda, onnx_file, tmp_path):
     install(monkeypatch, fake_tensorrt(calls, parse_ok=False))
     with pytest.raises(UserError) as e:
         build_engine(onnx_file, tmp_path / "m.engine", BatchProfile(1, 1, 1), 256, tmp_path / "c", "fp32")
@@ -308,21 +405,34 @@ def test_build_engine_parse_error_is_one_line(monkeypatch, calls, gpu, onnx_file
     assert not (tmp_path / "m.engine").exists()
 
 
-def test_build_engine_failure(monkeypatch, calls, gpu, onnx_file, tmp_path):
+def test_build_engine_refuses_bytes_that_are_not_onnx(monkeypatch, calls, cuda, tmp_path):
+    """TensorRT's parser refuses a file that is not an ONNX ModelProto (a truncated copy, the wrong file): one line,
+    no engine (the fake used to accept any bytes and build)."""
+    install(monkeypatch, fake_tensorrt(calls))
+    bad = tmp_path / "student.onnx"
+    bad.write_bytes(MODEL[: len(MODEL) // 2])  # a half-copied graph
+    with pytest.raises(UserError) as e:
+        build_engine(bad, tmp_path / "m.engine", BatchProfile(1, 1, 1), 256, tmp_path / "c", "fp16")
+    msg = str(e.value)
+    assert msg.startswith(f"TensorRT cannot parse {bad}: Failed to parse ONNX model") and "\n" not in msg
+    assert ("build_serialized_network",) not in calls and not (tmp_path / "m.engine").exists()
+
+
+def test_build_engine_failure(monkeypatch, calls, cuda, onnx_file, tmp_path):
     install(monkeypatch, fake_tensorrt(calls, build_ok=False))
     with pytest.raises(UserError, match=r"could not build an engine .* larger workspace_mb \(now 256\)"):
         build_engine(onnx_file, tmp_path / "m.engine", BatchProfile(1, 2, 4), 256, tmp_path / "c", "fp16")
     assert not (tmp_path / "m.engine").exists() and not sidecar_path(tmp_path / "m.engine").exists()
 
 
-def test_build_engine_checks_shapes_before_building(monkeypatch, calls, gpu, onnx_file, tmp_path):
+def test_build_engine_checks_shapes_before_building(monkeypatch, calls, cuda, onnx_file, tmp_path):
     install(monkeypatch, fake_tensorrt(calls, inputs=[("image", (1, 3, 64, 64))]))
     with pytest.raises(UserError, match="fixed batch of 1"):
         build_engine(onnx_file, tmp_path / "m.engine", BatchProfile(1, 4, 8), 256, tmp_path / "c", "fp16")
     assert ("build_serialized_network",) not in calls
 
 
-def test_build_engine_missing_onnx(monkeypatch, calls, gpu, tmp_path):
+def test_build_engine_missing_onnx(monkeypatch, calls, cuda, tmp_path):
     install(monkeypatch, fake_tensorrt(calls))
     with pytest.raises(UserError, match="ONNX model .* not found"):
         build_engine(tmp_path / "nope.onnx", tmp_path / "m.engine", BatchProfile(1, 1, 1), 256, tmp_path / "c",
@@ -332,11 +442,12 @@ def test_build_engine_missing_onnx(monkeypatch, calls, gpu, tmp_path):
 # ------------------------------------------------------------------------------------------------ runner
 
 
-def write_engine(tmp_path: Path, device: dict, data: bytes = b"SERIALIZED-ENGINE", **extra) -> Path:
+def write_engine(tmp_path: Path, device: dict, data: bytes = b"SERIALIZED-ENGINE", profile: tuple = (1, 2, 4),
+                 **extra) -> Path:
     engine = tmp_path / "student.engine"
     engine.write_bytes(data)
     meta = {"sha256": hashlib.sha256(data).hexdigest(), **device,
-            "profile": {"min": 1, "opt": 2, "max": 4}, **extra}
+            "profile": dict(zip(("min", "opt", "max"), profile)), **extra}
     sidecar_path(engine).write_text(json.dumps(meta))
     return engine
 
@@ -345,7 +456,23 @@ HERE = {"gpu_name": GPU.name, "compute_capability": "8.9", "sm_count": 128, "boa
         "tensorrt_version": "10.3.0"}
 
 
-def test_runner_refuses_an_engine_from_another_gpu_before_deserialising(monkeypatch, calls, gpu, tmp_path):
+def computing(cuda: FakeCuda, **options: Any) -> Any:
+    """A FakeEngine factory whose context computes through ``cuda``'s device memory."""
+    return functools.partial(FakeEngine, memory=cuda, **options)
+
+
+def images(batch: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((batch, 3, 64, 64)).astype(np.float32)
+
+
+def assert_embeds(got: np.ndarray, x: np.ndarray) -> None:
+    """``got`` is what the fake engine computes for ``x`` (to float16 rounding: BLAS sums in batch-dependent order)."""
+    assert got.shape == (len(x), 32)
+    np.testing.assert_allclose(np.asarray(got, np.float32), FakeEngine.expected(x).astype(np.float32), rtol=2e-3,
+                               atol=2e-3)
+
+
+def test_runner_refuses_an_engine_from_another_gpu_before_deserialising(monkeypatch, calls, cuda, tmp_path):
     install(monkeypatch, fake_tensorrt(calls, engine="forbidden"))
     engine = write_engine(tmp_path, {**ORIN, "tensorrt_version": "10.3.0"})
     with pytest.raises(UserError) as e:
@@ -353,17 +480,17 @@ def test_runner_refuses_an_engine_from_another_gpu_before_deserialising(monkeypa
     msg = str(e.value)
     assert f"engine {engine} was built for Orin (sm 8.7, 8 SMs, {NANO}) with TensorRT 10.3.0" in msg
     assert f"this machine has {GPU.name} (sm 8.9, 128 SMs) with TensorRT 10.3.0" in msg
-    assert ("deserialize_cuda_engine",) not in calls
+    assert ("deserialize_cuda_engine",) not in calls and not cuda.memory
 
 
 @pytest.mark.parametrize("version", ["10.3.1", "11.4.0"])
-def test_runner_refuses_another_tensorrt_version(monkeypatch, calls, gpu, tmp_path, version):
+def test_runner_refuses_another_tensorrt_version(monkeypatch, calls, cuda, tmp_path, version):
     install(monkeypatch, fake_tensorrt(calls, version=version, engine="forbidden"))
     with pytest.raises(UserError, match=f"with TensorRT 10.3.0; this machine has .* with TensorRT {version}"):
         TrtRunner(write_engine(tmp_path, HERE))
 
 
-def test_runner_needs_the_sidecar(monkeypatch, calls, gpu, tmp_path):
+def test_runner_needs_the_sidecar(monkeypatch, calls, cuda, tmp_path):
     install(monkeypatch, fake_tensorrt(calls, engine="forbidden"))
     engine = tmp_path / "student.engine"
     engine.write_bytes(b"x")
@@ -376,7 +503,7 @@ def test_runner_needs_the_sidecar(monkeypatch, calls, gpu, tmp_path):
         TrtRunner(tmp_path / "missing.engine")
 
 
-def test_runner_checks_the_sha256(monkeypatch, calls, gpu, tmp_path):
+def test_runner_checks_the_sha256(monkeypatch, calls, cuda, tmp_path):
     install(monkeypatch, fake_tensorrt(calls, engine="forbidden"))
     engine = write_engine(tmp_path, HERE)
     engine.write_bytes(b"SERIALIZED-ENGINE but truncated or swapped")
@@ -385,7 +512,7 @@ def test_runner_checks_the_sha256(monkeypatch, calls, gpu, tmp_path):
     assert ("deserialize_cuda_engine",) not in calls
 
 
-def test_runner_deserialise_failure(monkeypatch, calls, gpu, tmp_path):
+def test_runner_deserialise_failure(monkeypatch, calls, cuda, tmp_path):
     install(monkeypatch, fake_tensorrt(calls, engine=None))
     with pytest.raises(UserError, match="TensorRT could not load engine .* rebuild it here"):
         TrtRunner(write_engine(tmp_path, HERE))
@@ -393,61 +520,210 @@ def test_runner_deserialise_failure(monkeypatch, calls, gpu, tmp_path):
 
 
 @pytest.mark.parametrize("version", SUPPORTED)
-def test_runner_io_and_input_checks(monkeypatch, calls, gpu, tmp_path, version):
-    install(monkeypatch, fake_tensorrt(calls, version=version, engine=FakeEngine))
+def test_runner_runs_numpy_through_preallocated_device_buffers(monkeypatch, calls, cuda, tmp_path, version):
+    """Real numbers flow: host -> cudaMalloc'd buffer -> the engine -> output buffer -> host, with the buffers
+    allocated once for the profile's max batch (256-byte aligned, bound once) and reused by every call."""
+    install(monkeypatch, fake_tensorrt(calls, version=version, engine=computing(cuda)))
     runner = TrtRunner(write_engine(tmp_path, {**HERE, "tensorrt_version": version}))
     assert runner.input_names == ["image"] and runner.output_names == ["embedding"]
-    assert runner.dtypes == {"image": torch.float32, "embedding": torch.float16}
-    assert (runner.profile.min, runner.profile.max) == (1, 4)
-    # shape checks come before anything touches CUDA
-    with pytest.raises(UserError, match=r"batch 5 is outside engine student.engine's profile 1\.\.4"):
-        runner.run({"image": torch.zeros(5, 3, 64, 64)})
-    with pytest.raises(UserError, match=r"input 'image' has shape \(2, 3, 32, 32\); .* expects \(B, 3, 64, 64\)"):
-        runner.run({"image": torch.zeros(2, 3, 32, 32)})
-    with pytest.raises(UserError, match="must be a contiguous CUDA tensor of torch.float32"):
-        runner.run({"image": torch.zeros(2, 3, 64, 64)})
-    with pytest.raises(UserError, match="has no input 'pixels'"):
-        runner._feeds((), {"pixels": torch.zeros(1, 3, 64, 64)})
-    with pytest.raises(UserError, match="needs input"):
-        runner._feeds((), {})
-    # engine activation memory: device_memory_size_v2 from 10.1, the only one in 11
-    from edgedistill.bench.backends import TensorRtRunner
-    wrapper = TensorRtRunner.__new__(TensorRtRunner)
-    wrapper.runner = runner
-    assert wrapper.peak_memory() == (3.0, "engine activation memory")
+    assert runner.dtypes == {"image": np.float32, "embedding": np.float16}
+    assert runner.max_shapes == {"image": (4, 3, 64, 64), "embedding": (4, 32)}
+    context = runner.engine.contexts[0]
+    allocations = [c for c in cuda.calls if c[0] == "cudaMalloc"]
+    assert [c[1] for c in allocations] == [4 * 3 * 64 * 64 * 4, 4 * 32 * 2]  # max batch, engine dtypes
+    assert all(address % 256 == 0 for address in cuda.memory) and len(cuda.streams) == 1
+    assert context.addresses == {"image": runner._buffers["image"], "embedding": runner._buffers["embedding"]}
+
+    for batch in (3, 1, 4):
+        x = images(batch, seed=batch)
+        got = runner(x)
+        assert got.dtype == np.float16 and got.shape == (batch, 32)
+        assert_embeds(got, x)
+        assert context.shapes["image"] == (batch, 3, 64, 64)
+    assert len([c for c in cuda.calls if c[0] == "cudaMalloc"]) == 2  # nothing allocated after the constructor
+    assert len([c for c in context.calls if c[0] == "set_tensor_address"]) == 2  # bound once
+    copies = [c[1] for c in cuda.calls if c[0] == "cudaMemcpyAsync"]
+    assert copies == ["cudaMemcpyHostToDevice", "cudaMemcpyDeviceToHost"] * 3
+    handle = next(iter(cuda.streams))
+    assert [c for c in context.calls if c[0] == "execute_async_v3"] == [("execute_async_v3", handle)] * 3
+    # by name too; every output of run() by name
+    assert_embeds(runner(image=images(2)), images(2))
+    assert set(runner.run(runner.feeds((images(1),), {}))) == {"embedding"}
+
+    runner.close()
+    assert cuda.memory == {} and cuda.streams == set()  # every buffer freed, the stream destroyed
+    runner.close()  # idempotent
+    with pytest.raises(UserError, match="was closed"):
+        runner(images(1))
 
 
-def test_aligned_copies_only_misaligned_tensors():
-    tokens = torch.arange(10 * 77, dtype=torch.int64).reshape(10, 77)
-    base = aligned(tokens)
-    assert base.data_ptr() % 256 == 0
-    view = base[1:]  # starts 616 bytes into the block: not 256-byte aligned
-    assert view.data_ptr() % 256 != 0
-    fixed = aligned(view)
-    assert fixed.data_ptr() % 256 == 0 and fixed.data_ptr() != view.data_ptr()
-    assert torch.equal(fixed, view) and fixed.shape == view.shape and fixed.is_contiguous()
-    assert aligned(fixed) is fixed  # aligned tensors are used as they are, no copy
-    half = torch.zeros(3, 7, dtype=torch.float16)[1:]
-    assert aligned(half).data_ptr() % 256 == 0 and torch.equal(aligned(half), half)
-
-
-def test_runner_binds_aligned_addresses(monkeypatch, calls, gpu, tmp_path):
-    """TensorRT refuses (or misreads) an address that is not 256-byte aligned: a sliced batch is copied first."""
-    install(monkeypatch, fake_tensorrt(calls, engine=FakeEngine))
+def test_runner_checks_inputs_and_the_profile_before_tensorrt(monkeypatch, calls, cuda, tmp_path):
+    install(monkeypatch, fake_tensorrt(calls, engine=computing(cuda)))
     runner = TrtRunner(write_engine(tmp_path, HERE))
-    runner.device = "cpu"  # bind without CUDA; the fake context checks the addresses
-    images = aligned(torch.randn(4, 3, 64, 64))
-    sliced = images.view(-1)[1:1 + 3 * 3 * 64 * 64].view(3, 3, 64, 64)  # one float past an aligned start
-    assert sliced.data_ptr() % 256 != 0
-    inputs, outputs = runner._bind({"image": sliced})
-    addresses = runner.context.addresses
-    assert addresses["image"] % 256 == 0 and addresses["image"] == inputs["image"].data_ptr()
-    assert torch.equal(inputs["image"], sliced)
-    assert addresses["embedding"] == outputs["embedding"].data_ptr() and outputs["embedding"].shape == (3, 32)
-    assert runner.context.shapes == {"image": (3, 3, 64, 64)}
-    runner.context.set_tensor_address = lambda name, memory: False
-    with pytest.raises(UserError, match="TensorRT refused the address of tensor 'image'"):
-        runner._bind({"image": images[:2]})
+    context = runner.engine.contexts[0]
+    before = (list(cuda.calls), list(context.calls))
+    with pytest.raises(UserError, match=r"batch 5 is outside engine student.engine's profile 1\.\.4"):
+        runner(images(5))
+    with pytest.raises(UserError, match=r"input 'image' has shape \(2, 3, 32, 32\); .* expects \(B, 3, 64, 64\)"):
+        runner(np.zeros((2, 3, 32, 32), np.float32))
+    with pytest.raises(UserError, match=r"input 'image' of engine student.engine is float32; got int64"):
+        runner(np.zeros((2, 3, 64, 64), np.int64))
+    with pytest.raises(UserError, match="has no input 'pixels'"):
+        runner(pixels=images(1))
+    with pytest.raises(UserError, match="needs input"):
+        runner()
+    assert (cuda.calls, context.calls) == before  # all of it refused before TensorRT or CUDA was asked
+    assert runner(images(2).astype(np.float64)).shape == (2, 32)  # floats of another width are converted
+
+
+def test_tensorrt_refusing_a_shape_is_a_user_error(monkeypatch, calls, cuda, tmp_path):
+    """An engine whose own profile is narrower than its sidecar says: TensorRT's False becomes one line."""
+    install(monkeypatch, fake_tensorrt(calls, engine=computing(cuda, profile=(1, 2))))
+    with pytest.raises(UserError) as e:
+        TrtRunner(write_engine(tmp_path, HERE))
+    assert "rejects input 'image' of shape (4, 3, 64, 64), the batch max of its sidecar's profile 1/2/4" in \
+        str(e.value)
+    assert cuda.memory == {} and cuda.streams == set()  # what was made before the refusal is released
+
+
+def test_a_failing_enqueue_is_a_user_error(monkeypatch, calls, cuda, tmp_path):
+    install(monkeypatch, fake_tensorrt(calls, engine=computing(cuda, execute_ok=False)))
+    runner = TrtRunner(write_engine(tmp_path, HERE))
+    with pytest.raises(UserError) as e:
+        runner(images(2))
+    assert str(e.value) == ("TensorRT failed to run engine student.engine (its log above says why): rebuild it "
+                            "here with `edgedistill export --format trt`")
+
+
+def test_cuda_errors_are_one_line_and_release_what_was_allocated(monkeypatch, calls, tmp_path):
+    cuda = FakeCuda(name=GPU.name, capability=(8, 9), sm_count=128,
+                    fail={"cudaMalloc": ("cudaErrorMemoryAllocation", 1)})  # the second buffer does not fit
+    cuda.install(monkeypatch)
+    monkeypatch.setattr(rt_trt, "board_model", lambda: None)
+    install(monkeypatch, fake_tensorrt(calls, engine=computing(cuda)))
+    with pytest.raises(UserError) as e:
+        TrtRunner(write_engine(tmp_path, HERE))
+    msg = str(e.value)
+    assert msg.startswith("CUDA cudaMalloc of 256 bytes for tensor 'embedding' failed (cudaErrorMemoryAllocation: "
+                          "out of memory): the GPU is out of memory") and "\n" not in msg
+    assert cuda.memory == {} and cuda.streams == set()  # the first buffer and the stream were released
+
+
+def test_cuda_malloc_alignment_is_checked(monkeypatch, calls, tmp_path):
+    cuda = FakeCuda(name=GPU.name, capability=(8, 9), sm_count=128, misalign=True)
+    cuda.install(monkeypatch)
+    monkeypatch.setattr(rt_trt, "board_model", lambda: None)
+    install(monkeypatch, fake_tensorrt(calls, engine=computing(cuda)))
+    with pytest.raises(UserError, match=r"cudaMalloc returned address 0x[0-9a-f]+ for tensor 'image', not 256-byte "
+                                        r"aligned as TensorRT requires"):
+        TrtRunner(write_engine(tmp_path, HERE))
+    assert cuda.memory == {}
+
+
+def test_cuda_python_before_12_8_is_imported_from_cuda_cudart(monkeypatch, calls, tmp_path):
+    cuda = FakeCuda(name=GPU.name, capability=(8, 9), sm_count=128)
+    cuda.install(monkeypatch, path="cuda.cudart")
+    monkeypatch.setattr(rt_trt, "board_model", lambda: None)
+    install(monkeypatch, fake_tensorrt(calls, engine=computing(cuda)))
+    assert rt_cuda.cuda_python_missing() is None
+    with TrtRunner(write_engine(tmp_path, HERE)) as runner:
+        assert_embeds(runner(images(1)), images(1))
+    assert cuda.memory == {}
+
+
+@pytest.mark.parametrize("version, memory", [("10.0.1", 2.0), ("10.3.0", 3.0), ("11.4.0", 3.0)])
+def test_the_bench_runner_stages_calls_and_reads_back(monkeypatch, calls, cuda, tmp_path, version, memory):
+    """runtime.backends.TensorRtRunner: stage copies in, call runs and waits (so the bench's wall-clock timer is
+    right: timer "cpu"), to_numpy copies out; nothing is allocated in a timed call; the engine's memory is
+    device_memory_size_v2 from 10.1 (the only one in 11), device_memory_size before."""
+    install(monkeypatch, fake_tensorrt(calls, version=version, engine=computing(cuda)))
+    runner = TensorRtRunner.open("tensorrt", write_engine(tmp_path, {**HERE, "tensorrt_version": version}),
+                                 {"format": "trt"}, None)
+    assert (runner.backend, runner.timer, runner.version) == ("tensorrt", "cpu", version)
+    assert (runner.min_batch, runner.max_batch) == (1, 4)
+    x = images(3)
+    staged = runner.stage(x)
+    before = list(cuda.calls)
+    for _ in range(3):
+        runner.call(staged)  # what bench times
+    timed = cuda.calls[len(before):]
+    assert [c[0] for c in timed] == ["cudaStreamSynchronize"] * 3  # no copy, no allocation: run and wait
+    out = runner.to_numpy(staged)
+    assert out.dtype == np.float32 and out.shape == (3, 32)
+    assert_embeds(out, x)
+    assert_embeds(runner.embed(images(6), batch=32), images(6))
+    assert runner.peak_memory() == (memory, "engine activation memory")
+
+
+def test_export_engines_checks_parity_through_the_runtime_runner(monkeypatch, calls, gpu, onnx_file, tmp_path):
+    """--format trt's parity check runs each engine with the runtime's numpy runner (what a device runs), in
+    batches inside the engine's profile (a short last batch padded up to its min), and frees its buffers."""
+    from rich.console import Console
+
+    install(monkeypatch, fake_tensorrt(calls, engine=computing(gpu, profile=(2, 4))))
+    seen: dict[str, np.ndarray] = {}
+
+    class Job:  # the parts of the exporter's ExportJob that export_engines uses
+        plan = SimpleNamespace(profile=(2, 2, 4), workspace_mb=256, precisions=["fp16"])
+        recipe = SimpleNamespace(cache=SimpleNamespace(root=tmp_path / "cache"))
+        out, console, tokens = tmp_path, Console(quiet=True), None
+        parity_images, images = images(5), images(7, seed=1)
+
+        def parity(self, encoder, precision, got, what, discard):
+            seen["parity"] = got
+            return {"cosine_mean": 1.0}
+
+        def val_metrics(self, got, name):
+            seen["val"] = got
+            return {"recall@1": 1.0}
+
+        def say(self, entry):
+            pass
+
+    (entry,) = trt_export.export_engines(Job(), {("image", "fp32"): onnx_file, ("image", "fp16"): onnx_file})
+    assert entry["name"] == "image_fp16_trt" and entry["val"] == {"recall@1": 1.0}
+    assert seen["parity"].dtype == np.float32 and seen["val"].dtype == np.float32
+    assert_embeds(seen["parity"], images(5))
+    assert_embeds(seen["val"], images(7, seed=1))
+    assert gpu.memory == {} and gpu.streams == set()
+
+
+# ------------------------------------------------------------------------------- cuda-python, the real one
+
+REAL = importlib.util.find_spec("cuda") is not None and importlib.util.find_spec("cuda.bindings") is not None
+
+
+@pytest.mark.skipif(not REAL, reason="cuda-python (cuda.bindings) is not installed")
+def test_the_fake_has_the_installed_cuda_pythons_names_parameters_and_values():
+    from cuda.bindings import runtime as real
+
+    fake = FakeCuda().runtime
+    for name in FUNCTIONS:
+        assert list(inspect.signature(getattr(fake, name)).parameters) == \
+            list(inspect.signature(getattr(real, name)).parameters), name
+    for enum_name in ("cudaError_t", "cudaMemcpyKind"):
+        for member in getattr(fake, enum_name):
+            assert int(getattr(getattr(real, enum_name), member.name)) == int(member), member
+    props = real.cudaDeviceProp()
+    assert all(hasattr(props, field) for field in ("name", "major", "minor", "multiProcessorCount",
+                                                   "totalGlobalMem"))
+    assert int(real.cudaStream_t(7)) == 7
+
+
+@pytest.mark.skipif(not REAL, reason="cuda-python (cuda.bindings) is not installed")
+def test_the_real_cuda_python_without_a_gpu_gives_one_line(monkeypatch):
+    """On this machine's real cuda-python: no GPU (or no driver) is a one-line UserError from the first call."""
+    from cuda.bindings import runtime as real
+
+    err, count = real.cudaGetDeviceCount()[:2]
+    if err == real.cudaError_t.cudaSuccess and count:
+        pytest.skip("a GPU is visible here")
+    with pytest.raises(UserError) as e:
+        rt_cuda.require_cuda("the TensorRT runner")
+    msg = str(e.value)
+    assert msg.startswith("the TensorRT runner needs an NVIDIA GPU and CUDA sees none (cudaGetDeviceCount: cudaError")
+    assert "\n" not in msg
+    assert rt_cuda.free_memory() is None and rt_cuda.cuda_python_missing() is None
 
 
 # ------------------------------------------------------------------------------------------ Torch-TensorRT

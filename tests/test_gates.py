@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from edgedistill import gates
-from edgedistill.valsplit import score
-from edgedistill.errors import UserError
+import edgedistill.core.gates as gates
+from edgedistill.evaluation.split import score
+from edgedistill.core.errors import UserError
 from edgedistill.export import exporter
-from edgedistill.metrics import (NonFiniteEmbeddings, agreement, few_shot_accuracy, retention, retrieval_metrics,
+from edgedistill.evaluation.metrics import (NonFiniteEmbeddings, agreement, few_shot_accuracy, retention, retrieval_metrics,
                                  zero_shot_accuracy)
 
 BAD = [float("nan"), float("inf"), float("-inf"), None, "0.99"]

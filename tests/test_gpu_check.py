@@ -41,6 +41,7 @@ def test_dry_run_runs_every_step_on_the_cpu(tmp_path):
     results = json.loads((out / "results.json").read_text())
     steps = results["steps"]
     assert list(steps) == [s.name for s in load_check().STEPS] and results["dry_run"] is True
+    assert list(steps)[:2] == ["env", "encoders"]  # the encoder figures come back first
     assert {name: r["status"] for name, r in steps.items()} == {name: "ok" for name in steps}, steps
     assert steps["env"]["env"]["cuda_available"] in (True, False) and steps["env"]["env"]["packages"]["torch"]
     assert steps["gpu_tests"]["tests"]["tests"] >= 1  # the GPU tests were collected (and skip without CUDA)
@@ -88,6 +89,18 @@ def _alive(pid: int) -> bool:
     except OSError:
         return False
     return "zombie" not in state
+
+
+def test_the_encoder_step_runs_first_after_env():
+    """The encoder throughput is what the GPU time is mostly for: it runs right after env (a minute of machine
+    checks), needing no other step, so a later step that hangs or spends the budget cannot cost it."""
+    check = load_check()
+    names = [s.name for s in check.STEPS]
+    assert names[:2] == ["env", "encoders"] and sorted(names) == sorted(set(names))
+    by_name = {s.name: s for s in check.STEPS}
+    assert by_name["encoders"].needs == () and by_name["env"].box_s <= 60
+    # every step's needs come before it
+    assert all(names.index(n) < names.index(s.name) for s in check.STEPS for n in s.needs)
 
 
 def test_a_step_past_its_box_is_killed_with_its_children_and_the_next_steps_run(tmp_path):

@@ -7,7 +7,7 @@ from rich.console import Console
 from edgedistill.data.batching import ImageDataset, collate_images
 from edgedistill.data.images import BadImages, open_image
 from edgedistill.data.transforms import student_train_transform
-from edgedistill.errors import UserError
+from edgedistill.core.errors import UserError
 from tests.conftest import write_images
 
 

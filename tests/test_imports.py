@@ -1,5 +1,5 @@
 """The package's import graph: no module depends on the package root, so `edgedistill/__init__` (the facade of
-edgedistill.api: `edgedistill.load`) can import the loader without a cycle through every module."""
+edgedistill.runtime.loader: `edgedistill.load`) can import the loader without a cycle through every module."""
 
 import ast
 from pathlib import Path
@@ -27,6 +27,24 @@ def test_no_module_imports_a_sibling_through_the_package_root():
 
 
 def test_the_scan_sees_the_root_imports_it_must_refuse():
-    source = "import edgedistill.atomic as atomic\nfrom edgedistill import __version__, gates\nfrom . import x\n"
+    source = "import edgedistill.core.atomic as atomic\nfrom edgedistill import __version__, gates\nfrom . import x\n"
     assert _imports_of_the_root(source, "m.py") == ["m.py:2 imports gates from the package root",
                                                     "m.py:3 imports from its package (relative)"]
+
+
+def test_every_runtime_module_imports_with_the_training_stack_blocked():
+    """The device layer as a device without torch imports it (import-linter checks the imports statically)."""
+    import subprocess
+    import sys
+
+    code = ("import importlib, pkgutil, sys\n"
+            "for name in ('torch', 'torchvision', 'open_clip', 'timm'):\n"
+            "    sys.modules[name] = None\n"
+            "import edgedistill.runtime as runtime\n"
+            "names = [m.name for m in pkgutil.walk_packages(runtime.__path__, 'edgedistill.runtime.')]\n"
+            "for name in names:\n"
+            "    importlib.import_module(name)\n"
+            "print(len(names))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert int(done.stdout.strip()) >= 15  # loader, choose, probe, backends, formats, ... all of them

@@ -10,9 +10,9 @@ import pytest
 from PIL import Image
 
 import edgedistill
-from edgedistill import index as index_module
+import edgedistill.runtime.index as index_module
 from edgedistill.cli import main
-from edgedistill.index import build_index, open_index
+from edgedistill.runtime.index import build_index, open_index
 from tests.conftest import write_images
 
 
@@ -34,7 +34,8 @@ def test_a_folder_becomes_an_index_whose_rows_are_the_images(tiny_export, data, 
     idx = open_index(out)
     assert idx.doc.count == 10 and idx.embeddings.shape == (10, 32) and len(idx.items) == 10
     assert [Path(i["path"]).name for i in idx.items] == sorted(p.name for p in (folder / "a").iterdir())
-    enc = edgedistill.load(tiny_export, device="cpu")
+    used = idx.doc.model.image  # embed measured at its own batch: the index records which artifact it chose
+    enc = edgedistill.load(tiny_export, device="cpu", backend=used["backend"], precision=used["precision"])
     want = enc.encode_image([i["path"] for i in idx.items])
     assert np.allclose(np.asarray(idx.embeddings), want, atol=1e-5)  # the rows are the model's embeddings
     assert idx.doc.bad_images[0][0].endswith("broken.jpg") and not (out / ".chunks").exists()
@@ -168,7 +169,7 @@ def test_shards_embed_like_a_manifest(tiny_export, tmp_path):
 
 def test_embed_runs_onnxruntime_without_spinning_unless_asked(tiny_export, data, tmp_path, monkeypatch):
     """Spinning pool threads compete with the decode threads (benchmarks/README.md, embed_speed.py)."""
-    import edgedistill.api as api
+    import edgedistill.runtime.loader as api
 
     asked = []
     real_load = api.load

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from edgedistill.jetson import (
+from edgedistill.runtime.jetson import (
     POWER_MIN_SAMPLES, SUM_OF_RAILS, PowerMode, TegraRelease, TegrastatsSampler, TimedSample, detect_jetson,
     measure_power, parse_nvpmodel, parse_tegra_release, parse_tegrastats, power_mode, power_summary, require_jetson,
 )
-from edgedistill.errors import UserError
+from edgedistill.core.errors import UserError
 
 FIXTURES = Path(__file__).parent / "fixtures" / "jetson"
 

@@ -13,11 +13,11 @@ import torch.nn.functional as F
 import yaml
 
 from edgedistill.cli import main
-from edgedistill.layerwise import Layerwise, default_module_names, uniform_layer_map
-from edgedistill.recipe import LayerwiseConfig, StudentConfig, TeacherConfig
-from edgedistill.students import build_student
-from edgedistill.teachers import load_teacher
-from edgedistill.train import FAULT_ENV
+from edgedistill.distill.layerwise import Layerwise, default_module_names, uniform_layer_map
+from edgedistill.distill.recipe import LayerwiseConfig, StudentConfig, TeacherConfig
+from edgedistill.distill.students import build_student
+from edgedistill.distill.teachers import load_teacher
+from edgedistill.distill.train import FAULT_ENV
 from tests.test_train import recipe_for, run_subprocess
 
 

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from edgedistill.losses import LOSSES, Embeddings, LossContext, build_losses, validate_term_options
-from edgedistill.losses import alignment, contrastive, output  # noqa: F401  (importing registers the terms)
+from edgedistill.distill.losses import LOSSES, Embeddings, LossContext, build_losses, validate_term_options
+from edgedistill.distill.losses import alignment, contrastive, output  # noqa: F401  (importing registers the terms)
 
 # ------------------------------------------------------------------------------------- numpy references
 

@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 
 from edgedistill.data.manifest import load_manifest
-from edgedistill.errors import UserError
+from edgedistill.core.errors import UserError
 
 
 def write(path: Path, text: str) -> Path:

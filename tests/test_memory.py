@@ -13,7 +13,7 @@ def test_keep_freed_memory_stops_page_faults_on_reallocation():
     code = """
 import resource, sys
 import numpy as np
-from edgedistill.memory import keep_freed_memory
+from edgedistill.distill.memory import keep_freed_memory
 applied = keep_freed_memory() if sys.argv[1] == "on" else False
 for _ in range(3):
     np.ones(16 << 20, dtype=np.float32)
@@ -32,7 +32,7 @@ print(applied, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 
 
 def test_tuning_can_be_switched_off(monkeypatch):
-    import edgedistill.memory as runtime
+    import edgedistill.distill.memory as runtime
     monkeypatch.setattr(runtime, "_applied", False)
     monkeypatch.setenv("EDGEDISTILL_MALLOC_TUNING", "0")
     assert runtime.keep_freed_memory() is False

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from edgedistill.data.scenes import EDITS
-from edgedistill.metrics import agreement, retrieval_metrics, twin_accuracy, zero_shot_accuracy
+from edgedistill.evaluation.metrics import agreement, retrieval_metrics, twin_accuracy, zero_shot_accuracy
 
 
 def random_pairs(seed: int, n_images: int, dim: int = 8, noise: float = 1.0) -> tuple[torch.Tensor, ...]:

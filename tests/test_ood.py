@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from edgedistill.cli import main
-from edgedistill.errors import UserError
-from edgedistill.valsplit import class_prompt_sets, read_class_descriptions
-from edgedistill.losses import LossContext
-from edgedistill.metrics import few_shot_accuracy, mean_class_top1, prototype_logits, tip_adapter_logits
+from edgedistill.core.errors import UserError
+from edgedistill.evaluation.split import class_prompt_sets, read_class_descriptions
+from edgedistill.distill.losses import LossContext
+from edgedistill.evaluation.metrics import few_shot_accuracy, mean_class_top1, prototype_logits, tip_adapter_logits
 from tests.conftest import captions_for, write_images
 from tests.test_losses import close, make_batch, nunit, term
 from tests.test_train import recipe_for
@@ -121,9 +121,9 @@ def test_class_prompt_sets_and_description_file(tmp_path):
 
 
 def test_class_texts_are_embedded_once_and_cached(tiny_teacher, tmp_path, monkeypatch):
-    from edgedistill.cache import class_text_features
-    from edgedistill.recipe import TeacherConfig
-    from edgedistill.teachers import load_teacher
+    from edgedistill.distill.cache import class_text_features
+    from edgedistill.distill.recipe import TeacherConfig
+    from edgedistill.distill.teachers import load_teacher
     teacher = load_teacher(TeacherConfig(model=str(tiny_teacher[0]), pretrained=str(tiny_teacher[1])), "cpu")
     sets = [["a photo of a red star."], ["a photo of blue . one", "a photo of blue . two"]]
     first = class_text_features(teacher, sets, tmp_path)
@@ -177,7 +177,7 @@ def write_ood(folder: Path) -> Path:
 
 
 def test_distill_with_descriptions_and_ood_val(tiny_teacher, dataset, tmp_path, monkeypatch):
-    from edgedistill.losses.alignment import ClassificationLoss
+    from edgedistill.distill.losses.alignment import ClassificationLoss
     seen = []
     original = ClassificationLoss.forward
 

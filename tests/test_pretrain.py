@@ -12,13 +12,13 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from edgedistill import pretrain
+import edgedistill.distill.pretrain as pretrain
 from edgedistill.data.images import open_image
 from edgedistill.data.manifest import load_manifest
-from edgedistill.errors import UserError
-from edgedistill.pretrain import PRESETS, PretrainConfig, pretrain_config, pretrain_teacher, preset_name
-from edgedistill.recipe import TeacherConfig
-from edgedistill.teachers import load_teacher
+from edgedistill.core.errors import UserError
+from edgedistill.distill.pretrain import PRESETS, PretrainConfig, pretrain_config, pretrain_teacher, preset_name
+from edgedistill.distill.recipe import TeacherConfig
+from edgedistill.distill.teachers import load_teacher
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 180, 40), "blue": (30, 60, 220), "yellow": (230, 220, 30),
            "purple": (140, 40, 170), "orange": (245, 140, 20), "white": (245, 245, 245), "cyan": (30, 210, 220)}

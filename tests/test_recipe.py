@@ -3,8 +3,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from edgedistill.errors import UserError
-from edgedistill.recipe import Recipe, apply_overrides, load_recipe, parse_override, save_recipe, valid_keys
+from edgedistill.core.errors import UserError
+from edgedistill.distill.recipe import Recipe, apply_overrides, load_recipe, parse_override, save_recipe, valid_keys
 
 EXAMPLE = """
 name: clip_to_mobilenet

@@ -6,9 +6,9 @@ import pytest
 import torch
 import yaml
 
-from edgedistill.errors import UserError
-from edgedistill.recipe import save_recipe, validate_recipe
-from edgedistill.train.rundir import RunDir, recipe_differences
+from edgedistill.core.errors import UserError
+from edgedistill.distill.recipe import save_recipe, validate_recipe
+from edgedistill.distill.train.rundir import RunDir, recipe_differences
 
 RAW = {"name": "x", "teacher": {"model": "ViT-B-32"}, "data": {"train": "a.jsonl"},
        "loss": {"layerwise": True}, "select": {"name": "optima", "window": 4}}

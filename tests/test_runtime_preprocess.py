@@ -15,7 +15,7 @@ import torch
 from PIL import Image, ImageDraw, ImageOps
 
 from edgedistill.data.images import open_image
-from edgedistill.errors import UserError
+from edgedistill.core.errors import UserError
 from edgedistill.runtime.preprocess import OPENAI_MEAN, OPENAI_STD, Preprocess, PreprocessConfig
 
 ROOT = Path(__file__).resolve().parents[1]

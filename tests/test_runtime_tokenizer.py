@@ -12,8 +12,9 @@ import numpy as np
 import open_clip
 import pytest
 
-from edgedistill.errors import UserError
-from edgedistill.runtime.tokenizer import CONFIG_FILE, TOKENIZER_FILE, load_tokenizer, save_tokenizer
+from edgedistill.core.errors import UserError
+from edgedistill.export.tokenizer import save_tokenizer
+from edgedistill.runtime.tokenizer import CONFIG_FILE, TOKENIZER_FILE, load_tokenizer
 from tests.conftest import TINY_CONFIG
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -18,7 +18,7 @@ from rich.console import Console
 from edgedistill.data import scenes as S
 from edgedistill.data.manifest import load_manifest
 from edgedistill.data.scenes import drawing, writer
-from edgedistill.errors import UserError
+from edgedistill.core.errors import UserError
 
 # --------------------------------------------------------------------------------------------- caption parser
 # Written independently of the module's phrasing code: every object phrase is "<a|two|three> <size> <colour>

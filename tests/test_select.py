@@ -7,9 +7,9 @@ import math
 import numpy as np
 import pytest
 
-from edgedistill.errors import UserError
-from edgedistill.recipe import validate_recipe
-from edgedistill.select import SELECTORS, build_selector, validate_selector
+from edgedistill.core.errors import UserError
+from edgedistill.distill.recipe import validate_recipe
+from edgedistill.distill.select import SELECTORS, build_selector, validate_selector
 
 ARMS = ["m0", "m1", "m2"]
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from edgedistill.balance import build_balancer, validate_balancer
-from edgedistill.losses import LossContext, build_losses, validate_term_options
-from edgedistill.train.batches import RankBatch
-from edgedistill.train.step import DistillStep
+from edgedistill.distill.balance import build_balancer, validate_balancer
+from edgedistill.distill.losses import LossContext, build_losses, validate_term_options
+from edgedistill.distill.train.batches import RankBatch
+from edgedistill.distill.train.step import DistillStep
 
 D = 6
 

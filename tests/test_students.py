@@ -6,10 +6,10 @@ import open_clip
 import pytest
 import torch
 
-from edgedistill.errors import UserError
-from edgedistill.recipe import StudentConfig, StudentTextConfig, TeacherConfig
-from edgedistill.students import STUDENT_ZOO, build_student, load_student, save_student
-from edgedistill.teachers import load_teacher
+from edgedistill.core.errors import UserError
+from edgedistill.distill.recipe import StudentConfig, StudentTextConfig, TeacherConfig
+from edgedistill.distill.students import STUDENT_ZOO, build_student, load_student, save_student
+from edgedistill.distill.teachers import load_teacher
 
 
 @pytest.fixture(scope="module")

@@ -4,9 +4,9 @@ import open_clip
 import pytest
 import torch
 
-from edgedistill.errors import UserError
-from edgedistill.recipe import TeacherConfig
-from edgedistill.teachers import check_teacher, load_teacher, resolve_device, resolve_source
+from edgedistill.core.errors import UserError
+from edgedistill.distill.recipe import TeacherConfig
+from edgedistill.distill.teachers import check_teacher, load_teacher, resolve_device, resolve_source
 from tests.conftest import TINY_CONFIG
 
 
@@ -233,7 +233,7 @@ def test_a_raw_pickle_checkpoint_is_one_line_without_warnings(tiny_teacher, tmp_
 
     raw = tmp_path / "raw.pt"
     raw.write_bytes(pickle.dumps(torch.load(tiny_teacher[1], weights_only=True), protocol=4))
-    script = ("from edgedistill.recipe import TeacherConfig; from edgedistill.teachers import load_teacher; "
+    script = ("from edgedistill.distill.recipe import TeacherConfig; from edgedistill.distill.teachers import load_teacher; "
               f"load_teacher(TeacherConfig(model={str(tiny_teacher[0])!r}, pretrained={str(raw)!r}))")
     proc = subprocess.run([sys.executable, "-W", "default", "-c", script], capture_output=True, text=True,
                           timeout=120)
@@ -246,7 +246,7 @@ def test_without_a_network_the_hub_is_asked_for_its_cache_only(monkeypatch):
     import huggingface_hub.constants
     import open_clip
 
-    import edgedistill.teachers as teachers
+    import edgedistill.distill.teachers as teachers
 
     seen = {}
 

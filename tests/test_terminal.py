@@ -6,7 +6,7 @@ import io
 from rich.console import Console
 
 from edgedistill.bench.report import print_table
-from edgedistill.terminal import make_console, warn
+from edgedistill.core.terminal import make_console, warn
 
 BRACKETS = "pip install 'edgedistill[openvino]'; photos [2019]/a[/x].jpg"
 

@@ -13,7 +13,7 @@ import torch
 import yaml
 
 from edgedistill.cli import main
-from edgedistill.train import FAULT_ENV, EpochBatches, TrainImages, cosine_schedule
+from edgedistill.distill.train import FAULT_ENV, EpochBatches, TrainImages, cosine_schedule
 from tests.conftest import write_recipe
 
 SUMMARY_KEYS = {"i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum"}
@@ -122,7 +122,7 @@ def test_resume_with_a_changed_recipe_is_refused(tiny_teacher, dataset, tmp_path
 
 def test_three_non_finite_steps_stop_the_run_and_keep_the_last_good_checkpoint(tiny_teacher, dataset, tmp_path,
                                                                                monkeypatch, capsys):
-    from edgedistill.losses.output import FeatureLoss
+    from edgedistill.distill.losses.output import FeatureLoss
     calls = {"n": 0}
     original = FeatureLoss.forward
 
@@ -206,7 +206,7 @@ def test_augmentation_depends_on_epoch_and_index_only(dataset):
     # the view is the one torch.manual_seed(seed_of(seed, epoch, index)) gives: seeding the CPU generator alone
     # draws the same augmentation
     from edgedistill.data.images import open_image
-    from edgedistill.hashing import seed_of
+    from edgedistill.core.hashing import seed_of
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed_of(0, 1, 3))
         assert torch.equal(ds.transform(open_image(paths[3])), ds[3][1])
@@ -276,7 +276,7 @@ def test_images_without_captions_train_on_image_terms_only(tiny_teacher, tmp_pat
 
 
 def test_vl_align_ranks_against_a_bank_of_training_captions(tiny_teacher, dataset, tmp_path, monkeypatch):
-    from edgedistill.losses.alignment import VLAlignLoss
+    from edgedistill.distill.losses.alignment import VLAlignLoss
     banks = []
     original = VLAlignLoss.__init__
 
@@ -327,7 +327,7 @@ def test_eval_of_a_student_with_non_finite_weights_exits_2(tiny_teacher, dataset
 
 def test_clipkd_terms_train_with_the_teachers_scale_and_a_learned_icl_scale(tiny_teacher, dataset, tmp_path,
                                                                            monkeypatch):
-    from edgedistill.losses.clipkd import LogitKLLoss
+    from edgedistill.distill.losses.clipkd import LogitKLLoss
     scales = []
     original = LogitKLLoss.__init__
 

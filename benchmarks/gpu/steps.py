@@ -26,7 +26,8 @@ TINY_TEACHER = {"embed_dim": 32,
                 "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8, "head_width": 32},
                 "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 1}}
 PACKAGES = ("torch", "torchvision", "timm", "open_clip_torch", "pydantic", "pydantic_core", "webdataset", "onnxslim",
-            "onnx", "onnxscript", "onnxruntime", "onnxruntime-gpu", "tensorrt", "torch_tensorrt", "numpy")
+            "onnx", "onnxscript", "onnxruntime", "onnxruntime-gpu", "tensorrt", "torch_tensorrt", "cuda-python",
+            "cuda-bindings", "numpy")
 
 
 @dataclass
@@ -139,7 +140,7 @@ def step_env(ctx: Context) -> dict[str, Any]:
         except md.PackageNotFoundError:
             versions[name] = None
     missing = []
-    for module in ("edgedistill.cli", "edgedistill.train", "edgedistill.bench.runner", "open_clip", "pydantic",
+    for module in ("edgedistill.cli", "edgedistill.distill.train", "edgedistill.bench.runner", "open_clip", "pydantic",
                    "webdataset", "onnxslim"):
         try:
             importlib.import_module(module)
@@ -151,11 +152,23 @@ def step_env(ctx: Context) -> dict[str, Any]:
         props = torch.cuda.get_device_properties(0)
         info.update(gpu=props.name, compute_capability=f"{props.major}.{props.minor}",
                     sm_count=props.multi_processor_count, gpu_memory_gib=round(props.total_memory / 2**30, 1),
-                    bf16=torch.cuda.is_bf16_supported(), nvidia_smi=_nvidia_smi())
+                    bf16=torch.cuda.is_bf16_supported(), nvidia_smi=_nvidia_smi(),
+                    cuda_python=_cuda_python_view())
     if missing:
         return failed("imports failed: " + "; ".join(missing), env=info)
     return {"status": "ok", "message": "CUDA steps skipped: --dry-run" if ctx.dry else f"GPU {info.get('gpu')}",
             "env": info}
+
+
+def _cuda_python_view() -> Any:
+    """The GPU as the torch-free runtime sees it (cuda-python: the TensorRT runner's buffers, the engine sidecar's
+    identity), or the one-line reason it does not."""
+    from edgedistill.core.errors import UserError
+    from edgedistill.runtime.cuda import gpu_properties
+    try:
+        return gpu_properties(what="the GPU check")
+    except UserError as e:
+        return str(e)
 
 
 def _nvidia_smi() -> str | None:
@@ -222,7 +235,7 @@ def step_distill_resume(ctx: Context, timeout_s: float) -> dict[str, Any]:
     """Distill with AMP, SIGKILL mid-run (EDGEDISTILL_FAULT_KILL_AFTER_STEP), resume, compare with a whole run."""
     import torch
 
-    from edgedistill.train import FAULT_ENV
+    from edgedistill.distill.train import FAULT_ENV
     s = ctx.sizes
     for name in ("crash", "whole"):
         shutil.rmtree(ctx.work / "runs" / name, ignore_errors=True)
@@ -279,9 +292,9 @@ def step_cache_build(ctx: Context) -> dict[str, Any]:
     """Teacher feature cache build images/s: the teacher in fp32 vs bf16 autocast (and the library's fp16)."""
     import torch
 
-    from edgedistill.cache import caches_for_recipe, load_split_manifests
-    from edgedistill.recipe import validate_recipe
-    from edgedistill.teachers import load_teacher
+    from edgedistill.distill.cache import caches_for_recipe, load_split_manifests
+    from edgedistill.distill.recipe import validate_recipe
+    from edgedistill.distill.teachers import load_teacher
     kinds = ("fp32", "bf16", "fp16") if ctx.cuda else ("fp32",)
     rows: list[dict[str, Any]] = [] if ctx.cuda else [
         {"kind": k, "status": "skipped", "message": "autocast on CUDA only"} for k in ("bf16", "fp16")]
@@ -317,10 +330,10 @@ def step_epoch(ctx: Context) -> dict[str, Any]:
     """One training epoch with cached teacher features vs the teacher online (the cache's speed-up)."""
     from rich.console import Console
 
-    from edgedistill.cache import caches_for_recipe, load_split_manifests
-    from edgedistill.recipe import validate_recipe
-    from edgedistill.teachers import load_teacher
-    from edgedistill.train import build_trainer
+    from edgedistill.distill.cache import caches_for_recipe, load_split_manifests
+    from edgedistill.distill.recipe import validate_recipe
+    from edgedistill.distill.teachers import load_teacher
+    from edgedistill.distill.train import build_trainer
     raw = ctx.recipe("epoch", val=False, epochs=1, max_steps=None, checkpoint_every=0, log_every=10)
     raw["data"]["batch_size"] = ctx.sizes.epoch_batch
     recipe = validate_recipe(raw)
@@ -352,8 +365,8 @@ def _encoder_models(ctx: Context) -> dict[str, Any]:
     """The teacher's image encoder (open_clip, random weights) and the student's vision tower (timm)."""
     import timm
 
-    from edgedistill.recipe import validate_recipe
-    from edgedistill.teachers import load_teacher
+    from edgedistill.distill.recipe import validate_recipe
+    from edgedistill.distill.teachers import load_teacher
     teacher = load_teacher(validate_recipe(ctx.recipe("encoders", val=False)).teacher, ctx.device)
     student = timm.create_model(ctx.sizes.student, pretrained=False, num_classes=teacher.embed_dim)
     return {"student": student.eval().to(ctx.device), "teacher": teacher.model.visual.eval()}

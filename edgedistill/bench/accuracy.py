@@ -18,7 +18,7 @@ import numpy as np
 from rich.console import Console
 
 from edgedistill.data.manifest import load_manifest
-from edgedistill.valsplit import ClassPrompts, ValSplit, class_embeddings, decode_split, score
+from edgedistill.evaluation.split import ClassPrompts, ValSplit, class_embeddings, decode_split, score
 
 
 def class_prompts(val_doc: dict[str, Any] | None, fallback: str | None = None) -> ClassPrompts:

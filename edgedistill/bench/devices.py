@@ -13,23 +13,13 @@ import platform
 import shutil
 import subprocess
 from dataclasses import asdict, is_dataclass
-from pathlib import Path
 from typing import Any
 
-import edgedistill.jetson as jetson
-from edgedistill.errors import UserError
+import edgedistill.runtime.jetson as jetson
+from edgedistill.runtime.device import cpu_model, isa_flags
+from edgedistill.runtime.formats import DEVICES
+from edgedistill.core.errors import UserError
 
-DEVICES = ("cpu", "cuda", "jetson")
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith(("model name", "hardware")):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _plain(obj: Any) -> Any:
@@ -75,7 +65,7 @@ def describe_device(device: str, threads: int) -> dict[str, Any]:
     """The conditions every row names: device kind, processor, threads, and the accelerator when there is one."""
     if device not in DEVICES:
         raise UserError(f"--device {device!r} is not one of {', '.join(DEVICES)}")
-    info: dict[str, Any] = {"device": device, "cpu": cpu_model(), "cpu_cores": os.cpu_count(), "threads": threads,
+    info: dict[str, Any] = {"device": device, "cpu": cpu_model(), "cpu_flags": list(isa_flags()), "cpu_cores": os.cpu_count(), "threads": threads,
                             "hostname": platform.node(), "platform": platform.platform(),
                             "torch": _version("torch")}  # None on a device install without torch
     if device == "jetson":

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Sequence
 
-from edgedistill.errors import UserError
+from edgedistill.core.errors import UserError
 
 if TYPE_CHECKING:
     from rich.console import Console

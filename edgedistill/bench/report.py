@@ -16,8 +16,8 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-import edgedistill.atomic as atomic
-from edgedistill.terminal import make_console
+import edgedistill.core.atomic as atomic
+from edgedistill.core.terminal import make_console
 
 REPORT_JSON, REPORT_MD, PARETO_PNG = "bench.json", "bench.md", "pareto.png"
 ROW_FIELDS = ("artifact", "role", "encoder", "format", "precision", "backend", "backend_version", "device",

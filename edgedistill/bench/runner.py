@@ -22,26 +22,26 @@ from typing import Any, Callable, Iterator
 import numpy as np
 from rich.console import Console
 
-import edgedistill.atomic as atomic
+import edgedistill.core.atomic as atomic
 from edgedistill.bench import report as rep
 from edgedistill.bench.accuracy import (BenchVal, References, class_prompts, image_accuracy, load_bench_val,
                                        reference_texts, text_accuracy)
-from edgedistill.bench.backends import (OPENVINO_HINTS, Candidate, OrtRunner, RunOptions, Runner, TorchRunner,
-                                       candidates)
+from edgedistill.bench.torch_runners import TorchRunner
+from edgedistill.runtime.backends import OPENVINO_HINTS, Candidate, OrtRunner, RunOptions, Runner, candidates
 from edgedistill.bench.devices import DEVICES, describe_device, describe_short
 from edgedistill.bench.remote import run_remote_bench
 from edgedistill.bench.timing import cpu_load, summarize, time_cpu, time_cuda
 from edgedistill.data.images import open_image
 from edgedistill.data.manifest import load_manifest
-from edgedistill.documents import BenchReport, BundleContext, BundleTeacher, read_document
-from edgedistill.errors import UserError
-from edgedistill.export import artifacts
-from edgedistill.formats import BACKENDS
-from edgedistill.jetson import TegrastatsSampler, measure_power
+from edgedistill.core.documents import BenchReport, BundleContext, BundleTeacher, read_document
+from edgedistill.core.errors import UserError
+import edgedistill.runtime.manifest as artifacts
+from edgedistill.runtime.formats import BACKENDS
+from edgedistill.runtime.jetson import TegrastatsSampler, measure_power
 from edgedistill.runtime.preprocess import Preprocess, image_side
 from edgedistill.runtime.tokenizer import load_tokenizer
-from edgedistill.terminal import make_console
-from edgedistill.valsplit import ClassPrompts
+from edgedistill.core.terminal import make_console
+from edgedistill.evaluation.split import ClassPrompts
 
 BUNDLE_TEACHER = "teacher"   # bundle folder: teacher.json (scores, preprocess) and image_fp32.onnx
 BUNDLE_VAL = "val"           # bundle folder: val.jsonl + images/
@@ -507,7 +507,7 @@ def _recipe_prompt(run_dir: Path) -> str | None:
     """eval.prompt of the run (exports made before export.json recorded the class prompts); None without the
     training stack."""
     try:
-        from edgedistill.recipe import load_recipe  # deferred: the training stack
+        from edgedistill.distill.recipe import load_recipe  # deferred: the training stack
     except ImportError:
         return None
     return load_recipe(run_dir / "recipe.yaml", ["device=cpu"]).eval.prompt

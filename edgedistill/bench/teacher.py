@@ -10,15 +10,15 @@ from typing import Any
 import torch
 from rich.console import Console
 
-from edgedistill.cache import caches_for_recipe
+from edgedistill.distill.cache import caches_for_recipe
 from edgedistill.data.manifest import load_manifest
-from edgedistill.evaluate import prepare_val, teacher_metrics
+from edgedistill.distill.evaluate import prepare_val, teacher_metrics
 from edgedistill.export.graph import IMAGE_INPUT, IMAGE_OUTPUT, ImageEncoder, export_onnx
-from edgedistill.hashing import sha256_json
-from edgedistill.recipe import load_recipe
+from edgedistill.core.hashing import sha256_json
+from edgedistill.distill.recipe import load_recipe
 from edgedistill.runtime.preprocess import image_side
-from edgedistill.teachers import load_teacher
-from edgedistill.valsplit import ClassPrompts
+from edgedistill.distill.teachers import load_teacher
+from edgedistill.evaluation.split import ClassPrompts
 
 
 def teacher_from_run(run_dir: Path, prompts: ClassPrompts, val_manifest: Path | None, want_timing: bool,

@@ -4,22 +4,21 @@ Why: docs/design.md#conditions-on-every-number.
 
 Inputs are staged by the caller before timing starts, so only inference is timed (``--e2e`` stages nothing and
 times decode + preprocessing too). GPU calls are timed with CUDA events recorded on the stream the work runs
-on; CPU calls with ``time.perf_counter``. ``cpu_load(n)`` runs n busy processes beside the timing: latency under
-contention, the normal state of an edge box that also runs its application (CPU runtimes rank differently there:
-docs/design.md#formats-and-backends).
+on (the torch runners); CPU calls, and GPU runners whose call waits for the GPU (TensorRT's engine runner,
+onnxruntime's providers), with ``time.perf_counter``. ``cpu_load(n)`` runs n busy processes beside the timing:
+latency under contention, the normal state of an edge box that also runs its application (CPU runtimes rank
+differently there: docs/design.md#formats-and-backends).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import re
 import signal
 import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -74,8 +73,10 @@ def time_cpu(call: Callable[[], Any], warmup: int, iters: int) -> list[float]:
 def time_cuda(call: Callable[[], Any], warmup: int, iters: int) -> list[float]:
     """GPU time of each call between two CUDA events on the current stream (ms).
 
-    ``call`` must enqueue its work on torch's current stream (or order it after it, as TrtRunner does), so the
-    end event waits for it; the host-side enqueue cost is inside the window too, as for any real caller.
+    ``call`` must enqueue its work on torch's current stream (the torch runners, ``timer = "cuda"``), so the end
+    event waits for it; the host-side enqueue cost is inside the window too, as for any real caller. Runners
+    whose call returns when the GPU is done (TensorRT's, onnxruntime's GPU providers) are timed with
+    ``time_cpu``: their work is on a stream of their own, which these events would not wait for.
     """
     import torch  # deferred: CUDA timing only; CPU timing works without torch
 
@@ -125,26 +126,3 @@ def cpu_load(n: int) -> Iterator[list[int]]:
                 p.send_signal(signal.SIGKILL)
         for p in procs:
             p.wait()
-
-
-# ------------------------------------------------------------------------------------------- peak memory
-_STATUS = Path("/proc/self/status")
-_CLEAR_REFS = Path("/proc/self/clear_refs")
-
-
-def reset_peak_rss() -> bool:
-    """Reset the kernel's peak resident set (VmHWM) of this process; False where Linux does not allow it."""
-    try:
-        _CLEAR_REFS.write_text("5")
-        return True
-    except OSError:
-        return False
-
-
-def peak_rss_mb() -> float | None:
-    """This process's peak resident set since the last reset (VmHWM), in MiB; None off Linux."""
-    try:
-        match = re.search(r"^VmHWM:\s+(\d+)\s+kB", _STATUS.read_text(), re.M)
-    except OSError:
-        return None
-    return round(int(match.group(1)) / 1024, 1) if match else None

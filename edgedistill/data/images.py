@@ -11,8 +11,8 @@ from PIL import Image, UnidentifiedImageError
 from rich.console import Console
 
 from edgedistill.data.shards import ShardMember
-from edgedistill.errors import UserError
-from edgedistill.terminal import make_console, warn
+from edgedistill.core.errors import UserError
+from edgedistill.core.terminal import make_console, warn
 
 
 def open_image(path: str | Path | ShardMember) -> Image.Image:

@@ -22,8 +22,8 @@ from typing import Any, Iterable
 
 from edgedistill.data.records import Entry, Manifest
 from edgedistill.data.shards import is_shard_spec, load_shards
-from edgedistill.errors import UserError
-from edgedistill.locations import default_cache_root
+from edgedistill.core.errors import UserError
+from edgedistill.core.locations import default_cache_root
 
 __all__ = ["Entry", "IMAGE_SUFFIXES", "Manifest", "load_folder", "load_manifest"]
 

@@ -30,10 +30,10 @@ from typing import Any
 
 from braceexpand import braceexpand
 
-import edgedistill.atomic as atomic
+import edgedistill.core.atomic as atomic
 from edgedistill.data.records import Entry, Manifest
-from edgedistill.errors import UserError
-from edgedistill.hashing import sha256_json
+from edgedistill.core.errors import UserError
+from edgedistill.core.hashing import sha256_json
 
 INDEX_VERSION = 1
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # first found wins

@@ -3,7 +3,7 @@
 Every artifact is checked against PyTorch on real images of the recipe's val split before it gets its final
 name: a graph that disagrees is deleted and the export stops (exit 2), so nothing that looks good is wrong.
 ``export.json`` is written last and lists only verified artifacts. The formats are the table in
-``edgedistill.formats``: the ONNX graphs are always made; a format with a ``build`` function (TensorRT engines,
+``edgedistill.runtime.formats``: the ONNX graphs are always made; a format with a ``build`` function (TensorRT engines,
 Torch-TensorRT programs) is built from them and the student by that function.
 """
 
@@ -19,35 +19,40 @@ import open_clip
 import torch
 from rich.console import Console
 
-import edgedistill.atomic as atomic
-from edgedistill.cache import load_split_manifests
+import edgedistill.core.atomic as atomic
+from edgedistill.distill.cache import load_split_manifests
 from edgedistill.data.images import open_image
 from edgedistill.data.manifest import Manifest
-from edgedistill.errors import UserError
-from edgedistill.evaluate import student_images, student_texts
-from edgedistill.export import artifacts
+from edgedistill.core.errors import UserError
+from edgedistill.distill.evaluate import student_images, student_texts
+import edgedistill.runtime.manifest as artifacts
 from edgedistill.export.graph import (IMAGE_INPUT, IMAGE_OUTPUT, TEXT_INPUT, TEXT_OUTPUT, ImageEncoder,
                                       TextEncoder, check_default_openvino, check_default_session, cosine_parity,
                                       export_onnx)
 from edgedistill.export.targets import load_target
-from edgedistill.export.precision import (CALIBRATION_METHODS, ImageCalibrationReader, calibration_data_hash,
-                                          quantize_int8, to_fp16)
-from edgedistill.formats import BACKENDS, FORMATS, resolve
-from edgedistill.gates import at_least, at_most, finite
-from edgedistill.hashing import sha256_file
-from edgedistill.locations import latest_run
-from edgedistill.recipe import Recipe, load_recipe
+from edgedistill.export.precision import (CALIBRATION_METHODS, ORT_CPU_INT8, TENSORRT_INT8, ImageCalibrationReader,
+                                          calibration_data_hash, quantize_int8, to_fp16)
+from edgedistill.runtime.formats import BACKENDS, FORMATS, resolve
+from edgedistill.core.gates import at_least, at_most, finite
+from edgedistill.core.hashing import sha256_file
+from edgedistill.core.locations import latest_run
+from edgedistill.distill.recipe import Recipe, load_recipe
 from edgedistill.runtime.ort import ort_session, run_session
+from edgedistill.runtime.choose import TOLERANCE
+from edgedistill.runtime.device import cpu_model, isa_flags
 from edgedistill.runtime.preprocess import Preprocess
-from edgedistill.runtime.tokenizer import save_tokenizer
-from edgedistill.terminal import make_console, warn
-from edgedistill.valsplit import ClassPrompts, ValSplit, decode_split, score
-from edgedistill.students import Student, load_student
+from edgedistill.runtime.probe import geometry_pixels, normalise, probe_image_count, write_probe
+from edgedistill.export.tokenizer import save_tokenizer
+from edgedistill.core.terminal import make_console, warn
+from edgedistill.evaluation.split import ClassPrompts, ValSplit, decode_split, score
+from edgedistill.distill.students import Student, load_student
 
 BUILDABLE = tuple(name for name, f in FORMATS.items() if name == "onnx" or f.build)   # what --format may ask for
 PARITY_IMAGES = 64            # val images every artifact is compared on
 PARITY_CAPTIONS = 64
+PROBE_CAPTIONS = 16           # captions in the probe set a device checks the text tower on
 MIN_PARITY = {"fp32": 0.9999, "fp16": 0.999}  # mean cosine vs PyTorch; INT8 is reported, not gated
+INT8_MIN_COSINE = TOLERANCE  # every parity image, onnxruntime-CPU INT8 flavour: the tolerance load() checks
 MAX_INT8_R1_DROP = 1.0        # points of val Recall@1: above this INT8 is kept but flagged
 DEFAULT_PROFILE = (1, 8, 32)  # TensorRT batch profile without a target
 DEFAULT_WORKSPACE_MB = 4096
@@ -66,14 +71,19 @@ class ExportOptions:
     text_embeddings: Path | None = None
     threads: int | None = None
     runs_root: Path = field(default_factory=lambda: Path("runs"))
+    # False: an onnxruntime-CPU INT8 graph that fails its gate on this CPU is left out (recorded in export.json
+    # ``dropped``, with a warning) instead of stopping the export; the demo uses it, the command does not
+    int8_required: bool = True
 
 
-def parity_ok(parity: dict[str, float], precision: str) -> bool:
-    """The parity gate: mean cosine to PyTorch at least the precision's floor (INT8 is not gated). Fails closed:
-    a NaN or inf cosine (a broken graph or student) never passes, and neither does a non-finite worst row."""
+def parity_ok(parity: dict[str, float], precision: str, min_floor: float | None = None) -> bool:
+    """The parity gate: mean cosine to PyTorch at least the precision's floor and, with ``min_floor``, every row's
+    cosine at least that (the onnxruntime-CPU INT8 graph: the tolerance ``load`` checks on a device). Fails
+    closed: a NaN or inf cosine (a broken graph or student) never passes, nor does a non-finite worst row."""
     floor = MIN_PARITY.get(precision)
     mean_ok = finite(parity["cosine_mean"]) if floor is None else at_least(parity["cosine_mean"], floor)
-    return mean_ok and finite(parity["cosine_min"])
+    min_ok = finite(parity["cosine_min"]) if min_floor is None else at_least(parity["cosine_min"], min_floor)
+    return mean_ok and min_ok
 
 
 @dataclass
@@ -161,6 +171,7 @@ def _export_run(opts: ExportOptions, plan: Plan, run_dir: Path, out: Path, promp
     if prompts is not None:
         entries.append(job.text_embeddings(prompts))
     tokenizer_files = _save_tokenizer(run_dir / "student", out, console)
+    probe = job.write_probe()
     header = {"run_dir": str(run_dir.resolve()), "student": student.name,
               "student_weights_sha256": student.weights_sha256,
               "vision": student.config["vision_cfg"].get("timm_model_name"),
@@ -170,7 +181,7 @@ def _export_run(opts: ExportOptions, plan: Plan, run_dir: Path, out: Path, promp
                             "context_length": int(tokenizer.context_length), **tokenizer_files},
               "inputs": {"image": IMAGE_INPUT, "text": TEXT_INPUT},
               "outputs": {"image": IMAGE_OUTPUT, "text": TEXT_OUTPUT},
-              "target": plan.target, "batch_profile": list(plan.profile),
+              "target": plan.target, "batch_profile": list(plan.profile), "probe": probe, "dropped": job.dropped,
               "val": {**job.split.describe(), "prompts": {"prompt": job.prompts.prompt,
                                                           "descriptions": job.prompts.descriptions,
                                                           "description_prompt": job.prompts.description_prompt}}}
@@ -203,6 +214,10 @@ def _read_prompts(path: Path) -> list[str]:
     return prompts
 
 
+class Int8DoesNotHold(UserError):
+    """The onnxruntime-CPU INT8 graph does not keep the tolerance on this CPU (its gate failed)."""
+
+
 class ExportJob:
     """One export: the student, the val split with the PyTorch references, and the artifacts made so far.
 
@@ -226,6 +241,7 @@ class ExportJob:
             self.torch_val = score(self.split, student_images(student, self.split, torch.device("cpu"),
                                                               recipe.eval.batch_size, 0, console),
                                    self.texts.text, self.texts.class_text, "the PyTorch student")
+        self.dropped: list[dict[str, str]] = []   # artifacts left out by a gate (int8_required=False)
         self.parity_images = self.images[:PARITY_IMAGES]
         self.tokens = np.asarray(tokenizer(self.split.captions[:PARITY_CAPTIONS] or ["a photo"]), dtype=np.int64)
         self.ref_image = self._torch_embed(self.image_encoder, self.parity_images)
@@ -238,14 +254,19 @@ class ExportJob:
 
     # -- the checks every artifact passes ------------------------------------------------------------------
     def parity(self, encoder: str, precision: str, got: np.ndarray, what: str,
-               discard: Path | None = None) -> dict[str, Any]:
+               discard: Path | None = None, min_floor: float | None = None) -> dict[str, Any]:
         """Cosine of ``got`` (the artifact's embeddings of the parity inputs) to PyTorch fp32; a UserError (and
-        ``discard`` deleted) when it fails the precision's floor or is not finite."""
+        ``discard`` deleted) when it fails the precision's floor (or ``min_floor``) or is not finite."""
         parity = {**cosine_parity(got, self.ref_image if encoder == "image" else self.ref_text),
                   "against": "pytorch fp32", "samples": len(got)}
-        if not parity_ok(parity, precision):
+        if not parity_ok(parity, precision, min_floor):
             if discard is not None:
                 discard.unlink(missing_ok=True)
+            if min_floor is not None:
+                raise Int8DoesNotHold(f"{what} does not hold cosine {min_floor} to PyTorch on this CPU ({cpu_model()}, "
+                                f"{' '.join(isa_flags()) or 'no INT8 flags'}): worst val image "
+                                f"{parity['cosine_min']:.4f}, mean {parity['cosine_mean']:.4f}; nothing was kept. "
+                                f"Try --calib-method percentile or a larger --calib-size, or export without --int8")
             raise UserError(f"{what} disagrees with PyTorch on val data (mean cosine {parity['cosine_mean']:.6f}, "
                             f"needs {MIN_PARITY.get(precision, 'a finite value')}); nothing was kept. Run with "
                             f"--debug and report it")
@@ -261,6 +282,15 @@ class ExportJob:
         self.console.print(f"  {entry['path']}: {entry['size_mb']:.1f} MB, cosine to PyTorch "
                            f"{entry['parity']['cosine_mean']:.6f}{r1}", highlight=False)
 
+    def write_probe(self) -> dict[str, Any]:
+        """The probe set a device checks each artifact on (runtime.probe): the first readable val images as uint8
+        pixels and captions as tokens, with the PyTorch fp32 student's embeddings of them."""
+        n = probe_image_count(self.preprocess.config.size)
+        pixels = np.stack([geometry_pixels(open_image(self.split.manifest.entries[int(row)].image), self.preprocess)
+                           for row in self.split.rows[:n]])
+        image_ref = self._torch_embed(self.image_encoder, normalise(pixels, self.preprocess))
+        return write_probe(self.out, pixels, image_ref, self.tokens[:PROBE_CAPTIONS], self.ref_text[:PROBE_CAPTIONS])
+
     # -- artifacts ------------------------------------------------------------------------------------------
     def run(self) -> list[dict[str, Any]]:
         """The ONNX graphs (fp32 and the plan's precisions), then the format's own build from them."""
@@ -271,8 +301,15 @@ class ExportJob:
             precisions = ["fp32"] + [p for p in self.plan.precisions if not (encoder == "text" and p == "int8")]
             for precision in precisions:
                 path = self.out / f"{encoder}_{precision}.onnx"
-                with self.console.status(f"{encoder} encoder -> ONNX {precision}"):
-                    entry = self._onnx(encoder, precision, path, module, inp, outp, graphs)
+                try:
+                    with self.console.status(f"{encoder} encoder -> ONNX {precision}"):
+                        entry = self._onnx(encoder, precision, path, module, inp, outp, graphs)
+                except Int8DoesNotHold as e:
+                    if self.opts.int8_required:
+                        raise
+                    warn(self.console, f"{e}: left out of this export")
+                    self.dropped.append({"name": f"{encoder}_{precision}_onnx", "reason": str(e)})
+                    continue
                 graphs[(encoder, precision)] = path
                 entries.append(entry)
                 self.say(entry)
@@ -294,13 +331,19 @@ class ExportJob:
             elif precision == "fp16":
                 to_fp16(made[(encoder, "fp32")], staging)
             else:
-                info = {"calibration": self._calibrate(made[(encoder, "fp32")], staging, inp)}
+                info = {"calibration": self._calibrate(made[(encoder, "fp32")], staging, inp),
+                        # which runtime this INT8 graph is made for, and the CPU its own check ran on
+                        "flavour": "tensorrt" if self.plan.for_tensorrt else "onnxruntime-cpu",
+                        "checked_on": {"cpu": cpu_model(), "flags": list(isa_flags())}}
             check_default_session(staging, inputs[:2])  # a user's default session must load and run it
             if BACKENDS["openvino-cpu"].missing() is None:  # bench and load() run every graph on OpenVINO too
                 check_default_openvino(staging, inputs[:2])
             session = ort_session(staging, self.opts.threads)
+            # the onnxruntime-CPU INT8 flavour must hold load()'s tolerance on this CPU; the TensorRT flavour is
+            # judged by its engine on the GPU, not by onnxruntime's CPU kernels
+            gate = INT8_MIN_COSINE if precision == "int8" and not self.plan.for_tensorrt else None
             parity = self.parity(encoder, precision, run_session(session, inputs), f"{encoder} encoder ONNX "
-                                                                                    f"{precision}")
+                                                                                    f"{precision}", min_floor=gate)
             val = self.val_metrics(run_session(session, self.images), f"{encoder}_{precision}.onnx") \
                 if encoder == "image" else None
             staging.replace(path)
@@ -328,7 +371,7 @@ class ExportJob:
                                           _preprocess_desc(self.student))
         reader = ImageCalibrationReader(inp, len(good), lambda i: good[i])
         return quantize_int8(fp32, staging, reader, self.plan.calib_method, self.recipe.cache.root, data_hash,
-                             self.console, symmetric_activations=self.plan.for_tensorrt)
+                             self.console, settings=TENSORRT_INT8 if self.plan.for_tensorrt else ORT_CPU_INT8)
 
     def _flag_int8(self, entries: list[dict[str, Any]]) -> None:
         """Say when INT8 costs more than a point of val Recall@1 (kept: the user decides)."""

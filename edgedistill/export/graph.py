@@ -21,8 +21,8 @@ import numpy as np
 import onnx
 import torch
 
-import edgedistill.atomic as atomic
-from edgedistill.errors import UserError
+import edgedistill.core.atomic as atomic
+from edgedistill.core.errors import UserError
 
 IMAGE_INPUT, IMAGE_OUTPUT = "image", "image_embedding"
 # "embedding" alone collides with a value name inside open_clip's text graph under the dynamo exporter.

@@ -23,6 +23,7 @@ import inspect
 import json
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -32,11 +33,36 @@ from onnx import version_converter
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-import edgedistill.atomic as atomic
-from edgedistill.errors import UserError
-from edgedistill.hashing import sha256_file, sha256_json
+import edgedistill.core.atomic as atomic
+from edgedistill.core.errors import UserError
+from edgedistill.core.hashing import sha256_file, sha256_json
 
 CALIBRATION_METHODS = ("entropy", "minmax", "percentile")
+
+
+@dataclass(frozen=True)
+class Int8Settings:
+    """How a graph is quantised (recorded in export.json). ``activations``: "uint8" (asymmetric, calibrated zero
+    point: onnxruntime's fast x86 U8S8 kernels) or "int8" (symmetric, zero point 0: TensorRT). ``weights``: "int8"
+    symmetric (or "uint8"); ``reduce_range``: weights in 7 bits, so the x86 kernels without VNNI (vpmaddubsw,
+    which adds two u8 x s8 products into a saturating int16) cannot overflow; ``per_channel`` weight scales."""
+    activations: str
+    weights: str = "int8"
+    reduce_range: bool = False
+    per_channel: bool = True
+
+    def describe(self) -> dict[str, Any]:
+        return {"activations": f"{self.activations} {'symmetric' if self.activations == 'int8' else 'asymmetric'}",
+                "weights": f"{self.weights} symmetric {'per-channel' if self.per_channel else 'per-tensor'}",
+                "reduce_range": self.reduce_range}
+
+
+# onnxruntime on CPU: uint8 activations, 7-bit int8 weights. Chosen by benchmarks/int8_settings.py (docs/runtime.md
+# #int8): full-range weights saturate in onnxruntime's non-VNNI kernels (AVX2-only x86 CPUs); 7-bit weights hold
+# the tolerance on CPUs with and without VNNI.
+ORT_CPU_INT8 = Int8Settings("uint8", reduce_range=True)
+# TensorRT: symmetric int8 activations (explicit quantisation with zero point 0); its kernels do not saturate.
+TENSORRT_INT8 = Int8Settings("int8")
 CALIBRATION_BATCH = 8  # images per calibration inference
 CALIBRATION_STRIDE = 8  # batches per histogram update: bounds memory, since ORT keeps every activation until then
 FP16_QDQ_OPSET = 19  # QuantizeLinear/DequantizeLinear take float16 inputs and scales from opset 19 on
@@ -134,14 +160,15 @@ def _supports_calibration_cache() -> bool:
 
 def quantize_int8(src: Path, dst: Path, reader: ImageCalibrationReader, method: str, cache_root: Path,
                   data_hash: str, console: Console | None = None,
-                  symmetric_activations: bool = False) -> dict[str, Any]:
+                  settings: Int8Settings = ORT_CPU_INT8) -> dict[str, Any]:
     """``dst`` = INT8 QDQ graph of the fp32 ``src``, calibrated with ``method`` on ``reader``'s images.
 
-    ``symmetric_activations``: int8 activations with zero point 0 (TensorRT); otherwise uint8 with a
-    calibrated zero point (onnxruntime's fast CPU kernels). Ranges are cached by (sha256 of ``src``, method,
-    ``data_hash``, flavour): a second export with the same model and images skips calibration.
-    Returns ``{"method", "images", "activations", "weights", "cache", "cache_hit"}``.
+    ``settings``: ORT_CPU_INT8 (onnxruntime on CPU) or TENSORRT_INT8 (symmetric activations, float biases, fp16
+    outside the Q/DQ pairs). Activation ranges are cached by (sha256 of ``src``, method, ``data_hash``,
+    activation flavour): a second export with the same model and images skips calibration.
+    Returns ``{"method", "images", "activations", "weights", "reduce_range", "cache", "cache_hit", ...}``.
     """
+    symmetric_activations = settings.activations == "int8"
     # deferred: onnxruntime is an extra, needed only when a graph is quantised
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -156,7 +183,7 @@ def quantize_int8(src: Path, dst: Path, reader: ImageCalibrationReader, method: 
     with tempfile.TemporaryDirectory(prefix="edgedistill-int8-") as work:
         pre = Path(work) / "preprocessed.onnx"
         quant_pre_process(str(src), str(pre), skip_symbolic_shape=False)
-        options: dict[str, Any] = {"ActivationSymmetric": symmetric_activations, "WeightSymmetric": True,
+        options: dict[str, Any] = {"ActivationSymmetric": symmetric_activations, "WeightSymmetric": settings.weights == "int8",
                                    "CalibStridedMinMax": _stride(len(reader))}
         if symmetric_activations:  # TensorRT: float biases (no int32 DequantizeLinear into Conv/Gemm)
             options["QuantizeBias"] = False
@@ -173,9 +200,10 @@ def quantize_int8(src: Path, dst: Path, reader: ImageCalibrationReader, method: 
                 own = reader.progress
                 reader.progress = advance if own is None else (lambda n: (advance(n), own(n)) and None)
                 quantize_static(str(pre), str(tmp), None if hit else reader, quant_format=QuantFormat.QDQ,
-                                per_channel=True, reduce_range=False,
+                                per_channel=settings.per_channel, reduce_range=settings.reduce_range,
                                 activation_type=QuantType.QInt8 if symmetric_activations else QuantType.QUInt8,
-                                weight_type=QuantType.QInt8, calibrate_method=calib_method,
+                                weight_type=QuantType.QInt8 if settings.weights == "int8" else QuantType.QUInt8,
+                                calibrate_method=calib_method,
                                 extra_options=options, **kwargs)
             if symmetric_activations:  # TensorRT: layers outside the Q/DQ pairs in fp16, not fp32
                 to_fp16(tmp, tmp)
@@ -183,11 +211,9 @@ def quantize_int8(src: Path, dst: Path, reader: ImageCalibrationReader, method: 
         if not hit and new_cache.is_file():
             cache.parent.mkdir(parents=True, exist_ok=True)
             atomic.write_bytes(cache, new_cache.read_bytes())
-    return {"method": method, "images": n_images,
-            "activations": "int8 symmetric" if symmetric_activations else "uint8 asymmetric",
+    return {"method": method, "images": n_images, **settings.describe(),
             "high_precision": "fp16" if symmetric_activations else "fp32",
-            "weights": "int8 symmetric per-channel", "cache": str(cache) if cache.is_file() else None,
-            "cache_hit": hit}
+            "cache": str(cache) if cache.is_file() else None, "cache_hit": hit}
 
 
 class _calibration_progress:

@@ -16,9 +16,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
 
-from edgedistill.errors import UserError
+from edgedistill.core.errors import UserError
 from edgedistill.export.tensorrt import BatchProfile
-from edgedistill.recipe import describe_error, read_yaml
+from edgedistill.distill.recipe import describe_error, read_yaml
 
 
 

@@ -6,7 +6,13 @@ It offers fp32 and fp16 only: INT8 needs a calibrated QDQ graph, which the ONNX 
 Torch-TensorRT changed its precision API: up to 2.8 ``enabled_precisions={torch.float16}`` asked for fp16 (weak
 typing); newer releases build strongly typed networks (``use_explicit_typing=True`` by default, required by
 TensorRT 11), ignore ``enabled_precisions`` and lower to fp16 with ``enable_autocast=True`` +
-``autocast_low_precision_type``. The installed version's signature decides which one is used.
+``autocast_low_precision_type``. The installed version's signature decides which one is used. Unlike the ONNX
+path, the precision is not in a graph here: the module is fp32, so on a release without autocast fp16 needs the
+weak-typing request (``enabled_precisions`` with fp16, ``use_explicit_typing=False``); fp32 never asks for weak
+typing (``precision_kwargs``; docs/gpu.md, "Precision requests").
+
+CUDA and the GPU's identity come from torch here (this module needs torch anyway); the engine side
+(export/tensorrt.py, runtime/tensorrt.py) asks cuda-python. Both describe the same GPU the same way.
 """
 
 from __future__ import annotations
@@ -20,12 +26,13 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Callable, Collection
 
-import edgedistill.atomic as atomic
-from edgedistill.errors import UserError
-from edgedistill.export import artifacts
-from edgedistill.export.tensorrt import (BatchProfile, check_compatible, device_metadata, read_sidecar,
-                                         require_cuda, sha256_file, sidecar_path, verify_sha256)
-from edgedistill.terminal import make_console
+import edgedistill.core.atomic as atomic
+from edgedistill.core.errors import UserError
+import edgedistill.runtime.manifest as artifacts
+from edgedistill.core.hashing import sha256_file
+from edgedistill.core.terminal import make_console
+from edgedistill.runtime.tensorrt import (BatchProfile, check_compatible, device_metadata, read_sidecar, sidecar_path,
+                                          verify_sha256)
 
 REBUILD_HINT = "recompile it here with `edgedistill export --format torchtrt`"
 DEVICE = "cuda"  # where compilation runs; the CPU tests swap it to run the orchestration without a GPU
@@ -48,6 +55,23 @@ def require_torch_tensorrt() -> ModuleType:
     return torch_tensorrt
 
 
+def require_cuda(what: str) -> None:
+    """UserError unless torch sees an NVIDIA GPU (Torch-TensorRT runs through torch's CUDA)."""
+    import torch  # deferred: this module imports on a machine without the training stack's CUDA
+    if not torch.cuda.is_available():
+        raise UserError(f"{what} needs an NVIDIA GPU and torch sees none (torch.cuda.is_available() is False): "
+                        f"run it on the target device with CUDA and pip install -e '.[gpu]', "
+                        f"or export with --format onnx for CPU")
+
+
+def torch_gpu() -> dict[str, Any]:
+    """torch's view of the current GPU, in runtime.cuda.gpu_properties's keys (for ``device_metadata``)."""
+    import torch  # deferred: this module imports on a machine without the training stack's CUDA
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    return {"gpu_name": str(props.name), "compute_capability": f"{props.major}.{props.minor}",
+            "sm_count": int(props.multi_processor_count), "cuda": torch.version.cuda}
+
+
 def _parameters(*functions: Any) -> set[str]:
     names: set[str] = set()
     for fn in functions:
@@ -68,7 +92,16 @@ def _settings_fields(torch_tensorrt: ModuleType) -> set[str]:
 
 
 def precision_kwargs(params: Collection[str], precision: str, torch: Any) -> dict[str, Any]:
-    """Compile options asking for ``precision`` ('fp32'|'fp16') in the API that ``params`` (names) describes."""
+    """Compile options asking for ``precision`` ('fp32'|'fp16') in the API that ``params`` (names) describes.
+
+    - autocast releases (strongly typed): ``use_explicit_typing=True``, and for fp16 ``enable_autocast`` with the
+      low-precision type; ``enabled_precisions`` is deprecated and ignored there, so it is never passed.
+    - releases up to 2.8 (no autocast): fp16 is only reachable by weak typing, ``enabled_precisions={fp16, fp32}``
+      (and ``use_explicit_typing=False`` where that switch exists, so the request is honoured). TensorRT
+      deprecated weak typing in 10.12 and removed it in 11; these releases build against TensorRT 10, where it
+      still works. fp32 asks for nothing weak: strong typing where the switch exists (the module is fp32, so
+      the engine is), else the release's default (fp32 only).
+    """
     half = precision == "fp16"
     if "enable_autocast" in params:
         # strongly typed releases: enabled_precisions is deprecated and ignored; autocast inserts the casts
@@ -77,7 +110,9 @@ def precision_kwargs(params: Collection[str], precision: str, torch: Any) -> dic
             low = "autocast_low_precision_type" if "autocast_low_precision_type" in params else "low_precision_type"
             kwargs.update({"enable_autocast": True, low: torch.float16})
         return kwargs
-    kwargs = {"enabled_precisions": {torch.float16, torch.float32} if half else {torch.float32}}
+    if not half:
+        return {"use_explicit_typing": True} if "use_explicit_typing" in params else {}
+    kwargs = {"enabled_precisions": {torch.float16, torch.float32}}
     if "use_explicit_typing" in params:
         kwargs["use_explicit_typing"] = False  # weak typing, so that enabled_precisions takes effect
     return kwargs
@@ -90,7 +125,7 @@ def _example_batch(profile: BatchProfile) -> int:
 
 def _device_metadata() -> dict[str, Any]:
     import tensorrt as trt  # deferred: optional; torch-tensorrt depends on it, so it is there when this runs
-    return device_metadata(trt)
+    return device_metadata(trt, torch_gpu())
 
 
 def compile_torchtrt(module: Any, example: Any, profile: BatchProfile, precision: str, out_path: Path,
@@ -152,7 +187,8 @@ def compile_torchtrt(module: Any, example: Any, profile: BatchProfile, precision
         "input_shape": ["B", *[int(d) for d in item_shape]],
         "input_dtype": str(dtype).removeprefix("torch."),
         "precision_api": "autocast" if kwargs.get("enable_autocast") else
-                         "explicit_typing" if kwargs.get("use_explicit_typing") else "enabled_precisions",
+                         "explicit_typing" if kwargs.get("use_explicit_typing") else
+                         "enabled_precisions" if "enabled_precisions" in kwargs else "default",
     }
     atomic.write_json(sidecar_path(out_path), meta)
     console.print(f"Torch-TensorRT program {out_path} ({precision}, batch {profile.describe()})")

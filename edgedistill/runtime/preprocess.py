@@ -33,7 +33,7 @@ from typing import Any, Mapping, Sequence, Union
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from edgedistill.errors import UserError
+from edgedistill.core.errors import UserError
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)  # open_clip's defaults when a config names none
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)

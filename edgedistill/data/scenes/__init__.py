@@ -14,7 +14,7 @@ with the same key are the same answer. Evaluation splits:
 Modules, each importing only those before it: ``model`` (vocabulary, dataclasses, scenes from seeds, unique
 val draws), ``captioning``, ``drawing`` (rendering), ``twins`` (one-edit pairs), ``writer`` (the dataset on disk,
 several processes, reuse), ``ood`` (the held-out classes and class descriptions). The twin metric is
-``edgedistill.metrics.twin_accuracy``.
+``edgedistill.evaluation.metrics.twin_accuracy``.
 """
 
 from edgedistill.data.scenes.captioning import N_TEMPLATES, captions

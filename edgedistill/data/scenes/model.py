@@ -16,7 +16,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from edgedistill.errors import UserError
+from edgedistill.core.errors import UserError
 
 VERSION = 1  # written into scenes.json and ood_classes.json
 

@@ -13,13 +13,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from edgedistill.atomic import replace_dir, staging_dir, write_json
+from edgedistill.core.atomic import replace_dir, staging_dir, write_json
 from edgedistill.data.scenes.captioning import caption_rng, captions
 from edgedistill.data.scenes.model import (
     COLOURS, HELD_OUT, SHAPES, VERSION, Key, Scene, attempts, label, make_scene, scene_key)
 from edgedistill.data.scenes.drawing import render
 from edgedistill.data.scenes.writer import JPEG_OPTIONS, index_width, manifest_line, write_lines
-from edgedistill.errors import UserError
+from edgedistill.core.errors import UserError
 
 OOD_CLASSES_SPLIT = 5  # split id of the class-level OOD scenes (SPLITS holds 0..3; 4 is left unused)
 

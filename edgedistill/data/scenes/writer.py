@@ -24,12 +24,12 @@ import numpy as np
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from edgedistill.atomic import atomic_path, publish_dir, staging_dir, writable_dir, write_json
+from edgedistill.core.atomic import atomic_path, publish_dir, staging_dir, writable_dir, write_json
 from edgedistill.data.scenes.captioning import caption_rng, captions
 from edgedistill.data.scenes.model import HELD_OUT, SPLITS, VERSION, Scene, iid_scenes, label, make_scene
 from edgedistill.data.scenes.drawing import render
 from edgedistill.data.scenes.twins import twin_scenes
-from edgedistill.errors import UserError
+from edgedistill.core.errors import UserError
 
 JPEG_OPTIONS = {"quality": 95, "subsampling": 0}
 _CHUNK = 128  # images per worker task
