@@ -42,6 +42,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from benchmarks.common import RESULTS, cpu_model, report  # noqa: E402
 from benchmarks.quality_table import best_everywhere, cells_of, judge, markdown  # noqa: E402
+from benchmarks.quality_table import gather_hits, run_hits, save_all_hits  # noqa: E402
 
 TRANSFER_STUDENT = ("mobilenetv3_small_100", 64)
 COMPRESSION_STUDENT = ("mobilenetv3_small_050", 32)
@@ -133,6 +134,7 @@ def overrides_for(track: str, method: str, seed: int, paths: dict[str, Path], pl
 
 
 _TEACHER_SCORES: dict[Path, dict[str, Any]] = {}
+HITS: dict[tuple[str, str, int], dict[str, Any]] = {}  # (track, method, seed) -> per-query hits of each split
 
 
 @torch.no_grad()
@@ -142,6 +144,7 @@ def split_scores(model: Any, tokenizer: Any, preprocess: Any, manifest_path: Pat
     from edgedistill.data.images import open_image
     from edgedistill.data.manifest import load_manifest
     from edgedistill.evaluation.metrics import retrieval_metrics, twin_accuracy
+    from edgedistill.evaluation.paired import retrieval_hits
 
     manifest = load_manifest(manifest_path)
     captions = [c for e in manifest.entries for c in e.captions]
@@ -157,7 +160,8 @@ def split_scores(model: Any, tokenizer: Any, preprocess: Any, manifest_path: Pat
                             for i in range(0, len(manifest), 256)]).float()
         texts = torch.cat([encode_text(captions[i:i + 512]) for i in range(0, len(captions), 512)]).float()
         m = retrieval_metrics(images, texts, t2i)
-        row = {"i2t_r1": m["i2t_r1"], "t2i_r1": m["t2i_r1"], "rsum": m["rsum"]}
+        row = {"i2t_r1": m["i2t_r1"], "t2i_r1": m["t2i_r1"], "rsum": m["rsum"],
+               "hits": retrieval_hits(images, texts, t2i)}  # per query, for the paired comparison
         if twins_path is not None:
             row["twins"] = twin_accuracy(images, texts, json.loads(twins_path.read_text()), t2i)
         out[who] = row
@@ -266,7 +270,9 @@ def run_one(track: str, method: str, seed: int, make_recipe: Any, paths: dict[st
     summary = distill(recipe, console=console)
     row: dict[str, Any] = {"track": track, "method": method, "seed": seed, "steps": summary["steps"],
                            "train_s": round(time.perf_counter() - t0, 1)}
-    row.update(score_row(evaluate_run(recipe.out, paths, teacher)))
+    scores = evaluate_run(recipe.out, paths, teacher)
+    row.update(score_row(scores))
+    HITS[(track, method, seed)] = run_hits(scores)
     selection = summary.get("selection") or {}
     row["pulls"] = json.dumps(selection.get("counts", {}))
     row["run_s"] = round(time.perf_counter() - t0, 1)
@@ -314,14 +320,14 @@ def plan_of(args: argparse.Namespace) -> Plan:
 
 def record(stamp: dict[str, Any], rows: list[dict[str, Any]], deciding: list[str], record_it: bool) -> str:
     """Append every run to results/quality_seeds.csv; the cells, verdicts and table to quality_seeds_last.*."""
-    table = judge(cells_of(rows))
+    table = judge(cells_of(rows, gather_hits(HITS)))
     text = markdown(table, LABELS)
     winners = best_everywhere(table, candidates=[m for m in deciding if m != "supervised"])
     for row in rows:
         report({**stamp, **row}, "quality_seeds", record=record_it)
     if record_it:
-        cells_json = [{"track": c.track, "method": c.method, "seeds": c.seeds, "mean": c.mean, "std": c.std,
-                       "verdict": c.verdict, "gap": c.gap, "spread": c.spread} for c in table]
+        save_all_hits(RESULTS / "quality_seeds_last.json", table)  # quality_seeds_last_hits/, one .npz per cell
+        cells_json = [c.as_json() for c in table]
         (RESULTS / "quality_seeds_last.json").write_text(json.dumps(
             {"stamp": stamp, "rows": rows, "cells": cells_json, "best_or_tied_everywhere": winners},
             indent=2) + "\n")

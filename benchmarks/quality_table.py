@@ -1,18 +1,56 @@
-"""The quality benchmark's table: per-run rows -> cells (mean and std over seeds) -> verdicts against the seed
-spread -> Markdown. Pure Python (no torch), so the rule that decides a tie is tested on its own.
+"""The quality benchmark's table: per-run rows -> cells (mean and std over seeds) -> every method compared with the
+default by a paired bootstrap -> Markdown. No torch (numpy and edgedistill.evaluation), so the rule that decides
+is tested on its own.
 
-The rule: on each track the best cell is the one with the highest mean of the ranking metric (iid RSUM share). A
-cell whose mean is below the best by less than the seed spread, the larger of the two cells' standard deviations
-(sample std over seeds), is a tie with the best. A cell with one seed has no spread and gets no verdict.
+The rule (edgedistill/evaluation/paired.py): on each track, every method is compared with the default method
+(DEFAULT) on the scoring split (SCORING_SPLIT): the paired difference of RSUM share of the teacher (this method -
+the default, mean over the seeds both ran), its 95% interval from a bootstrap over seed pairs and over the split's
+image and caption queries, and the verdict: "beats the default" or "below the default" when the interval excludes
+0, else "no difference shown". There is no tie rule: a gap inside the seed spread is not evidence of anything.
+A cell without per-query hits (results recorded before they were saved, or stale ones) gets "no per-query hits:
+rerun"; a cell run with one seed gets "no difference shown" (one seed says nothing of the seed variation).
+
+Per-query hits of a results file ``X.json`` live next to it in ``X_hits/``, one compressed ``.npz`` per cell
+(``save_hits`` / ``load_hits``, format CELL_HITS_FORMAT):
+
+    format            str                     CELL_HITS_FORMAT
+    track, method     str
+    seeds             (S,) int64              the seeds, in the order of the arrays' first axis
+    ks                (K,) int64              1, 5, 10
+    {split}_i2t       (S, Q, K) bool          per split (iid, hard, ood): image queries (images with a caption)
+    {split}_t2i       (S, T, K) bool          caption queries; True where the rank is below ks[j]
+    {split}_teacher_rsum  () float64          the teacher's RSUM on the split, unrounded
+
+    python benchmarks/quality_table.py                                  # benchmarks/results/quality_seeds_last.json
+    python benchmarks/quality_table.py RESULTS.json --default feature --split hard
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import math
+import re
+import sys
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+from edgedistill.evaluation.paired import (  # noqa: E402
+    A_BEATS_B, B_BEATS_A, NO_DIFFERENCE, PairedResult, paired_bootstrap)
 
 RANK_METRIC = "iid_rsum_share"
+SCORING_SPLIT = "iid"  # the split of RANK_METRIC, whose per-query hits the paired comparison resamples
+DEFAULT = "dsmd+coverage"  # the default recipe's cell: quality.py's f"dsmd+{CANDIDATE}"
+N_BOOT = 2000
+CELL_HITS_FORMAT = "edgedistill.quality-hits/1"
+NO_HITS = "no per-query hits: rerun"
+VERDICTS = {A_BEATS_B: "beats the default", B_BEATS_A: "below the default", NO_DIFFERENCE: NO_DIFFERENCE}
 # Columns of the Markdown table: (row key, header, format); twin columns are accuracies in percent.
 COLUMNS = (("iid_i2t_r1", "iid i2t R@1", "{:.1f}"), ("iid_rsum_share", "iid share", "{:.3f}"),
            ("hard_rsum_share", "hard share", "{:.3f}"), ("ood_rsum_share", "ood share", "{:.3f}"),
@@ -21,20 +59,52 @@ COLUMNS = (("iid_i2t_r1", "iid i2t R@1", "{:.1f}"), ("iid_rsum_share", "iid shar
 
 
 @dataclass
+class SplitHits:
+    """One cell's per-query hits on one split, seeds on the first axis."""
+    i2t: np.ndarray  # (S, Q, K) bool
+    t2i: np.ndarray  # (S, T, K) bool
+    teacher_rsum: float
+
+
+@dataclass
+class CellHits:
+    """The per-query hits of one (track, method) over its seeds, per split."""
+    seeds: list[int]
+    splits: dict[str, SplitHits]
+    ks: tuple[int, ...] = (1, 5, 10)
+
+    def of_seed(self, split: str, seed: int) -> dict[str, np.ndarray]:
+        k = self.seeds.index(seed)
+        return {"i2t": self.splits[split].i2t[k], "t2i": self.splits[split].t2i[k]}
+
+
+@dataclass
 class Cell:
-    """One (track, method) over its seeds: mean and sample std of every numeric metric."""
+    """One (track, method) over its seeds: mean and sample std of every numeric metric, its per-query hits (None
+    when the results hold none) and its comparison with the track's default."""
     track: str
     method: str
     seeds: list[int]
     mean: dict[str, float] = field(default_factory=dict)
     std: dict[str, float] = field(default_factory=dict)  # nan with one seed
-    verdict: str = ""  # "best", "tie", "below", or "1 seed"
-    gap: float = math.nan  # best mean - this mean, of RANK_METRIC
-    spread: float = math.nan  # the seed spread the gap was compared with
+    hits: CellHits | None = None
+    verdict: str = ""  # "default", a VERDICTS value, NO_HITS, or "no default on this track"
+    comparison: PairedResult | None = None  # this method (A) against the default (B)
 
     @property
     def n(self) -> int:
         return len(self.seeds)
+
+    def as_json(self) -> dict[str, Any]:
+        """The cell as results/quality_seeds_last.json records it."""
+        out: dict[str, Any] = {"track": self.track, "method": self.method, "seeds": self.seeds, "mean": self.mean,
+                               "std": self.std, "verdict": self.verdict}
+        c = self.comparison
+        if c is not None:
+            out["vs_default"] = {"estimate": c.estimate, "ci95": [c.low, c.high], "verdict": c.verdict,
+                                 "reason": c.reason, "seeds": c.n_seeds, "image_queries": c.n_image_queries,
+                                 "caption_queries": c.n_caption_queries, "n_boot": c.n_boot}
+        return out
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -47,8 +117,9 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return mean, math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (len(values) - 1))
 
 
-def cells_of(rows: Iterable[dict[str, Any]]) -> list[Cell]:
-    """Group run rows by (track, method), in first-seen order, with mean and std of each numeric metric."""
+def cells_of(rows: Iterable[dict[str, Any]], hits: Mapping[tuple[str, str], CellHits] | None = None) -> list[Cell]:
+    """Group run rows by (track, method), in first-seen order, with mean and std of each numeric metric, and the
+    cell's per-query hits from ``hits`` when they hold exactly the cell's seeds (else None: stale or missing)."""
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for row in rows:
         groups.setdefault((row["track"], row["method"]), []).append(row)
@@ -59,44 +130,72 @@ def cells_of(rows: Iterable[dict[str, Any]]) -> list[Cell]:
         for key in keys:
             values = [float(r[key]) for r in runs if isinstance(r.get(key), (int, float))]
             cell.mean[key], cell.std[key] = mean_std(values)
+        found = (hits or {}).get((track, method))
+        if found is not None and sorted(found.seeds) == sorted(cell.seeds):
+            cell.hits = found
         cells.append(cell)
     return cells
 
 
-def judge(cells: list[Cell], metric: str = RANK_METRIC) -> list[Cell]:
-    """Mark every cell of every track against its track's best (see the module docstring); returns ``cells``.
+def compare(a: Cell, b: Cell, split: str = SCORING_SPLIT, n_boot: int = N_BOOT, seed: int = 0
+            ) -> PairedResult | None:
+    """``paired_bootstrap`` of cell ``a`` (A) against cell ``b`` (B) on ``split``, over the seeds both ran (paired
+    by seed value); None when either cell has no per-query hits of the split. Inputs that cannot be compared (other
+    query sets, another teacher) fail closed to "no difference shown" with the reason."""
+    if a.hits is None or b.hits is None or split not in a.hits.splits or split not in b.hits.splits:
+        return None
+    seeds = [s for s in a.hits.seeds if s in b.hits.seeds]
+    ta, tb = a.hits.splits[split].teacher_rsum, b.hits.splits[split].teacher_rsum
+    if not math.isclose(ta, tb, rel_tol=1e-9):
+        return PairedResult.failed(f"scored against different teachers (RSUM {ta} vs {tb})")
+    if not seeds:
+        return PairedResult.failed("no seed in common")
+    try:
+        return paired_bootstrap([a.hits.of_seed(split, s) for s in seeds], [b.hits.of_seed(split, s) for s in seeds],
+                                ta, n_boot=n_boot, seed=seed)
+    except ValueError as e:
+        return PairedResult.failed(str(e))
 
-    A NaN mean is never best and never a tie (it fails closed, like every gate).
-    """
-    for track in dict.fromkeys(c.track for c in cells):
-        group = [c for c in cells if c.track == track and math.isfinite(c.mean.get(metric, math.nan))]
-        if not group:
-            continue
-        best = max(group, key=lambda c: c.mean[metric])
-        for cell in (c for c in cells if c.track == track):
-            value = cell.mean.get(metric, math.nan)
-            cell.gap = best.mean[metric] - value
-            cell.spread = max(cell.std.get(metric, math.nan), best.std.get(metric, math.nan))
-            if cell is best:
-                cell.verdict = "best"
-            elif cell.n < 2 or best.n < 2:
-                cell.verdict = "1 seed"
-            elif math.isfinite(cell.gap) and math.isfinite(cell.spread) and cell.gap < cell.spread:
-                cell.verdict = "tie"
-            else:
-                cell.verdict = "below"
+
+def judge(cells: list[Cell], default: str = DEFAULT, split: str = SCORING_SPLIT, n_boot: int = N_BOOT,
+          seed: int = 0) -> list[Cell]:
+    """Compare every cell of every track with the track's ``default`` cell (see the module docstring); returns
+    ``cells``."""
+    for cell in cells:
+        ref = next((c for c in cells if c.track == cell.track and c.method == default), None)
+        cell.comparison = None
+        if ref is None:
+            cell.verdict = "no default on this track"
+        elif cell is ref:
+            cell.verdict = "default"
+        else:
+            cell.comparison = compare(cell, ref, split, n_boot, seed)
+            cell.verdict = NO_HITS if cell.comparison is None else VERDICTS[cell.comparison.verdict]
     return cells
 
 
-def best_everywhere(cells: list[Cell], candidates: Iterable[str] | None = None) -> list[str]:
-    """Methods (among ``candidates``, default all) that are best or tied with the best on every track they ran."""
+def best_everywhere(cells: list[Cell], candidates: Iterable[str] | None = None, split: str = SCORING_SPLIT,
+                    n_boot: int = N_BOOT, seed: int = 0) -> list[str]:
+    """Methods (among ``candidates``, default all) that ran on every track and that no other cell of any track is
+    shown to beat (paired interval above 0): best, or no difference shown from the best. A comparison without
+    per-query hits, or that fails closed, shows nothing, so the method does not qualify (it is not known to hold)."""
     tracks = list(dict.fromkeys(c.track for c in cells))
     out = []
     for method in dict.fromkeys(c.method for c in cells):
         if candidates is not None and method not in candidates:
             continue
         mine = {c.track: c for c in cells if c.method == method}
-        if set(mine) == set(tracks) and all(mine[t].verdict in ("best", "tie") for t in tracks):
+        if set(mine) != set(tracks):
+            continue
+
+        def holds(cell: Cell) -> bool:
+            for other in (c for c in cells if c.track == cell.track and c is not cell):
+                result = compare(other, cell, split, n_boot, seed)
+                if result is None or result.reason or result.verdict == A_BEATS_B:
+                    return False
+            return True
+
+        if all(holds(mine[t]) for t in tracks):
             out.append(method)
     return out
 
@@ -108,15 +207,142 @@ def _fmt(cell: Cell, key: str, fmt: str) -> str:
     return fmt.format(mean) + (f" ± {fmt.format(std)}" if math.isfinite(std) else "")
 
 
-def markdown(cells: list[Cell], labels: dict[str, str] | None = None) -> str:
-    """The table: one line per cell, mean ± std over seeds, the verdict against the track's best."""
+def _versus(cell: Cell) -> tuple[str, str]:
+    """(paired difference with its interval, verdict) of the table's last two columns."""
+    c = cell.comparison
+    if c is None:
+        return "-", cell.verdict
+    if c.reason:
+        return "-" if not math.isfinite(c.estimate) else f"{c.estimate:+.3f}", f"{cell.verdict} ({c.reason})"
+    return f"{c.estimate:+.3f} [{c.low:+.3f}, {c.high:+.3f}]", cell.verdict
+
+
+def markdown(cells: list[Cell], labels: dict[str, str] | None = None, split: str = SCORING_SPLIT) -> str:
+    """The table: one line per cell, mean ± std over seeds, and the paired difference from the track's default
+    with its 95% interval and the verdict."""
     labels = labels or {}
-    head = ["track", "method", "seeds", *(h for _, h, _ in COLUMNS), "vs best (iid share)"]
-    lines = ["| " + " | ".join(head) + " |", "|---|---|---:|" + "---:|" * len(COLUMNS) + "---|"]
+    head = ["track", "method", "seeds", *(h for _, h, _ in COLUMNS), f"Δ {split} share vs default [95% CI]",
+            "verdict"]
+    lines = ["| " + " | ".join(head) + " |", "|---|---|---:|" + "---:|" * len(COLUMNS) + "---:|---|"]
     for c in cells:
-        verdict = c.verdict
-        if c.verdict in ("tie", "below"):
-            verdict += f" ({-c.gap:+.3f}, spread {c.spread:.3f})"
         cols = [_fmt(c, key, fmt) for key, _, fmt in COLUMNS]
-        lines.append("| " + " | ".join([c.track, labels.get(c.method, c.method), str(c.n), *cols, verdict]) + " |")
+        lines.append("| " + " | ".join([c.track, labels.get(c.method, c.method), str(c.n), *cols, *_versus(c)])
+                     + " |")
     return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------------- per-query hits on disk
+
+
+def run_hits(scores: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """One run's hits from quality.py's scores ({split: {"student": {..., "hits"}, "teacher": {..., "rsum"}}}):
+    {split: {"i2t", "t2i", "teacher_rsum"}}."""
+    return {split: {"i2t": np.asarray(s["student"]["hits"].i2t, dtype=bool),
+                    "t2i": np.asarray(s["student"]["hits"].t2i, dtype=bool),
+                    "teacher_rsum": float(s["teacher"]["rsum"]), "ks": tuple(s["student"]["hits"].ks)}
+            for split, s in scores.items()}
+
+
+def gather_hits(runs: Mapping[tuple[str, str, int], Mapping[str, Mapping[str, Any]]]
+                ) -> dict[tuple[str, str], CellHits]:
+    """{(track, method, seed): run_hits(...)} -> {(track, method): CellHits}, seeds in first-seen order; a split
+    is kept only when every seed of the cell has it, with one shape and one teacher RSUM."""
+    groups: dict[tuple[str, str], dict[int, Mapping[str, Mapping[str, Any]]]] = {}
+    for (track, method, seed), splits in runs.items():
+        groups.setdefault((track, method), {})[int(seed)] = splits
+    out = {}
+    for key, by_seed in groups.items():
+        seeds = list(by_seed)
+        splits: dict[str, SplitHits] = {}
+        ks: tuple[int, ...] = (1, 5, 10)
+        for split in by_seed[seeds[0]]:
+            per = [by_seed[s].get(split) for s in seeds]
+            if any(p is None for p in per) or len({np.shape(p["i2t"]) for p in per}) != 1 \
+                    or len({np.shape(p["t2i"]) for p in per}) != 1 or len({p["teacher_rsum"] for p in per}) != 1:
+                continue
+            ks = tuple(per[0].get("ks", ks))
+            splits[split] = SplitHits(i2t=np.stack([np.asarray(p["i2t"], dtype=bool) for p in per]),
+                                      t2i=np.stack([np.asarray(p["t2i"], dtype=bool) for p in per]),
+                                      teacher_rsum=float(per[0]["teacher_rsum"]))
+        out[key] = CellHits(seeds=seeds, splits=splits, ks=ks)
+    return out
+
+
+def hits_folder(results_json: Path) -> Path:
+    """Where the per-cell hits of ``X.json`` live: ``X_hits/`` beside it."""
+    return results_json.with_name(results_json.stem + "_hits")
+
+
+def hits_path(folder: Path, track: str, method: str) -> Path:
+    return folder / re.sub(r"[^\w.+-]", "_", f"{track}-{method}.npz")
+
+
+def save_hits(folder: Path, track: str, method: str, hits: CellHits) -> Path:
+    """Write one cell's hits (the format of the module docstring) to ``folder``; returns the file."""
+    folder.mkdir(parents=True, exist_ok=True)
+    arrays: dict[str, Any] = {"format": np.array(CELL_HITS_FORMAT), "track": np.array(track),
+                              "method": np.array(method), "seeds": np.asarray(hits.seeds, dtype=np.int64),
+                              "ks": np.asarray(hits.ks, dtype=np.int64)}
+    for split, h in hits.splits.items():
+        arrays[f"{split}_i2t"] = np.asarray(h.i2t, dtype=bool)
+        arrays[f"{split}_t2i"] = np.asarray(h.t2i, dtype=bool)
+        arrays[f"{split}_teacher_rsum"] = np.array(float(h.teacher_rsum))
+    path = hits_path(folder, track, method)
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez_compressed(tmp, **arrays)
+    tmp.replace(path)
+    return path
+
+
+def save_all_hits(results_json: Path, cells: Iterable[Cell]) -> Path:
+    """Write the hits of every cell that has them to ``hits_folder(results_json)``, after removing the files of an
+    earlier run there (the folder belongs to ``results_json``); returns the folder."""
+    folder = hits_folder(results_json)
+    for old in folder.glob("*.npz") if folder.is_dir() else []:
+        old.unlink()
+    for cell in cells:
+        if cell.hits is not None:
+            save_hits(folder, cell.track, cell.method, cell.hits)
+    return folder
+
+
+def load_hits(path: Path) -> CellHits:
+    """One cell's hits from ``save_hits``'s file (ValueError for another format)."""
+    with np.load(path, allow_pickle=False) as z:
+        if "format" not in z.files or str(z["format"]) != CELL_HITS_FORMAT:
+            raise ValueError(f"{path} is not a {CELL_HITS_FORMAT} file")
+        splits = {name[:-4]: SplitHits(i2t=z[name].astype(bool), t2i=z[name[:-4] + "_t2i"].astype(bool),
+                                       teacher_rsum=float(z[name[:-4] + "_teacher_rsum"]))
+                  for name in z.files if name.endswith("_i2t")}
+        return CellHits(seeds=[int(s) for s in z["seeds"]], splits=splits, ks=tuple(int(k) for k in z["ks"]))
+
+
+def load_results(results_json: Path) -> list[Cell]:
+    """The cells of a recorded results file (its ``rows``), with the hits found beside it (none for results
+    recorded before hits were saved)."""
+    rows = json.loads(Path(results_json).read_text())["rows"]
+    folder = hits_folder(Path(results_json))
+    hits = {}
+    for track, method in dict.fromkeys((r["track"], r["method"]) for r in rows):
+        path = hits_path(folder, track, method)
+        if path.is_file():
+            hits[(track, method)] = load_hits(path)
+    return cells_of(rows, hits)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description="The quality table of a recorded results file, every method "
+                                             "compared with the default by a paired bootstrap.")
+    ap.add_argument("results", type=Path, nargs="?", default=REPO / "benchmarks" / "results" /
+                    "quality_seeds_last.json")
+    ap.add_argument("--default", default=DEFAULT, help=f"the method every other is compared with ({DEFAULT})")
+    ap.add_argument("--split", default=SCORING_SPLIT, help=f"the scoring split ({SCORING_SPLIT})")
+    ap.add_argument("--n-boot", type=int, default=N_BOOT)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    cells = judge(load_results(args.results), args.default, args.split, args.n_boot, args.seed)
+    print(markdown(cells, split=args.split), end="")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,10 +1,21 @@
-"""The quality benchmark's table code: mean and std over seeds, and the rule that calls a difference a tie."""
+"""The quality benchmark's table code: mean and std over seeds, every method against the default by the paired
+bootstrap, the per-cell hit files, and results recorded before hits were saved."""
 
+import ast
+import json
 import math
+from pathlib import Path
 
+import numpy as np
 import pytest
 
-from benchmarks.quality_table import best_everywhere, cells_of, judge, markdown
+from benchmarks.quality_table import (DEFAULT, NO_HITS, CellHits, SplitHits, best_everywhere, cells_of,
+                                      gather_hits, hits_folder, judge, load_hits, load_results, main, markdown,
+                                      run_hits, save_all_hits, save_hits)
+from edgedistill.evaluation.paired import RetrievalHits
+
+REPO = Path(__file__).resolve().parent.parent
+TEACHER = 580.0
 
 
 def rows(track: str, method: str, shares: list[float], **extra: float) -> list[dict]:
@@ -12,51 +23,163 @@ def rows(track: str, method: str, shares: list[float], **extra: float) -> list[d
             for s, v in enumerate(shares)]
 
 
+def cell_hits(p: float | list[float], seeds=(0, 1, 2), n_img: int = 200, n_cap: int = 600, gen: int = 0,
+              split: str = "iid") -> CellHits:
+    """Random nested per-query hits with P(hit at R@10) = p (one p per seed, or the same for all)."""
+    rng = np.random.default_rng(gen)
+    ps = p if isinstance(p, list) else [p] * len(seeds)
+
+    def nested(n: int, q: float) -> np.ndarray:
+        return rng.random(n)[:, None] < np.array([0.5 * q, 0.8 * q, q])[None, :]
+    return CellHits(seeds=list(seeds), splits={split: SplitHits(
+        i2t=np.stack([nested(n_img, q) for q in ps]), t2i=np.stack([nested(n_cap, q) for q in ps]),
+        teacher_rsum=TEACHER)})
+
+
 def test_mean_and_sample_std_over_seeds():
     (cell,) = cells_of(rows("t", "a", [0.90, 0.92, 0.94], hard_twins_bind=50.0))
     assert cell.seeds == [0, 1, 2] and cell.n == 3
     assert cell.mean["iid_rsum_share"] == pytest.approx(0.92)
     assert cell.std["iid_rsum_share"] == pytest.approx(0.02)  # sample std (n - 1)
-    assert cell.std["hard_twins_bind"] == 0.0 and "label" not in cell.mean
+    assert cell.std["hard_twins_bind"] == 0.0 and "label" not in cell.mean and cell.hits is None
 
 
-def test_a_gap_inside_the_seed_spread_is_a_tie_and_outside_is_below():
-    cells = judge(cells_of(rows("t", "best", [0.95, 0.96, 0.97])      # mean 0.96, std 0.01
-                           + rows("t", "close", [0.95, 0.955, 0.96])   # 0.005 below: inside 0.01
-                           + rows("t", "far", [0.93, 0.931, 0.932])))  # 0.029 below: outside
+def test_every_method_is_compared_with_the_default_by_the_paired_bootstrap():
+    data = rows("t", DEFAULT, [0.88] * 3) + rows("t", "worse", [0.70] * 3) + rows("t", "same", [0.88] * 3)
+    hits = {("t", DEFAULT): cell_hits(0.8, gen=1), ("t", "worse"): cell_hits(0.5, gen=2),
+            ("t", "same"): cell_hits(0.8, gen=3)}
+    cells = judge(cells_of(data, hits), n_boot=300)
     verdict = {c.method: c.verdict for c in cells}
-    assert verdict == {"best": "best", "close": "tie", "far": "below"}
-    far = next(c for c in cells if c.method == "far")
-    assert far.gap == pytest.approx(0.029) and far.spread == pytest.approx(0.01)  # the larger of the two stds
+    assert verdict == {DEFAULT: "default", "worse": "below the default", "same": "no difference shown"}
+    worse = next(c for c in cells if c.method == "worse")
+    assert worse.comparison.high < 0 and worse.comparison.n_seeds == 3
+    assert next(c for c in cells if c.method == DEFAULT).comparison is None
+    better = judge(cells_of(data, hits), default="worse", n_boot=300)
+    assert {c.method: c.verdict for c in better}[DEFAULT] == "beats the default"
 
 
-def test_the_spread_is_the_larger_std_of_the_two_cells():
-    cells = judge(cells_of(rows("t", "steady", [0.95, 0.95, 0.95])
-                           + rows("t", "noisy", [0.90, 0.98, 0.94])))  # mean 0.94, std 0.04 > gap 0.01
-    assert {c.method: c.verdict for c in cells} == {"steady": "best", "noisy": "tie"}
+def test_a_gap_inside_the_seed_spread_is_no_longer_a_tie():
+    """The former rule called a 0.005 gap with a 0.01 seed spread a tie. Paired, on every seed and query the
+    method is below the default: the interval says so."""
+    base = cell_hits(0.8, gen=4)
+    below = CellHits(seeds=base.seeds, splits={"iid": SplitHits(
+        i2t=base.splits["iid"].i2t.copy(), t2i=base.splits["iid"].t2i.copy(), teacher_rsum=TEACHER)})
+    below.splits["iid"].t2i[:, :40, :] = False  # 40 caption queries of 600 lost on every seed
+    data = rows("t", DEFAULT, [0.95, 0.96, 0.97]) + rows("t", "close", [0.95, 0.955, 0.96])
+    cells = judge(cells_of(data, {("t", DEFAULT): base, ("t", "close"): below}), n_boot=300)
+    assert {c.method: c.verdict for c in cells}["close"] == "below the default"
 
 
-def test_one_seed_gets_no_verdict_and_nan_never_wins():
-    cells = judge(cells_of(rows("t", "a", [0.9]) + rows("t", "b", [0.8]) + rows("t", "c", [math.nan])))
-    assert {c.method: c.verdict for c in cells} == {"a": "best", "b": "1 seed", "c": "1 seed"}
-    cells = judge(cells_of(rows("t", "a", [0.9, 0.91]) + rows("t", "nan", [math.nan, math.nan])))
-    assert {c.method: c.verdict for c in cells} == {"a": "best", "nan": "below"}
+def test_results_without_hits_say_rerun_and_one_seed_fails_closed():
+    cells = judge(cells_of(rows("t", DEFAULT, [0.9, 0.91]) + rows("t", "b", [0.8, 0.81])))
+    assert {c.method: c.verdict for c in cells} == {DEFAULT: "default", "b": NO_HITS}
+    assert f"| {NO_HITS} |" in markdown(cells)
+    one = {("t", DEFAULT): cell_hits(0.8, seeds=(0,)), ("t", "b"): cell_hits(0.3, seeds=(0,), gen=5)}
+    cells = judge(cells_of(rows("t", DEFAULT, [0.9]) + rows("t", "b", [0.5]), one), n_boot=100)
+    b = cells[1]
+    assert b.verdict == "no difference shown" and "seed" in b.comparison.reason
+    assert "no difference shown (one seed pair" in markdown(cells)
 
 
-def test_best_everywhere_needs_best_or_tie_on_every_track():
-    data = (rows("transfer", "a", [0.95, 0.96, 0.97]) + rows("transfer", "b", [0.955, 0.96, 0.965])
-            + rows("compression", "a", [0.80, 0.81, 0.82]) + rows("compression", "b", [0.90, 0.91, 0.92])
-            + rows("transfer", "c", [0.99, 0.99, 0.99]))  # c is best on transfer but never ran on compression
-    cells = judge(cells_of(data))
-    # c is far ahead on transfer (a and b fall below it) but has no compression cell: nobody qualifies
-    assert best_everywhere(cells) == []
-    cells = judge(cells_of([r for r in data if r["method"] != "c"]))
-    assert best_everywhere(cells) == ["b"]
-    assert best_everywhere(cells, candidates=["a"]) == []
+def test_stale_hits_are_not_used_and_no_default_is_said():
+    stale = {("t", "b"): cell_hits(0.5, seeds=(0, 1))}  # the rows ran seeds 0, 1, 2
+    (cell,) = cells_of(rows("t", "b", [0.8, 0.81, 0.82]), stale)
+    assert cell.hits is None
+    cells = judge(cells_of(rows("u", "b", [0.8, 0.81])))
+    assert cells[0].verdict == "no default on this track"
 
 
-def test_markdown_shows_mean_std_and_verdict():
-    cells = judge(cells_of(rows("t", "a", [0.95, 0.97], iid_i2t_r1=90.0) + rows("t", "b", [0.90, 0.91])))
-    text = markdown(cells, labels={"a": "method A"})
+def test_nan_hits_fail_closed_in_the_table():
+    bad = cell_hits(0.3, gen=6)
+    bad.splits["iid"] = SplitHits(i2t=bad.splits["iid"].i2t.astype(float), t2i=bad.splits["iid"].t2i,
+                                  teacher_rsum=TEACHER)
+    bad.splits["iid"].i2t[0, 0, 0] = math.nan
+    cells = judge(cells_of(rows("t", DEFAULT, [0.9] * 3) + rows("t", "b", [0.5] * 3),
+                           {("t", DEFAULT): cell_hits(0.8), ("t", "b"): bad}), n_boot=100)
+    assert cells[1].verdict == "no difference shown" and "NaN" in cells[1].comparison.reason
+
+
+def test_best_everywhere_needs_no_cell_shown_better_on_any_track():
+    data = (rows("transfer", "a", [0.9] * 3) + rows("transfer", "b", [0.9] * 3)
+            + rows("compression", "a", [0.6] * 3) + rows("compression", "b", [0.8] * 3)
+            + rows("transfer", "c", [0.99] * 3))  # c beats both on transfer but never ran on compression
+    hits = {("transfer", "a"): cell_hits(0.8, gen=7), ("transfer", "b"): cell_hits(0.8, gen=8),
+            ("compression", "a"): cell_hits(0.4, gen=9), ("compression", "b"): cell_hits(0.8, gen=10),
+            ("transfer", "c"): cell_hits(0.99, gen=11)}
+    cells = cells_of(data, hits)
+    assert best_everywhere(cells, n_boot=200) == []
+    cells = cells_of([r for r in data if r["method"] != "c"], hits)
+    assert best_everywhere(cells, n_boot=200) == ["b"]  # b ties a on transfer and beats it on compression
+    assert best_everywhere(cells, candidates=["a"], n_boot=200) == []
+    assert best_everywhere(cells_of([r for r in data if r["method"] != "c"]), n_boot=200) == []  # no hits: unknown
+
+
+def test_markdown_shows_mean_std_and_the_paired_interval():
+    data = rows("t", DEFAULT, [0.95, 0.97], iid_i2t_r1=90.0) + rows("t", "b", [0.60, 0.61])
+    cells = judge(cells_of(data, {("t", DEFAULT): cell_hits(0.9, seeds=(0, 1)),
+                                  ("t", "b"): cell_hits(0.5, seeds=(0, 1), gen=12)}), n_boot=200)
+    text = markdown(cells, labels={DEFAULT: "method A"})
     assert "| t | method A | 2 | 90.0 ± 0.0 | 0.960 ± 0.014 |" in text
-    assert "below (-0.055, spread 0.014)" in text
+    assert "| default |" in text and "Δ iid share vs default [95% CI]" in text
+    c = cells[1].comparison
+    assert f"| {c.estimate:+.3f} [{c.low:+.3f}, {c.high:+.3f}] | below the default |" in text
+    assert cells[1].as_json()["vs_default"]["ci95"] == [c.low, c.high]
+
+
+def test_hits_travel_from_the_scores_to_the_npz_and_back(tmp_path):
+    rng = np.random.default_rng(13)
+
+    def scores(p: float) -> dict:  # quality.py's evaluate_run shape: {split: {"student": ..., "teacher": ...}}
+        def one() -> RetrievalHits:
+            return RetrievalHits(i2t=rng.random((20, 3)) < p, t2i=rng.random((60, 3)) < p)
+        return {split: {"student": {"rsum": 0.0, "hits": one()}, "teacher": {"rsum": TEACHER + i}}
+                for i, split in enumerate(("iid", "hard", "ood"))}
+    runs = {("t", "m+x", s): run_hits(scores(0.5)) for s in (2, 0, 1)}
+    (key, hits), = gather_hits(runs).items()
+    assert key == ("t", "m+x") and hits.seeds == [2, 0, 1] and set(hits.splits) == {"iid", "hard", "ood"}
+    assert hits.splits["iid"].i2t.shape == (3, 20, 3) and hits.splits["hard"].teacher_rsum == TEACHER + 1
+    path = save_hits(tmp_path, "t", "m+x", hits)
+    assert path.name == "t-m+x.npz"
+    back = load_hits(path)
+    assert back.seeds == hits.seeds and back.ks == (1, 5, 10)
+    for split, h in hits.splits.items():
+        assert (back.splits[split].i2t == h.i2t).all() and (back.splits[split].t2i == h.t2i).all()
+        assert back.splits[split].i2t.dtype == bool and back.splits[split].teacher_rsum == h.teacher_rsum
+    np.savez_compressed(tmp_path / "other.npz", x=np.zeros(2))
+    with pytest.raises(ValueError, match="not a"):
+        load_hits(tmp_path / "other.npz")
+
+
+def test_a_recorded_results_file_is_read_with_its_hits(tmp_path, capsys):
+    data = rows("t", DEFAULT, [0.9] * 3) + rows("t", "b", [0.6] * 3) + rows("t", "old", [0.7] * 3)
+    results = tmp_path / "quality_seeds_last.json"
+    results.write_text(json.dumps({"rows": data}))
+    hits = {("t", DEFAULT): cell_hits(0.85), ("t", "b"): cell_hits(0.5, gen=14)}  # "old" has none
+    hits_folder(results).mkdir()
+    (hits_folder(results) / "t-gone.npz").write_bytes(b"")  # an earlier run's file: removed
+    assert save_all_hits(results, cells_of(data, hits)) == tmp_path / "quality_seeds_last_hits"
+    assert sorted(p.name for p in hits_folder(results).iterdir()) == sorted([f"t-{DEFAULT}.npz", "t-b.npz"])
+    cells = judge(load_results(results), n_boot=200)
+    assert {c.method: c.verdict for c in cells} == {DEFAULT: "default", "b": "below the default", "old": NO_HITS}
+    main([str(results), "--n-boot", "100"])
+    assert "below the default" in capsys.readouterr().out
+
+
+def test_results_recorded_before_hits_print_rerun(tmp_path, capsys):
+    """The 2026-11-30 record (results/quality_seeds_last.json) predates the hits: a copy without its hits folder
+    prints its table with "rerun", it does not fail."""
+    results = tmp_path / "quality_seeds_last.json"
+    results.write_text((REPO / "benchmarks" / "results" / "quality_seeds_last.json").read_text())
+    cells = judge(load_results(results))
+    assert all(c.verdict in ("default", NO_HITS) for c in cells) and any(c.verdict == NO_HITS for c in cells)
+    main([str(results)])
+    out = capsys.readouterr().out
+    assert NO_HITS in out and "| transfer | dsmd+coverage | 3 |" in out
+
+
+def test_the_default_is_the_candidate_of_quality_py():
+    """quality.py's deciding cell of the default recipe is f"dsmd+{CANDIDATE}" (read without importing torch)."""
+    tree = ast.parse((REPO / "benchmarks" / "quality.py").read_text())
+    candidate = next(node.value.value for node in tree.body if isinstance(node, ast.Assign)
+                     and any(getattr(t, "id", "") == "CANDIDATE" for t in node.targets))
+    assert DEFAULT == f"dsmd+{candidate}"
