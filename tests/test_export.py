@@ -491,7 +491,9 @@ def test_export_json_is_checked_field_by_field(exported, tmp_path):
     doc = json.loads((copy / "export.json").read_text())
     for artifacts_value, field in (([1, "x"], "artifacts.0"), ("none", "artifacts"),
                                    ([{**doc["artifacts"][0], "path": "../../etc/passwd"}], "artifacts.0.path"),
-                                   ([{**doc["artifacts"][0], "sha256": "abc"}], "artifacts.0.sha256")):
+                                   ([{**doc["artifacts"][0], "sha256": "abc"}], "artifacts.0.sha256"),
+                                   ([{**doc["artifacts"][0], "format": "npy", "precision": "int8"}],
+                                    "artifacts.0")):
         (copy / "export.json").write_text(json.dumps({**doc, "artifacts": artifacts_value}))
         with pytest.raises(UserError, match=f"field '{field}'"):
             artifacts.read_manifest(copy)

@@ -32,7 +32,7 @@ from edgedistill.export.graph import (IMAGE_INPUT, IMAGE_OUTPUT, TEXT_INPUT, TEX
 from edgedistill.export.targets import load_target
 from edgedistill.export.precision import (CALIBRATION_METHODS, ORT_CPU_INT8, TENSORRT_INT8, ImageCalibrationReader,
                                           calibration_data_hash, quantize_int8, to_fp16)
-from edgedistill.runtime.formats import BACKENDS, FORMATS, resolve
+from edgedistill.runtime.formats import BACKENDS, FORMATS, artifact_file, resolve
 from edgedistill.core.gates import at_least, at_most, finite
 from edgedistill.core.hashing import sha256_file
 from edgedistill.core.locations import latest_run
@@ -300,7 +300,7 @@ class ExportJob:
                                            ("text", self.text_encoder, TEXT_INPUT, TEXT_OUTPUT)):
             precisions = ["fp32"] + [p for p in self.plan.precisions if not (encoder == "text" and p == "int8")]
             for precision in precisions:
-                path = self.out / f"{encoder}_{precision}.onnx"
+                path = self.out / artifact_file(encoder, precision, "onnx")
                 try:
                     with self.console.status(f"{encoder} encoder -> ONNX {precision}"):
                         entry = self._onnx(encoder, precision, path, module, inp, outp, graphs)
@@ -344,7 +344,7 @@ class ExportJob:
             gate = INT8_MIN_COSINE if precision == "int8" and not self.plan.for_tensorrt else None
             parity = self.parity(encoder, precision, run_session(session, inputs), f"{encoder} encoder ONNX "
                                                                                     f"{precision}", min_floor=gate)
-            val = self.val_metrics(run_session(session, self.images), f"{encoder}_{precision}.onnx") \
+            val = self.val_metrics(run_session(session, self.images), path.name) \
                 if encoder == "image" else None
             staging.replace(path)
             atomic.fsync_dir(path.parent)

@@ -29,6 +29,7 @@ import numpy as np
 import edgedistill.core.atomic as atomic
 from edgedistill.core.errors import UserError
 import edgedistill.runtime.manifest as artifacts
+from edgedistill.runtime.formats import PRECISIONS, artifact_file
 from edgedistill.core.terminal import make_console, warn
 from edgedistill.runtime.tensorrt import (REBUILD_HINT, BatchProfile, TrtRunner, check_compatible,
                                           describe_device, device_metadata, dtype_name, is_dynamic,
@@ -175,7 +176,7 @@ def build_engine(onnx_path: Path, engine_path: Path, profile: BatchProfile, work
         raise UserError(f"ONNX model {onnx_path} not found; export one first with `edgedistill export`")
     if workspace_mb < 1:
         raise UserError(f"workspace_mb must be at least 1 (got {workspace_mb})")
-    if precision not in ("fp32", "fp16", "int8"):
+    if precision not in PRECISIONS:
         raise UserError(f"unknown precision '{precision}'; choose fp32, fp16 or int8")
     model_bytes = onnx_path.read_bytes()
 
@@ -280,7 +281,7 @@ def export_engines(job: Any, graphs: dict[tuple[str, str], Path]) -> list[dict[s
     for (encoder, precision), path in graphs.items():
         if precision == "fp32" and job.plan.precisions:
             continue
-        engine = path.with_suffix(".engine")
+        engine = path.with_name(artifact_file(encoder, precision, "trt"))
         info = build_engine(path, engine, profile, job.plan.workspace_mb, timing_cache, precision, console=job.console)
         with TrtRunner(engine) as runner:  # frees its GPU buffers before the next engine is built
             inputs = job.parity_images if encoder == "image" else job.tokens

@@ -33,7 +33,7 @@ from edgedistill.runtime.backends import Runner, candidates, flavour_mismatch
 from edgedistill.runtime.choose import TOLERANCE, Choice, rule_rank
 from edgedistill.runtime.device import resolve_device
 from edgedistill.runtime.encoder import Encoder, EncoderInfo, TextTable
-from edgedistill.runtime.formats import BACKENDS, FORMATS, resolve
+from edgedistill.runtime.formats import BACKENDS, FORMATS, PRECISIONS, resolve
 from edgedistill.runtime.preprocess import ImageInput, Preprocess
 from edgedistill.runtime.probe import read_probe, unit, user_probe
 from edgedistill.runtime.tokenizer import load_tokenizer
@@ -190,8 +190,8 @@ def _check_request(backend: str, precision: str | None, device: str, batch: int 
         missing = b.missing()
         if missing:
             raise UserError(f"backend {backend} cannot run here: {missing}")
-    if precision is not None and precision not in ("fp32", "fp16", "int8"):
-        raise UserError(f"unknown precision {precision!r}; choose fp32, fp16 or int8")
+    if precision is not None and precision not in PRECISIONS:
+        raise UserError(f"unknown precision {precision!r}; choose {', '.join(PRECISIONS)}")
 
 
 def _export_of(path: Path) -> tuple[Path | None, Path | None]:

@@ -12,12 +12,13 @@ from pathlib import Path
 from pathlib import PurePosixPath
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 import edgedistill.core.atomic as atomic
 from edgedistill.core.documents import Document, read_document
 from edgedistill.core.errors import UserError
 from edgedistill.core.hashing import sha256_file
+from edgedistill.runtime.formats import FORMATS
 
 MANIFEST = "export.json"
 MANIFEST_VERSION = 1
@@ -62,6 +63,13 @@ class Artifact(Document):
     path: str
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     size_mb: float | None = None
+
+    @model_validator(mode="after")
+    def _a_precision_its_format_holds(self) -> "Artifact":
+        fmt = FORMATS.get(self.format)
+        if fmt is not None and self.precision not in fmt.precisions:
+            raise ValueError(f"a {self.format} artifact holds {', '.join(fmt.precisions)}, not {self.precision}")
+        return self
 
     @field_validator("path")
     @classmethod
