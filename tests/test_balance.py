@@ -400,3 +400,84 @@ def test_coverage_state_resumes_exactly_with_counts():
     for s in range(9, 14):
         losses = toy.losses()
         assert resumed(losses, s, counts(s))[1] == b(losses, s, counts(s))[1]
+
+
+def test_coverage_weighs_every_row_alike_in_a_recipe_with_a_mostly_uncaptioned_batch():
+    """32 images, 2 of them captioned, a student text tower; terms as a recipe resolves them under coverage:
+    feature (an image part and a caption part) and clip (the pairs). One student row is 0.3 rad off its teacher,
+    an image row or a caption row: both rows must weigh alike in the total, and as much as one clip pair."""
+    from edgedistill.distill.losses import Embeddings, LossContext, build_losses
+    from edgedistill.distill.recipe import LossConfig
+
+    B, P, D, angle = 32, 2, 8, 0.3
+    d = 2 - 2 * math.cos(angle)  # the off row's squared distance
+    config = LossConfig.model_validate({"terms": {"feature": {"distance": "mse"}, "clip": {}},
+                                        "balancer": {"name": "coverage", "equalise": False}})
+    terms = build_losses(config.terms, LossContext(embed_dim=D))
+
+    def one_row_off(kind: str) -> Embeddings:
+        t_img = torch.zeros(B, D, dtype=torch.float64)
+        t_img[:, 0] = 1.0
+        t_txt = torch.zeros(P, D, dtype=torch.float64)
+        t_txt[:, 2] = 1.0
+        s_img, s_txt = t_img.clone(), t_txt.clone()
+        off, axis = (s_img, 0) if kind == "image" else (s_txt, 2)
+        off[0, axis], off[0, axis + 1] = math.cos(angle), math.sin(angle)
+        return Embeddings(student_image=s_img, teacher_image=t_img, student_text=s_txt, teacher_text=t_txt,
+                          pair_image=torch.arange(P), text_is_student=True)
+
+    per_row = {}
+    for kind in ("image", "caption"):
+        e = one_row_off(kind)
+        values = {n: t(e) for n, t in terms.items()}
+        counts = {n: t.samples(e) for n, t in terms.items()}  # what the trainer passes
+        balancer = build_balancer(config.balancer, list(terms), {})
+        _, w = balancer(values, 0, counts)
+        per_row[kind] = w["feature"] * values["feature"].item() / d  # the off row's weight in the total
+        clip_pair = w["clip"] / P  # clip's value is a mean over its P pairs
+    assert per_row["caption"] / per_row["image"] == pytest.approx(1.0, rel=1e-9)  # a mean of parts: B / P = 16
+    # the balancer's weights are float32
+    assert per_row["image"] == pytest.approx(clip_pair, rel=1e-6) and per_row["image"] == pytest.approx(1 / (B + P))
+
+
+# --------------------------------------------------------- dsmd's k under AdamW and gradient clipping
+
+
+def dsmd_adamw_run(k: float, clip: float, steps: int = 40) -> tuple[torch.Tensor, int]:
+    """A tiny regression with three terms of very different sizes under dsmd, stepped as the trainer steps: AdamW
+    (lr 3e-3, weight decay 0.05) after clipping the gradient norm at ``clip`` (inf: off). Float64, one seed.
+    -> (the parameters after ``steps``, the steps whose norm was clipped)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 12)).double()
+    x, y = torch.randn(64, 8, dtype=torch.float64), torch.randn(64, 12, dtype=torch.float64)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.05)
+    balancer = build_balancer(validate_balancer({"name": "dsmd", "k": k}), ["a", "b", "c"], {})
+    clipped = 0
+    for step in range(steps):
+        out = model(x)
+        losses = {"a": 100 * F.mse_loss(out[:, :4], y[:, :4]), "b": F.mse_loss(out[:, 4:8], y[:, 4:8]),
+                  "c": 0.01 * F.mse_loss(out[:, 8:], y[:, 8:])}
+        total, _ = balancer(losses, step)
+        opt.zero_grad()
+        total.backward()
+        clipped += float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip)) > clip
+        opt.step()
+    return torch.cat([p.detach().flatten() for p in model.parameters()]), clipped
+
+
+def test_dsmd_k_changes_nothing_while_the_gradient_clip_binds_at_every_step():
+    """k scales every weight after the first step, so the total is k times a k-free sum. Clipped to norm 1, the
+    gradient is the same for k = 10 and k = 3 (up to clip_grad_norm's 1e-6 in the divisor), and so is AdamW's
+    step: the two runs agree to float tolerance. Without clipping they differ: the first step's weights are the
+    base weights, not k times anything, so the scale is not one constant across steps for Adam's moments; and a
+    clip that binds on different steps of the two runs changes their directions' mix."""
+    p10, clipped10 = dsmd_adamw_run(10.0, clip=1.0)
+    p3, clipped3 = dsmd_adamw_run(3.0, clip=1.0)
+    assert clipped10 == clipped3 == 40  # the trainer's grad_clip 1.0 binds at every step here
+    assert (p10 - p3).abs().max().item() < 1e-7
+    free10, clipped_free = dsmd_adamw_run(10.0, clip=math.inf)
+    free3, _ = dsmd_adamw_run(3.0, clip=math.inf)
+    assert clipped_free == 0 and (free10 - free3).abs().max().item() > 1e-4
+    some10, n10 = dsmd_adamw_run(10.0, clip=100.0)  # norms 40-233 with k = 10, 18-70 with k = 3
+    some3, n3 = dsmd_adamw_run(3.0, clip=100.0)
+    assert n10 > 0 == n3 and (some10 - some3).abs().max().item() > 1e-4

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from edgedistill.distill.losses import LOSSES, Embeddings, LossContext, build_losses, validate_term_options
-from edgedistill.distill.losses import alignment, contrastive, output  # noqa: F401  (importing registers the terms)
+from edgedistill.distill.losses import alignment, contrastive, output, ranking  # noqa: F401  (registers terms)
 
 # ------------------------------------------------------------------------------------- numpy references
 
@@ -133,12 +133,16 @@ def ref_clip(b: dict[str, Any], temperature: float = 0.07) -> float:
     return nsym_ce(scale * sims)
 
 
-def ref_icl(b: dict[str, Any], temperature: float = 0.07) -> float | None:
-    """CLIP-KD's interactive contrastive loss: student image vs teacher text (and student text vs teacher image)."""
+def ref_icl(b: dict[str, Any], temperature: float = 0.07, scale_form: str = "raw") -> float | None:
+    """CLIP-KD's interactive contrastive loss: student image vs teacher text (and student text vs teacher image).
+
+    The logits' multiplier is the parameter ln(1 / temperature) itself (``raw``, CLIP-KD's code) or its exp capped
+    at 100 (``exp``, CLIP's convention)."""
     if b["st"] is None or len(b["pair"]) < 2:
         return None
     sv, tv, st, tt = nunit(b["sv"]), nunit(b["tv"]), nunit(b["st"]), nunit(b["tt"])
-    scale = min(math.exp(float(np.float32(math.log(1 / temperature)))), 100.0)  # the term keeps log scale in float32
+    param = float(np.float32(math.log(1 / temperature)))  # the term keeps its parameter in float32
+    scale = param if scale_form == "raw" else min(math.exp(param), 100.0)
     n = len(b["pair"])
     parts = [nce(scale * sv[b["pair"]] @ tt.T, list(range(n)))]
     if text_is_student_pairs(b):
@@ -176,6 +180,12 @@ def ref_vl_align(b: dict[str, Any], texts: np.ndarray, k: int = 256, temperature
         rows_t.append(lt_all[i, top])
     return nkl_rows(np.array(rows_s), np.array(rows_t)) if rows_s else None
 
+
+
+def ref_caption_rank(b: dict[str, Any], captions: np.ndarray, temperature: float = 0.05) -> float:
+    """mean over all B images of KL(softmax(t^_v C^^T / tau) || softmax(s^_v C^^T / tau)); C = the captions."""
+    c = nunit(captions)
+    return nkl_rows(nunit(b["sv"]) @ c.T / temperature, nunit(b["tv"]) @ c.T / temperature)
 
 # ---------------------------------------------------------------------------------------------- batches
 
@@ -243,11 +253,13 @@ def test_feature_mean_reduction_is_torchs_mse_loss_on_normalised_embeddings():
 
 
 @pytest.mark.parametrize("B,P,tis", SHAPES + [(6, 1, True), (6, 0, True)])
-@pytest.mark.parametrize("temperature", [0.07, 0.005])  # 1 / 0.005 > 100 exercises the clamp
+@pytest.mark.parametrize("temperature", [0.07, 0.005])  # exp: 1 / 0.005 > 100 exercises the cap
 def test_icl_matches_numpy(B, P, tis, temperature):
     e, b = make_batch(B, P, text_is_student=tis, seed=61)
-    close(term("icl", temperature=temperature)(e), ref_icl(b, temperature))
-    close(term("icl", temperature=temperature, learnable=False)(e), ref_icl(b, temperature))
+    close(term("icl", temperature=temperature)(e), ref_icl(b, temperature, "raw"))  # the default: CLIP-KD's code
+    for scale in ("raw", "exp"):
+        close(term("icl", temperature=temperature, scale=scale)(e), ref_icl(b, temperature, scale))
+        close(term("icl", temperature=temperature, scale=scale, learnable=False)(e), ref_icl(b, temperature, scale))
 
 
 @pytest.mark.parametrize("B,P,tis", SHAPES + [(6, 1, True), (6, 0, True)])
@@ -361,13 +373,124 @@ def test_vl_align_filter_wrong():
     close(term("vl_align", k=4, filter_wrong=True, context=bank_context)(e), ref_vl_align(b, class_text, 4))
 
 
+
+# ------------------------------------------------------------------------------------------- caption_rank
+
+
+def bank_context(K: int = 12, D: int = 8, seed: int = 70) -> tuple[LossContext, np.ndarray]:
+    """A context with a caption bank of K raw (not normalised) teacher caption embeddings, and the bank."""
+    bank = np.random.default_rng(seed).normal(size=(K, D))
+    return LossContext(embed_dim=D, text_bank=torch.tensor(bank)), bank
+
+
+def test_caption_rank_golden_value():
+    """t^_v = e1, s^_v = e2 (scaled: the term normalises), C = {e1, e2}, tau = 0.5: logits_t = [2, 0],
+    logits_s = [0, 2], so KL(p_t || p_s) = (sigmoid(2) - sigmoid(-2)) * 2 = 2 tanh(1)."""
+    bank = torch.tensor([[1.0, 0.0], [0.0, 3.0]], dtype=torch.float64)
+    e = Embeddings(student_image=torch.tensor([[0.0, 5.0]], dtype=torch.float64),
+                   teacher_image=torch.tensor([[1.0, 0.0]], dtype=torch.float64))
+    got = term("caption_rank", D=2, context=LossContext(embed_dim=2, text_bank=bank), temperature=0.5)(e)
+    close(got, 2 * math.tanh(1.0))
+    assert 2 * math.tanh(1.0) == pytest.approx(1.5231883119115295, rel=1e-15)
+
+
+@pytest.mark.parametrize("B,P,tis", SHAPES + [(6, 0, True), (1, 0, False)])
+@pytest.mark.parametrize("temperature", [0.05, 0.5])
+def test_caption_rank_matches_numpy_on_the_bank_for_every_image(B, P, tis, temperature):
+    context, bank = bank_context()
+    e, b = make_batch(B, P, text_is_student=tis, seed=71)
+    loss = term("caption_rank", context=context, temperature=temperature)
+    close(loss(e), ref_caption_rank(b, bank, temperature))
+    assert loss.samples(e) == B  # every image, captioned or not
+
+
+def test_caption_rank_without_a_bank_ranks_the_batch_captions():
+    e, b = make_batch(7, 4, seed=72)  # teacher online: no cache, no bank
+    close(term("caption_rank", temperature=0.1)(e), ref_caption_rank(b, b["tt"], 0.1))
+
+
+def test_caption_rank_runs_on_a_batch_without_any_caption():
+    context, bank = bank_context()
+    e, b = make_batch(5, 0, seed=73)
+    assert e.student_text is None and e.teacher_text is None and e.pair_image is None
+    e.student_image.requires_grad_()
+    loss = term("caption_rank", context=context)
+    out = loss(e)
+    close(out, ref_caption_rank(b, bank))
+    out.backward()
+    assert e.student_image.grad.abs().sum() > 0 and loss.samples(e) == 5
+
+
+def test_caption_rank_is_zero_for_the_teacher_and_positive_otherwise():
+    context, _ = bank_context()
+    e, _ = make_batch(6, 0, seed=74)
+    loss = term("caption_rank", context=context)
+    assert loss(e).item() > 1e-3
+    e.student_image = e.teacher_image.clone() * 3  # the teacher's directions, another norm
+    assert loss(e).item() == pytest.approx(0.0, abs=1e-12)
+
+
+def test_caption_rank_is_invariant_to_a_common_scaling_of_the_embeddings():
+    context, bank = bank_context()
+    e, _ = make_batch(6, 3, seed=75)
+    want = term("caption_rank", context=context)(e).item()
+    scaled = LossContext(embed_dim=8, text_bank=torch.tensor(bank) * 7.5)
+    e.student_image, e.teacher_image = e.student_image * 0.01, e.teacher_image * 40
+    assert term("caption_rank", context=scaled)(e).item() == pytest.approx(want, rel=1e-12)
+
+
+def test_caption_rank_bank_never_holds_nan_or_zero_rows():
+    context, bank = bank_context(K=10)
+    dirty = torch.tensor(np.concatenate([bank[:4], np.full((1, 8), np.nan), bank[4:7], np.zeros((1, 8)),
+                                         np.array([[np.inf] + [0.0] * 7]), bank[7:]]))
+    e, b = make_batch(6, 0, seed=76)
+    loss = term("caption_rank", context=LossContext(embed_dim=8, text_bank=dirty))
+    assert loss.text_bank.shape == (10, 8) and torch.isfinite(loss.text_bank).all()
+    close(loss(e), ref_caption_rank(b, bank))
+    # batch captions (no bank) are cleaned the same way
+    e2, b2 = make_batch(6, 4, seed=77)
+    e2.teacher_text[1] = float("nan")
+    close(term("caption_rank")(e2), ref_caption_rank(b2, b2["tt"][[0, 2, 3]]))
+    # a bank with fewer than 2 usable rows is no bank (the batch's captions are used)
+    one = torch.tensor(np.concatenate([bank[:1], np.full((3, 8), np.nan)]))
+    close(term("caption_rank", context=LossContext(embed_dim=8, text_bank=one))(e2),
+          ref_caption_rank(b2, b2["tt"][[0, 2, 3]]))
+
+
+def test_a_bank_larger_than_bank_size_is_sampled_the_same_way_for_caption_rank_and_vl_align():
+    """The run draws one bank at the largest bank_size of its terms; a term with a smaller one keeps a fixed
+    uniform sample of it (the same rows for every term with that size)."""
+    context, bank = bank_context(K=20)
+    rank, align = term("caption_rank", context=context, bank_size=7), term("vl_align", context=context, bank_size=7)
+    assert rank.text_bank.shape == (7, 8)
+    torch.testing.assert_close(rank.text_bank, align.text_bank)
+    rows = [int(np.argmin(np.linalg.norm(nunit(bank) - r, axis=1))) for r in rank.text_bank.numpy()]
+    assert len(set(rows)) == 7 and rows == sorted(rows)  # distinct bank rows, in bank order
+    assert rows != list(range(7))  # a sample of the whole bank, not its first rows
+    e, b = make_batch(5, 0, seed=78)
+    close(rank(e), ref_caption_rank(b, bank[rows]))
+    # a bank_size of at least the bank keeps it whole
+    torch.testing.assert_close(term("caption_rank", context=context).text_bank, torch.tensor(nunit(bank)))
+
+
+def test_caption_rank_gradcheck_on_the_bank_without_captions():
+    context, _ = bank_context(K=6, D=5)
+    e, _ = make_batch(4, 0, D=5, seed=79)
+    loss = term("caption_rank", D=5, context=context, temperature=0.2).double()
+
+    def f(sv: torch.Tensor) -> torch.Tensor:
+        e.student_image = sv
+        return loss(e)
+
+    assert torch.autograd.gradcheck(f, (e.student_image.detach().requires_grad_(),))
+
 # --------------------------------------------------------------------------------------------- gradients
 
 GRAD_TERMS: list[tuple[str, dict[str, Any]]] = [
     ("feature", {"distance": "l1"}), ("feature", {"distance": "mse"}), ("similarity", {}), ("relation", {}),
     ("hard_negative", {"margin": 2.0}), ("contrastive", {"queue_size": 3}), ("clip", {}),
     ("image_contrastive", {}), ("vl_align", {"k": 3}), ("feature", {"distance": "mse", "reduction": "mean"}),
-    ("icl", {}), ("logit_kl", {}), ("logit_kl", {"temperature": 2.0}),
+    ("icl", {}), ("logit_kl", {}), ("logit_kl", {"temperature": 2.0}), ("caption_rank", {}),
 ]
 
 
@@ -403,7 +526,7 @@ def test_student_gets_gradients_teacher_none(name):
     out.backward()
     assert e.teacher_image.grad is None and e.teacher_text.grad is None
     assert e.student_image.grad.abs().sum() > 0
-    if name not in ("image_contrastive", "vl_align", "classification"):  # those never look at the student's text
+    if name not in ("image_contrastive", "vl_align", "classification", "caption_rank"):  # never the student's text
         assert e.student_text.grad.abs().sum() > 0
 
 
@@ -423,6 +546,8 @@ def test_none_cases():
     assert term("clip")(make_batch(6, 0)[0]) is None
     assert term("clip")(make_batch(6, 1)[0]) is None
     assert term("vl_align")(make_batch(6, 0)[0]) is None  # no candidates at all
+    assert term("caption_rank")(make_batch(6, 0)[0]) is None  # no bank and no captions: nothing to rank
+    assert term("caption_rank")(make_batch(6, 1)[0]) is None  # one caption: the KL would be 0 whatever
     for name in ("icl", "logit_kl"):  # pairs: at least 2
         assert term(name)(make_batch(6, 0)[0]) is None and term(name)(make_batch(6, 1)[0]) is None
     # the feature terms always have the image part
@@ -537,12 +662,12 @@ def expected_samples(name: str, B: int, P: int, tis: bool) -> float:
             "contrastive": mean([B] * (B >= 2) + [P] * (tis and P >= 2)),  # an empty queue: 2 rows for 2 keys
             "relation": mean([B] * (B >= 3) + [P] * (tis and P >= 3) + [P] * (P >= 2)),
             "hard_negative": mean([B] * (B >= 2) + [P] * (tis and P >= 2) + [P] * (P >= 2)),
-            "clip": P, "image_contrastive": B, "vl_align": B, "icl": P, "logit_kl": P}[name]
+            "clip": P, "image_contrastive": B, "vl_align": B, "icl": P, "logit_kl": P, "caption_rank": B}[name]
 
 
 @pytest.mark.parametrize("B,P,tis", SHAPES + [(7, 1, True), (6, 0, False)])
 @pytest.mark.parametrize("name", ["feature", "similarity", "relation", "hard_negative", "contrastive", "clip",
-                                  "image_contrastive", "vl_align", "icl", "logit_kl"])
+                                  "image_contrastive", "vl_align", "icl", "logit_kl", "caption_rank"])
 def test_samples_counts_what_each_term_averages_over(name, B, P, tis):
     e, _ = make_batch(B, P, text_is_student=tis, seed=50)
     loss = term(name)
@@ -564,3 +689,155 @@ def test_samples_of_the_filtered_and_labelled_terms():
     assert term("vl_align", filter_wrong=True, context=context).samples(e) == 4
     assert term("vl_align", context=context).samples(e) == 6
     assert term("classification", context=context).samples(e) == 5
+
+
+# ------------------------------------------------------------------ icl's scale: CLIP-KD's raw parameter
+
+
+def identity_pairs() -> Embeddings:
+    """2 images, both captioned, D = 2: each student image is its caption's teacher embedding, so ICL's image
+    logits are ``scale * I`` and each row's cross-entropy is ``log(1 + exp(-scale))``."""
+    eye = torch.eye(2, dtype=torch.float64)
+    return Embeddings(student_image=eye.clone(), teacher_image=eye.clone(), student_text=eye.clone(),
+                      teacher_text=eye.clone(), pair_image=torch.tensor([0, 1]))
+
+
+def test_icl_multiplies_by_the_raw_parameter_by_default_as_clip_kd_does():
+    """CLIP-KD's KDClipLoss: logits = cross_logit_scale * s^ t^T with cross_logit_scale = ln(1 / 0.07), never
+    exp'ed: CE = log(1 + exp(-ln(1 / 0.07))) = log(1 + 0.07) = log(1.07). CLIP's convention (scale: exp)
+    multiplies by exp(ln(1 / 0.07)) = 1 / 0.07 = 14.29: CE = log(1 + exp(-14.29)), about 6.2e-7."""
+    e = identity_pairs()
+    param = float(np.float32(math.log(1 / 0.07)))  # kept in float32
+    raw = term("icl", D=2)
+    assert raw.log_scale.item() == pytest.approx(2.6592600369327779, rel=1e-7)  # ln(1 / 0.07), learned
+    assert raw(e).item() == pytest.approx(math.log1p(math.exp(-param)), rel=1e-12)
+    assert raw(e).item() == pytest.approx(math.log(1.07), rel=1e-6)
+    exp = term("icl", D=2, scale="exp")
+    assert exp(e).item() == pytest.approx(math.log1p(math.exp(-math.exp(param))), rel=1e-6)
+    assert exp(e).item() < 1e-6 < raw(e).item()
+
+
+def test_icl_raw_scale_is_learned_and_starts_at_the_log_of_one_over_temperature():
+    e, _ = make_batch(6, 4, seed=65, dtype=torch.float32)
+    for scale in ("raw", "exp"):
+        learned = term("icl", scale=scale, temperature=0.05)
+        assert learned.log_scale.item() == pytest.approx(math.log(1 / 0.05), rel=1e-6)
+        learned(e).backward()
+        assert learned.log_scale.grad is not None and learned.log_scale.grad.abs() > 0
+    with pytest.raises(ValueError, match="scale"):
+        validate_term_options("icl", {"scale": "exp2"})
+
+
+# ----------------------------------------------------------------- FD's per-element mean at another width
+
+
+def rotated_rows(D: int, angle: float, n: int = 4) -> Embeddings:
+    """n teacher rows e_{2i} and student rows turned by ``angle`` towards e_{2i+1} (scaled by 3: the term
+    normalises): every pair is ``angle`` apart, so ||s^ - t^||^2 = 2 - 2 cos(angle) at any width D >= 2n."""
+    t = torch.zeros(n, D, dtype=torch.float64)
+    s = torch.zeros(n, D, dtype=torch.float64)
+    for i in range(n):
+        t[i, 2 * i] = 1.0
+        s[i, 2 * i], s[i, 2 * i + 1] = 3 * math.cos(angle), 3 * math.sin(angle)
+    return Embeddings(student_image=s, teacher_image=t)
+
+
+def test_fd_of_one_angle_is_four_times_larger_at_128_than_at_512_dims_unless_reduced_per_512():
+    """CLIP-KD's FD (mse_loss of normalised embeddings: the mean over D) with its weight 2000 was set at 512-d. The
+    same angle between student and teacher gives (2 - 2 cos) / D: 4 x larger at 128-d. reference_dim: 512 divides
+    the per-sample sum by 512 at any width, so the weight means what it meant at 512-d."""
+    angle = 0.3
+    squared = 2 - 2 * math.cos(angle)
+    mean = {D: term("feature", D=D, distance="mse", reduction="mean")(rotated_rows(D, angle)).item()
+            for D in (128, 512)}
+    assert mean[128] == pytest.approx(squared / 128, rel=1e-12) and mean[512] == pytest.approx(squared / 512, rel=1e-12)
+    assert mean[128] / mean[512] == pytest.approx(4.0, rel=1e-12)
+    per_512 = {D: term("feature", D=D, distance="mse", reduction="mean", reference_dim=512)(rotated_rows(D, angle))
+               .item() for D in (128, 512, 768)}
+    for D, value in per_512.items():
+        assert value == pytest.approx(squared / 512, rel=1e-12), D
+    assert per_512[512] == pytest.approx(mean[512], rel=1e-12)  # at 512-d it is CLIP-KD's mse_loss
+
+
+@pytest.mark.parametrize("B,P,tis", SHAPES)
+@pytest.mark.parametrize("distance", ["l1", "mse"])
+def test_feature_reference_dim_divides_the_per_sample_sum_by_it(B, P, tis, distance):
+    e, b = make_batch(B, P, text_is_student=tis, seed=66)
+    close(term("feature", distance=distance, reduction="mean", reference_dim=512)(e),
+          ref_feature(b, distance, "sum") / 512)
+
+
+def test_feature_reference_dim_needs_the_mean_reduction():
+    with pytest.raises(ValueError, match="reference_dim"):
+        validate_term_options("feature", {"reference_dim": 512})  # reduction: sum (the default)
+    with pytest.raises(ValueError, match="reference_dim"):
+        validate_term_options("feature", {"reduction": "mean", "reference_dim": 0})
+
+
+# --------------------------------------------------- combine: rows, every row of a term of parts counts alike
+
+
+def row_parts(name: str, b: dict[str, Any]) -> list[tuple[float, int]]:
+    """(numpy value, rows) of each part of a term of parts, from the references above on one part at a time."""
+    image_only = {**b, "text_is_student": False}
+    text_as_image = {**b, "sv": b["st"], "tv": b["tt"], "st": None, "tt": None, "pair": None,
+                     "text_is_student": False}
+    B, P, tis = len(b["sv"]), 0 if b["st"] is None else len(b["st"]), text_is_student_pairs(b)
+    parts: list[tuple[float | None, int]] = []
+    if name in ("feature", "similarity", "contrastive"):
+        ref = {"feature": ref_feature, "similarity": ref_similarity, "contrastive": ref_contrastive}[name]
+        parts.append((ref({**image_only, "st": None}), B))
+        if tis:
+            parts.append((ref(text_as_image), P))
+    elif name == "relation":
+        parts.append((ref_relation(image_only, 0.1, ("image",)), B))
+        if tis:
+            parts.append((ref_relation(b, 0.1, ("text",)), P))
+        parts.append((ref_relation(b, 0.1, ("image_text",)), P))
+    else:  # hard_negative
+        parts.append((ref_hard_negative({**image_only, "st": None}, 0.2, ("student_teacher",)), B))
+        if tis:
+            parts.append((ref_hard_negative(text_as_image, 0.2, ("student_teacher",)), P))
+        parts.append((ref_hard_negative(b, 0.2, ("image_text",)), P))
+    return [(v, n) for v, n in parts if v is not None]
+
+
+@pytest.mark.parametrize("B,P,tis", SHAPES)
+@pytest.mark.parametrize("name", ["feature", "similarity", "relation", "hard_negative", "contrastive"])
+def test_combine_rows_is_the_mean_over_every_row_of_the_parts(name, B, P, tis):
+    """combine: rows weighs each part by its rows (one caption row weighs what one image row does) and counts them
+    all; combine: parts is the plain mean of the parts, as before."""
+    e, b = make_batch(B, P, text_is_student=tis, seed=67)
+    parts = row_parts(name, b)
+    rows = sum(n for _, n in parts)
+    by_rows = term(name, combine="rows")
+    close(by_rows(e), sum(v * n for v, n in parts) / rows)
+    assert by_rows.samples(e) == rows
+    by_parts = term(name, combine="parts")
+    close(by_parts(e), float(np.mean([v for v, _ in parts])))
+    assert by_parts.samples(e) == pytest.approx(rows / len(parts))
+    close(term(name)(e), float(np.mean([v for v, _ in parts])))  # outside a recipe null is 'parts'
+
+
+def test_a_caption_row_of_a_term_of_parts_weighs_like_an_image_row_with_combine_rows():
+    """32 images, 2 captioned, a student text tower: feature (mse) with one student row 0.3 rad off its teacher,
+    either an image row or a caption row. As a mean of two parts the caption row weighs 32 / 2 = 16 x the image
+    row; with combine: rows both weigh 1 / 34."""
+    B, P, D, angle = 32, 2, 8, 0.3
+    d = 2 - 2 * math.cos(angle)
+
+    def one_row_off(kind: str) -> Embeddings:
+        t_img = torch.zeros(B, D, dtype=torch.float64)
+        t_img[:, 0] = 1.0
+        s_img, t_txt = t_img.clone(), t_img[:P].clone()
+        s_txt = t_txt.clone()
+        off = s_img if kind == "image" else s_txt
+        off[0, 0], off[0, 1] = math.cos(angle), math.sin(angle)
+        return Embeddings(student_image=s_img, teacher_image=t_img, student_text=s_txt, teacher_text=t_txt,
+                          pair_image=torch.arange(P), text_is_student=True)
+
+    parts, rows = term("feature", distance="mse", combine="parts"), term("feature", distance="mse", combine="rows")
+    image, caption = one_row_off("image"), one_row_off("caption")
+    assert parts(caption).item() / parts(image).item() == pytest.approx(B / P, rel=1e-9)  # 16
+    assert rows(caption).item() == pytest.approx(rows(image).item(), rel=1e-9)
+    assert rows(image).item() == pytest.approx(d / (B + P), rel=1e-9) and rows.samples(image) == B + P

@@ -196,3 +196,48 @@ def test_valid_keys_walks_sections():
     assert "hflip" in valid_keys("data.augment")
     assert valid_keys("nope") == []
     assert set(valid_keys()) == set(Recipe.model_fields)
+
+
+# ------------------------------------------------------ how terms of parts combine, FD's weight at any width
+
+MINIMAL = {"name": "x", "teacher": {"model": "ViT-B-32"}, "data": {"train": "a.jsonl"}}
+
+
+def test_under_coverage_terms_of_parts_weigh_every_row_alike():
+    """coverage weighs terms by their samples, so a term of an image part and a caption part must count its rows
+    (combine: rows); under the other balancers a term of parts stays the mean of its parts (combine: parts)."""
+    from edgedistill.distill.recipe import validate_recipe
+    parts_terms = ["feature", "similarity", "relation", "contrastive", "hard_negative"]
+    default = validate_recipe(MINIMAL).loss  # the default terms under the default balancer, coverage
+    assert default.balancer.name == "coverage"
+    assert {n: default.terms[n].combine for n in parts_terms} == {n: "rows" for n in parts_terms}
+    assert "combine" not in type(default.terms["clip"]).model_fields  # one part only
+    static = validate_recipe({**MINIMAL, "loss": {"balancer": "static"}}).loss
+    assert {n: static.terms[n].combine for n in parts_terms} == {n: "parts" for n in parts_terms}
+    chosen = validate_recipe({**MINIMAL, "loss": {"terms": {"feature": {"combine": "parts"}, "relation": {}}}}).loss
+    assert chosen.terms["feature"].combine == "parts" and chosen.terms["relation"].combine == "rows"
+    # the resolved value is written out: a saved recipe keeps its terms' combine whatever balancer it is given
+    dumped = default.model_dump(mode="json")
+    dumped["balancer"] = {"name": "static"}
+    assert validate_recipe({**MINIMAL, "loss": dumped}).loss.terms == default.terms
+
+
+def test_the_clipkd_recipe_weighs_fd_per_squared_distance_as_clip_kd_did_at_512_dims_at_any_width():
+    """CLIP-KD's FD weight 2000 multiplies mse_loss of 512-d unit vectors: 2000 / 512 per unit of squared
+    distance. The shipped recipe keeps that at the scenes teacher's 128-d and at any other width."""
+    import math
+
+    import torch
+
+    from edgedistill.distill.losses import Embeddings, LossContext, build_losses
+    recipe = load_recipe(Path(__file__).resolve().parent.parent / "recipes" / "scenes_clipkd.yaml")
+    fd = recipe.loss.terms["feature"]
+    angle = 0.3
+    for D in (128, 512, 768):
+        t = torch.zeros(3, D, dtype=torch.float64)
+        s = torch.zeros(3, D, dtype=torch.float64)
+        for i in range(3):
+            t[i, 2 * i], s[i, 2 * i], s[i, 2 * i + 1] = 1.0, math.cos(angle), math.sin(angle)
+        value = build_losses({"feature": fd}, LossContext(embed_dim=D))["feature"](
+            Embeddings(student_image=s, teacher_image=t)).item()
+        assert fd.weight * value / (2 - 2 * math.cos(angle)) == pytest.approx(2000 / 512, rel=1e-9), D

@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveFloat
 from pydantic import ValidationError, field_validator, model_validator
 
 import edgedistill.core.atomic as atomic
-from edgedistill.distill.balance import BalancerOptions, validate_balancer
+from edgedistill.distill.balance import BALANCERS, BalancerOptions, validate_balancer
 from edgedistill.core.errors import UserError
 from edgedistill.core.locations import cache_root
 from edgedistill.distill.losses import TermOptions, validate_term_options
@@ -169,6 +169,16 @@ class LossConfig(_Section):
         if v is False:
             return None
         return v
+
+    @model_validator(mode="after")
+    def _combine_parts(self) -> "LossConfig":
+        """A term of parts left at ``combine: null`` counts its rows under a balancer that weighs terms by their
+        samples (coverage: every row alike, docs/methods.md#coverage), else is the mean of its parts."""
+        rows = BALANCERS.lookup(self.balancer.name).uses_counts
+        for name, options in self.terms.items():
+            if "combine" in type(options).model_fields and options.combine is None:  # type: ignore[attr-defined]
+                self.terms[name] = options.model_copy(update={"combine": "rows" if rows else "parts"})
+        return self
 
 
 class TrainConfig(_Section):

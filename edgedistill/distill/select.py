@@ -7,13 +7,14 @@ and after the K steps. A recipe names it::
 
     select:
       name: optima          # optima | thompson | random | uniform ('method' is accepted too)
-      window: 10            # optima: only the last W rewards of an arm count
+      window: 10            # optima: only the rewards of the last W rounds (pulls of any arm) count
       pull_steps: 20
 
 Methods:
 
-- ``optima``: Gaussian Thompson sampling on the last ``window`` rewards of each arm (a reconstruction of the
-  OPTIMA sampler, docs/methods.md#optima): rewards drift as the student learns, so old ones are forgotten.
+- ``optima``: Gaussian Thompson sampling on the rewards of the last ``window`` rounds (a reconstruction of the
+  OPTIMA sampler, docs/methods.md#optima): rewards drift as the student learns, so old ones are forgotten, for every
+  arm; an arm with no reward left in the window is back at its prior and gets explored again.
 - ``thompson``: the same sampler with unlimited history (W = infinity), the baseline.
 - ``random``: a uniformly random arm per pull.
 - ``uniform``: every module on at every step (no pulls, no rewards).
@@ -221,31 +222,58 @@ class ThompsonSelector(Selector):
 
 
 class OptimaOptions(ThompsonOptions):
-    window: int = Field(10, ge=1, description="W: only each arm's last W rewards enter its posterior")
+    window: int = Field(10, ge=1, description="W: only the rewards of the last W rounds (pulls of any arm) enter "
+                                              "the posteriors; an arm with none of them is back at its prior")
+    window_scope: Literal["rounds", "arm"] = Field(
+        "rounds", description="rounds: the window is the last W rounds of the whole bandit, so every arm forgets "
+                              "old rewards (sliding-window Thompson sampling, the paper's); arm: each arm keeps "
+                              "its own last W rewards however old (edgedistill's earlier reading)")
 
 
 @register_selector("optima")
 class OptimaSelector(ThompsonSelector):
-    """OPTIMA-style Thompson sampling that trusts recent history only: each arm's posterior is built from its
-    last ``window`` rewards (a ring buffer per arm), so an arm whose reward drifts is re-ranked quickly."""
+    """OPTIMA-style Thompson sampling that trusts recent history only.
+
+    ``window_scope: rounds``: the (arm, reward) of the last ``window`` rounds, a ring buffer over all pulls; an
+    arm's posterior is built from its rewards among them, so a reward older than W rounds is forgotten whether or
+    not its arm was pulled since, and an arm with none left is back at its prior (and gets explored again).
+    ``arm``: a ring buffer of the last ``window`` rewards per arm, which an arm no longer pulled keeps for good.
+    """
     Options = OptimaOptions
 
     def __init__(self, options: SelectorOptions, context: SelectContext) -> None:
         super().__init__(options, context)
-        w = options.window  # type: ignore[attr-defined]
-        m = len(self.names)
-        self.register_buffer("ring", torch.zeros(m, w, dtype=torch.float64))
-        self.register_buffer("ring_fill", torch.zeros(m, dtype=torch.long))
-        self.register_buffer("ring_ptr", torch.zeros(m, dtype=torch.long))
+        o: OptimaOptions = options  # type: ignore[assignment]
+        w, m = o.window, len(self.names)
+        if o.window_scope == "rounds":
+            self.register_buffer("round_arm", torch.full((w,), -1, dtype=torch.long))  # arm of each kept round
+            self.register_buffer("round_reward", torch.zeros(w, dtype=torch.float64))
+            self.register_buffer("round_ptr", torch.zeros((), dtype=torch.long))  # slot of the next round
+        else:
+            self.register_buffer("ring", torch.zeros(m, w, dtype=torch.float64))
+            self.register_buffer("ring_fill", torch.zeros(m, dtype=torch.long))
+            self.register_buffer("ring_ptr", torch.zeros(m, dtype=torch.long))
 
     def _record(self, arm: int, reward: float) -> None:
         super()._record(arm, reward)
+        if self.options.window_scope == "rounds":  # type: ignore[attr-defined]
+            slot = int(self.round_ptr)
+            self.round_arm[slot], self.round_reward[slot] = arm, reward  # overwrites the round W rounds ago
+            self.round_ptr.fill_((slot + 1) % self.round_arm.shape[0])
+            return
         w = self.ring.shape[1]
         self.ring[arm, int(self.ring_ptr[arm])] = reward
         self.ring_ptr[arm] = (self.ring_ptr[arm] + 1) % w
         self.ring_fill[arm] = min(int(self.ring_fill[arm]) + 1, w)
 
     def _stats(self) -> tuple[np.ndarray, np.ndarray]:
+        """(sum, count) of each arm's rewards inside the window, (M,) each."""
+        m = len(self.names)
+        if self.options.window_scope == "rounds":  # type: ignore[attr-defined]
+            arms, rewards = self.round_arm.numpy(), self.round_reward.numpy()
+            kept = arms >= 0  # slots not yet filled hold -1
+            sums = np.bincount(arms[kept], weights=rewards[kept], minlength=m).astype(np.float64)
+            return sums, np.bincount(arms[kept], minlength=m).astype(np.float64)
         fill = self.ring_fill.numpy()
         w = self.ring.shape[1]
         mask = np.arange(w)[None, :] < fill[:, None]

@@ -1,10 +1,12 @@
 """The CLIP-KD terms beyond feature distillation (Yang et al., CVPR 2024; docs/methods.md#icl and
 docs/methods.md#logit_kl): interactive contrastive learning and the KL between image-text logit distributions.
-CLIP-KD's FD is ``feature`` with ``distance: mse, reduction: mean``."""
+CLIP-KD's FD is ``feature`` with ``distance: mse, reduction: mean`` (``reference_dim: 512`` keeps its weights'
+meaning at another width, docs/methods.md#feature)."""
 
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -30,30 +32,43 @@ class InteractiveContrastiveLoss(LossTerm):
 
     ``image``: ``scale * s^_v[pair_image] t^_t^T`` (P, P); ``text`` (only with a student text tower):
     ``scale * s^_t t^_v[pair_image]^T`` (P, P); cross-entropy with target i for row i, mean over the parts.
-    ``scale = min(exp(log_scale), 100)``, a learnable scalar of its own (``learnable``), started at
-    ``1 / temperature``. None with fewer than 2 pairs.
+    The term's own scalar ``log_scale`` (learned with the student, ``learnable``) starts at ``ln(1 / temperature)``;
+    ``scale: raw`` multiplies the logits by it as it is, as CLIP-KD's code does (2.66 at the start), ``scale: exp``
+    by ``min(exp(log_scale), 100)``, CLIP's convention (14.3 at the start). None with fewer than 2 pairs.
     """
 
     class Options(TermOptions):
-        temperature: float = Field(0.07, gt=0.0, description="initial temperature of the cross-modal logits "
-                                                              "(CLIP-KD starts its scale at 1 / 0.07)")
-        learnable: bool = Field(True, description="learn the logit scale with the student, as CLIP-KD does; "
-                                                  "false keeps 1 / temperature")
+        temperature: float = Field(0.07, gt=0.0, description="the scale parameter starts at ln(1 / temperature), "
+                                                              "as CLIP-KD's (with scale: exp the logits' initial "
+                                                              "temperature)")
+        learnable: bool = Field(True, description="learn the scale parameter with the student, as CLIP-KD does; "
+                                                  "false keeps its start")
+        scale: Literal["raw", "exp"] = Field(
+            "raw", description="raw: the logits are multiplied by the parameter itself (ln(1 / 0.07) = 2.66 at the "
+                               "start), as CLIP-KD's code does; exp: by its exp capped at 100 (1 / 0.07 = 14.3), "
+                               "CLIP's convention")
 
     options: Options
 
     def __init__(self, options: Options, context: LossContext) -> None:
         super().__init__(options, context)
+        # One name in either form (open_clip's for a scale kept as a log; checkpoints keep the key): with scale: raw
+        # the value itself multiplies the logits, as CLIP-KD's cross_logit_scale, which is never exp'ed.
         start = torch.tensor(math.log(1.0 / options.temperature))
         if options.learnable:
             self.log_scale = nn.Parameter(start)  # trained by the run's optimizer, without weight decay
         else:
             self.register_buffer("log_scale", start)
 
+    def multiplier(self, dtype: torch.dtype) -> Tensor:
+        """The logits' scale (scalar): the parameter as it is (raw) or its exp capped at 100 (exp)."""
+        param = self.log_scale.to(dtype)
+        return param if self.options.scale == "raw" else param.exp().clamp(max=MAX_SCALE)
+
     def forward(self, e: Embeddings) -> Tensor | None:
         if not pairs_of(e):
             return None
-        scale = self.log_scale.to(e.student_image.dtype).exp().clamp(max=MAX_SCALE)
+        scale = self.multiplier(e.student_image.dtype)
         target = torch.arange(e.pair_image.numel(), device=e.student_image.device)
         parts = [F.cross_entropy(scale * unit(e.student_image)[e.pair_image] @ teacher_unit(e.teacher_text).T,
                                  target)]
@@ -73,8 +88,9 @@ class LogitKLLoss(LossTerm):
 
     ``S = min(exp(logit_scale), 100) * s^_v[pair_image] s^_t^T`` (P, P), the student's own logits;
     ``T = teacher_scale * t^_v[pair_image] t^_t^T`` (P, P); ``L = T_kd^2 * (row_kl(S / T_kd, T / T_kd) +
-    row_kl(S^T / T_kd, T^T / T_kd)) / 2``. The teacher's scale is its own logit scale (from the context) unless
-    ``teacher_temperature`` is set. None with fewer than 2 pairs.
+    row_kl(S^T / T_kd, T^T / T_kd)) / 2``. The teacher's scale is its own logit scale, exp'ed (from the context),
+    unless ``teacher_temperature`` is set. Both scales follow CLIP's convention (exp of the learned log scale), as
+    CLIP-KD's code does here: its models return ``logit_scale.exp()``. None with fewer than 2 pairs.
     """
 
     class Options(TermOptions):

@@ -10,7 +10,8 @@ from pydantic import Field
 from torch import Tensor
 
 from edgedistill.distill.losses.base import Embeddings, LossContext, LossTerm, TermOptions, register_loss
-from edgedistill.distill.losses.output import mean_count, mean_of, student_text_pairs, teacher_unit, unit
+from edgedistill.distill.losses.output import (PartsOptions, combine_parts, combined_count, student_text_pairs,
+                                               teacher_unit, unit)
 
 
 def symmetric_ce(logits: Tensor) -> Tensor:
@@ -26,10 +27,11 @@ class ContrastiveLoss(LossTerm):
     For student rows s (N, D) and teacher rows t (N, D): logits = s^ [t^ ; queue]^T / tau (N, N + filled),
     cross-entropy with target i. Negatives are the other in-batch teacher rows plus a queue of teacher
     embeddings from past steps. Images always; captions too when the student has its own text tower, with their
-    own queue. The queues are persistent buffers, so a checkpoint resumes them exactly. Mean over modalities.
+    own queue. The queues are persistent buffers, so a checkpoint resumes them exactly. The modalities combined
+    (``combine``: N rows each).
     """
 
-    class Options(TermOptions):
+    class Options(PartsOptions):
         temperature: float = Field(0.07, gt=0.0, description="softmax temperature of the InfoNCE logits")
         queue_size: int = Field(4096, ge=0, description="past teacher embeddings kept as extra negatives, per "
                                                         "modality (0 = in-batch negatives only)")
@@ -63,13 +65,13 @@ class ContrastiveLoss(LossTerm):
         return pairs
 
     def forward(self, e: Embeddings) -> Tensor | None:
-        parts = [self._info_nce(s, t, m) for m, s, t in self._pairs(e)]
-        return mean_of([p for p in parts if p is not None])
+        parts = [(self._info_nce(s, t, m), s.shape[0]) for m, s, t in self._pairs(e)]
+        return combine_parts([(v, n) for v, n in parts if v is not None], self.options.combine)
 
     def samples(self, e: Embeddings) -> float:
         # A modality runs when it has at least 2 keys (its rows and its queue), as in _info_nce.
-        return mean_count([s.shape[0] for m, s, t in self._pairs(e)
-                           if t.shape[0] + int(getattr(self, f"{m}_queue_fill")) >= 2])
+        return combined_count([s.shape[0] for m, s, t in self._pairs(e)
+                               if t.shape[0] + int(getattr(self, f"{m}_queue_fill")) >= 2], self.options.combine)
 
     @torch.no_grad()
     def after_step(self, e: Embeddings) -> None:
