@@ -348,3 +348,40 @@ def test_clipkd_terms_train_with_the_teachers_scale_and_a_learned_icl_scale(tiny
     # icl's scale joined the optimizer: it moved from log(1 / 0.07) and is saved with the run
     state = torch.load(out / "checkpoints" / "last.pt", weights_only=True)["losses"]
     assert state["icl.log_scale"].item() != pytest.approx(math.log(1 / 0.07), abs=1e-6)
+
+
+def test_caption_rank_trains_on_a_bank_of_training_captions_with_mostly_uncaptioned_images(tiny_teacher, tmp_path,
+                                                                                            monkeypatch):
+    from tests.conftest import captions_for, write_images, write_manifest
+    from edgedistill.distill.losses.ranking import CaptionRankLoss
+    images = write_images(tmp_path / "data" / "images", 32)
+    with open(tmp_path / "data" / "train.jsonl", "w") as f:  # 4 of 32 images captioned (2 captions each)
+        for i, img in enumerate(images):
+            f.write(json.dumps({"image": str(img), **({"captions": captions_for(i)} if i % 8 == 0 else {})}) + "\n")
+    val = write_manifest(tmp_path / "data" / "val.jsonl", write_images(tmp_path / "data" / "val_images", 12, seed=1))
+    banks, seen = [], []
+    original_init, original_forward = CaptionRankLoss.__init__, CaptionRankLoss.forward
+
+    def spy_init(self, options, context):
+        banks.append(context.text_bank)
+        original_init(self, options, context)
+
+    def spy_forward(self, e):
+        out = original_forward(self, e)
+        seen.append((0 if e.teacher_text is None else e.teacher_text.shape[0], e.student_image.shape[0], out))
+        return out
+
+    monkeypatch.setattr(CaptionRankLoss, "__init__", spy_init)
+    monkeypatch.setattr(CaptionRankLoss, "forward", spy_forward)
+    recipe, out = recipe_for(tmp_path, tiny_teacher, {"train": tmp_path / "data" / "train.jsonl", "val": val},
+                             name="captionrank", train={"epochs": 4, "lr": 0.003, "warmup_steps": 0},
+                             loss={"terms": {"caption_rank": {"temperature": 0.05}}, "balancer": "static"})
+    assert main(["distill", str(recipe)]) == 0
+    assert banks[0].shape == (8, 32) and torch.isfinite(banks[0]).all()  # all 8 training captions, teacher width
+    # every step ran on every image, batches without any caption included (the term needs no pairs)
+    assert len(seen) == 16 and all(value is not None and b == 8 for _, b, value in seen)
+    assert any(p == 0 for p, _, _ in seen)
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = [x["terms"]["caption_rank"] for x in lines if "loss" in x]
+    assert set(next(x for x in lines if "loss" in x)["terms"]) == {"caption_rank"} and losses[0] > 0
+    assert sum(losses[-4:]) < 0.5 * sum(losses[:4]), losses  # the student learns the teacher's caption ranking

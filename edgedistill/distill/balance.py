@@ -208,6 +208,11 @@ class CoverageBalancer(MagnitudeBalancer):
     step (the trainer's counts); ``w_i = base_i * c_i * mean_j(m_j) / (m_i + eps)`` with ``magnitude``'s EMAs
     (``equalise``), else ``w_i = base_i * c_i``. A term on the few captioned pairs of a mostly uncaptioned batch
     keeps a weight in proportion to its pairs, however its magnitude compares. Without counts every ``c_i`` is 1.
+
+    ``w_i / n_i`` is then alike for every term, so every row weighs alike (times each term's magnitude factor)
+    provided a term of parts is the mean over all its rows and counts them all: a recipe sets ``combine: rows`` on
+    such terms under this balancer. A mean of parts (``combine: parts``) would weigh one of P caption rows B / P
+    times one of B image rows, which no single weight per term can undo.
     """
     Options = CoverageOptions
     uses_counts = True

@@ -20,7 +20,7 @@ from typing import Any
 from torch import nn
 
 # Importing the term modules registers their terms.
-from edgedistill.distill.losses import alignment, clipkd, contrastive, output  # noqa: F401
+from edgedistill.distill.losses import alignment, clipkd, contrastive, output, ranking  # noqa: F401
 from edgedistill.distill.losses.base import LOSSES, Embeddings, LossContext, LossTerm, TermOptions, register_loss
 
 

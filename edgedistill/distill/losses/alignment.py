@@ -13,6 +13,32 @@ from torch import Tensor
 from edgedistill.distill.losses.base import Embeddings, LossContext, LossTerm, TermOptions, register_loss
 from edgedistill.distill.losses.output import row_kl, teacher_unit, unit
 
+BANK_SAMPLE_SEED = 0  # the fixed sample a term with a smaller bank_size takes of the shared caption bank
+
+
+def usable_rows(texts: Tensor) -> Tensor:
+    """The rows of ``texts`` (K, D) with finite, non-zero embeddings (K', D), detached: a NaN or an all-zero
+    caption embedding would make every logit row NaN or be a meaningless candidate."""
+    texts = texts.detach()
+    return texts[torch.isfinite(texts).all(dim=1) & (texts.abs().sum(dim=1) > 0)]
+
+
+def caption_bank(bank: Tensor | None, size: int) -> Tensor | None:
+    """A term's candidate captions from the context's text bank (K, D) -> (min(K', size), D), L2-normalised.
+
+    The run draws one bank (a seeded sample of the cached training captions) at the largest ``bank_size`` of its
+    terms (``train/build.py``); a term keeps the usable rows (``usable_rows``) and, when more than its own
+    ``size`` remain, a fixed uniform sample of ``size`` of them, in bank order. None without a bank or with fewer
+    than 2 usable rows (nothing to rank).
+    """
+    if bank is None:
+        return None
+    bank = usable_rows(bank)
+    if bank.shape[0] > size:
+        pick = torch.randperm(bank.shape[0], generator=torch.Generator().manual_seed(BANK_SAMPLE_SEED))[:size]
+        bank = bank[pick.sort().values.to(bank.device)]
+    return teacher_unit(bank) if bank.shape[0] >= 2 else None
+
 
 @register_loss("vl_align")
 class VLAlignLoss(LossTerm):
@@ -38,9 +64,9 @@ class VLAlignLoss(LossTerm):
     def __init__(self, options: Options, context: LossContext) -> None:
         super().__init__(options, context)
         # Non-persistent buffers: they follow .to(device) but are not saved (they are rebuilt from the teacher).
-        for name in ("class_text", "text_bank"):
-            bank = getattr(context, name)
-            self.register_buffer(name, None if bank is None else teacher_unit(bank), persistent=False)
+        bank = context.class_text
+        self.register_buffer("class_text", None if bank is None else teacher_unit(bank), persistent=False)
+        self.register_buffer("text_bank", caption_bank(context.text_bank, options.bank_size), persistent=False)
 
     def _candidates(self, e: Embeddings) -> tuple[Tensor | None, bool]:
         """(the candidate texts (K, D) or None, whether they are class texts)."""

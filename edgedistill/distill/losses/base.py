@@ -62,8 +62,9 @@ class LossTerm(nn.Module):
 
     def samples(self, e: Embeddings) -> float:
         """How many samples this term's value averages over in batch ``e`` (the ``coverage`` balancer weighs
-        terms by it): the B images by default; a term on caption pairs counts its P pairs, and a term that is a
-        mean of parts the mean of its parts' counts. Only asked when the term returned a value."""
+        terms by it): the B images by default; a term on caption pairs counts its P pairs, and a term made of
+        parts the sum of their rows (``combine: rows``, a mean over all of them) or the mean of their counts
+        (``combine: parts``, a mean of the parts). Only asked when the term returned a value."""
         return float(e.student_image.shape[0])
 
     @torch.no_grad()

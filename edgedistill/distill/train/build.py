@@ -122,12 +122,18 @@ def _logit_scale(teacher: Teacher) -> float | None:
     return float(scale.detach().exp()) if isinstance(scale, torch.Tensor) else None
 
 
+CAPTION_BANK_TERMS = ("vl_align", "caption_rank")  # the terms with a bank_size that rank training captions
+
+
 def _text_bank(recipe: Recipe, cache: FeatureCache | None, device: torch.device) -> torch.Tensor | None:
-    """vl_align's candidates without class texts: a seeded sample of the cached training captions."""
-    options = recipe.loss.terms.get("vl_align")
-    if options is None or cache is None or cache.n_texts == 0:
+    """The caption bank (vl_align's candidates without class texts, caption_rank's captions): a seeded sample of
+    the cached training captions, as many as the largest bank_size of those terms (a term with a smaller one
+    keeps a fixed sample of it)."""
+    sizes = [int(o.bank_size) for name, o in recipe.loss.terms.items()  # type: ignore[attr-defined]
+             if name in CAPTION_BANK_TERMS]
+    if not sizes or cache is None or cache.n_texts == 0:
         return None
-    n, size = cache.n_texts, int(options.bank_size)  # type: ignore[attr-defined]
+    n, size = cache.n_texts, max(sizes)
     rows = np.arange(n) if n <= size else np.sort(np.random.default_rng(recipe.seed).choice(n, size, replace=False))
     return cache.text_features(rows).float().to(device)
 
