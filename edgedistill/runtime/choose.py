@@ -24,7 +24,7 @@ import numpy as np
 import edgedistill.core.atomic as atomic
 from edgedistill.core.documents import BenchReport, read_document
 from edgedistill.core.errors import UserError
-from edgedistill.core.gates import at_least
+from edgedistill.core.gates import at_least, at_most
 from edgedistill.core.hashing import sha256_json
 from edgedistill.core.locations import default_cache_root
 from edgedistill.runtime.backends import Runner
@@ -77,6 +77,30 @@ def rule_rank(options: list[Choice], device: str) -> list[Choice]:
     """The options in the order of the rule: the backend table's order, then the device's precision order."""
     order, prec = list(BACKENDS), RULE_ORDER[device]
     return sorted(options, key=lambda c: (order.index(c.backend), prec.index(c.artifact.get("precision", "fp32"))))
+
+
+def recorded_loss(choice: Choice) -> str | None:
+    """Why the export's own check rules this option out on this CPU, or None: an artifact whose val image->text
+    R@1 fell more than R1_TOLERANCE points below the PyTorch student's when the export checked it on onnxruntime
+    on this very CPU (model and INT8 flags: ``checked_on``). The probe's cosine cannot see a loss that small in
+    ranking, the export's full val split can; on another CPU the probe decides. A NaN drop fails closed."""
+    a, where = choice.artifact, choice.artifact.get("checked_on") or {}
+    drop = a.get("val_r1_drop")
+    if drop is None or choice.backend != "onnxruntime-cpu" or where.get("cpu") != cpu_model() or \
+            list(where.get("flags") or []) != list(isa_flags()):
+        return None
+    if at_most(drop, R1_TOLERANCE):
+        return None
+    return f"loses {drop:.1f} points of val image->text R@1 on this CPU (the export's own check)"
+
+
+def trusted(options: list[Choice], notes: list[str]) -> list[Choice]:
+    """The options without a recorded loss here (``recorded_loss``); all of them, with a note, if none is left."""
+    kept = [c for c in options if recorded_loss(c) is None]
+    for c in options:
+        if c not in kept:
+            notes.append(f"{c.key} left out: {recorded_loss(c)}")
+    return kept or options
 
 
 # ------------------------------------------------------------------------------------------------- measuring

@@ -18,6 +18,12 @@ from typing import Any, Callable
 from edgedistill.runtime.cuda import cuda_python_missing
 
 DEVICES = ("cpu", "cuda", "jetson")
+PRECISIONS = ("fp32", "fp16", "int8")
+
+
+def artifact_file(encoder: str, precision: str, fmt: str) -> str:
+    """The file name of one tower's artifact: ``image_int8.onnx``, ``text_fp16.engine`` (the format's suffix)."""
+    return f"{encoder}_{precision}{FORMATS[fmt].suffix}"
 
 
 @dataclass(frozen=True)

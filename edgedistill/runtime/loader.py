@@ -71,6 +71,7 @@ def load(path: str | Path, device: str = "auto", backend: str = "auto", precisio
     if text:
         towers["text"] = text
     request = pinned is not None or backend != "auto" or precision is not None
+    towers = {tower: choose.trusted(options, notes) for tower, options in towers.items()}
     decide = _Decision(export_dir, doc, device, threads, spin, batch, tolerance, request, notes)
     if measure and any(decide.needs_measuring(o) for o in towers.values()):
         decide.measure(towers, probe, preprocess, remeasure)
