@@ -161,3 +161,25 @@ def test_a_damaged_or_missing_probe(export_dir, tmp_path, monkeypatch):
     enc = edgedistill.load(copy, device="cpu")  # an export made before probes: the rule, and a note saying so
     assert enc.info.chosen_by == "rule" and enc.info.image["precision"] == "fp32"
     assert any("no probe set" in n for n in enc.info.notes)
+
+
+@pytest.mark.parametrize("drop, cpu, left_out", [(2.0, "here", True), (0.3, "here", False),
+                                                 (2.0, "another CPU", False)])
+def test_the_exports_own_check_on_this_cpu_rules_out_an_r1_loss(export_dir, tmp_path, monkeypatch, drop, cpu,
+                                                                 left_out):
+    from edgedistill.runtime.device import cpu_model, isa_flags
+
+    monkeypatch.setenv("EDGEDISTILL_CACHE", str(tmp_path / "cache"))
+    copy = tmp_path / "export"
+    shutil.copytree(export_dir, copy)
+    doc = json.loads((copy / "export.json").read_text())
+    int8 = next(a for a in doc["artifacts"] if a["name"] == "image_int8_onnx")
+    int8["val_r1_drop"] = drop
+    int8["checked_on"] = {"cpu": cpu_model() if cpu == "here" else cpu, "flags": list(isa_flags())}
+    (copy / "export.json").write_text(json.dumps(doc))
+    enc = edgedistill.load(copy, device="cpu")
+    measured = {m["key"] for m in enc.info.measurements.get("image", [])}
+    assert ("image_int8_onnx@onnxruntime-cpu" not in measured) == left_out
+    assert any("image_int8_onnx@onnxruntime-cpu left out" in n for n in enc.info.notes) == left_out
+    if left_out:
+        assert enc.info.image["artifact"] == "image_fp32_onnx"

@@ -83,7 +83,8 @@ def recorded_loss(choice: Choice) -> str | None:
     """Why the export's own check rules this option out on this CPU, or None: an artifact whose val image->text
     R@1 fell more than R1_TOLERANCE points below the PyTorch student's when the export checked it on onnxruntime
     on this very CPU (model and INT8 flags: ``checked_on``). The probe's cosine cannot see a loss that small in
-    ranking, the export's full val split can; on another CPU the probe decides. A NaN drop fails closed."""
+    ranking, the export's full val split can; on another CPU the probe decides. A drop that is not a finite number
+    rules the option out (fails closed); a missing one leaves the decision to the probe."""
     a, where = choice.artifact, choice.artifact.get("checked_on") or {}
     drop = a.get("val_r1_drop")
     if drop is None or choice.backend != "onnxruntime-cpu" or where.get("cpu") != cpu_model() or \
