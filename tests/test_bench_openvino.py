@@ -1,4 +1,4 @@
-"""The OpenVINO CPU backend (bench/backends.OpenVinoRunner) on real exported graphs: parity with onnxruntime,
+"""The OpenVINO CPU backend (runtime/backends.OpenVinoRunner) on real exported graphs: parity with onnxruntime,
 dynamic batch, the options it was given read back from the compiled model, failures as one-line user errors."""
 
 from __future__ import annotations

@@ -105,6 +105,20 @@ def _t2i_ranks(img: np.ndarray, txt: np.ndarray, t2i: np.ndarray, chunk: int) ->
     return np.concatenate(ranks)
 
 
+def retrieval_ranks(image_emb: Array, text_emb: Array, text_to_image: Array,
+                    chunk: int = 1024) -> dict[str, np.ndarray]:
+    """The 0-based rank of each query's first correct answer: ``i2t`` (one per image with a caption, in image
+    order) and ``t2i`` (one per caption); the inputs checked and L2-normalised (NaN or inf raise
+    ``NonFiniteEmbeddings``). Recall@K is the share of ranks below K (``retrieval_metrics``, ``paired``)."""
+    image_emb, text_emb, t2i = as_array(image_emb), as_array(text_emb), as_array(text_to_image)
+    _check_pairs(image_emb, text_emb, t2i)
+    if chunk < 1:
+        raise ValueError("chunk must be at least 1")
+    img, txt = _same_dtype(_unit(image_emb), _unit(text_emb))
+    t2i = t2i.astype(np.int64)
+    return {"i2t": _i2t_ranks(img, txt, t2i, chunk), "t2i": _t2i_ranks(img, txt, t2i, chunk)}
+
+
 def retrieval_metrics(image_emb: Array, text_emb: Array, text_to_image: Array, ks: tuple[int, ...] = (1, 5, 10),
                       chunk: int = 1024) -> dict[str, float]:
     """Image-text retrieval Recall@K in percent.
@@ -113,15 +127,8 @@ def retrieval_metrics(image_emb: Array, text_emb: Array, text_to_image: Array, k
     L2-normalised here. Returns ``i2t_r{k}`` and ``t2i_r{k}`` for each k in ks, and ``rsum`` (their sum).
     See the module docstring for the query sets and the tie rule.
     """
-    image_emb, text_emb, t2i = as_array(image_emb), as_array(text_emb), as_array(text_to_image)
-    _check_pairs(image_emb, text_emb, t2i)
-    if chunk < 1:
-        raise ValueError("chunk must be at least 1")
-    img, txt = _same_dtype(_unit(image_emb), _unit(text_emb))
-    t2i = t2i.astype(np.int64)
-    ranks = {"i2t": _i2t_ranks(img, txt, t2i, chunk), "t2i": _t2i_ranks(img, txt, t2i, chunk)}
     out: dict[str, float] = {}
-    for direction, r in ranks.items():
+    for direction, r in retrieval_ranks(image_emb, text_emb, text_to_image, chunk).items():
         for k in ks:
             out[f"{direction}_r{k}"] = 100.0 * float((r < k).mean())
     out["rsum"] = sum(out.values())

@@ -24,7 +24,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from edgedistill.core.gates import finite
-from edgedistill.evaluation.metrics import Array, _check_pairs, _i2t_ranks, _same_dtype, _t2i_ranks, _unit, as_array
+from edgedistill.evaluation.metrics import Array, as_array, retrieval_ranks
 
 A_BEATS_B = "A beats B"
 B_BEATS_A = "B beats A"
@@ -59,16 +59,30 @@ def retrieval_hits(image_emb: Array, text_emb: Array, text_to_image: Array, ks: 
                    chunk: int = 1024) -> RetrievalHits:
     """Per-query hits of image->text and text->image retrieval (see the module docstring); the inputs and checks of
     ``metrics.retrieval_metrics`` (NaN or inf embeddings raise ``NonFiniteEmbeddings``)."""
-    image_emb, text_emb, t2i = as_array(image_emb), as_array(text_emb), as_array(text_to_image)
-    _check_pairs(image_emb, text_emb, t2i)
-    if chunk < 1:
-        raise ValueError("chunk must be at least 1")
-    img, txt = _same_dtype(_unit(image_emb), _unit(text_emb))
-    t2i = t2i.astype(np.int64)
+    ranks = retrieval_ranks(image_emb, text_emb, text_to_image, chunk)
     ks = tuple(int(k) for k in ks)
     kk = np.asarray(ks)[None, :]
-    return RetrievalHits(i2t=_i2t_ranks(img, txt, t2i, chunk)[:, None] < kk,
-                         t2i=_t2i_ranks(img, txt, t2i, chunk)[:, None] < kk, ks=ks)
+    return RetrievalHits(i2t=ranks["i2t"][:, None] < kk, t2i=ranks["t2i"][:, None] < kk, ks=ks)
+
+
+def _replicates(d_img: np.ndarray, d_cap: np.ndarray, per_seed: np.ndarray, teacher: float, n_boot: int,
+                seed: int, levels: tuple[str, ...]) -> np.ndarray:
+    """(n_boot,) bootstrap replicates of the mean share difference (``paired_bootstrap`` says how they are drawn):
+    d_img (S, Q) and d_cap (S, T) hold A's hits minus B's per seed and query, per_seed (S,) the whole-split
+    differences."""
+    n_seeds, n_img, n_cap = d_img.shape[0], d_img.shape[1], d_cap.shape[1]
+    rng = np.random.default_rng(seed)
+    replicates = []
+    for start in range(0, n_boot, _CHUNK):
+        m = min(_CHUNK, n_boot - start)
+        seed_w = _counts(rng, n_seeds, m) if "seeds" in levels else np.ones((m, n_seeds))
+        if "queries" in levels:
+            img_w, cap_w = _counts(rng, n_img, m), _counts(rng, n_cap, m)
+            diff = 100.0 * (img_w @ d_img.T / n_img + cap_w @ d_cap.T / n_cap) / teacher  # (m, S)
+        else:
+            diff = np.broadcast_to(per_seed, (m, n_seeds))
+        replicates.append((seed_w * diff).sum(axis=1) / n_seeds)
+    return np.concatenate(replicates)
 
 
 @dataclass(frozen=True)
@@ -182,18 +196,7 @@ def paired_bootstrap(a_hits: Sequence[Any], b_hits: Sequence[Any], teacher_rsum:
     if "seeds" in levels and n_seeds < 2:
         return PairedResult.failed("one seed pair: the seed level cannot be resampled (run at least 2 seeds)",
                                    estimate=estimate, **counts)
-    rng = np.random.default_rng(seed)
-    replicates = []
-    for start in range(0, n_boot, _CHUNK):
-        m = min(_CHUNK, n_boot - start)
-        seed_w = _counts(rng, n_seeds, m) if "seeds" in levels else np.ones((m, n_seeds))
-        if "queries" in levels:
-            img_w, cap_w = _counts(rng, n_img, m), _counts(rng, n_cap, m)
-            diff = 100.0 * (img_w @ d_img.T / n_img + cap_w @ d_cap.T / n_cap) / teacher  # (m, S)
-        else:
-            diff = np.broadcast_to(per_seed, (m, n_seeds))
-        replicates.append((seed_w * diff).sum(axis=1) / n_seeds)
-    reps = np.concatenate(replicates)
+    reps = _replicates(d_img, d_cap, per_seed, teacher, n_boot, seed, levels)
     if not np.isfinite(reps).all():
         return PairedResult.failed("a bootstrap replicate is NaN or inf", estimate=estimate, **counts)
     tail = (1.0 - confidence) / 2.0
