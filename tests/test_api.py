@@ -137,8 +137,12 @@ def test_bad_paths_and_damaged_artifacts_are_refused(export_dir, tmp_path):
     shutil.copytree(export_dir, copy)
     with open(copy / "image_int8.onnx", "ab") as f:
         f.write(b"\0")
+    # every artifact load() opens is checked: the damaged one when it is asked for, and every candidate when the
+    # choice is measured (a choice read from the cache opens only what it chose)
     with pytest.raises(UserError, match="does not match the sha256"):
-        edgedistill.load(copy, device="cpu")
+        edgedistill.load(copy, device="cpu", precision="int8")
+    with pytest.raises(UserError, match="does not match the sha256"):
+        edgedistill.load(copy, device="cpu", remeasure=True)
 
 
 def test_an_image_only_export_has_no_text(export_dir, tmp_path):
