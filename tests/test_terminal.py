@@ -2,11 +2,13 @@
 drop them (``edgedistill[openvino]`` -> ``edgedistill``) or fail on them (``[/x]``)."""
 
 import io
+import os
 
+import pytest
 from rich.console import Console
 
 from edgedistill.bench.report import print_table
-from edgedistill.core.terminal import make_console, warn
+from edgedistill.core.terminal import make_console, safe, warn
 
 BRACKETS = "pip install 'edgedistill[openvino]'; photos [2019]/a[/x].jpg"
 
@@ -40,3 +42,23 @@ def test_the_bench_table_shows_a_skip_reason_with_its_install_extra():
                 make_console(file=out, width=400))
     text = out.getvalue()
     assert BRACKETS in text and "cpu [test]" in text
+
+
+# Every class of character a terminal acts on: C0 (ESC starts OSC 52 clipboard writes), DEL, C1 (0x9b is the 8-bit
+# CSI), the bidirectional overrides and isolates, and a file name's byte that is not UTF-8.
+CONTROLS = [chr(c) for c in range(0x20)] + ["\x7f"] + [chr(c) for c in range(0x80, 0xA0)] + \
+    [chr(c) for c in range(0x202A, 0x202F)] + [chr(c) for c in range(0x2066, 0x206A)] + [os.fsdecode(b"\xff")]
+
+
+@pytest.mark.parametrize("char", CONTROLS, ids=[f"U+{ord(c):04X}" for c in CONTROLS])
+def test_safe_shows_every_control_character_as_a_visible_escape(char):
+    text = safe(f"photo{char}]52;c;aGk=\x07.jpg")
+    assert text.isprintable() and text.startswith("photo\\") and text.encode("ascii")
+    out = io.StringIO()
+    warn(make_console(file=out, width=300), f"skipped {char}")
+    assert out.getvalue().isascii() and out.getvalue().rstrip("\n").isprintable()
+
+
+def test_safe_leaves_printable_text_alone():
+    for text in ("photos [2019]/a.jpg", "café 日本 ⌘", "a b\u00a0c"):
+        assert safe(text) == text
