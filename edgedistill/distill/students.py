@@ -175,9 +175,13 @@ def load_student(folder: Path, device: str | torch.device = "cpu") -> Student:
         meta = json.loads(config_path.read_text(encoding="utf-8"))
         info = meta.get("edgedistill") or {}
         model_cfg, preprocess_cfg = meta["model_cfg"], meta["preprocess_cfg"]
+        if not all(isinstance(x, dict) for x in (info, model_cfg, preprocess_cfg)):
+            raise TypeError("model_cfg, preprocess_cfg and edgedistill must be objects")
+        recorded = info.get("weights_sha256")
+        if recorded is not None and not isinstance(recorded, str):
+            raise TypeError("edgedistill.weights_sha256 must be a string")
     except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
         raise UserError(f"{config_path} is not a student config ({type(e).__name__}: {e}); distill again") from None
-    recorded = info.get("weights_sha256")
     if recorded is not None and sha256_file(folder / WEIGHTS_FILE) != recorded:
         raise UserError(f"{folder / WEIGHTS_FILE} does not match the sha256 recorded when it was saved (damaged or "
                         f"changed); distill again, or restore the file")

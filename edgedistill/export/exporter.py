@@ -392,10 +392,13 @@ class ExportJob:
         path = self.out / "text_embeddings.npy"
         with atomic.atomic_path(path) as tmp:
             with open(tmp, "wb") as f:
-                np.save(f, emb)
-        atomic.write_text(self.out / "text_prompts.txt", "\n".join(prompts) + "\n")
+                np.save(f, emb, allow_pickle=False)
+        prompts_file = self.out / "text_prompts.txt"
+        atomic.write_text(prompts_file, "\n".join(prompts) + "\n")
+        # the prompts file is part of the bundle: recorded relative, with its sha256, like every artifact
         entry = artifacts.artifact_entry(self.out, path, name="text_embeddings", encoder="text", fmt="npy",
-                                         precision="fp32", prompts="text_prompts.txt", count=len(prompts))
+                                         precision="fp32", prompts=prompts_file.name,
+                                         prompts_sha256=sha256_file(prompts_file), count=len(prompts))
         self.console.print(f"  {entry['path']}: {len(prompts)} prompt embeddings", highlight=False)
         return entry
 

@@ -31,6 +31,7 @@ import numpy as np
 from edgedistill.runtime.peak_memory import peak_rss_mb, reset_peak_rss
 from edgedistill.core.errors import UserError
 from edgedistill.runtime.formats import BACKENDS, backends_for, resolve, why_not
+from edgedistill.runtime.manifest import DamagedBundle
 from edgedistill.core.locations import default_cache_root
 from edgedistill.runtime.cuda import free_memory
 from edgedistill.runtime.ort import ort_session
@@ -71,7 +72,11 @@ class Runner:
             chunk = x[i:i + step]
             padded = np.concatenate([chunk] * -(-self.min_batch // len(chunk)))[:self.min_batch] \
                 if len(chunk) < self.min_batch else chunk
-            outs.append(self.to_numpy(self.call(self.stage(padded)))[:len(chunk)])
+            out = self.to_numpy(self.call(self.stage(padded)))
+            if out.ndim != 2 or len(out) < len(chunk):  # a graph that lies about its output shape
+                raise DamagedBundle(f"{getattr(self, 'name', self.backend)} returned an output of shape "
+                                    f"{out.shape} for a batch of {len(padded)}; an encoder gives (N, D): export again")
+            outs.append(out[:len(chunk)])
         return np.concatenate(outs).astype(np.float32)
 
     def peak_memory_reset(self) -> None:
@@ -136,6 +141,50 @@ def ort_provider(provider: str, precision: str, shapes: dict[str, list[int | Non
 
 
 _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+_FLOAT_INPUTS = ("tensor(float)", "tensor(float16)")
+_NUMPY_TYPES = {"float32": "tensor(float)", "float16": "tensor(float16)", "int64": "tensor(int64)",
+                "int32": "tensor(int32)"}
+_INT_INPUTS = ("tensor(int64)", "tensor(int32)")
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    """What an export's encoders take and give: images (N, 3, H, W) at ``size`` (H, W), embeddings (N, D)."""
+    size: tuple[int, int]
+    embed_dim: int
+
+
+def _fixed(d: Any) -> bool:
+    """A dimension with a size (not symbolic)."""
+    return isinstance(d, int) and not isinstance(d, bool) and d > 0
+
+
+def _shown(dims: list[Any]) -> str:
+    return "x".join(str(d) if _fixed(d) else "?" for d in dims)
+
+
+def check_graph_io(name: str, encoder: str, inputs: list[tuple[str, list[Any]]], outputs: list[list[Any]],
+                   expect: GraphSpec | None) -> None:
+    """DamagedBundle naming the artifact unless its graph is an encoder: the image one takes one 4-D float input
+    (N, 3, H, W), the text one one 2-D int input (N, L), and the first output is (N, D). ``inputs``: (type, dims);
+    a dim that is not a positive int is symbolic and matches anything. ``expect``: H, W and D to match."""
+    image = encoder == "image"
+    want = "one 4-D float input (N, 3, H, W)" if image else "one 2-D integer input (N, L)"
+    if len(inputs) != 1:
+        raise DamagedBundle(f"{name}: the {encoder} graph has {len(inputs)} inputs; an encoder takes {want}: "
+                            f"export again")
+    kind, dims = inputs[0]
+    ok = kind in (_FLOAT_INPUTS if image else _INT_INPUTS) and len(dims) == (4 if image else 2)
+    sizes = (3, *(expect.size if expect else (None, None))) if image else ()
+    if not ok or any(_fixed(d) and s is not None and d != s for d, s in zip(dims[1:], sizes)):
+        size = f" with H, W = {expect.size[0]}, {expect.size[1]}" if image and expect else ""
+        raise DamagedBundle(f"{name}: the {encoder} graph takes {kind} of shape ({_shown(dims)}), not {want}{size}; "
+                            f"export again")
+    out = outputs[0] if outputs else None
+    if out is None or len(out) != 2 or (expect is not None and _fixed(out[1]) and out[1] != expect.embed_dim):
+        dim = f" with D = embed_dim {expect.embed_dim}" if expect else ""
+        got = f"an output of shape ({_shown(out)})" if out is not None else "no output"
+        raise DamagedBundle(f"{name}: the {encoder} graph gives {got}, not (N, D){dim}; export again")
 
 
 class OrtRunner(Runner):
@@ -147,8 +196,12 @@ class OrtRunner(Runner):
 
     @classmethod
     def open(cls, backend: str, path: Path, artifact: dict[str, Any], options: "RunOptions") -> "OrtRunner":
-        return cls(path, str(artifact.get("precision", "fp32")), backend, options.threads, options.batch_range,
-                   spin=options.spin)
+        runner = cls(path, str(artifact.get("precision", "fp32")), backend, options.threads, options.batch_range,
+                     spin=options.spin)
+        check_graph_io(runner.name, str(artifact.get("encoder", "image")),
+                       [(str(i.type), list(i.shape or [])) for i in runner.session.get_inputs()],
+                       [list(o.shape or []) for o in runner.session.get_outputs()], options.expect)
+        return runner
 
     def __init__(self, path: Path, precision: str, backend: str, threads: int | None,
                  batch_range: tuple[int, int, int] | None = None, spin: bool | None = None) -> None:
@@ -181,6 +234,9 @@ class OrtRunner(Runner):
         if used[0] != provider:
             raise UserError(f"onnxruntime fell back to {used[0]} for {self.name} instead of {provider}; "
                             f"check the onnxruntime-gpu, CUDA and cuDNN installation")
+        if not self.session.get_inputs() or not self.session.get_outputs():
+            raise DamagedBundle(f"{self.name}: the graph has no inputs or no outputs; an encoder takes one and gives "
+                                f"one: export again")
         self.input_name = self.session.get_inputs()[0].name
         output = self.session.get_outputs()[0]
         self.output_name = output.name
@@ -262,12 +318,18 @@ class TensorRtRunner(Runner):
 
     @classmethod
     def open(cls, backend: str, path: Path, artifact: dict[str, Any], options: "RunOptions") -> "TensorRtRunner":
-        return cls(path)
+        return cls(path, str(artifact.get("encoder", "image")), options.expect)
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, encoder: str | None = None, expect: GraphSpec | None = None) -> None:
         self.runner = TrtRunner(path)
         self.version = self.runner.tensorrt_version  # JetPack's apt package has no pip metadata
         self.name = Path(path).name
+        r = self.runner
+        if encoder is not None or not r.output_names:  # the engine's I/O at its profile's max batch
+            check_graph_io(self.name, encoder or "image",
+                           [(_NUMPY_TYPES.get(np.dtype(r.dtypes[n]).name, "other"), list(r.max_shapes[n]))
+                            for n in r.input_names],
+                           [list(r.max_shapes[n]) for n in r.output_names], expect)
         self.output_name = self.runner.output_names[0]
         self.min_batch, self.max_batch = self.runner.profile.min, self.runner.profile.max
 
@@ -293,6 +355,12 @@ class TensorRtRunner(Runner):
 
 # ---------------------------------------------------------------------------------------------- openvino
 OPENVINO_HINTS = ("latency", "throughput")
+_OV_TYPES = {"f32": "tensor(float)", "f16": "tensor(float16)", "i64": "tensor(int64)", "i32": "tensor(int32)"}
+
+
+def _ov_dims(port: Any) -> list[int | None]:
+    """An OpenVINO port's shape, None for a dynamic dimension."""
+    return [d.get_length() if d.is_static else None for d in port.get_partial_shape()]
 
 
 def openvino_message(error: BaseException) -> str:
@@ -316,7 +384,12 @@ class OpenVinoRunner(Runner):
 
     @classmethod
     def open(cls, backend: str, path: Path, artifact: dict[str, Any], options: "RunOptions") -> "OpenVinoRunner":
-        return cls(path, options.threads, options.hint)
+        runner = cls(path, options.threads, options.hint)
+        check_graph_io(runner.name, str(artifact.get("encoder", "image")),
+                       [(_OV_TYPES.get(i.get_element_type().get_type_name(), "other"), _ov_dims(i))
+                        for i in runner.compiled.inputs],
+                       [_ov_dims(o) for o in runner.compiled.outputs], options.expect)
+        return runner
 
     def __init__(self, path: Path, threads: int | None = None, hint: str | None = None) -> None:
         import openvino as ov  # deferred: an optional extra (edgedistill[openvino])
@@ -357,6 +430,7 @@ class RunOptions:
     batch_range: tuple[int, int, int] | None = None
     spin: bool | None = None
     hint: str | None = None          # "latency" (default) or "throughput"
+    expect: GraphSpec | None = None  # the encoder's input size and embedding width, checked when a graph opens
 
 
 @dataclass
@@ -406,14 +480,15 @@ def flavour_mismatch(artifact: dict[str, Any], backend: str) -> str | None:
 
 def candidates(artifact: dict[str, Any], path: Path, device: str, threads: int | None,
                batch_range: tuple[int, int, int] | None = None, *, spin: bool | None = None,
-               hint: str | None = None) -> list[Candidate]:
+               hint: str | None = None, expect: GraphSpec | None = None) -> list[Candidate]:
     """Every backend of ``device`` for one artifact (formats.BACKENDS): runnable ones with a factory, the others
     with the reason (not installed here, or an INT8 graph of the other flavour: ``flavour_mismatch``).
     ``batch_range`` (min, opt, max): the batch profile onnxruntime's TensorRT provider builds for; ``spin``:
-    onnxruntime's idle-thread spinning; ``hint``: OpenVINO's performance hint (RunOptions).
+    onnxruntime's idle-thread spinning; ``hint``: OpenVINO's performance hint; ``expect``: the shapes a graph
+    must take and give (RunOptions).
     """
     fmt = str(artifact.get("format"))
-    options = RunOptions(device, threads, batch_range, spin=spin, hint=hint)
+    options = RunOptions(device, threads, batch_range, spin=spin, hint=hint, expect=expect)
     backends = backends_for(fmt, device)
     if not backends:  # named after the backend the format would have elsewhere, so the row says what it is
         name = next((b.name for b in BACKENDS.values() if fmt in b.formats), "-")

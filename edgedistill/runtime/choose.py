@@ -15,21 +15,25 @@ import importlib.metadata
 import json
 import os
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Annotated, Any, Callable, Iterable
 
 import numpy as np
+from pydantic import ConfigDict, Field, ValidationError
 
 import edgedistill.core.atomic as atomic
-from edgedistill.core.documents import BenchReport, read_document
+from edgedistill.core.documents import Document, read_document
 from edgedistill.core.errors import UserError
 from edgedistill.core.gates import at_least, at_most
 from edgedistill.core.hashing import sha256_json
 from edgedistill.core.locations import default_cache_root
+from edgedistill.core.terminal import safe
 from edgedistill.runtime.backends import Runner
 from edgedistill.runtime.device import cpu_model, gpu_name, isa_flags
 from edgedistill.runtime.formats import BACKENDS
+from edgedistill.runtime.manifest import DamagedBundle
 from edgedistill.runtime.probe import unit
 
 TOLERANCE = 0.99          # minimum cosine to the fp32 reference on the probe for an artifact to be trusted here
@@ -131,6 +135,8 @@ def measure(options: list[Choice], inputs: np.ndarray, reference: np.ndarray, ba
         try:
             runner = open_runner(c)
             cos = (unit(runner.embed(inputs, max(batches))) * reference).sum(axis=1)
+        except DamagedBundle:
+            raise  # the export is wrong, not this device: an error to fix
         except UserError as e:
             m.reason = str(e)
             continue
@@ -188,9 +194,13 @@ def read_cached(key: dict[str, Any]) -> dict[str, list[Measured]] | None:
         doc = json.loads(path.read_text(encoding="utf-8"))
         if doc.get("key") != key:
             return None
-        return {tower: [Measured(**m) for m in rows] for tower, rows in doc["towers"].items()}
+        towers = {tower: [Measured(**m) for m in rows] for tower, rows in doc["towers"].items()}
     except (OSError, ValueError, TypeError, KeyError, AttributeError):
         return None
+    good = all(isinstance(m.ok, bool) and isinstance(m.p50_ms, dict) and all(at_least(v, 0.0) for v in
+               m.p50_ms.values()) and (m.cosine_min is None or isinstance(m.cosine_min, float))
+               for rows in towers.values() for m in rows)
+    return towers if good else None
 
 
 def write_cached(key: dict[str, Any], towers: dict[str, list[Measured]]) -> Path:
@@ -206,32 +216,78 @@ def write_cached(key: dict[str, Any], towers: dict[str, list[Measured]]) -> Path
 
 
 # ------------------------------------------------------------------------------------------------- bench reports
+class _Strict(Document):
+    model_config = ConfigDict(extra="allow", strict=True)
+
+
+class BenchDevice(_Strict):
+    """``device_info`` of a bench report: where it was measured."""
+    device: str
+    cpu: str | None = None
+    cpu_flags: list[str] | None = None
+
+
+class EvidenceReport(_Strict):
+    """A bench report as choice evidence: where it was measured, and its rows (each checked on its own)."""
+    device_info: BenchDevice
+    rows: list[Any]
+
+
+class EvidenceRow(_Strict):
+    """One row of a bench report that can rank a choice: numbers are numbers, finite and in range."""
+    artifact: str
+    backend: str
+    status: str
+    batch: Annotated[int, Field(ge=1)]
+    precision: str | None = None
+    role: str = "student"
+    p50_ms: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None
+    i2t_r1: Annotated[float, Field(ge=0, le=100, allow_inf_nan=False)] | None = None
+
+
+def _evidence_rows(path: Path, rows: list[Any]) -> list[EvidenceRow]:
+    """The rows that are well formed; each other one is skipped with a one-line warning naming it and its field
+    (a bench report only ranks choices: without a row, load() measures here instead)."""
+    good = []
+    for i, raw in enumerate(rows):
+        if isinstance(raw, dict) and (raw.get("status") != "ok" or raw.get("role", "student") != "student"):
+            continue  # failed, skipped and teacher rows rank nothing
+        try:
+            good.append(EvidenceRow.model_validate(raw))
+        except ValidationError as e:
+            err = e.errors()[0]
+            where = ".".join(str(p) for p in err["loc"]) or "(the row)"
+            warnings.warn(f"bench report {safe(path)}: row {i} skipped, field '{where}': {err['msg']}; bench again",
+                          stacklevel=4)
+    return good
+
+
 def bench_evidence(folders: Iterable[Path], device: str, batch: int) -> dict[str, float]:
     """p50 (ms) at ``batch`` by choice key from the first bench.json in ``folders`` measured on this CPU and device,
     keeping only rows that are accurate: image rows within R1_TOLERANCE points of val R@1 of the best fp32 row,
-    rows without accuracy (text towers) only at fp32. {} when no report matches."""
+    rows without accuracy (text towers) only at fp32. {} when no report matches. A damaged report, or row, is
+    skipped with a warning (docs/runtime.md#what-load-trusts)."""
     for folder in folders:
         path = Path(folder) / "bench.json"
         if not path.is_file():
             continue
         try:
-            report = read_document(path, BenchReport, "bench report", "bench again")
-        except UserError:
+            report = read_document(path, EvidenceReport, "bench report", "bench again")
+        except UserError as e:
+            warnings.warn(f"{e} (not used to choose)", stacklevel=3)
             continue
-        info = report.model_dump().get("device_info") or {}
-        if info.get("device") != device or info.get("cpu") != cpu_model() or \
-                ("cpu_flags" in info and list(info["cpu_flags"]) != list(isa_flags())):
+        info = report.device_info
+        if info.device != device or info.cpu != cpu_model() or \
+                (info.cpu_flags is not None and list(info.cpu_flags) != list(isa_flags())):
             continue
-        rows = [r for r in report.rows if r.get("status") == "ok" and r.get("role", "student") == "student"]
-        best_fp32 = max((float(r["i2t_r1"]) for r in rows if r.get("precision") == "fp32"
-                         and isinstance(r.get("i2t_r1"), (int, float))), default=None)
+        rows = _evidence_rows(path, report.rows)
+        best_fp32 = max((r.i2t_r1 for r in rows if r.precision == "fp32" and r.i2t_r1 is not None), default=None)
         out = {}
         for r in rows:
-            r1 = r.get("i2t_r1")
-            accurate = r.get("precision") == "fp32" if r1 is None or best_fp32 is None else \
-                at_least(float(r1), best_fp32 - R1_TOLERANCE)
-            if accurate and r.get("batch") == batch and isinstance(r.get("p50_ms"), (int, float)):
-                out[f"{r['artifact']}@{r['backend']}"] = float(r["p50_ms"])
+            accurate = r.precision == "fp32" if r.i2t_r1 is None or best_fp32 is None else \
+                at_least(r.i2t_r1, best_fp32 - R1_TOLERANCE)
+            if accurate and r.batch == batch and r.p50_ms is not None:
+                out[f"{r.artifact}@{r.backend}"] = r.p50_ms
         if out:
             return out
     return {}

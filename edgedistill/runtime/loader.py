@@ -16,27 +16,30 @@ text tokenised without torch (``runtime``), so an ONNX export runs with numpy, p
 
 from __future__ import annotations
 
-import json
 import warnings
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Annotated, Any, Callable, Sequence
 
 import numpy as np
+from pydantic import ConfigDict, Field
 
 import edgedistill.runtime.choose as choose
 import edgedistill.runtime.manifest as artifacts
+from edgedistill.core.documents import Document, read_document
 from edgedistill.core.errors import UserError
 from edgedistill.core.gates import at_least, at_most
 from edgedistill.core.hashing import sha256_bytes, sha256_file
-from edgedistill.runtime.backends import Runner, candidates, flavour_mismatch
+from edgedistill.core.terminal import safe
+from edgedistill.runtime.backends import GraphSpec, Runner, candidates, flavour_mismatch
 from edgedistill.runtime.choose import TOLERANCE, Choice, rule_rank
 from edgedistill.runtime.device import resolve_device
 from edgedistill.runtime.encoder import Encoder, EncoderInfo, TextTable
 from edgedistill.runtime.formats import BACKENDS, FORMATS, PRECISIONS, resolve
+from edgedistill.runtime.limits import check_batch, check_threads
 from edgedistill.runtime.preprocess import ImageInput, Preprocess
 from edgedistill.runtime.probe import read_probe, unit, user_probe
-from edgedistill.runtime.tokenizer import load_tokenizer
+from edgedistill.runtime.tokenizer import CONFIG_FILE, TOKENIZER_FILE, load_tokenizer
 
 
 # ---------------------------------------------------------------------------------------------------- load
@@ -55,11 +58,15 @@ def load(path: str | Path, device: str = "auto", backend: str = "auto", precisio
     """
     device = resolve_device(device)
     _check_request(backend, precision, device, batch, tolerance)
+    threads = check_threads(threads)
     export_dir, pinned = _export_of(Path(path))
     if export_dir is None:
-        return _load_student(_student_folder(Path(path)), device, threads, str(path))
+        return _load_student(_student_folder(Path(path)), device, threads, str(path), batch)
     doc = artifacts.read_manifest(export_dir)
-    preprocess = Preprocess(doc["preprocess"])
+    preprocess = _preprocess(doc["preprocess"], export_dir / artifacts.MANIFEST)
+    check_batch(batch, preprocess.input_size, doc["embed_dim"])
+    tokenizer = bundle_tokenizer(export_dir, doc)  # a damaged bundle is refused before anything runs
+    table = _text_table(doc, export_dir)
     towers = {"image": _options(doc, export_dir, "image", device, backend, precision, pinned)}
     notes: list[str] = []
     text = _options(doc, export_dir, "text", device, backend, precision, pinned, required=False)
@@ -72,7 +79,8 @@ def load(path: str | Path, device: str = "auto", backend: str = "auto", precisio
         towers["text"] = text
     request = pinned is not None or backend != "auto" or precision is not None
     towers = {tower: choose.trusted(options, notes) for tower, options in towers.items()}
-    decide = _Decision(export_dir, doc, device, threads, spin, batch, tolerance, request, notes)
+    expect = GraphSpec(preprocess.config.size, doc["embed_dim"])  # what every graph opened here must take and give
+    decide = _Decision(export_dir, doc, device, threads, spin, batch, tolerance, request, notes, expect)
     if measure and any(decide.needs_measuring(o) for o in towers.values()):
         decide.measure(towers, probe, preprocess, remeasure)
     chosen = {tower: decide.pick(tower, options) for tower, options in towers.items()}
@@ -80,22 +88,27 @@ def load(path: str | Path, device: str = "auto", backend: str = "auto", precisio
     info = EncoderInfo(str(path), device, image.describe(), text_choice.describe() if text_choice else None,
                        decide.chosen_by["image"], doc.get("student_weights_sha256") or image.artifact.get("sha256"),
                        notes, decide.evidence())
-    opened = {t: decide.runners.pop(c.key, None) or _open(c, device, threads, spin) for t, c in chosen.items()}
-    return Encoder(opened["image"], opened.get("text") or _text_table(doc, export_dir), preprocess,
-                   _tokenizer(export_dir, doc, info), int(doc["embed_dim"]), info)
+    if tokenizer is None and text_choice is not None:
+        info.notes.append("no tokenizer saved in this export (made before edgedistill saved one, or its tokenizer "
+                          "could not be converted): text needs a new export")
+    opened = {t: decide.runners.pop(c.key, None) or _open(c, device, threads, spin, decide.expect)
+              for t, c in chosen.items()}
+    return Encoder(opened["image"], opened.get("text") or table, preprocess, tokenizer, doc["embed_dim"], info)
 
 
 class _Decision:
     """How each tower's artifact is chosen: measured here (cached), a bench report of this device, or the rule."""
 
     def __init__(self, export_dir: Path, doc: dict[str, Any], device: str, threads: int | None,
-                 spin: bool | None, batch: int, tolerance: float, request: bool, notes: list[str]) -> None:
+                 spin: bool | None, batch: int, tolerance: float, request: bool, notes: list[str],
+                 expect: GraphSpec) -> None:
         self.export_dir, self.doc, self.device, self.threads, self.spin = export_dir, doc, device, threads, spin
         self.batch, self.tolerance, self.request, self.notes = batch, tolerance, request, notes
         self.measured: dict[str, list[choose.Measured]] = {}
         self.chosen_by: dict[str, str] = {}
         self.runners: dict[str, Runner] = {}   # opened while measuring: the chosen ones are reused
         self.how = ""
+        self.expect = expect
         # a bench report of this device (run or export folder) decides before anything is measured
         self.bench = choose.bench_evidence([export_dir / "bench", export_dir.parent / "bench", export_dir], device,
                                            batch)
@@ -106,7 +119,7 @@ class _Decision:
 
     def measure(self, towers: dict[str, list[Choice]], probe: Sequence[ImageInput] | None,
                 preprocess: Preprocess, remeasure: bool) -> None:
-        ref = read_probe(self.export_dir, self.doc.get("probe"), preprocess)
+        ref = read_probe(self.export_dir, self.doc.get("probe"), preprocess, self.doc["embed_dim"])
         if probe is not None:
             ref = user_probe(probe, preprocess)
         if ref is None:
@@ -136,7 +149,7 @@ class _Decision:
         self.how = "measured"
 
     def _open_keep(self, c: Choice) -> Runner:
-        runner = _open(c, self.device, self.threads, self.spin)
+        runner = _open(c, self.device, self.threads, self.spin, self.expect)
         self.runners[c.key] = runner
         return runner
 
@@ -147,7 +160,8 @@ class _Decision:
         if fp32 is None or BACKENDS["onnxruntime-cpu"].missing() is not None:
             raise UserError("probe= needs the export's fp32 ONNX image graph and onnxruntime to compute the "
                             "reference embeddings; leave probe out to use the export's own probe set")
-        runner = _open(Choice(fp32, self.export_dir, "onnxruntime-cpu"), "cpu", self.threads, self.spin)
+        runner = _open(Choice(fp32, self.export_dir, "onnxruntime-cpu"), "cpu", self.threads, self.spin,
+                       self.expect)
         return unit(runner.embed(pixels, 32))
 
     def pick(self, tower: str, options: list[Choice]) -> Choice:
@@ -241,46 +255,100 @@ def _pinned_encoder(doc: dict[str, Any], export_dir: Path, pinned: Path) -> str:
     raise UserError(f"{pinned} is not listed in {export_dir / artifacts.MANIFEST}; give an artifact of that export")
 
 
-def _open(choice: Choice, device: str, threads: int | None, spin: bool | None = None) -> Runner:
+def _open(choice: Choice, device: str, threads: int | None, spin: bool | None = None,
+          expect: GraphSpec | None = None) -> Runner:
     path = artifacts.verify_artifact(choice.export_dir, choice.artifact)
-    cand = next(c for c in candidates(choice.artifact, path, device, threads, spin=spin)
+    cand = next(c for c in candidates(choice.artifact, path, device, threads, spin=spin, expect=expect)
                 if c.backend == choice.backend)
     if cand.make is None:
         raise UserError(f"{choice.artifact['name']} cannot run on {choice.backend}: {cand.reason}")
     return cand.make()
 
 
+def _preprocess(desc: Any, source: Path) -> Preprocess:
+    """The eval transform a document describes; a bad description is one line naming the document."""
+    try:
+        return Preprocess(desc)
+    except UserError as e:
+        raise UserError(f"{safe(source)}: {e}") from None
+
+
 def _text_table(doc: dict[str, Any], export_dir: Path) -> TextTable | None:
-    """The precomputed embeddings of a fixed vocabulary, for an export without a text encoder."""
+    """The precomputed embeddings of a fixed vocabulary (P, D), for an export without a text encoder: the array
+    and its prompts file both checked against their sha256 and against each other."""
     table = next((a for a in doc["artifacts"] if a.get("format") == "npy" and a.get("encoder") == "text"), None)
     if table is None:
         return None
     path = artifacts.verify_artifact(export_dir, table)
-    prompts = (export_dir / str(table.get("prompts", "text_prompts.txt"))).read_text(encoding="utf-8").splitlines()
-    return TextTable(np.load(path), prompts)
+    prompts_file = artifacts.verify_file(export_dir, table.get("prompts") or "text_prompts.txt",
+                                         table.get("prompts_sha256"), f"the prompts file of {table['name']}")
+    try:
+        prompts = prompts_file.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"the prompts file {safe(prompts_file)} is not readable UTF-8 text ({type(e).__name__}); "
+                        f"export again") from None
+    embeddings = artifacts.read_array(path, "text table", "f", 2).astype(np.float32)
+    if embeddings.shape != (len(prompts), doc["embed_dim"]):
+        raise UserError(f"text table {safe(path)} is {embeddings.shape[0]} x {embeddings.shape[1]}, but "
+                        f"{safe(prompts_file)} holds {len(prompts)} prompts and embed_dim is {doc['embed_dim']}; "
+                        f"export again")
+    return TextTable(embeddings, prompts)
 
 
-def _tokenizer(export_dir: Path, doc: dict[str, Any], info: EncoderInfo) -> Callable[[Sequence[str]], Any] | None:
-    """The export's own tokenizer (tokenizers + ftfy, no torch); None, with a note, for an export without one."""
-    folder = export_dir / str((doc.get("tokenizer") or {}).get("folder") or "tokenizer")
-    if (folder / "tokenizer.json").is_file():
-        return load_tokenizer(folder)
-    info.notes.append("no tokenizer saved in this export (made before edgedistill saved one, or its tokenizer could "
-                      "not be converted): text needs a new export")
-    return None
+def bundle_tokenizer(export_dir: Path, doc: dict[str, Any]) -> Callable[[Sequence[str]], Any] | None:
+    """The export's own tokenizer (tokenizers + ftfy, no torch), every file checked against its sha256 in
+    export.json; None for an export that records none (never a folder outside the bundle)."""
+    entry = doc.get("tokenizer") or {}
+    files = entry.get("files") or {}
+    if not files:
+        return None
+    folder_name = entry.get("folder") or "tokenizer"
+    folder = artifacts.bundle_file(export_dir, folder_name, "tokenizer.folder")
+    needed = [f for f in (TOKENIZER_FILE, CONFIG_FILE) if f not in files]
+    if needed:
+        raise UserError(f"{export_dir / artifacts.MANIFEST}: tokenizer.files does not list {', '.join(needed)}; "
+                        f"re-export")
+    missing = [name for name in files if not (folder / name).is_file()]
+    if missing:
+        raise UserError(f"{safe(folder)} lacks {', '.join(safe(m) for m in sorted(missing))} of the tokenizer "
+                        f"export.json lists; re-export (a bundle carries its own tokenizer)")
+    for name, digest in files.items():
+        artifacts.verify_file(export_dir, f"{folder_name}/{name}", digest, "tokenizer file")
+    return load_tokenizer(folder)
 
 
 def _student_folder(path: Path) -> Path:
     return path / "student" if (path / "student").is_dir() else path
 
 
-def _load_student(folder: Path, device: str, threads: int | None, source: str) -> Encoder:
+class _ModelCfg(Document):
+    model_config = ConfigDict(extra="allow", strict=True)
+    embed_dim: Annotated[int, Field(ge=1)]
+
+
+class _StudentInfo(Document):
+    model_config = ConfigDict(extra="allow", strict=True)
+    weights_sha256: str | None = None
+
+
+class StudentConfig(Document):
+    """A student folder's ``open_clip_config.json`` as far as load() reads it."""
+    model_config = ConfigDict(extra="allow", strict=True)
+    model_cfg: _ModelCfg
+    preprocess_cfg: dict[str, Any]
+    edgedistill: _StudentInfo | None = None
+
+
+def _load_student(folder: Path, device: str, threads: int | None, source: str, batch: int = 1) -> Encoder:
     """The student as trained, on PyTorch (needs the training install)."""
+    config_path = folder / "open_clip_config.json"
+    cfg = read_document(config_path, StudentConfig, "student config", "distill again, or load its export")
+    preprocess = _preprocess(cfg.preprocess_cfg, config_path)
+    check_batch(batch, preprocess.input_size, cfg.model_cfg.embed_dim)
     backend = "pytorch-cuda" if device in ("cuda", "jetson") else "pytorch-cpu"
     missing = BACKENDS[backend].missing()
     if missing:
         raise UserError(f"{folder} is a PyTorch student and {missing}; load its export instead (edgedistill export)")
-    cfg = json.loads((folder / "open_clip_config.json").read_text(encoding="utf-8"))
     runners = {}
     for encoder in ("image", "text"):
         art = {"name": f"{encoder}_fp32_pytorch", "encoder": encoder, "format": "pytorch", "precision": "fp32"}
@@ -290,6 +358,6 @@ def _load_student(folder: Path, device: str, threads: int | None, source: str) -
                                         "precision": "fp32", "format": "pytorch"},
                        {"artifact": "text_fp32_pytorch", "path": str(folder), "backend": backend,
                         "precision": "fp32", "format": "pytorch"}, "request",
-                       (cfg.get("edgedistill") or {}).get("weights_sha256"))
-    return Encoder(runners["image"], runners["text"], Preprocess(cfg["preprocess_cfg"]),
-                   resolve(FORMATS["pytorch"].tokenizer)(folder), int(cfg["model_cfg"]["embed_dim"]), info)
+                       cfg.edgedistill.weights_sha256 if cfg.edgedistill else None)
+    return Encoder(runners["image"], runners["text"], preprocess, resolve(FORMATS["pytorch"].tokenizer)(folder),
+                   cfg.model_cfg.embed_dim, info)

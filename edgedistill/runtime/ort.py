@@ -9,6 +9,8 @@ from typing import Any
 
 import numpy as np
 
+from edgedistill.core.errors import UserError
+
 
 # onnxruntime's session config keys (onnxruntime_session_options_config_keys.h): "1" lets idle pool threads spin
 SPIN_KEYS = ("session.intra_op.allow_spinning", "session.inter_op.allow_spinning")
@@ -42,6 +44,8 @@ def ort_session(path: Path, threads: int | None = None, providers: list[Any] | N
 
 def run_session(session: Any, inputs: np.ndarray, batch_size: int = 32) -> np.ndarray:
     """(N, ...) -> (N, D) float32, in batches of ``batch_size``."""
+    if not session.get_inputs():
+        raise UserError("the ONNX graph has no inputs; an encoder takes one (export again)")
     name = session.get_inputs()[0].name
     outs = [session.run(None, {name: inputs[i:i + batch_size]})[0] for i in range(0, len(inputs), batch_size)]
     return np.concatenate(outs).astype(np.float32) if outs else np.zeros((0, 0), np.float32)

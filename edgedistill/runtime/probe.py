@@ -19,6 +19,8 @@ from PIL import Image
 import edgedistill.core.atomic as atomic
 from edgedistill.core.errors import UserError
 from edgedistill.core.hashing import sha256_file
+from edgedistill.core.terminal import safe
+from edgedistill.runtime.manifest import bundle_file, read_array
 from edgedistill.runtime.preprocess import ImageInput, Preprocess, load_image, resize_and_crop, to_array
 
 FOLDER = "probe"
@@ -79,8 +81,15 @@ def write_probe(out_dir: Path, pixels: np.ndarray, image_ref: np.ndarray, tokens
     return {"images": int(len(pixels)), "captions": int(len(tokens)) if "tokens" in arrays else 0, "files": files}
 
 
-def read_probe(export_dir: Path, entry: dict[str, Any] | None, preprocess: Preprocess) -> Probe | None:
-    """The export's probe (files checked against their sha256), or None for an export made without one."""
+# what each probe file holds: (dtype kinds, dimensions)
+SHAPES = {"pixels": ("u", 4), "image_ref": ("f", 2), "tokens": ("iu", 2), "text_ref": ("f", 2)}
+
+
+def read_probe(export_dir: Path, entry: dict[str, Any] | None, preprocess: Preprocess,
+               embed_dim: int | None = None) -> Probe | None:
+    """The export's probe (files inside the export, checked against their sha256, then their dtype and shape:
+    pixels uint8 (N, H, W, 3) at the preprocess size, references (N, D) / (M, D) with D ``embed_dim``, tokens
+    (M, L)), or None for an export made without one."""
     if not entry:
         return None
     arrays = {}
@@ -88,18 +97,33 @@ def read_probe(export_dir: Path, entry: dict[str, Any] | None, preprocess: Prepr
         if key not in FILES or spec.get("path") != f"{FOLDER}/{FILES[key]}":
             raise UserError(f"{export_dir}/export.json: probe file {key!r} is not one this edgedistill writes; "
                             f"export again")
-        path = Path(export_dir) / spec["path"]
+        path = bundle_file(export_dir, spec["path"], "probe file")
         if not path.is_file() or sha256_file(path) != spec.get("sha256"):
-            raise UserError(f"{path}: the probe file is missing or does not match the sha256 in export.json; "
+            raise UserError(f"{safe(path)}: the probe file is missing or does not match the sha256 in export.json; "
                             f"export again")
-        try:
-            arrays[key] = np.load(path, allow_pickle=False)
-        except ValueError as e:
-            raise UserError(f"{path}: not a plain numpy array ({e}); export again") from None
+        arrays[key] = read_array(path, "probe file", *SHAPES[key])
     if "pixels" not in arrays or "image_ref" not in arrays:
         return None
-    return Probe(normalise(arrays["pixels"], preprocess), arrays["image_ref"], arrays.get("tokens"),
-                 arrays.get("text_ref"))
+    _check_shapes(Path(export_dir) / FOLDER, arrays, preprocess.config.size, embed_dim)
+    return Probe(normalise(arrays["pixels"], preprocess), arrays["image_ref"].astype(np.float32),
+                 arrays.get("tokens"), None if "text_ref" not in arrays else arrays["text_ref"].astype(np.float32))
+
+
+def _check_shapes(folder: Path, arrays: dict[str, np.ndarray], size: tuple[int, int], embed_dim: int | None) -> None:
+    pixels, image_ref = arrays["pixels"], arrays["image_ref"]
+    tokens, text_ref = arrays.get("tokens"), arrays.get("text_ref")
+    d = embed_dim or image_ref.shape[1]
+    problems = []
+    if pixels.dtype != np.uint8 or pixels.shape[1:] != (*size, 3):
+        problems.append(f"pixels are {pixels.dtype} {pixels.shape}, not uint8 (N, {size[0]}, {size[1]}, 3)")
+    if image_ref.shape != (len(pixels), d):
+        problems.append(f"image references are {image_ref.shape}, not ({len(pixels)}, {d})")
+    if (tokens is None) != (text_ref is None):
+        problems.append("tokens and text references come as a pair")
+    elif tokens is not None and text_ref is not None and text_ref.shape != (len(tokens), d):
+        problems.append(f"text references are {text_ref.shape}, not ({len(tokens)}, {d})")
+    if problems:
+        raise UserError(f"probe {safe(folder)}: {'; '.join(problems)}; export again")
 
 
 def user_probe(images: Sequence[ImageInput], preprocess: Preprocess) -> Probe:
