@@ -8,21 +8,23 @@ prints the traceback. Each command imports its own stack when it runs (torch, on
 
 from __future__ import annotations
 
+import csv
 import errno
+import json
 import os
 import sys
 import traceback
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
-import numpy as np
 import typer
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
 from edgedistill import __version__
 from edgedistill.core.errors import UserError
-from edgedistill.core.terminal import make_console
+from edgedistill.core.terminal import make_console, safe, warn
 
 app = typer.Typer(
     name="edgedistill",
@@ -112,14 +114,22 @@ def cache(
     console.print(f"teacher {teacher.source.model_name} ({teacher.source.weights[:40]}) on {teacher.device}, "
                   f"embedding width {teacher.embed_dim}", highlight=False)
     results = caches_for_recipe(resolved, teacher, manifests, console=console, rebuild=rebuild)
-    table = Table(title="teacher feature cache")
+    out = make_console()
+    out.print(_cache_table(results))
+    for name, r in results.items():  # paths under the table: a column of them would fold at 80 columns
+        out.print(f"{safe(name)}: {safe(r.cache.path)}", highlight=False, soft_wrap=True)
+
+
+def _cache_table(results: dict) -> Table:
+    """`cache`'s table: one row per split, numbers never wrapped (the paths are printed under it)."""
+    table = Table(title="teacher feature cache", box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1, 0, 0))
     for col in ("split", "images", "unreadable", "captions", "status", "seconds"):
-        table.add_column(col)
-    table.add_column("path", overflow="fold")
+        table.add_column(col, justify="left" if col in ("split", "status") else "right", no_wrap=col != "split",
+                         overflow="fold")
     for name, r in results.items():
-        table.add_row(name, str(r.cache.n_images), str(len(r.cache.bad_images)), str(r.cache.n_texts),
-                      "reused" if r.hit else "built", f"{r.seconds:.1f}", str(r.cache.path))
-    make_console().print(table)
+        table.add_row(safe(name), str(r.cache.n_images), str(len(r.cache.bad_images)), str(r.cache.n_texts),
+                      "reused" if r.hit else "built", f"{r.seconds:.1f}")
+    return table
 
 
 @app.command()
@@ -167,14 +177,16 @@ METRIC_LABELS = {"i2t_r1": "image->text R@1", "i2t_r5": "image->text R@5", "i2t_
 
 
 def _print_summary(summary: dict, out: Path, trained: bool = True) -> None:
-    """One row per metric, a column per model: fits any terminal width."""
+    """One row per metric, a column per model: fits any terminal width (numbers never wrap; a metric's name
+    folds first)."""
     models = {k: v for k, v in (("teacher", summary.get("teacher")), ("student", summary.get("student"))) if v}
     console = make_console()
     if models:
-        table = Table(title=f"val ({summary.get('val_images', 0)} images; recall in %)")
-        table.add_column("metric")
+        table = Table(title=f"val ({summary.get('val_images', 0)} images; recall in %)", box=box.SIMPLE_HEAD,
+                      pad_edge=False)
+        table.add_column("metric", overflow="fold")
         for name in models:
-            table.add_column(name, justify="right")
+            table.add_column(name, justify="right", no_wrap=True)
         for key, label in METRIC_LABELS.items():
             if any(key in m for m in models.values()):
                 table.add_row(label, *["-" if key not in m else f"{m[key]:.3f}" if key == "cosine_to_teacher"
@@ -184,7 +196,7 @@ def _print_summary(summary: dict, out: Path, trained: bool = True) -> None:
     parts = [f"RSUM retention {retention:.1%}"] if retention is not None else []
     if trained:
         parts.insert(0, f"{summary['steps']} steps, {summary['train_images_per_s']:.1f} training images/s")
-    console.print("; ".join(parts + [f"student in {out / 'student'}"]), highlight=False)
+    console.print("; ".join(parts + [f"student in {safe(out / 'student')}"]), highlight=False)
 
 
 @app.command("eval")
@@ -364,17 +376,24 @@ def export(
     doc = run_export(ExportOptions(run_dir=run_dir, format=fmt, fp16=fp16, int8=int8, calib_method=calib_method,
                                    calib_size=calib_size, target=target, out=out, text_embeddings=text_embeddings,
                                    threads=threads), console)
-    table = Table(title=f"export ({doc['val']['images']} val images; recall in %)")
-    for col in ("artifact", "format", "precision", "MB", "cosine", "i2t R@1", "t2i R@1", "RSUM"):
-        table.add_column(col, justify="left" if col in ("artifact", "format", "precision") else "right")
+    make_console().print(_export_table(doc))
+    console.print(f"written to {safe(Path(doc['out']) / 'export.json')}", highlight=False)
+
+
+def _export_table(doc: dict) -> Table:
+    """`export`'s table: one row per artifact in about 75 columns (numbers never wrap; a long path folds)."""
+    table = Table(title=f"export ({doc['val']['images']} val images; recall in %)", box=box.SIMPLE_HEAD,
+                  pad_edge=False, padding=(0, 1, 0, 0))
+    for col in ("artifact", "format", "prec", "MB", "cosine", "i2t R@1", "t2i R@1", "RSUM"):
+        table.add_column(col, justify="left" if col in ("artifact", "format", "prec") else "right",
+                         no_wrap=col != "artifact", overflow="fold")
     for e in doc["artifacts"]:
         val = e.get("val") or {}
         parity = e.get("parity") or {}
-        table.add_row(e["path"], e["format"], e["precision"], f"{e['size_mb']:.1f}",
+        table.add_row(safe(e["path"]), e["format"], e["precision"], f"{e['size_mb']:.1f}",
                       f"{parity['cosine_mean']:.5f}" if parity else "-",
                       *[f"{val[k]:.1f}" if k in val else "-" for k in ("i2t_r1", "t2i_r1", "rsum")])
-    make_console().print(table)
-    console.print(f"written to {Path(doc['out']) / 'export.json'}", highlight=False)
+    return table
 
 
 MODEL_OPTION = typer.Option(..., "--model", help="The student: an export folder, one artifact, a run folder or its "
@@ -383,6 +402,9 @@ DEVICE_OPTION = typer.Option("auto", "--device", help="auto, cpu, cuda or jetson
 BACKEND_OPTION = typer.Option("auto", "--backend", help="auto (the fastest here) or a backend name, e.g. "
                               "onnxruntime-cpu, tensorrt, pytorch-cpu.")
 PRECISION_OPTION = typer.Option(None, "--precision", help="fp32, fp16 or int8 (default: the fastest here).")
+JSON_OPTION = typer.Option(False, "--json", help="Print one JSON document instead of the table (docs/outputs.md).")
+CSV_OPTION = typer.Option(False, "--csv", help="Print CSV instead of the table: a header row, then one row per "
+                          "result (docs/outputs.md).")
 
 
 @app.command()
@@ -400,10 +422,17 @@ def embed(
                                            "the images cannot be read."),
     spin: bool = typer.Option(False, "--spin/--no-spin", help="Let onnxruntime's pool threads spin between "
                               "batches (off by default: they would compete with image decoding for the cores)."),
+    decode: str = typer.Option("reduced", "--decode", help="reduced (faster: large JPEGs decoded at a reduced "
+                               "scale) or exact (open_clip's own full-size decode)."),
+    exif: bool = typer.Option(True, "--exif/--no-exif", help="Turn photos upright by their EXIF orientation (phone "
+                              "photos are often stored sideways)."),
+    rebuild: bool = typer.Option(False, "--rebuild", help="Embed every image again, also into an index made by "
+                                 "another model or with other decode settings."),
 ) -> None:
     """Embed every image of SOURCE with a student into an index for `edgedistill search`.
 
-    Built in resumable chunks (run the same command again after an interruption); unreadable images are skipped,
+    Into an existing index, only new or changed images are embedded and deleted ones dropped; the index is replaced
+    as one unit. Resumable (run the same command again after an interruption); unreadable images are skipped,
     counted and named at the end.
 
     Examples:
@@ -412,21 +441,34 @@ def embed(
     * `edgedistill embed data/val.jsonl --model runs/clip_to_mobilenet/export --out val.index --precision int8`
     """
     # deferred: the command's own stack loads when it runs
+    from edgedistill.core.terminal import safe
     from edgedistill.runtime.loader import load
-    from edgedistill.runtime.index import build_index, check_options, read_source
+    from edgedistill.runtime.index import build_index, check_options, read_source, recorded_precision
 
     console = make_console(stderr=True, soft_wrap=True)
-    check_options(batch, max_bad_fraction)
+    check_options(batch, max_bad_fraction, decode)
     manifest = read_source(source)  # a bad source is found before the model loads
-    # measured (or cached) at embed's own batch: the artifact that is fastest for this job on this machine
-    encoder = load(model, device=device, backend=backend, precision=precision, threads=threads, spin=spin,
-                   batch=batch)
+    out = out or Path(f"{Path(str(source).rstrip('/')).name.split('{')[0] or 'images'}.index")
+    # measured (or cached) at embed's own batch: the artifact that is fastest for this job on this machine; an
+    # update of an index keeps the precision it was embedded at, where that still loads
+    kept = None if precision is not None or rebuild else recorded_precision(out)
+    encoder = None
+    if kept is not None:
+        try:
+            encoder = load(model, device=device, backend=backend, precision=kept, threads=threads, spin=spin,
+                           batch=batch)
+        except UserError:
+            encoder = None  # not available here: choose afresh (build_index refuses a mismatch in one line)
+    if encoder is None:
+        encoder = load(model, device=device, backend=backend, precision=precision, threads=threads, spin=spin,
+                       batch=batch)
     console.print(f"model {encoder.info.image['artifact']} on {encoder.info.image['backend']} "
                   f"({encoder.info.device}; chosen by {encoder.info.chosen_by})", highlight=False)
-    out = out or Path(f"{Path(str(source).rstrip('/')).name.split('{')[0] or 'images'}.index")
     doc = build_index(source, encoder, out, batch=batch, max_bad_fraction=max_bad_fraction, console=console,
-                      manifest=manifest)
-    console.print(f"{doc.count} images embedded into {out}", highlight=False)
+                      manifest=manifest, decode=decode, exif=exif, rebuild=rebuild)
+    done = doc.update
+    console.print(f"{done['embedded']} embedded, {done['reused']} reused, {done['dropped']} dropped: {doc.count} "
+                  f"images in {safe(out)}", highlight=False)
 
 
 @app.command()
@@ -440,13 +482,18 @@ def search(
     png: Optional[Path] = typer.Option(None, "--png", help="Also write the hits as a PNG contact sheet."),
     device: str = DEVICE_OPTION,
     backend: str = BACKEND_OPTION,
+    as_json: bool = JSON_OPTION,
+    as_csv: bool = CSV_OPTION,
 ) -> None:
     """The images of an index closest to a text (or to an image): a table, and optionally a contact sheet.
+
+    `--json` / `--csv` print the hits for a program instead of the table (docs/outputs.md).
 
     Examples:
 
     * `edgedistill search photos.index "a red car on a street" -k 5 --png hits.png`
     * `edgedistill search photos.index --image query.jpg --html hits.html`
+    * `edgedistill search photos.index "a red car" --json | jq -r '.hits[].path'`
     """
     # deferred: the command's own stack loads when it runs
     import edgedistill.core.atomic as atomic
@@ -454,6 +501,7 @@ def search(
     from edgedistill.runtime.index import check_same_model, load_like_index, open_index
     from edgedistill.runtime.sheets import Hit, html_sheet, png_sheet
 
+    output = _output_format(as_json, as_csv)
     if (query is None) == (image is None):
         raise UserError("give a text query or --image (one of them)")
     for path, flag in ((html, "--html"), (png, "--png")):
@@ -468,18 +516,27 @@ def search(
     vector = encoder.encode_text([query])[0] if query is not None else encoder.encode_image([str(image)])[0]
     hits = [Hit(rank + 1, s, idx.items[row]["path"], (idx.items[row].get("captions") or [None])[0])
             for rank, (row, s) in enumerate(idx.search(vector, k))]
-    title = f"{query!r}" if query is not None else f"like {image}"
-    table = Table(title=f"{title}: top {len(hits)} of {len(idx.items)}")
-    for col in ("#", "score", "image", "caption"):
-        table.add_column(col, overflow="fold")
-    for h in hits:
-        table.add_row(str(h.rank), f"{h.score:.4f}", h.path, h.caption or "")
-    _wide().print(table)
+    title = f"'{safe(query)}'" if query is not None else f"like {safe(image)}"
+    if output == "json":
+        _print_json({"query": {"text": query} if query is not None else {"image": str(image)}, "index": str(index),
+                     "model": _model_json(encoder), "count": len(hits), "indexed": len(idx.items),
+                     "hits": [{"rank": h.rank, "score": round(float(h.score), 6), "path": h.path,
+                               "caption": h.caption} for h in hits]})
+    elif output == "csv":
+        _print_csv(("rank", "score", "path", "caption"),
+                   [(h.rank, f"{h.score:.6f}", h.path, h.caption or "") for h in hits])
+    else:
+        table = Table(title=f"{title}: top {len(hits)} of {len(idx.items)}")
+        for col in ("#", "score", "image", "caption"):
+            table.add_column(col, overflow="fold")
+        for h in hits:
+            table.add_row(str(h.rank), f"{h.score:.4f}", safe(h.path), safe(h.caption or ""))
+        _wide().print(table)
     err = make_console(stderr=True, soft_wrap=True)
     for path, write in ((html, html_sheet), (png, png_sheet)):
         if path is not None:
-            write(hits, f"{title} in {index}", path)
-            err.print(f"written to {path}", highlight=False)
+            write(hits, f"{title} in {safe(index)}", path)
+            err.print(f"written to {safe(path)}", highlight=False)
 
 
 @app.command()
@@ -488,38 +545,79 @@ def classify(
     model: Path = MODEL_OPTION,
     labels: str = typer.Option(..., "--labels", help="Class names, comma-separated, or a text file with one a line.",
                                show_default=False),
-    prompt: str = typer.Option("a photo of a {label}.", "--prompt", help="The class prompt; {label} is the name."),
-    k: int = typer.Option(3, "-k", "--top", min=1, help="How many classes per image."),
+    prompt: str = typer.Option("a photo of a {label}.", "--prompt", help="The class prompt; {label} is the name "
+                               "(the one field; {{ and }} for literal braces)."),
+    k: int = typer.Option(3, "-k", "--top", min=1, help="How many classes per image (as many as labels: all)."),
+    decode: str = typer.Option("reduced", "--decode", help="reduced (faster: large JPEGs decoded at a reduced "
+                               "scale) or exact (open_clip's own full-size decode), as for `embed`."),
+    exif: bool = typer.Option(True, "--exif/--no-exif", help="Turn photos upright by their EXIF orientation (phone "
+                              "photos are often stored sideways)."),
     device: str = DEVICE_OPTION,
     backend: str = BACKEND_OPTION,
+    as_json: bool = JSON_OPTION,
+    as_csv: bool = CSV_OPTION,
 ) -> None:
     """Zero-shot classification: the top classes of each image among the labels, with their probabilities.
+
+    Images are decoded like `embed` decodes them; an unreadable image is named on stderr and skipped. `--json` /
+    `--csv` print the classes for a program instead of the table (docs/outputs.md).
 
     Examples:
 
     * `edgedistill classify photo.jpg --model runs/clip_to_mobilenet/export --labels "cat,dog,car"`
     * `edgedistill classify photos/ --model export/ --labels classes.txt -k 1`
+    * `edgedistill classify photos/ --model export/ --labels classes.txt -k 1 --csv > classes.csv`
     """
     # deferred: the command's own stack loads when it runs
-    from edgedistill.runtime.loader import load
     from edgedistill.data.manifest import load_folder
+    from edgedistill.runtime.decode import DECODE_MODES, decoded_batches
+    from edgedistill.runtime.encoder import check_prompt
+    from edgedistill.runtime.loader import load
 
+    output = _output_format(as_json, as_csv)
+    if decode not in DECODE_MODES:
+        raise UserError(f"--decode {safe(decode)}: give one of {', '.join(DECODE_MODES)}")
     names = _labels(labels)
+    check_prompt(prompt)  # before the model loads
     files = [f for p in images for f in ([str(e.image) for e in load_folder(p).entries] if p.is_dir() else [str(p)])]
     for f in files:
         if not Path(f).is_file():
-            raise UserError(f"{f} not found; give image files or folders of images")
+            raise UserError(f"{safe(f)} not found; give image files or folders of images")
     encoder = load(model, device=device, backend=backend)
-    table = Table(title=f"zero-shot over {len(names)} labels ({prompt!r})")
-    table.add_column("image", overflow="fold")
-    table.add_column("top classes", overflow="fold")
-    for start in range(0, len(files), 64):
-        chunk = files[start:start + 64]
-        probs = encoder.zero_shot(chunk, names, prompt=prompt)
-        for f, p in zip(chunk, probs):
-            top = np.argsort(-p, kind="stable")[:k]
-            table.add_row(f, ", ".join(f"{names[i]} {p[i]:.1%}" for i in top))
-    _wide().print(table)
+    err = make_console(stderr=True, soft_wrap=True)
+    top: dict[int, list[tuple[str, float]]] = {}  # position in files -> its k best (label, probability)
+    skipped: list[tuple[str, str]] = []
+    for positions, pixels, bad in decoded_batches(files, encoder.preprocess, CLASSIFY_BATCH, decode=decode,
+                                                  exif=exif):
+        for position, why in bad:
+            warn(err, f"skipped image {files[position]}: {why}")
+            skipped.append((files[position], why))
+        top.update(zip(positions, encoder.zero_shot_pixels(pixels, names, prompt=prompt).top(k)))
+    if not top:
+        raise UserError(f"none of the {len(files)} images could be read (first: {safe(skipped[0][0])}: "
+                        f"{safe(skipped[0][1])})")
+    rows = [(files[i], top[i]) for i in sorted(top)]
+    if output == "json":
+        _print_json({"model": _model_json(encoder), "prompt": prompt, "labels": names, "k": min(k, len(names)),
+                     "decode": decode, "exif": exif,
+                     "images": [{"path": f, "top": [{"label": name, "probability": round(p, 6)} for name, p in best]}
+                                for f, best in rows],
+                     "skipped": [{"path": f, "reason": why} for f, why in skipped]})
+    elif output == "csv":
+        _print_csv(("path", "rank", "label", "probability"),
+                   [(f, rank, name, f"{p:.6f}") for f, best in rows for rank, (name, p) in enumerate(best, 1)])
+    else:
+        table = Table(title=f"zero-shot over {len(names)} labels ('{safe(prompt)}')")
+        table.add_column("image", overflow="fold")
+        table.add_column("top classes", overflow="fold")
+        for f, best in rows:
+            table.add_row(safe(f), ", ".join(f"{safe(name)} {p:.1%}" for name, p in best))
+        _wide().print(table)
+    if skipped:
+        err.print(f"skipped {len(skipped)} of {len(files)} images (unreadable)", highlight=False)
+
+
+CLASSIFY_BATCH = 64  # images per inference call
 
 
 def _wide() -> Console:
@@ -549,6 +647,35 @@ def _labels(text: str) -> list[str]:
     if len(set(names)) != len(names):
         raise UserError("--labels names a class twice; give each class once")
     return names
+
+
+def _output_format(as_json: bool, as_csv: bool) -> str:
+    """``--json`` / ``--csv`` / neither (the table)."""
+    if as_json and as_csv:
+        raise UserError("--json and --csv: give one of them")
+    return "json" if as_json else "csv" if as_csv else "table"
+
+
+def _print_json(doc: dict) -> None:
+    """One JSON document on stdout; ASCII only, so no control character or odd byte reaches a terminal raw."""
+    sys.stdout.write(json.dumps(doc, ensure_ascii=True, indent=2) + "\n")
+    sys.stdout.flush()
+
+
+def _print_csv(header: tuple[str, ...], rows: list[tuple]) -> None:
+    """A header row, then ``rows``, on stdout; text cells through ``safe()`` (as in the table: control characters
+    and a file name's undecodable bytes as visible escapes, which stdout can always encode)."""
+    writer = csv.writer(sys.stdout, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows([[safe(c) if isinstance(c, str) else c for c in row] for row in rows])
+    sys.stdout.flush()
+
+
+def _model_json(encoder: Any) -> dict:
+    """What answered: the model folder, its identity (weights' sha256), the device, each tower's artifact."""
+    info = encoder.info
+    return {"source": info.source, "identity": info.model, "device": info.device, "image": info.image,
+            "text": info.text}
 
 
 INTERRUPTED = "interrupted; run the same command again to continue where it stopped\n"
@@ -646,9 +773,6 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 130
 
 
-if __name__ == "__main__":
-    sys.exit(main())
-
 
 @app.command()
 def bench(
@@ -678,6 +802,9 @@ def bench(
                                         "(default: onnxruntime's, on); --no-spin is faster on a busy machine."),
     openvino_hint: Optional[str] = typer.Option(None, "--openvino-hint", help="OpenVINO's performance hint: "
                                                 "latency (default) or throughput."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report (bench.json) as one JSON document on "
+                                 "stdout; progress and the table go to stderr."),
+    as_csv: bool = typer.Option(False, "--csv", help="Print the report's rows as CSV on stdout."),
 ) -> None:
     """Latency and accuracy of every exported artifact on every backend of a device, next to the teacher.
 
@@ -691,12 +818,21 @@ def bench(
     * `edgedistill bench runs/clip_to_mobilenet/export --teacher`
     * `edgedistill bench --device cuda --batch 1,16,64`
     * `edgedistill bench --device jetson --host nvidia@orin.local --remote-cmd '~/venv/bin/edgedistill'`
+    * `edgedistill bench runs/clip_to_mobilenet/export --teacher --json > bench.json`
     """
     # deferred: the command's own stack loads when it runs
+    from edgedistill.bench.report import ROW_FIELDS, csv_rows
     from edgedistill.bench.runner import BenchOptions, parse_batches, run_bench
     from edgedistill.core.locations import latest_run
 
+    output = _output_format(as_json, as_csv)
     console = make_console(stderr=True, soft_wrap=True)
+
+    def emit(report: dict) -> None:  # stdout holds the document and nothing else (the table is on stderr)
+        if output == "json":
+            _print_json(json.loads(json.dumps(report, default=str)))  # paths and dates as bench.json has them
+        elif output == "csv":
+            _print_csv(ROW_FIELDS, csv_rows(report))
     if export_dir is None:
         export_dir = latest_run(Path("runs")) / "export"
     options = []
@@ -705,4 +841,8 @@ def bench(
     run_bench(BenchOptions(export_dir=export_dir, device=device, batches=parse_batches(batch), warmup=warmup,
                            iters=iters, threads=threads, teacher=teacher, e2e=e2e, out=out, val=val, host=host,
                            port=port, remote_cmd=remote_cmd, ssh_options=options, timeout_s=timeout, load=load,
-                           spin=spin, openvino_hint=openvino_hint), console)
+                           spin=spin, openvino_hint=openvino_hint), console, emit)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -12,7 +12,7 @@ import yaml
 from edgedistill.bench import report as rep
 from edgedistill.runtime.backends import candidates
 from edgedistill.bench.runner import BenchOptions, parse_batches, remote_args, run_bench
-from edgedistill.bench.timing import summarize, time_cpu
+from edgedistill.bench.timing import ROUNDS, summarize, time_cpu
 from edgedistill.cli import main
 from edgedistill.core.errors import UserError
 import edgedistill.runtime.manifest as artifacts
@@ -102,6 +102,52 @@ def test_report_files_markdown_and_plot(cpu_report):
     assert doc["device_info"]["device"] == "cpu" and doc["conditions"]["batches"] == [1, 3]
     assert doc["pareto_batch"] == 1 and doc["failures"] == []
     assert not list(cpu_report.glob(".*"))  # nothing half-written left behind
+
+
+def test_the_teacher_is_timed_in_turns_with_each_student_and_sizes_count_the_whole_device(cpu_report, export_dir):
+    doc = json.loads((cpu_report / rep.REPORT_JSON).read_text())
+    versus = {(v["student"], v["backend"]): v for v in doc["versus_teacher"]}
+    assert {("image_fp32_onnx", "onnxruntime-cpu"), ("image_int8_onnx", "onnxruntime-cpu"),
+            ("image_fp32_pytorch", "pytorch-cpu")} <= set(versus)
+    assert versus[("image_fp32_pytorch", "pytorch-cpu")]["teacher"] == "teacher_image_pytorch"
+    v = versus[("image_fp32_onnx", "onnxruntime-cpu")]
+    lat = v["latency_ratio"]
+    assert v["teacher"] == "teacher_image_fp32_onnx" and v["batch"] == 1 and v["iters_per_round"] == 3
+    assert lat["rounds"] == ROUNDS == len(v["teacher_p50_ms"]) == len(v["student_p50_ms"])
+    assert lat["per_round"] == pytest.approx([t / s for t, s in zip(v["teacher_p50_ms"], v["student_p50_ms"])],
+                                             rel=1e-2)
+    assert lat["min"] <= lat["median"] <= lat["max"]
+    # the device holds the image encoder, the text encoder and the tokenizer files: all of them are counted
+    manifest = artifacts.read_manifest(export_dir)
+    sizes = {a["name"]: a["size_mb"] for a in manifest["artifacts"]}
+    tokenizer = export_dir / manifest["tokenizer"]["folder"]
+    tokenizer_mb = sum(f.stat().st_size for f in tokenizer.iterdir()) / 2**20
+    student = doc["footprint"]["students"]["image_fp32_onnx"]
+    assert [p["mb"] for p in student["parts"]] == pytest.approx([sizes["image_fp32_onnx"], sizes["text_fp32_onnx"],
+                                                                 tokenizer_mb], abs=1e-3)
+    assert student["total_mb"] == pytest.approx(sum(p["mb"] for p in student["parts"]), abs=1e-3)
+    teacher = doc["footprint"]["teacher"]
+    if manifest.get("text_is_teacher"):  # the student kept the teacher's text tower: it counts on both sides
+        assert teacher["parts"][1]["mb"] == sizes["text_fp32_onnx"] and v["size"]["total_ratio"] == pytest.approx(
+            teacher["total_mb"] / student["total_mb"], rel=1e-2)
+    else:
+        assert teacher is None and v["size"]["total_ratio"] is None
+    load = doc["timing_load"]
+    assert load["cpus"] >= 1 and isinstance(load["busy"], bool) and (load["warning"] is None) != load["busy"]
+    md = (cpu_report / rep.REPORT_MD).read_text()
+    assert "## Student vs teacher" in md and "## Size on the device (MB)" in md and "Load while timing" in md
+
+
+def test_json_prints_the_report_alone_on_stdout_and_csv_the_rows(export_dir, tmp_path, capsys):
+    out = tmp_path / "report"
+    assert main(["bench", str(export_dir), "--batch", "1", "--out", str(out), "--json", *FAST]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.isascii() and "edgedistill bench" in captured.err  # the table went to stderr
+    doc = json.loads(captured.out)  # one document, nothing else
+    assert doc["rows"] == _rows(out) and {"versus_teacher", "footprint", "timing_load"} <= set(doc)
+    assert main(["bench", str(export_dir), "--batch", "1", "--out", str(out), "--csv", *FAST]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split(",") == list(rep.ROW_FIELDS) and len(lines) == 1 + len(_rows(out))
 
 
 def _copy_export(export_dir: Path, dest: Path) -> Path:

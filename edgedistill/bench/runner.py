@@ -6,6 +6,10 @@ decode + preprocessing + inference instead). A fault that belongs to one artifac
 mismatch, an engine built for another GPU) becomes a failed row and the others are still measured; the
 command then ends with one line per failure and exit status 2. ``--host`` runs all of it on a remote target
 (bench/remote.py) with a bundle of the artifacts, the student folder, the val split and the teacher's scores.
+
+With ``--teacher``, the teacher and the student image encoders on each backend are then timed again taking turns
+(bench/timing.py ``interleave``): their ratio comes from those rounds, with its spread. The 1-minute load average
+is recorded around all the timing, with a warning when other work shared the CPU.
 """
 
 from __future__ import annotations
@@ -30,7 +34,8 @@ from edgedistill.bench.torch_runners import TorchRunner
 from edgedistill.runtime.backends import OPENVINO_HINTS, Candidate, OrtRunner, RunOptions, Runner, candidates
 from edgedistill.bench.devices import DEVICES, describe_device, describe_short
 from edgedistill.bench.remote import run_remote_bench
-from edgedistill.bench.timing import cpu_load, summarize, time_cpu, time_cuda
+from edgedistill.bench.timing import (ROUNDS, busy_by_others, cpu_load, interleave, load_average, ratio_spread,
+                                     summarize, time_cpu, time_cuda, usable_cpus)
 from edgedistill.data.images import open_image
 from edgedistill.data.manifest import load_manifest
 from edgedistill.core.documents import BenchReport, BundleContext, BundleTeacher, read_document
@@ -38,9 +43,10 @@ from edgedistill.core.errors import UserError
 import edgedistill.runtime.manifest as artifacts
 from edgedistill.runtime.formats import BACKENDS
 from edgedistill.runtime.jetson import TegrastatsSampler, measure_power
-from edgedistill.runtime.preprocess import Preprocess, image_side
+import edgedistill.runtime.limits as limits
+from edgedistill.runtime.preprocess import Preprocess, PreprocessConfig, image_side
 from edgedistill.runtime.tokenizer import load_tokenizer
-from edgedistill.core.terminal import make_console
+from edgedistill.core.terminal import make_console, safe, warn
 from edgedistill.evaluation.split import ClassPrompts
 
 BUNDLE_TEACHER = "teacher"   # bundle folder: teacher.json (scores, preprocess) and image_fp32.onnx
@@ -98,6 +104,15 @@ def check_options(opts: BenchOptions) -> None:
         raise UserError(f"--load {opts.load} must be 0 or more (busy processes beside the timed runs)")
     if opts.openvino_hint is not None and opts.openvino_hint not in OPENVINO_HINTS:
         raise UserError(f"--openvino-hint {opts.openvino_hint!r}: choose {' or '.join(OPENVINO_HINTS)}")
+
+
+def check_local_limits(opts: BenchOptions, doc: dict[str, Any]) -> None:
+    """--threads within the CPUs this process may use, and every --batch's tensors within a share of free memory
+    (on this machine: a remote bench checks on its own)."""
+    limits.check_threads(opts.threads, "--threads")
+    size = PreprocessConfig.from_dict(doc.get("preprocess") or {}).size
+    for batch in opts.batches:
+        limits.check_batch(batch, (3, *size), int(doc.get("embed_dim") or 0), flag="--batch")
 
 
 # ------------------------------------------------------------------------------------------------ sources
@@ -352,17 +367,20 @@ def _e2e(job: Job, runner: Runner, val: BenchVal | None, preprocess: dict[str, A
 
 
 # ------------------------------------------------------------------------------------------------ main
-def run_bench(opts: BenchOptions, console: Console | None = None) -> dict[str, Any]:
-    """Measure every artifact; write bench.json, bench.md and pareto.png into ``opts.out``; return the report."""
+def run_bench(opts: BenchOptions, console: Console | None = None,
+              emit: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Measure every artifact; write bench.json, bench.md and pareto.png into ``opts.out``; return the report.
+    ``emit`` gets the report once it is written, before failed artifacts end the command (``bench --json``)."""
     console = console or make_console(stderr=True, soft_wrap=True)
     check_options(opts)
     export_dir = Path(opts.export_dir)
     doc = artifacts.read_manifest(export_dir)
     out = atomic.writable_dir(Path(opts.out) if opts.out else export_dir / "bench", "--out")  # before measuring
     if opts.host:
-        return run_remote(opts, export_dir, doc, out, console)
+        return run_remote(opts, export_dir, doc, out, console, emit)
+    check_local_limits(opts, doc)
     with torch_threads(opts.threads) as threads:
-        return _bench_here(opts, export_dir, doc, out, threads, console)
+        return _bench_here(opts, export_dir, doc, out, threads, console, emit)
 
 
 @dataclass
@@ -387,9 +405,9 @@ class Session:
 
 
 def _bench_here(opts: BenchOptions, export_dir: Path, doc: dict[str, Any], out: Path, threads: int,
-                console: Console) -> dict[str, Any]:
+                console: Console, emit: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     device_info = describe_device(opts.device, threads)
-    console.print(f"bench {export_dir} on {describe_short(device_info)}", highlight=False)
+    console.print(f"bench {safe(export_dir)} on {describe_short(device_info)}", highlight=False)
     ses = Session(opts, doc, resolve_sources(export_dir, doc, opts.val), threads, console)
     _stage_val(ses)
     teacher = teacher_side(ses.src, ses.val.split.manifest.path if ses.val is not None else None, opts.teacher,
@@ -404,17 +422,85 @@ def _bench_here(opts: BenchOptions, export_dir: Path, doc: dict[str, Any], out: 
                                  backend="(scores)", device=opts.device, status="ok",
                                  reason="val scores of the teacher (cached embeddings); time it with --teacher",
                                  **{k: v for k, v in teacher["metrics"].items() if k in rep.ACCURACY}))
+    load_before = load_average()
     for job in jobs:
         rows += _measure(ses, job, teacher)
+    versus = _versus_teacher(ses, jobs, rows, teacher)
+    load = busy_by_others(load_before, load_average(), usable_cpus(), min(threads, usable_cpus()) + opts.load)
     report = _report(ses, export_dir, device_info, teacher, rows)
+    report["timing_load"] = load
+    report["footprint"] = _footprint(ses.src, rows)
+    report["versus_teacher"] = [_with_size(v, report["footprint"]) for v in versus]
     paths = save_report(out, report)
     rep.print_table(report, console)
-    console.print(f"report: {paths['md']}  json: {paths['json']}  plot: {paths['png']}", highlight=False)
+    if load["warning"]:
+        warn(console, load["warning"])
+    console.print(f"report: {safe(paths['md'])}  json: {safe(paths['json'])}  plot: {safe(paths['png'])}",
+                  highlight=False)
+    if emit is not None:
+        emit(report)
     if ses.failures:
         for entry, why in ses.failures:
-            console.print(f"error: {entry.get('name')}: {why}", highlight=False, markup=False)
+            console.print(f"error: {safe(entry.get('name'))}: {safe(why)}", highlight=False, markup=False)
         raise UserError(f"{len(ses.failures)} artifact(s) failed (listed above); the report in {out} has the rest")
     return report
+
+
+def _versus_teacher(ses: Session, jobs: list[Job], rows: list[dict[str, Any]],
+                    teacher: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """For each backend the teacher's image encoder was timed on: it and the student image encoders timed there,
+    taking turns for ROUNDS rounds of ``iters`` calls at the smallest batch; the teacher / student p50 ratio per
+    round, as median and range. A model that fails to load here again leaves its comparison out, with a note."""
+    timed = {(r["artifact"], r["backend"]) for r in rows if r["status"] == "ok" and r["p50_ms"] is not None}
+    batch = min(ses.opts.batches)
+    out: list[dict[str, Any]] = []
+    for tjob in [j for j in jobs if j.role == "teacher" and (j.name, j.candidate.backend) in timed]:
+        backend = tjob.candidate.backend
+        students = [j for j in jobs if j.role == "student" and j.encoder == "image"
+                    and j.candidate.backend == backend and (j.name, backend) in timed]
+        if not students:
+            continue
+        try:
+            with ses.console.status(f"{len(students)} student(s) and the teacher on {backend}: {ROUNDS} rounds, "
+                                    "taking turns"):
+                blocks = {job.name: _block(ses, job, teacher, batch) for job in [tjob, *students]}
+                with cpu_load(ses.opts.load):
+                    p50s = interleave(blocks, ROUNDS)
+        except UserError as e:
+            ses.src.notes.append(f"student vs teacher on {backend} not timed ({e})")
+            continue
+        for job in students:
+            ratio = ratio_spread(p50s[tjob.name], p50s[job.name])
+            out.append({"student": job.name, "teacher": tjob.name, "backend": backend, "batch": batch,
+                        "iters_per_round": ses.opts.iters, "teacher_p50_ms": p50s[tjob.name],
+                        "student_p50_ms": p50s[job.name], "latency_ratio": ratio.as_dict() if ratio else None})
+    return out
+
+
+def _block(ses: Session, job: Job, teacher: dict[str, Any] | None, batch: int) -> Callable[[], list[float]]:
+    """A warmed-up model's turn: ``iters`` timed calls on staged inputs."""
+    runner = job.candidate.make()  # type: ignore[misc]
+    preprocess = ((teacher or {}).get("preprocess") if job.role == "teacher" else None) or ses.doc["preprocess"]
+    source = _inputs(job, ses.val, preprocess, int((ses.doc.get("tokenizer") or {}).get("context_length") or 77))
+    staged = runner.stage(_tile(source, batch))
+    timer = time_cuda if runner.timer == "cuda" else time_cpu
+    timer(lambda: runner.call(staged), ses.opts.warmup, 1)
+    return lambda: timer(lambda: runner.call(staged), 0, ses.opts.iters)
+
+
+def _footprint(src: Sources, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """``report.footprint`` of this export: its artifacts, its tokenizer files, the timed teacher graph."""
+    tokenizer = src.doc.get("tokenizer") or {}
+    folder = src.export_dir / str(tokenizer.get("folder") or TOKENIZER_FOLDER)
+    files = [folder / name for name in (tokenizer.get("files") or {})]
+    tokenizer_mb = round(sum(f.stat().st_size for f in files) / 2**20, 3) if files and all(
+        f.is_file() for f in files) else None
+    teacher_mb = next((r["size_mb"] for r in rows if r["artifact"] == "teacher_image_fp32_onnx"), None)
+    return rep.footprint(src.doc["artifacts"], tokenizer_mb, bool(src.doc.get("text_is_teacher")), teacher_mb)
+
+
+def _with_size(versus: dict[str, Any], foot: dict[str, Any]) -> dict[str, Any]:
+    return {**versus, "size": rep.size_ratio(foot.get("teacher"), (foot.get("students") or {}).get(versus["student"]))}
 
 
 def _stage_val(ses: Session) -> None:
@@ -470,8 +556,8 @@ def _batch_row(ses: Session, job: Job, runner: Runner, base: dict[str, Any], acc
     with ses.console.status(f"{job.name} on {job.candidate.backend}: batch {batch}"):
         lat = time_job(job, runner, ses.opts, batch, source, e2e, ses.power)
     lat.pop("min_ms", None)
-    ses.console.print(f"  {job.name:<28} {job.candidate.backend:<22} batch {batch:>3}: p50 {lat['p50_ms']:.3f} ms",
-                      highlight=False)
+    ses.console.print(f"  {safe(job.name):<28} {job.candidate.backend:<22} batch {batch:>3}: "
+                      f"p50 {lat['p50_ms']:.3f} ms", highlight=False)
     return rep.make_row(**{**base, **{k: v for k, v in lat.items() if k in rep.ROW_FIELDS}, **acc, "status": "ok"})
 
 
@@ -616,7 +702,7 @@ def remote_args(opts: BenchOptions) -> list[str]:
 
 
 def run_remote(opts: BenchOptions, export_dir: Path, doc: dict[str, Any], out: Path,
-               console: Console) -> dict[str, Any]:
+               console: Console, emit: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
 
     src = resolve_sources(export_dir, doc, opts.val)
     scored = src.val if _tokenizer(src) is not None else None  # as a local bench: scores need the tokenizer too
@@ -631,7 +717,10 @@ def run_remote(opts: BenchOptions, export_dir: Path, doc: dict[str, Any], out: P
     report["remote"] = {"host": opts.host, "from": str(export_dir.resolve())}
     atomic.write_text(out / rep.REPORT_JSON, json.dumps(report, indent=2, default=str) + "\n")
     rep.print_table(report, console)
-    console.print(f"report from {opts.host}: {out / rep.REPORT_MD}  plot: {out / rep.PARETO_PNG}", highlight=False)
+    console.print(f"report from {opts.host}: {safe(out / rep.REPORT_MD)}  plot: {safe(out / rep.PARETO_PNG)}",
+                  highlight=False)
+    if emit is not None:
+        emit(report)
     if report.get("failures"):
         raise UserError(f"{len(report['failures'])} artifact(s) failed on {opts.host}; the report in {out} says why")
     return report

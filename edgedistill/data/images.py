@@ -12,7 +12,7 @@ from rich.console import Console
 
 from edgedistill.data.shards import ShardMember
 from edgedistill.core.errors import UserError
-from edgedistill.core.terminal import make_console, warn
+from edgedistill.core.terminal import make_console, safe, warn
 
 
 def open_image(path: str | Path | ShardMember) -> Image.Image:
@@ -38,13 +38,15 @@ def why_unreadable(exc: BaseException) -> str:
 
 
 class BadImages:
-    """Counts skipped images, warns about each, and stops the run past ``max_fraction`` of ``total``."""
+    """Counts skipped images, warns about each, and stops the run past ``max_fraction`` of ``total``; the error
+    names ``knob``, the setting the user raises (a recipe key, or a flag such as embed's ``--max-bad-fraction``)."""
 
     def __init__(self, total: int, max_fraction: float, what: str, console: Console | None = None,
-                 known: Sequence[tuple[int, str, str]] = ()) -> None:
+                 known: Sequence[tuple[int, str, str]] = (), knob: str = "data.max_bad_fraction") -> None:
         self.total = total
         self.max_fraction = max_fraction
         self.what = what
+        self.knob = knob
         self.console = console or make_console(stderr=True, soft_wrap=True)
         self.items: list[tuple[int, str, str]] = list(known)  # (index, path, reason)
 
@@ -58,12 +60,12 @@ class BadImages:
             first = self.items[0]
             raise UserError(
                 f"{self.what}: {len(self.items)} of {self.total} images could not be read, more than "
-                f"{self.max_fraction:.0%} (first: {first[1]}: {first[2]}); fix the images or the manifest, "
-                f"or raise data.max_bad_fraction")
+                f"{self.max_fraction:.0%} (first: {safe(first[1])}: {safe(first[2])}); fix the images or the "
+                f"manifest, or raise {self.knob}")
 
     def summary(self) -> str:
         if not self.items:
             return f"{self.what}: all {self.total} images read"
         share = len(self.items) / max(self.total, 1)
-        names = ", ".join(p for _, p, _ in self.items[:3]) + (", ..." if len(self.items) > 3 else "")
+        names = ", ".join(safe(p) for _, p, _ in self.items[:3]) + (", ..." if len(self.items) > 3 else "")
         return f"{self.what}: skipped {len(self.items)} of {self.total} images ({share:.1%}): {names}"
