@@ -24,10 +24,10 @@ def key_paths(model: type[BaseModel], prefix: str = "") -> list[str]:
     return out
 
 
-def test_readme_documents_every_recipe_key():
-    readme = (ROOT / "README.md").read_text()
-    missing = [k for k in key_paths(Recipe) if f"`{k}`" not in readme]
-    assert not missing, f"README.md lacks recipe keys: {missing}"
+def test_recipes_md_documents_every_recipe_key():
+    recipes = (ROOT / "docs" / "recipes.md").read_text(encoding="utf-8")
+    missing = [k for k in key_paths(Recipe) if f"`{k}`" not in recipes]
+    assert not missing, f"docs/recipes.md lacks recipe keys: {missing}"
 
 
 @pytest.mark.parametrize("recipe", sorted((ROOT / "recipes").glob("*.yaml")), ids=lambda p: p.name)
@@ -43,17 +43,66 @@ def test_readme_test_command_is_what_ci_runs():
     assert command in readme and command in ci
 
 
-def test_readme_documents_every_loss_term_and_balancer_with_its_options():
+def test_recipes_md_documents_every_loss_term_and_balancer_with_its_options():
     from edgedistill.distill.balance import BALANCERS
     from edgedistill.distill.losses import LOSSES
-    readme = (ROOT / "README.md").read_text()
-    rows = {line.split("|")[1].strip(): line for line in readme.splitlines() if line.startswith("| `")}
+    recipes = (ROOT / "docs" / "recipes.md").read_text(encoding="utf-8")
+    rows = {line.split("|")[1].strip(): line for line in recipes.splitlines() if line.startswith("| `")}
     for registry in (LOSSES, BALANCERS):
         for name, cls in registry.items():
-            assert f"`{name}`" in rows, f"README.md has no table row for {name}"
+            assert f"`{name}`" in rows, f"docs/recipes.md has no table row for {name}"
             options = [k for k in cls.Options.model_fields if k not in ("name", "weight")]
             for option in options:
-                assert f"`{option}`" in rows[f"`{name}`"], f"README.md row of {name} lacks option {option}"
+                assert f"`{option}`" in rows[f"`{name}`"], f"docs/recipes.md row of {name} lacks option {option}"
+
+
+def cli_commands() -> dict[str, Any]:
+    """{"embed": click command, "data scenes": ..., ...}: every command the CLI registers."""
+    import typer.main
+
+    from edgedistill.cli import app
+    out = {}
+
+    def walk(command: Any, prefix: list[str]) -> None:
+        if hasattr(command, "commands"):  # a group: typer vendors click, so no isinstance check
+            for name, sub in command.commands.items():
+                walk(sub, prefix + [name])
+        else:
+            out[" ".join(prefix)] = command
+
+    walk(typer.main.get_command(app), [])
+    return out
+
+
+def test_cli_md_documents_every_command_and_option():
+    cli = (DOCS / "cli.md").read_text(encoding="utf-8")
+    commands = cli_commands()
+    assert {"distill", "export", "bench", "embed", "search", "classify", "data scenes"} <= set(commands)
+    table = section(cli, "commands")
+    problems = []
+    for name, command in commands.items():
+        if f"| `edgedistill {name}" not in table:
+            problems.append(f"the Commands table has no row for edgedistill {name}")
+        options = section(cli, github_anchor(f"`edgedistill {name}`"))
+        for param in command.params:
+            names = [param.name.upper()] if param.param_type_name == "argument" else param.opts + param.secondary_opts
+            problems += [f"edgedistill {name}: {n} is not documented" for n in names if f"`{n}`" not in options]
+    assert not problems, "docs/cli.md is behind the CLI:\n" + "\n".join(problems)
+
+
+README_LIMIT = 15_000  # bytes: the README is the front door; reference material lives in docs/
+
+
+def test_readme_is_short_and_opens_with_its_contents():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert len(readme.encode()) <= README_LIMIT, f"README.md is {len(readme.encode())} bytes: move detail to docs/"
+    top = [a for level, a, _ in headings(readme) if level == 2]
+    before_the_first_section = readme.split("\n## ", 1)[0]
+    assert "**Contents**" in before_the_first_section, "the README opens with its table of contents"
+    contents = before_the_first_section.split("**Contents**", 1)[1]
+    assert re.findall(r"\]\(#([\w-]+)\)", contents) == top, "the contents must list every section, in order"
+    assert top[:5] == ["what-it-is", "set-up", "distill-export-bench", "using-the-student", "results"]
+    assert "--index-url https://download.pytorch.org/whl/cpu" in section(readme, "set-up")
 
 
 # ------------------------------------------------------------------------------------ docs/ and what cites it
@@ -165,7 +214,8 @@ MARKDOWN_LINK = re.compile(r"\]\((?!https?://)([\w./-]*\.md)?(?:#([\w-]+))?\)")
 
 
 def cited_doc_anchors() -> list[tuple[str, Path, str | None]]:
-    """(where, doc path, anchor or None) of every docs/ citation in the code, benchmarks, README and docs' links."""
+    """(where, doc path, anchor or None) of every docs/ citation in the code, benchmarks and README, and of every
+    Markdown link in docs/ and the README (its own sections included)."""
     cites = []
     sources = [p for root in (ROOT / "edgedistill", ROOT / "benchmarks") for p in sorted(root.rglob("*"))
                if p.suffix in (".py", ".yaml", ".yml", ".md", ".txt", ".sh")] + [ROOT / "README.md"]
@@ -173,7 +223,7 @@ def cited_doc_anchors() -> list[tuple[str, Path, str | None]]:
         for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
             for m in CITATION.finditer(line):
                 cites.append((f"{path.relative_to(ROOT)}:{n}", DOCS / m.group(1), m.group(2)))
-    for path in sorted(DOCS.glob("*.md")):
+    for path in sorted(DOCS.glob("*.md")) + [ROOT / "README.md"]:
         for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
             for m in MARKDOWN_LINK.finditer(line):
                 if m.group(1) is None and m.group(2) is None:
@@ -214,7 +264,7 @@ def section(markdown: str, anchor: str) -> str:
         if a == anchor:
             end = next((j for lv, _, j in hs[k + 1:] if lv <= level), len(lines))
             return "\n".join(lines[i + 1:end])
-    raise AssertionError(f"docs/methods.md has no section #{anchor}")
+    raise AssertionError(f"no section #{anchor}")
 
 
 OPTION_ROW = re.compile(r"^\|\s*`([\w.]+)`\s*\|\s*`([^`]*)`\s*\|", re.MULTILINE)
@@ -274,13 +324,13 @@ def test_documented_defaults_are_read_as_the_code_writes_them():
 
 
 def test_the_recipe_defaults_of_terms_and_balancer_are_the_documented_ones():
-    """README's recipe table and docs/methods.md name the code's default terms and balancer (a switch of the
-    defaults in edgedistill/distill/recipe.py fails here until the docs follow)."""
+    """docs/recipes.md's recipe table and docs/methods.md name the code's default terms and balancer (a switch of
+    the defaults in edgedistill/distill/recipe.py fails here until the docs follow)."""
     from edgedistill.distill.recipe import DEFAULT_BALANCER, DEFAULT_TERMS
     terms, balancer = f"`[{', '.join(DEFAULT_TERMS)}]`", f"`{DEFAULT_BALANCER}`"
-    readme = (ROOT / "README.md").read_text()
-    assert f"| `loss.terms` | {terms} |" in readme
-    assert f"| `loss.balancer` | {balancer} |" in readme
+    recipes = (DOCS / "recipes.md").read_text(encoding="utf-8")
+    assert f"| `loss.terms` | {terms} |" in recipes
+    assert f"| `loss.balancer` | {balancer} |" in recipes
     methods = (DOCS / "methods.md").read_text(encoding="utf-8")
     assert f"The default is {terms}" in section(methods, "loss-terms")
     assert f"The default is {balancer}" in section(methods, "balancers")
