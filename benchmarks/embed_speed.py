@@ -5,7 +5,8 @@ MobileNetV3-Large student at 224 px (random weights: speed does not depend on th
 exporter to fp32 and INT8 QDQ, on each CPU backend (onnxruntime, OpenVINO when installed). Three measurements per
 backend x precision, interleaved in rounds so they see the same machine state:
 
-- decode: ``index.decoded_batches`` alone (JPEG decode + the model's transform, in the thread pool embed uses);
+- decode: ``runtime.decode.decoded_batches`` alone (JPEG decode + the model's transform, in the worker processes
+  embed uses);
 - inference: ``Encoder.encode_pixels`` on pixels decoded beforehand;
 - end-to-end: ``index.build_index`` into a fresh folder, what ``edgedistill embed`` runs (decode overlapped with
   inference, chunks written, index assembled).
@@ -14,8 +15,8 @@ The goal (docs/runtime.md#embed) is end-to-end at >= 80% of the slower of decode
 few cores the two stages share them, so the bound that is reachable is ``1 / (1/decode + 1/inference)`` (no
 overlap possible) and the ratio to it is printed too.
 
-PIL's JPEG draft mode (decoding at 1/2, 1/4, 1/8 scale in the DCT) is not used: it may only shrink an image while
-its short side stays >= the model's input side, and 375 / 2 < 224, so at 500x375 it would change nothing.
+Decoding uses embed's defaults (reduced-scale JPEG decode, EXIF on); at 500x375 for a 224 px model the draft cannot
+shrink anything (375 / 2 < 2 x 224). ``benchmarks/embed_decode.py`` measures camera-size photos and a 64 px student.
 
     python benchmarks/embed_speed.py              # 500 images, fp32 + int8, every installed CPU backend, 3 rounds
     python benchmarks/embed_speed.py --quick      # 64 images, 1 round: a smoke run
@@ -44,7 +45,8 @@ from benchmarks.ort_vs_openvino import export_graphs  # noqa: E402
 from edgedistill.runtime.encoder import Encoder, EncoderInfo  # noqa: E402
 from edgedistill.runtime.backends import OpenVinoRunner, OrtRunner, Runner, package_version  # noqa: E402
 from edgedistill.data.manifest import load_manifest  # noqa: E402
-from edgedistill.runtime.index import build_index, decoded_batches  # noqa: E402
+from edgedistill.runtime.decode import decoded_batches  # noqa: E402
+from edgedistill.runtime.index import build_index  # noqa: E402
 from edgedistill.runtime.preprocess import Preprocess  # noqa: E402
 
 SIZE = 224
@@ -69,7 +71,7 @@ def encoder(image: Runner, backend: str, precision: str) -> Encoder:
 
 def decode_only(manifest: Any, enc: Encoder, batch: int) -> tuple[float, np.ndarray]:
     start, pixels = time.perf_counter(), []
-    for _, px, _ in decoded_batches(manifest, range(len(manifest)), enc, batch):
+    for _, px, _ in decoded_batches([e.image for e in manifest.entries], enc.preprocess, batch):
         pixels.append(px)
     return time.perf_counter() - start, np.concatenate(pixels)
 

@@ -16,7 +16,7 @@ from PIL import Image, ImageDraw, ImageOps
 
 from edgedistill.data.images import open_image
 from edgedistill.core.errors import UserError
-from edgedistill.runtime.preprocess import OPENAI_MEAN, OPENAI_STD, Preprocess, PreprocessConfig
+from edgedistill.runtime.preprocess import OPENAI_MEAN, OPENAI_STD, Preprocess, PreprocessConfig, read_image
 
 ROOT = Path(__file__).resolve().parents[1]
 # what export.json's "preprocess" holds for a CLIP-like student (edgedistill.export.exporter._preprocess_desc)
@@ -277,3 +277,58 @@ def test_preprocess_runs_with_torch_blocked(tmp_path, images, pixels):
                          text=True, cwd=ROOT, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}, timeout=120)
     assert run.returncode == 0, run.stderr[-2000:]
     assert np.array_equal(np.load(out), pixels[0][:3])
+
+
+# -- reduced-scale JPEG decode and EXIF orientation (docs/runtime.md#decoding-photos) ------------------------------
+def test_exif_orientation_is_applied_when_asked(images):
+    """exif=True turns a photo stored sideways (Orientation 6) upright before the geometry; off by default."""
+    path = next(p for p in images if "exif6" in p.name and native(p).size[0] != native(p).size[1])
+    desc = {**DESC, "resize_mode": "squash", "size": [30, 60]}
+    pre = Preprocess(desc)
+    upright = reference(desc, ImageOps.exif_transpose(native(path)).convert("RGB"))
+    assert np.array_equal(pre(path, exif=True), upright)
+    assert np.array_equal(pre(native(path), exif=True), upright)  # a PIL image carries its EXIF too
+    assert np.array_equal(pre(path, exif=False), pre(path)) and not np.allclose(pre(path), upright, atol=0.1)
+    plain = next(p for p in images if p.name.endswith("_RGB.jpg"))  # no tag: nothing to turn
+    assert np.array_equal(pre(plain, exif=True), pre(plain))
+
+
+def test_reduced_decode_changes_only_large_jpegs(images):
+    """decode='reduced' drafts JPEGs only: PNG, GIF, PIL images and arrays give the exact pixels."""
+    pre = Preprocess({**DESC, "size": 64})
+    others = [p for p in images if not p.name.endswith(".jpg")][:40] + [images[-1]]  # incl. a 3000x2000 PNG
+    assert any(native(p).size == (3000, 2000) for p in others)
+    for source in others + [open_image(images[-3]), np.asarray(open_image(images[-3]))]:
+        assert np.array_equal(pre(source, decode="reduced"), pre(source)), getattr(source, "name", type(source))
+    small = next(p for p in images if p.name.endswith("_RGB.jpg") and max(native(p).size) <= 64)
+    assert np.array_equal(pre(small, decode="reduced"), pre(small))  # no room for a reduction
+    with pytest.raises(UserError, match="decode 'draft' is not one of"):
+        pre(images[0], decode="draft")
+
+
+def test_reduced_decode_of_large_jpegs_is_close_to_exact(images):
+    """The two 3000x2000 JPEGs (RGB, CMYK) at 64 px: drafted to 1/8 scale, pixels within a few levels."""
+    pre = Preprocess({**DESC, "size": 64})
+    for path in [p for p in images if p.name.startswith("big") and p.suffix == ".jpg"]:
+        drafted, full = read_image(path, draft=pre.config)
+        assert full == native(path).size and drafted.size == tuple(-(-s // 8) for s in full), drafted.size
+        exact, reduced = pre.crop(path), pre.crop(path, decode="reduced")
+        assert exact.shape == reduced.shape == (64, 64, 3)
+        diff = np.abs(exact.astype(np.int16) - reduced.astype(np.int16))
+        assert diff.mean() < 3 and np.percentile(diff, 99) < 16, (path.name, diff.mean(), diff.max())
+
+
+def test_files_as_bytes_file_objects_and_shard_members(images, tmp_path):
+    from edgedistill.data.shards import ShardMember
+
+    pre = Preprocess({**DESC, "size": 64})
+    path = images[0]
+    blob = path.read_bytes()
+    shard = tmp_path / "shard.tar"
+    shard.write_bytes(b"x" * 512 + blob)
+    member = ShardMember(str(shard), path.name, 512, len(blob))
+    with open(path, "rb") as f:
+        sources = [blob, f, member]
+        assert all(np.array_equal(pre(s), pre(path)) for s in sources)
+    with pytest.raises(UserError, match="image bytes is not an image file"):
+        pre(b"not an image")

@@ -13,7 +13,9 @@ images) step by step with the same PIL calls, so the output equals torchvision's
 - Centre crop: an image smaller than the crop is padded first (left/top get the smaller half), then cut at
   ``int(round((in - out) / 2))`` (Python's round: halves to even).
 - ``convert("RGB")``, then /255 and ``(x - mean) / std`` in float32, as ``ToTensor`` and ``Normalize`` compute.
-- EXIF orientation is not applied: neither open_clip's transform nor edgedistill's image reader applies it.
+- EXIF orientation is not applied by default: neither open_clip's transform nor edgedistill's image reader
+  applies it. ``exif=True`` turns the image upright first (``ImageOps.exif_transpose``; phones store portrait
+  photos sideways), as ``edgedistill embed`` does.
 - 16-bit images (``I;16``) are clipped to 0-255 by PIL's RGB conversion, not scaled, as in open_clip.
 
 Where the RGB conversion happens is the one choice (``convert_first``). edgedistill decodes every training, cache,
@@ -21,14 +23,22 @@ eval and export image with ``Image.open(...).convert("RGB")`` and then applies t
 runtime does the same (the student's own pixels). ``convert_first=False`` is open_clip's transform applied to the
 image as given (``preprocess(Image.open(path))``): resize and crop in the image's own mode, RGB after the crop.
 The two differ only for images that are not RGB (palette, RGBA, LA, CMYK, 16-bit): see docs/runtime.md.
+
+``decode="exact"`` (the default) is all of the above. ``decode="reduced"`` lets libjpeg decode a large JPEG at 1/2,
+1/4 or 1/8 scale (``Image.draft``) while it stays at least ``DRAFT_MARGIN`` times what the resize makes of it, then
+resizes as above: much faster for photos, pixels close to but not equal to open_clip's
+(docs/runtime.md#decoding-photos).
 """
 
 from __future__ import annotations
 
+import io
+import math
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence, Union
+from typing import Any, BinaryIO, Iterator, Mapping, Sequence, Union
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -42,7 +52,15 @@ RESIZE_MODES = ("shortest", "longest", "squash")
 RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR,
             "random": Image.Resampling.BICUBIC}
 
-ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray]
+DECODE_MODES = ("reduced", "exact")  # reduced: large JPEGs drafted at 1/2-1/8 scale; exact: open_clip's pixels
+# reduced decode keeps the drafted image >= this many times the resize's output per side, so PIL's antialiased
+# resize, not libjpeg's DCT scaling, makes the pixels (minimum cosine to exact: docs/runtime.md#decoding-photos)
+DRAFT_MARGIN = 2.0
+ORIENTATION = 0x0112  # the EXIF tag; 5-8 store the image transposed (portrait photos lying on their side)
+
+# a file path; the bytes of an image file, a binary file object, or anything with read_bytes() (a tar-shard member,
+# edgedistill.data.shards.ShardMember); a PIL image; a uint8 RGB array (H, W, 3)
+ImageInput = Union[str, os.PathLike, bytes, BinaryIO, Image.Image, np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -115,21 +133,25 @@ def _resize(img: Image.Image, width: int, height: int, resample: int) -> Image.I
     return img if img.size == (width, height) else img.resize((width, height), resample)
 
 
-def _resize_short_side(img: Image.Image, size: int, resample: int) -> Image.Image:
-    """torchvision ``Resize(size)``: the short side to ``size``, the long side truncated to an integer."""
-    w, h = img.size
-    short, long = (w, h) if w <= h else (h, w)
-    new_short, new_long = size, int(size * long / short)
-    new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
-    return _resize(img, new_w, new_h, resample)
+def _resized_size(size: tuple[int, int], config: PreprocessConfig) -> tuple[int, int]:
+    """(width, height) that open_clip's resize step makes of an image of ``size`` (width, height)."""
+    w, h = size
+    if config.resize_mode == "squash":
+        return config.size[1], config.size[0]
+    if config.resize_mode == "longest":
+        return _keep_ratio(w, h, config.size, 1.0)
+    if config.size[0] == config.size[1]:  # torchvision Resize(S): short side S, the long side truncated
+        short, long = (w, h) if w <= h else (h, w)
+        new_short, new_long = config.size[0], int(config.size[0] * long / short)
+        return (new_short, new_long) if w <= h else (new_long, new_short)
+    return _keep_ratio(w, h, config.size, 0.0)
 
 
-def _resize_keep_ratio(img: Image.Image, size: tuple[int, int], longest: float, resample: int) -> Image.Image:
+def _keep_ratio(w: int, h: int, size: tuple[int, int], longest: float) -> tuple[int, int]:
     """open_clip's ``ResizeKeepRatio`` (eval: no random scale): longest=1 fits the long side, 0 the short."""
-    w, h = img.size
     ratio_h, ratio_w = h / size[0], w / size[1]
     ratio = max(ratio_h, ratio_w) * longest + min(ratio_h, ratio_w) * (1.0 - longest)
-    return _resize(img, round(w / ratio), round(h / ratio), resample)
+    return round(w / ratio), round(h / ratio)
 
 
 def _pad(img: Image.Image, ltrb: tuple[int, int, int, int], fill: int) -> Image.Image:
@@ -159,58 +181,122 @@ def _center_crop(img: Image.Image, size: tuple[int, int], fill: int) -> Image.Im
     return img.crop((left, top, left + crop_w, top + crop_h))
 
 
-def resize_and_crop(img: Image.Image, config: PreprocessConfig) -> Image.Image:
-    """open_clip's eval geometry for ``config``: a PIL image of ``config.size``, in the mode it came in."""
+def resize_and_crop(img: Image.Image, config: PreprocessConfig,
+                    size_of: tuple[int, int] | None = None) -> Image.Image:
+    """open_clip's eval geometry for ``config``: a PIL image of ``config.size``, in the mode it came in.
+    ``size_of``: the (width, height) ``img`` stands for when it was decoded at reduced scale; the resize makes of
+    it what it would make of the full image."""
     resample = RESAMPLE[config.interpolation]
+    if config.resize_mode == "shortest" and config.size[0] != config.size[1]:
+        resample = Image.Resampling.BICUBIC  # open_clip builds ResizeKeepRatio(size) here without interpolation
+    img = _resize(img, *_resized_size(size_of or img.size, config), resample)
     if config.resize_mode == "squash":
-        return _resize(img, config.size[1], config.size[0], resample)
-    if config.resize_mode == "longest":
-        img = _resize_keep_ratio(img, config.size, 1.0, resample)
-        return _center_crop(img, config.size, config.fill_color)
-    if config.size[0] == config.size[1]:
-        img = _resize_short_side(img, config.size[0], resample)
-    else:  # open_clip builds ResizeKeepRatio(size) here without its interpolation: bicubic
-        img = _resize_keep_ratio(img, config.size, 0.0, Image.Resampling.BICUBIC)
-    return _center_crop(img, config.size, 0)  # torchvision's CenterCrop pads with 0, not fill_color
+        return img
+    # torchvision's CenterCrop pads with 0; open_clip's CenterCropOrPad ('longest') with fill_color
+    return _center_crop(img, config.size, config.fill_color if config.resize_mode == "longest" else 0)
 
 
 # -- pixels -------------------------------------------------------------------------------------------------------
 def to_array(img: Image.Image, config: PreprocessConfig) -> np.ndarray:
     """An RGB-convertible PIL image -> normalised float32 (3, H, W), as ToTensor + Normalize compute it."""
     rgb = img if img.mode == "RGB" else img.convert("RGB")
-    x = np.asarray(rgb, dtype=np.uint8).transpose(2, 0, 1).astype(np.float32) / np.float32(255)
-    mean = np.asarray(config.mean, dtype=np.float32)[:, None, None]
-    std = np.asarray(config.std, dtype=np.float32)[:, None, None]
+    return normalise(np.asarray(rgb, dtype=np.uint8)[None], config)[0]
+
+
+def normalise(crops: np.ndarray, config: PreprocessConfig) -> np.ndarray:
+    """uint8 RGB (N, H, W, 3) -> float32 (N, 3, H, W): /255, then (x - mean) / std, as ToTensor + Normalize."""
+    x = crops.transpose(0, 3, 1, 2).astype(np.float32) / np.float32(255)
+    mean = np.asarray(config.mean, dtype=np.float32)[None, :, None, None]
+    std = np.asarray(config.std, dtype=np.float32)[None, :, None, None]
     return (x - mean) / std
 
 
-def load_image(source: ImageInput, convert_first: bool = True) -> Image.Image:
-    """A file path, PIL image or uint8 array (H, W, 3) -> a decoded PIL image (RGB when ``convert_first``).
+def load_image(source: ImageInput, convert_first: bool = True, exif: bool = False) -> Image.Image:
+    """A file (path, bytes, file object, tar-shard member), PIL image or uint8 array (H, W, 3) -> a decoded PIL
+    image (RGB when ``convert_first``; upright when ``exif``).
 
     An unreadable file or a wrong array is a UserError that names it.
     """
+    with user_errors(source):
+        return read_image(source, convert_first, exif)[0]
+
+
+def read_image(source: ImageInput, convert_first: bool = True, exif: bool = False,
+               draft: PreprocessConfig | None = None) -> tuple[Image.Image, tuple[int, int]]:
+    """``load_image`` that lets a file's read error through as PIL raised it (``edgedistill.data.images
+    .why_unreadable`` words it) -> (image, the upright (width, height) it stands for). ``draft``: decode a JPEG at
+    the smallest DCT scale that stays ``DRAFT_MARGIN`` times above what this config's resize makes of it."""
     if isinstance(source, Image.Image):
         if source.width < 1 or source.height < 1:
             raise UserError(f"an image of {source.width}x{source.height} pixels holds nothing to embed")
-        return source.convert("RGB") if convert_first and source.mode != "RGB" else source
+        img = _upright(source, exif)
+        img = img.convert("RGB") if convert_first and img.mode != "RGB" else img
+        return img, img.size
     if isinstance(source, np.ndarray):
         if source.dtype != np.uint8 or source.ndim != 3 or source.shape[2] != 3:
             raise UserError(f"an image array must be uint8 (H, W, 3) RGB, not {source.dtype} {source.shape}; "
                             "convert it first (e.g. np.asarray(pil_image.convert('RGB')))")
         if source.shape[0] < 1 or source.shape[1] < 1:
             raise UserError(f"an image array of shape {source.shape} holds no pixels to embed")
-        return Image.fromarray(np.ascontiguousarray(source))
+        img = Image.fromarray(np.ascontiguousarray(source))
+        return img, img.size
+    with Image.open(_file(source)) as im:
+        upright = _upright_size(im, exif)
+        if draft is not None and im.format == "JPEG":
+            w, h = _resized_size(upright, draft)
+            w, h = (h, w) if upright != im.size else (w, h)  # the file stores it transposed
+            im.draft(im.mode, (math.ceil(w * DRAFT_MARGIN), math.ceil(h * DRAFT_MARGIN)))
+        im.load()
+        img = _upright(im, exif)
+        if convert_first:
+            return img.convert("RGB"), upright  # a copy even when RGB: it outlives the file
+        return (im.copy() if img is im else img), upright
+
+
+def _file(source: Any) -> Any:
+    """What Image.open reads: a path or a binary file object."""
     if isinstance(source, (str, os.PathLike)):
-        return _read(Path(source), convert_first)
-    raise UserError(f"cannot read an image from a {type(source).__name__}; "
-                    "give a file path, a PIL image or a uint8 array (H, W, 3)")
+        return Path(source)
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return io.BytesIO(source)
+    if hasattr(source, "read_bytes"):  # a tar-shard member (edgedistill.data.shards.ShardMember)
+        return io.BytesIO(source.read_bytes())
+    if hasattr(source, "read"):
+        return source
+    raise UserError(f"cannot read an image from a {type(source).__name__}; give a file path, image bytes, "
+                    "a PIL image or a uint8 array (H, W, 3)")
 
 
-def _read(path: Path, convert_first: bool) -> Image.Image:
+def _orientation(im: Image.Image) -> int:
     try:
-        with Image.open(path) as im:
-            im.load()
-            return im.convert("RGB") if convert_first else im.copy()
+        return int(im.getexif().get(ORIENTATION, 1))
+    except (ValueError, TypeError, SyntaxError):  # a damaged EXIF block: leave the image as stored
+        return 1
+
+
+def _upright_size(im: Image.Image, exif: bool) -> tuple[int, int]:
+    return (im.height, im.width) if exif and _orientation(im) in (5, 6, 7, 8) else im.size
+
+
+def _upright(im: Image.Image, exif: bool) -> Image.Image:
+    """``im`` turned as its EXIF orientation says (when ``exif``), else ``im`` itself (no copy)."""
+    if not exif or _orientation(im) in (0, 1):
+        return im
+    return ImageOps.exif_transpose(im)
+
+
+def _name(source: Any) -> str:
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return "image bytes"
+    return str(getattr(source, "name", source)) if hasattr(source, "read") else str(source)
+
+
+@contextmanager
+def user_errors(source: Any) -> Iterator[None]:
+    """A file that cannot be read becomes a UserError naming it, one line."""
+    path = _name(source)
+    try:
+        yield
     except FileNotFoundError:
         raise UserError(f"{path}: image file not found; check the path") from None
     except IsADirectoryError:
@@ -222,9 +308,16 @@ def _read(path: Path, convert_first: bool) -> Image.Image:
         raise UserError(f"{path}: unreadable image ({reason}); replace or remove the file") from None
 
 
+def check_decode(decode: str) -> None:
+    if decode not in DECODE_MODES:
+        raise UserError(f"decode {decode!r} is not one of {list(DECODE_MODES)}")
+
+
 class Preprocess:
     """The eval transform as a callable: one image -> float32 (3, H, W); a list or tuple of images, or a uint8
-    array (N, H, W, 3) -> float32 (N, 3, H, W). Images are file paths, PIL images or uint8 arrays (H, W, 3)."""
+    array (N, H, W, 3) -> float32 (N, 3, H, W). Images are files (paths, bytes, file objects, tar-shard members),
+    PIL images or uint8 arrays (H, W, 3). ``decode="reduced"`` decodes large JPEGs at reduced scale, ``exif=True``
+    turns images upright; the defaults are open_clip's pixels exactly."""
 
     def __init__(self, config: PreprocessConfig | Mapping[str, Any], convert_first: bool = True) -> None:
         self.config = config if isinstance(config, PreprocessConfig) else PreprocessConfig.from_dict(config)
@@ -235,21 +328,38 @@ class Preprocess:
         """(3, H, W) of one preprocessed image."""
         return (3, *self.config.size)
 
-    def image(self, source: ImageInput) -> np.ndarray:
+    def image(self, source: ImageInput, decode: str = "exact", exif: bool = False) -> np.ndarray:
         """One image -> float32 (3, H, W)."""
-        img = load_image(source, self.convert_first)
-        return to_array(resize_and_crop(img, self.config), self.config)
+        return self.normalise(self.crop(source, decode, exif)[None])[0]
 
-    def __call__(self, images: ImageInput | Sequence[ImageInput]) -> np.ndarray:
+    def crop(self, source: ImageInput, decode: str = "exact", exif: bool = False) -> np.ndarray:
+        """One image -> the model's pixels before normalisation: uint8 RGB (H, W, 3); a UserError names an
+        unreadable file."""
+        with user_errors(source):
+            return self.read_crop(source, decode, exif)
+
+    def read_crop(self, source: ImageInput, decode: str = "exact", exif: bool = False) -> np.ndarray:
+        """``crop`` that lets a file's read error through as PIL raised it (decode workers report it)."""
+        check_decode(decode)
+        img, upright = read_image(source, self.convert_first, exif, self.config if decode == "reduced" else None)
+        img = resize_and_crop(img, self.config, upright)
+        return np.asarray(img if img.mode == "RGB" else img.convert("RGB"), dtype=np.uint8)
+
+    def normalise(self, crops: np.ndarray) -> np.ndarray:
+        """uint8 RGB (N, H, W, 3) crops -> float32 (N, 3, H, W) model input."""
+        return normalise(crops, self.config)
+
+    def __call__(self, images: ImageInput | Sequence[ImageInput], decode: str = "exact",
+                 exif: bool = False) -> np.ndarray:
         if isinstance(images, np.ndarray) and images.ndim == 4:
-            return self.batch(list(images))
+            return self.batch(list(images), decode, exif)
         if isinstance(images, (list, tuple)):
-            return self.batch(images)
-        return self.image(images)
+            return self.batch(images, decode, exif)
+        return self.image(images, decode, exif)
 
-    def batch(self, images: Sequence[ImageInput]) -> np.ndarray:
+    def batch(self, images: Sequence[ImageInput], decode: str = "exact", exif: bool = False) -> np.ndarray:
         """Images -> float32 (N, 3, H, W); an empty sequence gives (0, 3, H, W)."""
-        out = np.empty((len(images), *self.input_size), dtype=np.float32)
+        crops = np.empty((len(images), *self.config.size, 3), dtype=np.uint8)
         for i, source in enumerate(images):
-            out[i] = self.image(source)
-        return out
+            crops[i] = self.crop(source, decode, exif)
+        return self.normalise(crops)
