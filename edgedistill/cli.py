@@ -441,7 +441,6 @@ def embed(
     * `edgedistill embed data/val.jsonl --model runs/clip_to_mobilenet/export --out val.index --precision int8`
     """
     # deferred: the command's own stack loads when it runs
-    from edgedistill.core.terminal import safe
     from edgedistill.runtime.loader import load
     from edgedistill.runtime.index import build_index, check_options, read_source, recorded_precision
 
@@ -462,7 +461,7 @@ def embed(
     if encoder is None:
         encoder = load(model, device=device, backend=backend, precision=precision, threads=threads, spin=spin,
                        batch=batch)
-    console.print(f"model {encoder.info.image['artifact']} on {encoder.info.image['backend']} "
+    console.print(f"model {safe(encoder.info.image['artifact'])} on {encoder.info.image['backend']} "
                   f"({encoder.info.device}; chosen by {encoder.info.chosen_by})", highlight=False)
     doc = build_index(source, encoder, out, batch=batch, max_bad_fraction=max_bad_fraction, console=console,
                       manifest=manifest, decode=decode, exif=exif, rebuild=rebuild)
@@ -719,7 +718,7 @@ def _run(args: list[str]) -> int:
             typer.echo(e.ctx.get_help())  # type: ignore[attr-defined]
             return 0
         if _is_a(e, "ClickException"):
-            sys.stderr.write(_usage_error(e))
+            sys.stderr.write(safe(_usage_error(e).rstrip("\n")) + "\n")
             return 2
         if _is_a(e, "Abort"):
             if isinstance(e.__cause__, EOFError):  # click turns any EOFError into "Aborted!": show the real one
@@ -747,7 +746,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     except UserError as e:
         if debug:
             traceback.print_exc()
-        sys.stderr.write(f"error: {e}\n")
+        sys.stderr.write(f"error: {safe(e)}\n")  # paths and names in it come from files
         return 2
     except ModuleNotFoundError as e:
         stack = (e.name or "").split(".")[0]
@@ -764,7 +763,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             raise
         if debug:
             traceback.print_exc()
-        where = f" {e.filename}" if e.filename else ""
+        where = f" {safe(e.filename)}" if e.filename else ""
         sys.stderr.write(f"error: cannot write{where} ({e.strerror}); free space, or choose a folder you can "
                          f"write to\n")
         return 2

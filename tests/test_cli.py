@@ -218,3 +218,20 @@ def test_cache_build_killed_with_sigkill_resumes_to_the_same_result(tiny_teacher
     assert done.name == ref.name
     for name in ("image_emb", "image_ok", "text_emb", "text_offsets"):
         assert np.array_equal(np.load(done / f"{name}.npy"), np.load(ref / f"{name}.npy")), name
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["search", "{name}", "a cat"], True),                               # a UserError naming the path
+    (["classify", "{name}", "--labels", "cat,dog", "--model", "{name}"], True),
+    (["embed", "{name}", "--model", "{name}"], True),
+    (["search", "{name}", "a cat", "--top", "{name}"], False),             # a usage error about the value
+])
+def test_errors_print_names_from_the_user_with_control_characters_escaped(tmp_path, capsys, argv, named):
+    """A path or value holding terminal control sequences (OSC 52 writes the clipboard, CSI clears the screen, a
+    bidirectional override reorders the line) is shown escaped in the one-line error, never sent to the terminal."""
+    name = str(tmp_path / "x\x1b]52;c;aGk=\x07\x1b[2J\u202egpj.jpg")
+    capsys.readouterr()
+    assert main([a.replace("{name}", name) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and err.isascii() and "\x1b" not in err
+    assert ("\\x1b]52;c;aGk=\\x07\\x1b[2J\\u202egpj.jpg" in err) == named
