@@ -317,8 +317,9 @@ class TensorRtRunner(Runner):
     timer = "cpu"  # call() returns when the GPU is done
 
     @classmethod
-    def open(cls, backend: str, path: Path, artifact: dict[str, Any], options: "RunOptions") -> "TensorRtRunner":
-        return cls(path, str(artifact.get("encoder", "image")), options.expect)
+    def open(cls, backend: str, path: Path, artifact: dict[str, Any],
+             options: "RunOptions | None") -> "TensorRtRunner":
+        return cls(path, str(artifact.get("encoder", "image")), options.expect if options is not None else None)
 
     def __init__(self, path: Path, encoder: str | None = None, expect: GraphSpec | None = None) -> None:
         self.runner = TrtRunner(path)
