@@ -25,6 +25,7 @@ def images(export_dir: Path) -> list[Path]:
     return sorted((export_dir.parent.parent / "data" / "val_images").glob("*.jpg"))
 
 
+@pytest.mark.slow
 def test_the_rule_never_prefers_int8_without_evidence_and_embeds_every_input_kind(export_dir):
     enc = edgedistill.load(export_dir, device="cpu", measure=False)
     assert enc.info.image["artifact"] == "image_fp32_onnx" and enc.info.image["backend"] == "onnxruntime-cpu"
@@ -41,6 +42,7 @@ def test_the_rule_never_prefers_int8_without_evidence_and_embeds_every_input_kin
     assert enc.encode_image(str(paths[0])).shape == (1, enc.embed_dim)
 
 
+@pytest.mark.slow
 def test_every_backend_and_precision_agrees_with_the_pytorch_student(export_dir):
     torch_enc = edgedistill.load(export_dir.parent / "student", device="cpu")
     assert torch_enc.info.image["backend"] == "pytorch-cpu"
@@ -93,6 +95,7 @@ def test_an_artifact_file_pins_its_tower_and_a_run_folder_opens_its_export(expor
     assert edgedistill.load(export_dir.parent, device="cpu").info.image["path"].startswith(str(export_dir))
 
 
+@pytest.mark.slow
 def test_what_bench_measured_decides(export_dir, tmp_path):
     copy = tmp_path / "export"
     shutil.copytree(export_dir, copy)

@@ -53,6 +53,7 @@ def _rows(out: Path) -> list[dict]:
     return json.loads((out / rep.REPORT_JSON).read_text())["rows"]
 
 
+@pytest.mark.slow
 def test_every_artifact_runs_on_every_cpu_backend_at_every_batch(cpu_report, export_dir):
     rows = _rows(cpu_report)
     manifest = artifacts.read_manifest(export_dir)
@@ -138,6 +139,7 @@ def test_the_teacher_is_timed_in_turns_with_each_student_and_sizes_count_the_who
     assert "## Student vs teacher" in md and "## Size on the device (MB)" in md and "Load while timing" in md
 
 
+@pytest.mark.slow
 def test_json_prints_the_report_alone_on_stdout_and_csv_the_rows(export_dir, tmp_path, capsys):
     out = tmp_path / "report"
     assert main(["bench", str(export_dir), "--batch", "1", "--out", str(out), "--json", *FAST]) == 0
@@ -335,6 +337,7 @@ def test_cuda_bench_times_pytorch_with_cuda_events(export_dir, tmp_path):
     assert report["device_info"]["gpu"]
 
 
+@pytest.mark.slow
 def test_a_bundle_for_a_remote_target_benches_on_its_own(export_dir, tmp_path):
     """What --host ships: artifacts, student, val split (images copied), teacher scores and graph."""
     from edgedistill.bench.runner import make_bundle, resolve_sources, teacher_side
@@ -361,6 +364,7 @@ def test_a_bundle_for_a_remote_target_benches_on_its_own(export_dir, tmp_path):
     assert "teacher_image_fp32_onnx" in names and "teacher_image_pytorch" not in names
 
 
+@pytest.mark.slow
 def test_remote_bench_over_a_real_sshd_brings_the_report_back(export_dir, sshd, tmp_path):
     """--host end to end: bundle -> ssh -> `edgedistill bench` on the 'target' -> report back, teacher included."""
     import sys

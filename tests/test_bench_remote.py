@@ -180,6 +180,7 @@ def _bundle(tmp_path: Path) -> Path:
     return bundle
 
 
+@pytest.mark.slow
 def test_remote_bench_round_trip(sshd: Sshd, tmp_path: Path) -> None:
     fake = _script(tmp_path / "fake-edgedistill", FAKE_BENCH)
     out = tmp_path / "results" / "bench"
@@ -214,6 +215,7 @@ def test_remote_bench_round_trip(sshd: Sshd, tmp_path: Path) -> None:
     assert f"[{sshd.host}] a note on stderr" in shown
 
 
+@pytest.mark.slow
 def test_remote_bench_into_new_folder(sshd: Sshd, tmp_path: Path) -> None:
     fake = _script(tmp_path / "fake-edgedistill", FAKE_BENCH)
     out = tmp_path / "new" / "report"
@@ -243,6 +245,7 @@ def _alive(pid: int) -> bool:
     return state not in ("Z", "X")  # a zombie has stopped running
 
 
+@pytest.mark.slow
 def test_remote_bench_times_out(sshd: Sshd, tmp_path: Path) -> None:
     marks = tmp_path / "marks"
     marks.mkdir()
@@ -265,6 +268,7 @@ def test_remote_bench_times_out(sshd: Sshd, tmp_path: Path) -> None:
     assert not Path((marks / "bundle").read_text().strip()).parent.exists()
 
 
+@pytest.mark.slow
 def test_remote_bench_user_error(sshd: Sshd, tmp_path: Path) -> None:
     marks = tmp_path / "marks"
     marks.mkdir()
@@ -278,6 +282,7 @@ def test_remote_bench_user_error(sshd: Sshd, tmp_path: Path) -> None:
     assert not Path((marks / "bundle").read_text().strip()).parent.exists()
 
 
+@pytest.mark.slow
 def test_remote_bench_crash(sshd: Sshd, tmp_path: Path) -> None:
     crashing = _script(tmp_path / "crashing-edgedistill",
                        'echo "Traceback (most recent call last):"\necho "RuntimeError: CUDA out of memory" >&2\n'
@@ -289,6 +294,7 @@ def test_remote_bench_crash(sshd: Sshd, tmp_path: Path) -> None:
     assert "RuntimeError: CUDA out of memory" in msg and "\n" not in msg
 
 
+@pytest.mark.slow
 def test_remote_bench_without_report(sshd: Sshd, tmp_path: Path) -> None:
     lazy = _script(tmp_path / "lazy-edgedistill", "echo done\n", interpreter="/bin/sh")
     with pytest.raises(UserError, match="report"):

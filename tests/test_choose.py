@@ -108,6 +108,7 @@ def test_load_measures_once_then_reads_the_cache(export_dir, tmp_path, monkeypat
     assert second.info.chosen_by == "measured (cached)" and second.info.image == first.info.image
 
 
+@pytest.mark.slow
 def test_remeasure_and_another_batch_measure_again(export_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("EDGEDISTILL_CACHE", str(tmp_path))
     edgedistill.load(export_dir, device="cpu")

@@ -81,6 +81,7 @@ def test_storage_faults_anywhere_are_one_line(tmp_path, monkeypatch, capsys):
                                       f"space, or choose a folder you can write to\n"
 
 
+@pytest.mark.slow
 def test_bad_recipe_is_one_line_exit_2_no_traceback(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("name: x\nteacher: {model: RN50}\ndata: {train: t.jsonl, batch_sise: 3}\n")
@@ -191,6 +192,7 @@ def _interrupt_mid_build(tiny_teacher, tmp_path: Path, sig: int) -> tuple[Path, 
     return recipe, images, real_bytes, stderr
 
 
+@pytest.mark.slow
 def test_ctrl_c_leaves_a_resumable_build_and_says_so(tiny_teacher, tmp_path):
     recipe, *_, stderr = _interrupt_mid_build(tiny_teacher, tmp_path, signal.SIGINT)
     assert "interrupted; run the same command again to continue where it stopped" in stderr
@@ -199,6 +201,7 @@ def test_ctrl_c_leaves_a_resumable_build_and_says_so(tiny_teacher, tmp_path):
     assert json.loads((partial / "progress.json").read_text())["images_done"] == 16
 
 
+@pytest.mark.slow
 def test_cache_build_killed_with_sigkill_resumes_to_the_same_result(tiny_teacher, tmp_path):
     recipe, *_ = _interrupt_mid_build(tiny_teacher, tmp_path, signal.SIGKILL)
 

@@ -23,6 +23,7 @@ def quick_demo(tmp_path_factory):
     return code, root / "demo", root / "cache"
 
 
+@pytest.mark.slow
 def test_quick_demo_runs_every_stage_and_reports(quick_demo, capsys):
     code, out, cache = quick_demo
     assert code == 0

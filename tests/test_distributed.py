@@ -71,6 +71,7 @@ def test_global_batch_must_split_over_the_processes(tiny_teacher, dataset, tmp_p
         build_trainer(load_recipe(recipe), None, {}, {}, Console(quiet=True))  # type: ignore[arg-type]
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_process_with_the_same_global_batch(tiny_teacher, dataset, tmp_path):
     one, one_out = recipe_for(tmp_path, tiny_teacher, dataset, name="one", student=EXACT)
     assert main(["distill", str(one)]) == 0
@@ -115,6 +116,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tiny_teacher
         assert not list((tmp_path / "cache2").glob("*.partial"))
 
 
+@pytest.mark.slow
 def test_a_killed_rank_stops_the_run_and_the_run_resumes(tiny_teacher, dataset, tmp_path):
     # mobilenetv3 has BatchNorm: on CPU each rank normalises its own slice (the run works, not bit-equal).
     recipe, out = recipe_for(tmp_path, tiny_teacher, dataset, name="killed")
@@ -135,6 +137,7 @@ def test_a_killed_rank_stops_the_run_and_the_run_resumes(tiny_teacher, dataset, 
     assert json.loads((out / "summary.json").read_text())["steps"] == 10
 
 
+@pytest.mark.slow
 def test_gathered_loss_gives_one_process_gradient_and_gradnorm_agrees():
     """tests/dist_worker.py in 2 gloo processes: DDP + gather_with_grad == one process; gradnorm's norms too."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_CPP_LOG_LEVEL": "ERROR"}
@@ -227,6 +230,7 @@ def test_webdataset_shards_are_indexed_once_and_read_by_offset(dataset, tmp_path
             load_manifest(bad, index_dir=tmp_path / "index")
 
 
+@pytest.mark.slow
 def test_distill_on_webdataset_shards(tiny_teacher, dataset, tmp_path):
     write_shards(dataset["train"], tmp_path / "shards")
     spec = str(tmp_path / "shards" / "{00000..00003}.tar")

@@ -42,6 +42,7 @@ def _pick(metrics):
     return {k: metrics[k] for k in KEYS if k in metrics}
 
 
+@pytest.mark.slow
 def test_distill_eval_export_and_bench_agree(scored):
     summary = json.loads((scored / "run" / "summary.json").read_text())["student"]
     evaluated = json.loads((scored / "run" / "eval.json").read_text())["student"]

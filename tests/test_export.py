@@ -49,6 +49,7 @@ def exported(finished_run):
     return out
 
 
+@pytest.mark.slow
 def test_export_writes_every_onnx_artifact_with_parity_and_hashes(exported):
     doc = json.loads((exported / "export.json").read_text())
     by_name = {a["name"]: a for a in doc["artifacts"]}
@@ -122,6 +123,7 @@ def test_text_embeddings_file_holds_the_prompts(exported, finished_run):
     assert cosine_parity(emb, ref)["cosine_min"] > 0.9999
 
 
+@pytest.mark.slow
 def test_failed_parity_leaves_no_artifact_and_exits_2(finished_run, monkeypatch, capsys):
     import edgedistill.export.exporter as exporter
 
@@ -133,6 +135,7 @@ def test_failed_parity_leaves_no_artifact_and_exits_2(finished_run, monkeypatch,
     assert not list(out.glob("*.onnx")) and not list(out.glob(".*")) and not (out / "export.json").exists()
 
 
+@pytest.mark.slow
 def test_an_int8_graph_that_does_not_hold_on_this_cpu_fails_the_export_or_is_left_out(finished_run, monkeypatch,
                                                                                       capsys):
     import edgedistill.export.exporter as exporter
@@ -230,6 +233,7 @@ def small_graph(tmp_path_factory):
     return model, path, info
 
 
+@pytest.mark.slow
 def test_export_onnx_reports_its_exporter_and_is_atomic(small_graph, tmp_path, monkeypatch):
     model, path, info = small_graph
     assert info["exporter"] in ("dynamo", "torchscript") and info["opset"] >= 17
@@ -243,6 +247,7 @@ def test_export_onnx_reports_its_exporter_and_is_atomic(small_graph, tmp_path, m
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_fp16_and_int8_run_on_cpu_and_calibration_is_cached(small_graph, tmp_path):
     model, path, _ = small_graph
     rng = np.random.default_rng(0)
@@ -290,6 +295,7 @@ def _float_inputs(model: onnx.ModelProto) -> dict[str, list[int]]:
     return out
 
 
+@pytest.mark.slow
 def test_tensorrt_int8_graph_has_float_biases_and_fp16_outside_the_qdq_pairs(small_graph, tmp_path):
     model, path, _ = small_graph
     images = np.random.default_rng(0).normal(size=(16, 3, 32, 32)).astype(np.float32)
@@ -376,6 +382,7 @@ def test_a_damaged_student_is_refused_before_export(finished_run, tmp_path, caps
     assert not list((tmp_path / "e2").glob("*.onnx")) and not (tmp_path / "e2" / "export.json").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cosine", [float("nan"), float("inf")])
 def test_a_non_finite_parity_fails_the_gate(finished_run, tmp_path, monkeypatch, capsys, cosine):
     import edgedistill.export.exporter as exporter
@@ -410,6 +417,7 @@ def test_fp16_graphs_run_in_a_default_onnxruntime_session(exported):
         assert proc.stdout.strip() == "(2, 32)"
 
 
+@pytest.mark.slow
 def test_an_artifact_that_crashes_a_default_session_is_a_failed_gate(finished_run, tmp_path, monkeypatch, capsys):
     import edgedistill.export.graph as graph
 
@@ -473,6 +481,7 @@ def test_an_artifact_that_crashes_openvino_is_a_failed_gate_where_openvino_is_in
     assert main(["export", str(finished_run), "--out", str(tmp_path / "f")]) == 0
 
 
+@pytest.mark.slow
 def test_a_killed_exports_temporaries_are_removed_by_the_next(finished_run, tmp_path):
     out = tmp_path / "e"
     out.mkdir()
@@ -499,6 +508,7 @@ def test_export_json_is_checked_field_by_field(exported, tmp_path):
             artifacts.read_manifest(copy)
 
 
+@pytest.mark.slow
 def test_export_restores_torchs_thread_count(finished_run, tmp_path):
     before = torch.get_num_threads()
     other = 1 if before != 1 else 2
@@ -523,6 +533,7 @@ def test_a_graph_with_a_fixed_batch_axis_is_refused(small_graph, tmp_path, monke
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_a_batch_1_example_still_gives_a_symbolic_batch_axis(tiny_teacher, tmp_path):
     teacher = open_clip.create_model("tiny-clip")
     info = export_onnx(ImageEncoder(teacher), torch.randn(1, 3, 32, 32), tmp_path / "t.onnx", "image", "e")

@@ -44,6 +44,7 @@ def test_a_folder_becomes_an_index_whose_rows_are_the_images(tiny_export, data, 
     assert idx.doc.bad_images[0][0].endswith("broken.jpg") and not (out / ".chunks").exists()
 
 
+@pytest.mark.slow
 def test_search_by_text_and_image_ranks_by_cosine_and_draws_the_hits(tiny_export, data, tmp_path, capsys):
     out = tmp_path / "val.index"
     assert main(["embed", str(data / "val.jsonl"), "--model", str(tiny_export), "--out", str(out)]) == 0
@@ -175,6 +176,7 @@ def test_shards_embed_like_a_manifest(tiny_export, tmp_path):
     assert doc.count == 5
 
 
+@pytest.mark.slow
 def test_embed_runs_onnxruntime_without_spinning_unless_asked(tiny_export, data, tmp_path, monkeypatch):
     """Spinning pool threads compete with the decode threads (benchmarks/README.md, embed_speed.py)."""
     import edgedistill.runtime.loader as api

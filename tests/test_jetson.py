@@ -296,6 +296,7 @@ def test_sampler_without_tegrastats(tmp_path: Path) -> None:
     assert "not installed" in str(e.value) and "Jetson" in str(e.value)
 
 
+@pytest.mark.slow
 def test_sampler_kills_a_tegrastats_that_ignores_terminate(tmp_path: Path) -> None:
     exe = _script(tmp_path / "tegrastats", "import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
                                            "print('RAM 1/2MB', flush=True)\ntime.sleep(60)\n")

@@ -97,6 +97,7 @@ def test_student_tokens_are_projected_and_carry_gradient(tiny_pair):
     assert not any(k.startswith("projections") for k in student.model.state_dict())
 
 
+@pytest.mark.slow
 def test_layerwise_optima_run_end_to_end(tiny_teacher, dataset, tmp_path):
     recipe, out = layerwise_recipe(tmp_path, tiny_teacher, dataset)
     assert main(["distill", str(recipe)]) == 0
@@ -126,6 +127,7 @@ def test_layerwise_optima_run_end_to_end(tiny_teacher, dataset, tmp_path):
     assert model.encode_image(torch.randn(1, 3, 32, 32)).shape == (1, 32)
 
 
+@pytest.mark.slow
 def test_uniform_turns_every_module_on(tiny_teacher, dataset, tmp_path):
     recipe, out = layerwise_recipe(tmp_path, tiny_teacher, dataset, name="uni", method="uniform",
                                    train={"max_steps": 3, "epochs": 1})
@@ -137,6 +139,7 @@ def test_uniform_turns_every_module_on(tiny_teacher, dataset, tmp_path):
     assert summary["counts"] == {m: 3 for m in ("blocks.0", "blocks.1", "blocks.3", "blocks.5")}
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_continues_the_selection_exactly(tiny_teacher, dataset, tmp_path):
     whole, whole_out = layerwise_recipe(tmp_path, tiny_teacher, dataset, name="lwwhole")
     assert main(["distill", str(whole)]) == 0

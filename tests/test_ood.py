@@ -176,6 +176,7 @@ def write_ood(folder: Path) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_distill_with_descriptions_and_ood_val(tiny_teacher, dataset, tmp_path, monkeypatch):
     from edgedistill.distill.losses.alignment import ClassificationLoss
     seen = []

@@ -86,6 +86,7 @@ def trained(data: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> 
     return {"result": result, "root": root, **seen}
 
 
+@pytest.mark.slow
 def test_loss_goes_down_and_retrieval_beats_chance(trained):
     result = trained["result"]
     assert not result.reused and result.seconds > 0

@@ -119,6 +119,7 @@ def pixels(images: list[Path]) -> tuple[np.ndarray, np.ndarray]:
     return want, Preprocess(DESC)(images)
 
 
+@pytest.mark.slow
 def test_the_images_are_what_the_test_claims(images):
     decoded = {p.name: native(p) for p in images}
     assert len(images) >= 200 and {"RGB", "L", "RGBA", "LA", "CMYK", "P", "I;16", "1"} <= {
@@ -129,6 +130,7 @@ def test_the_images_are_what_the_test_claims(images):
     assert all(np.asarray(im.convert("L"), dtype=np.float32).std() > 10 for im in decoded.values())  # not flat
 
 
+@pytest.mark.slow
 def test_pixels_equal_open_clip(pixels):
     want, got = pixels
     assert got.dtype == np.float32 and got.shape == want.shape == (len(want), 3, 224, 224)
@@ -142,6 +144,7 @@ def _embed(model: torch.nn.Module, x: np.ndarray) -> np.ndarray:
     return out / np.linalg.norm(out, axis=1, keepdims=True)
 
 
+@pytest.mark.slow
 def test_embeddings_equal_open_clip(pixels, images):
     """A real image tower (timm MobileNetV3-Small, random weights) embeds our pixels as it embeds open_clip's."""
     torch.manual_seed(0)
@@ -167,6 +170,7 @@ CONFIGS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("convert_first", [True, False])
 def test_every_resize_mode_and_interpolation(images, convert_first):
     """Pixel-exact against open_clip for each resize mode, interpolation, non-square size and padding, with the
@@ -293,6 +297,7 @@ def test_exif_orientation_is_applied_when_asked(images):
     assert np.array_equal(pre(plain, exif=True), pre(plain))
 
 
+@pytest.mark.slow
 def test_reduced_decode_changes_only_large_jpegs(images):
     """decode='reduced' drafts JPEGs only: PNG, GIF, PIL images and arrays give the exact pixels."""
     pre = Preprocess({**DESC, "size": 64})

@@ -108,6 +108,7 @@ def test_corpus_covers_what_it_claims(texts):
     assert any(any(ord(c) >= 0x1F300 for c in t) for t in texts)
 
 
+@pytest.mark.slow
 def test_clip_tokenizer_matches_open_clip_at_77(tmp_path, texts):
     save_tokenizer("ViT-B-32", tmp_path)
     ours = load_tokenizer(tmp_path)
@@ -118,6 +119,7 @@ def test_clip_tokenizer_matches_open_clip_at_77(tmp_path, texts):
     assert (long[:, -1] == 49407).all() and (long[:, 0] == 49406).all()  # truncated: the end token stays last
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("form", ["local-dir", "folder", "config-json", "tokenizer"])
 def test_clip_tokenizer_matches_open_clip_at_16(tmp_path, tiny_dir, texts, form):
     config_json = tmp_path / "tiny-clip-16.json"
@@ -141,6 +143,7 @@ def test_context_length_argument_and_single_string(tmp_path):
     assert ours([]).shape == (0, 8)
 
 
+@pytest.mark.slow
 def test_cleaning_variants_from_tokenizer_kwargs(tmp_path, texts):
     for clean in ("whitespace", "canonicalize"):
         cfg = {**TINY_CONFIG, "text_cfg": {**TINY_CONFIG["text_cfg"], "tokenizer_kwargs": {"clean": clean}}}
@@ -163,6 +166,7 @@ def test_saved_files_describe_the_tokenizer(tmp_path):
     assert len(tok["model"]["vocab"]) == 49408 and tok["padding"]["strategy"] == {"Fixed": 77}
 
 
+@pytest.mark.slow
 def test_clip_split_equals_open_clips_regex_on_every_assigned_code_point():
     """tokenizer.json's pre-tokenisation (Oniguruma) splits as open_clip's pattern (the `regex` module) does, for
     every code point Python's Unicode database lists as assigned, each in six contexts."""
@@ -202,6 +206,7 @@ def _local_hf_tokenizer(folder: Path, texts: list[str]) -> Path:
     return folder
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strip_sep", [False, True])
 def test_hf_tokenizer_from_a_model_folder(tmp_path, texts, strip_sep):
     folder = _local_hf_tokenizer(tmp_path / "model", texts[:500])

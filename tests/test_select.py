@@ -31,6 +31,7 @@ def bandit(method: str, seed: int, steps: int = 400, switch: int = 300, **option
     return np.array(chosen)
 
 
+@pytest.mark.slow
 def test_windowed_sampler_follows_a_switch_that_unlimited_history_misses():
     after = slice(300 + 20, 400)  # 20 pulls to notice the switch
     optima = [np.mean(bandit("optima", s, window=10)[after] == 2) for s in range(5)]

@@ -226,6 +226,7 @@ def test_check_finds_a_checkpoint_that_does_not_fit_without_loading_a_model(tiny
         "file:")
 
 
+@pytest.mark.slow
 def test_a_raw_pickle_checkpoint_is_one_line_without_warnings(tiny_teacher, tmp_path):
     import pickle
     import subprocess

@@ -37,6 +37,7 @@ def run_subprocess(*args: str, env: dict | None = None) -> subprocess.CompletedP
                           timeout=600, env={**os.environ, **(env or {})})
 
 
+@pytest.mark.slow
 def test_distill_writes_the_output_contract(tiny_teacher, dataset, tmp_path):
     recipe, out = recipe_for(tmp_path, tiny_teacher, dataset, train={"tensorboard": True})
     assert main(["distill", str(recipe)]) == 0
@@ -67,6 +68,7 @@ def test_distill_writes_the_output_contract(tiny_teacher, dataset, tmp_path):
         torch.testing.assert_close(value, best["model"][key])
 
 
+@pytest.mark.slow
 def test_eval_command_reevaluates_the_saved_student(tiny_teacher, dataset, tmp_path):
     recipe, out = recipe_for(tmp_path, tiny_teacher, dataset, train={"epochs": 1})
     assert main(["distill", str(recipe)]) == 0
@@ -81,6 +83,7 @@ def test_eval_command_reevaluates_the_saved_student(tiny_teacher, dataset, tmp_p
     assert main(["eval", str(tmp_path)]) == 2
 
 
+@pytest.mark.slow
 def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(tiny_teacher, dataset, tmp_path):
     whole, whole_out = recipe_for(tmp_path, tiny_teacher, dataset, name="whole")
     assert main(["distill", str(whole)]) == 0
@@ -111,6 +114,7 @@ def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(tiny_teacher
         torch.testing.assert_close(wb[key], wa[key], atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_resume_with_a_changed_recipe_is_refused(tiny_teacher, dataset, tmp_path):
     recipe, out = recipe_for(tmp_path, tiny_teacher, dataset, train={"epochs": 1})
     assert main(["distill", str(recipe)]) == 0
@@ -120,6 +124,7 @@ def test_resume_with_a_changed_recipe_is_refused(tiny_teacher, dataset, tmp_path
     assert json.loads((out / "summary.json").read_text())["steps"] == 10
 
 
+@pytest.mark.slow
 def test_three_non_finite_steps_stop_the_run_and_keep_the_last_good_checkpoint(tiny_teacher, dataset, tmp_path,
                                                                                monkeypatch, capsys):
     from edgedistill.distill.losses.output import FeatureLoss
@@ -165,6 +170,7 @@ def test_unknown_student_tower_exit_2(tiny_teacher, dataset, tmp_path, capsys):
     assert not (out / "checkpoints").exists()
 
 
+@pytest.mark.slow
 def test_student_text_tower_and_online_teacher(tiny_teacher, dataset, tmp_path):
     recipe, out = recipe_for(tmp_path, tiny_teacher, dataset, name="textonline",
                              student={"text": {"width": 32, "layers": 1, "heads": 2}, "embed_dim": 16},
@@ -218,6 +224,7 @@ def test_cosine_schedule_warms_up_then_decays_to_zero():
     assert f(10) == pytest.approx(1.0) and f(55) == pytest.approx(0.5, abs=0.02) and f(100) == pytest.approx(0.0)
 
 
+@pytest.mark.slow
 def test_ctrl_c_finishes_the_step_saves_and_resumes(tiny_teacher, dataset, tmp_path):
     import signal
     import time
@@ -242,6 +249,7 @@ def test_ctrl_c_finishes_the_step_saves_and_resumes(tiny_teacher, dataset, tmp_p
     assert json.loads((out / "summary.json").read_text())["steps"] == 5 * (ckpt["state"]["epoch"] + 1)
 
 
+@pytest.mark.slow
 def test_the_student_moves_towards_the_teacher(tiny_teacher, dataset, tmp_path):
     recipe, out = recipe_for(tmp_path, tiny_teacher, dataset, name="learns",
                              train={"epochs": 6, "lr": 0.003, "warmup_steps": 0},
@@ -275,6 +283,7 @@ def test_images_without_captions_train_on_image_terms_only(tiny_teacher, tmp_pat
     assert set(first["terms"]) == {"feature", "similarity", "relation", "contrastive", "hard_negative"}  # no clip
 
 
+@pytest.mark.slow
 def test_vl_align_ranks_against_a_bank_of_training_captions(tiny_teacher, dataset, tmp_path, monkeypatch):
     from edgedistill.distill.losses.alignment import VLAlignLoss
     banks = []
@@ -305,6 +314,7 @@ def test_an_out_that_cannot_be_the_run_directory_fails_before_any_work(tiny_teac
     assert not (tmp_path / "cache").exists()  # refused before the teacher cache was built
 
 
+@pytest.mark.slow
 def test_eval_of_a_student_with_non_finite_weights_exits_2(tiny_teacher, dataset, tmp_path, capsys):
     from safetensors.torch import load_file, save_file
 
@@ -325,6 +335,7 @@ def test_eval_of_a_student_with_non_finite_weights_exits_2(tiny_teacher, dataset
     assert f"{key}); the training diverged or the file is damaged" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_clipkd_terms_train_with_the_teachers_scale_and_a_learned_icl_scale(tiny_teacher, dataset, tmp_path,
                                                                            monkeypatch):
     from edgedistill.distill.losses.clipkd import LogitKLLoss
@@ -350,6 +361,7 @@ def test_clipkd_terms_train_with_the_teachers_scale_and_a_learned_icl_scale(tiny
     assert state["icl.log_scale"].item() != pytest.approx(math.log(1 / 0.07), abs=1e-6)
 
 
+@pytest.mark.slow
 def test_caption_rank_trains_on_a_bank_of_training_captions_with_mostly_uncaptioned_images(tiny_teacher, tmp_path,
                                                                                             monkeypatch):
     from tests.conftest import captions_for, write_images, write_manifest
