@@ -284,7 +284,7 @@ def main() -> None:
             "imagenet": write_photos(args.work / f"imagenet-{args.imagenet}", args.imagenet, IMAGENET, 2, 0.0)}
     enc = load(args.model, spin=False, batch=args.batch)  # as `edgedistill embed` loads it
     common = {"date": dt.date.today().isoformat(), "command": " ".join(["python", *sys.argv]),
-              "machine": cpu_model(), "usable cpus": decode_module.usable_cpus(),
+              "machine": cpu_model(), "usable cpus": decode_module.usable_cpus()[0],
               "loadavg_1m_at_start": round(os.getloadavg()[0], 2), "model": str(args.model),
               "artifact": enc.info.image.get("artifact"), "backend": enc.info.image.get("backend"),
               "batch": args.batch, "rounds": args.rounds, **start_costs(enc.preprocess)}

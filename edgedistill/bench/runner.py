@@ -35,7 +35,7 @@ from edgedistill.runtime.backends import OPENVINO_HINTS, Candidate, OrtRunner, R
 from edgedistill.bench.devices import DEVICES, describe_device, describe_short
 from edgedistill.bench.remote import run_remote_bench
 from edgedistill.bench.timing import (ROUNDS, busy_by_others, cpu_load, interleave, load_average, ratio_spread,
-                                     summarize, time_cpu, time_cuda, usable_cpus)
+                                     summarize, time_cpu, time_cuda)
 from edgedistill.data.images import open_image
 from edgedistill.data.manifest import load_manifest
 from edgedistill.core.documents import BenchReport, BundleContext, BundleTeacher, read_document
@@ -426,7 +426,8 @@ def _bench_here(opts: BenchOptions, export_dir: Path, doc: dict[str, Any], out: 
     for job in jobs:
         rows += _measure(ses, job, teacher)
     versus = _versus_teacher(ses, jobs, rows, teacher)
-    load = busy_by_others(load_before, load_average(), usable_cpus(), min(threads, usable_cpus()) + opts.load)
+    cpus = limits.usable_cpus()[0]
+    load = busy_by_others(load_before, load_average(), cpus, min(threads, cpus) + opts.load)
     report = _report(ses, export_dir, device_info, teacher, rows)
     report["timing_load"] = load
     report["footprint"] = _footprint(ses.src, rows)

@@ -152,14 +152,6 @@ def ratio_text(ratio: dict[str, Any] | None, word: str = "faster") -> str:
             f"{ratio['rounds']} interleaved rounds)")
 
 
-def usable_cpus() -> int:
-    """The CPUs this process may run on (its affinity mask, e.g. a container's cpuset), else the CPU count."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
-
-
 def load_average() -> float | None:
     """The 1-minute load average (None where the OS has none, e.g. Windows)."""
     try:

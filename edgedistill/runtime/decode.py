@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 import multiprocessing
-import os
 import signal
 from collections import deque
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -26,6 +25,7 @@ import numpy as np
 
 from edgedistill.core.errors import UserError
 from edgedistill.data.images import why_unreadable
+from edgedistill.runtime.limits import usable_cpus
 from edgedistill.runtime.preprocess import DECODE_MODES, ImageInput, Preprocess, check_decode
 
 __all__ = ["DECODE_MODES", "decoded_batches", "default_workers"]
@@ -36,18 +36,10 @@ INLINE = 32   # fewer images than this are decoded in this process when ``worker
 Batch = tuple[list[int], np.ndarray, list[tuple[int, str]]]
 
 
-def usable_cpus() -> int:
-    """The CPUs this process may run on (its affinity mask, e.g. under taskset or a container's cpuset)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS, Windows
-        return os.cpu_count() or 1
-
-
 def default_workers() -> int:
     """Decode processes: one per usable CPU. Inference shares the cores; the bounded queue settles the split
     (docs/runtime.md#decoding-photos)."""
-    return usable_cpus()
+    return usable_cpus()[0]
 
 
 def decoded_batches(images: Sequence[ImageInput], preprocess: Preprocess, batch: int, *, decode: str = "reduced",
