@@ -201,21 +201,69 @@ def test_epoch_batches_are_a_function_of_seed_and_epoch():
 
 def test_augmentation_depends_on_epoch_and_index_only(dataset):
     from edgedistill.data.manifest import load_manifest
-    from edgedistill.data.transforms import student_train_transform
+    from edgedistill.data.transforms import Render, student_train_transform
     paths = [e.image for e in load_manifest(dataset["train"]).entries]
-    ds = TrainImages(paths, student_train_transform(32, [0.5] * 3, [0.5] * 3), seed=0)
+    ds = TrainImages(paths, Render(32, (0.5,) * 3, (0.5,) * 3), seed=0)
     a = ds[3][1]
     torch.rand(5)  # global RNG use in between changes nothing
     assert torch.equal(ds[3][1], a)
     ds.epoch = 1
     assert not torch.equal(ds[3][1], a)
-    # the view is the one torch.manual_seed(seed_of(seed, epoch, index)) gives: seeding the CPU generator alone
-    # draws the same augmentation
+    # the view is the one torchvision's transforms give under torch.manual_seed(seed_of(seed, epoch, index)):
+    # seeding the CPU generator alone draws the same augmentation
     from edgedistill.data.images import open_image
     from edgedistill.core.hashing import seed_of
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed_of(0, 1, 3))
-        assert torch.equal(ds.transform(open_image(paths[3])), ds[3][1])
+        reference = student_train_transform(32, [0.5] * 3, [0.5] * 3)
+        assert torch.equal(reference(open_image(paths[3])), ds[3][1])
+
+
+def test_consistent_teacher_sees_the_students_view(dataset):
+    """An online consistent teacher gets the same crop as the student, at its own size and normalisation; the
+    clean teacher gets its centre crop whatever the view."""
+    from edgedistill.data.images import open_image
+    from edgedistill.data.manifest import load_manifest
+    from edgedistill.data.transforms import Render
+    paths = [e.image for e in load_manifest(dataset["train"]).entries]
+    student, teacher = Render(32, (0.5,) * 3, (0.5,) * 3), Render(48, (0.0,) * 3, (1.0,) * 3)
+    ds = TrainImages(paths, student, seed=0, scale=(0.2, 0.4), hflip=True, teacher=teacher)
+    _, s_view, t_view, k, why = ds[2]
+    assert why is None and k == -1 and t_view.shape == (3, 48, 48)
+    # the teacher's input, brought to the student's size and normalisation, is the student's view
+    back = torch.nn.functional.interpolate(t_view[None], size=32, mode="bicubic", antialias=True)[0]
+    assert torch.allclose((back - 0.5) / 0.5, s_view, atol=0.25)
+    assert float(((back - 0.5) / 0.5 - s_view).abs().mean()) < 0.05
+    clean = TrainImages(paths, student, seed=0, scale=(0.2, 0.4), teacher=lambda im: torch.ones(1))
+    assert torch.equal(clean[2][2], torch.ones(1))
+    ds.epoch = 1  # another epoch: another view for both
+    assert not torch.equal(ds[2][2], t_view)
+
+
+def test_stored_views_are_replayed(dataset):
+    """With stored views, image i's epoch view is one of its stored boxes, k drawn from (seed, epoch, index)."""
+    import numpy as np
+    from edgedistill.data.images import open_image
+    from edgedistill.data.manifest import load_manifest
+    from edgedistill.data.transforms import Render, View, render_view
+    paths = [e.image for e in load_manifest(dataset["train"]).entries]
+    student = Render(32, (0.5,) * 3, (0.5,) * 3)
+    stored = np.zeros((len(paths), 3, 5), dtype=np.float32)
+    for k, box in enumerate(([0, 0, 32, 32, 0], [10, 5, 40, 50, 1], [20, 20, 44, 44, 0])):
+        stored[:, k] = box
+    ds = TrainImages(paths, student, seed=3, stored=stored)
+    seen = set()
+    for epoch in range(40):
+        ds.epoch = epoch
+        index, view, _, k, _ = ds[4]
+        assert 0 <= k < 3
+        seen.add(k)
+        assert torch.equal(view, render_view(open_image(paths[4]), View.from_row(stored[4, k]), student))
+        assert ds[4][3] == k  # the same draw again
+    assert seen == {0, 1, 2}
+    stored[5, 1] = np.nan
+    with pytest.raises(ValueError):
+        View.from_row(stored[5, 1])
 
 
 def test_cosine_schedule_warms_up_then_decays_to_zero():
@@ -397,3 +445,31 @@ def test_caption_rank_trains_on_a_bank_of_training_captions_with_mostly_uncaptio
     losses = [x["terms"]["caption_rank"] for x in lines if "loss" in x]
     assert set(next(x for x in lines if "loss" in x)["terms"]) == {"caption_rank"} and losses[0] > 0
     assert sum(losses[-4:]) < 0.5 * sum(losses[:4]), losses  # the student learns the teacher's caption ranking
+
+
+@pytest.mark.parametrize("teacher", ["cached", "online"])
+def test_consistent_teacher_trains_on_the_view_the_student_sees(tiny_teacher, dataset, tmp_path, monkeypatch,
+                                                                 teacher):
+    """train.teacher_view consistent: cached reads the stored views' embeddings (the clean ones are never
+    looked up), online embeds the student's own view; both train."""
+    from edgedistill.distill.cache import FeatureCache
+    from edgedistill.distill.views import ReinforcedViews
+    looked_up = {"clean": 0, "views": 0}
+    clean_lookup, view_lookup = FeatureCache.image_features, ReinforcedViews.features
+    monkeypatch.setattr(FeatureCache, "image_features",
+                        lambda self, i: looked_up.__setitem__("clean", looked_up["clean"] + (self.n_images == 40))
+                        or clean_lookup(self, i))  # the training images' (40) clean embeddings; val's are 12
+    monkeypatch.setattr(ReinforcedViews, "features",
+                        lambda self, i, k: looked_up.__setitem__("views", looked_up["views"] + 1)
+                        or view_lookup(self, i, k))
+    recipe, out = recipe_for(tmp_path, tiny_teacher, dataset, train={"teacher": teacher, "teacher_view": "consistent",
+                                                                     "epochs": 1},
+                             cache={"views": 2}, loss={"terms": ["feature", "clip"]})
+    assert main(["distill", str(recipe)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 5 and math.isfinite(summary["student"]["rsum"])
+    stores = [p for p in (tmp_path / "cache").glob("*__views2-*") if p.is_dir()]
+    if teacher == "cached":
+        assert looked_up == {"clean": 0, "views": 5} and len(stores) == 1
+    else:
+        assert looked_up["views"] == 0 and not stores

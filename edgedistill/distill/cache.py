@@ -191,6 +191,9 @@ def _lock(path: Path) -> Iterator[bool]:
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
+lock_cache_dir = _lock  # for the stores kept beside a cache (distill/views.py)
+
+
 def _read_only_cache(final: Path, key: str, manifest: Manifest, what: str) -> FeatureCache:
     """The finished cache at ``final`` on storage this process cannot write; UserError when there is none."""
     try:

@@ -104,6 +104,10 @@ class DataConfig(_Section):
 class CacheConfig(_Section):
     dir: Path | None = Field(None, description="teacher feature cache root; default: ~/.cache/edgedistill")
     chunk_size: PositiveInt = Field(1024, description="images per resumable chunk of the cache build")
+    views: PositiveInt = Field(4, description="train.teacher_view consistent with a cached teacher: augmented views "
+                                              "stored per image with the teacher's embedding of each")
+    views_seed: NonNegativeInt = Field(0, description="seed of the stored views (independent of the training "
+                                                      "seed, so runs with other seeds share the store)")
 
     @property
     def root(self) -> Path:
@@ -191,6 +195,10 @@ class TrainConfig(_Section):
     amp: bool = Field(True, description="mixed precision on CUDA (bf16 where supported, else fp16); CPU is fp32")
     teacher: Literal["cached", "online"] = Field(
         "cached", description="cached: teacher features from the feature cache; online: run the teacher every step")
+    teacher_view: Literal["consistent", "clean"] = Field(
+        "clean", description="consistent: the teacher's target is for the very view the student trains on (cached: "
+                             "cache.views stored views; online: the teacher runs on the view); clean: the "
+                             "teacher's embedding of the clean centre crop (a fixed teacher)")
     log_every: PositiveInt = Field(10, description="steps between log lines (metrics.jsonl, TensorBoard)")
     eval_every: NonNegativeInt = Field(0, description="steps between val evaluations; 0 = after each epoch")
     checkpoint_every: NonNegativeInt = Field(200, description="steps between checkpoints/last.pt; 0 = each epoch")

@@ -14,53 +14,80 @@ from typing import Callable, Iterator
 
 import numpy as np
 import torch
+from PIL import Image
 
 import edgedistill.distill.distributed as distributed
 from edgedistill.distill.cache import FeatureCache
 from edgedistill.data.images import open_image, why_unreadable
+from edgedistill.data.transforms import Render, View, render_view, seeded_view
 from edgedistill.data.manifest import Manifest
 from edgedistill.core.hashing import seed_of
 from edgedistill.distill.layerwise import Layerwise
 from edgedistill.distill.teachers import Teacher
+from edgedistill.distill.views import ReinforcedViews
 
 
 class TrainImages(torch.utils.data.Dataset):
-    """Training images by manifest index -> (index, student view, teacher view or None, reason or None).
+    """Training images by manifest index -> (index, student view, teacher view or None, stored view k or -1,
+    reason or None).
 
-    Each item's augmentation is seeded by (seed, epoch, index), so workers, resume and batch order do not
-    change what a given image looks like in a given epoch.
+    Each image's view in an epoch is a function of (seed, epoch, index), so workers, resume and batch order do not
+    change what a given image looks like in a given epoch. ``teacher``: a ``Render`` draws the teacher's input from
+    the very view the student sees (an online consistent teacher), a callable is the teacher's clean preprocessing
+    (an online fixed teacher), None: the targets come from a cache. ``stored`` (N, K, 5): the reinforced cache's
+    views; the epoch's view is one of them, k drawn from (seed, epoch, index).
     """
 
-    def __init__(self, paths: list[Path], transform: Callable, seed: int,
-                 teacher_transform: Callable | None = None) -> None:
-        self.paths, self.transform, self.seed = paths, transform, seed
-        self.teacher_transform = teacher_transform
+    def __init__(self, paths: list[Path], student: Render, seed: int, scale: tuple[float, float] = (0.5, 1.0),
+                 hflip: bool = True, teacher: Render | Callable | None = None,
+                 stored: np.ndarray | None = None) -> None:
+        self.paths, self.student, self.seed, self.scale, self.hflip = paths, student, seed, scale, hflip
+        self.teacher, self.stored = teacher, stored
         self.epoch = 0
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, torch.Tensor | None, str | None]:
+    def view_of(self, index: int, image: Image.Image) -> tuple[View, int]:
+        """The epoch's view of image ``index`` and which stored view it is (-1: drawn, not stored)."""
+        seed = seed_of(self.seed, self.epoch, index)
+        if self.stored is None:
+            return seeded_view(image, seed, self.scale, self.hflip), -1
+        k = int(np.random.default_rng(seed).integers(self.stored.shape[1]))
+        return View.from_row(self.stored[index, k]), k
+
+    def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, torch.Tensor | None, int, str | None]:
         try:
             image = open_image(self.paths[index])
-            with torch.random.fork_rng(devices=[]):
-                # The CPU generator alone (what the transforms draw from): torch.manual_seed would also queue a
-                # lazy CUDA seed with a formatted stack trace, about 1 ms an image on a CPU.
-                torch.default_generator.manual_seed(seed_of(self.seed, self.epoch, index))
-                view = self.transform(image)
-            teacher_view = self.teacher_transform(image) if self.teacher_transform else None
-            return index, view, teacher_view, None
+            view, k = self.view_of(index, image)
+            student = render_view(image, view, self.student)
+            if isinstance(self.teacher, Render):
+                teacher = render_view(image, view, self.teacher)
+            else:
+                teacher = self.teacher(image) if self.teacher is not None else None
+            return index, student, teacher, k, None
         except Exception as e:  # counted by BadImages in the trainer
-            return index, None, None, why_unreadable(e)
+            return index, None, None, -1, why_unreadable(e)
 
 
-def collate_train(items: list) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, list]:
+@dataclass
+class LoaderBatch:
+    """What the data loader hands the trainer: the readable images of a batch and the unreadable ones."""
+    indices: torch.Tensor                 # (B,) manifest indices
+    views: torch.Tensor | None            # (B, 3, H, W) student views; None when none was readable
+    teacher_views: torch.Tensor | None    # (B, 3, S, S) the teacher's input (an online teacher)
+    stored: torch.Tensor                  # (B,) which stored view each image shows (-1: none)
+    failed: list                          # [(index, reason)]
+
+
+def collate_train(items: list) -> LoaderBatch:
     good = [it for it in items if it[1] is not None]
-    bad = [(it[0], it[3]) for it in items if it[1] is None]
-    idx = torch.tensor([it[0] for it in good], dtype=torch.long)
-    views = torch.stack([it[1] for it in good]) if good else None
-    teacher_views = torch.stack([it[2] for it in good]) if good and good[0][2] is not None else None
-    return idx, views, teacher_views, bad
+    return LoaderBatch(
+        indices=torch.tensor([it[0] for it in good], dtype=torch.long),
+        views=torch.stack([it[1] for it in good]) if good else None,
+        teacher_views=torch.stack([it[2] for it in good]) if good and good[0][2] is not None else None,
+        stored=torch.tensor([it[3] for it in good], dtype=torch.long),
+        failed=[(it[0], it[4]) for it in items if it[1] is None])
 
 
 class EpochBatches(torch.utils.data.Sampler):
@@ -98,10 +125,16 @@ class EpochBatches(torch.utils.data.Sampler):
 class TeacherFeatures:
     """The teacher's embeddings of a batch: looked up in the cache, or computed online."""
 
-    def __init__(self, teacher: Teacher, cache: FeatureCache | None) -> None:
-        self.teacher, self.cache = teacher, cache
+    def __init__(self, teacher: Teacher, cache: FeatureCache | None, views: ReinforcedViews | None = None) -> None:
+        self.teacher, self.cache, self.views = teacher, cache, views
 
-    def images(self, indices: torch.Tensor, teacher_views: torch.Tensor | None) -> torch.Tensor:
+    def images(self, indices: torch.Tensor, teacher_views: torch.Tensor | None,
+               stored: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, D): the stored views' embeddings (a reinforced cache), the clean ones, or the teacher run now."""
+        if self.cache is not None and self.views is not None:
+            if stored is None or bool((stored < 0).any()):
+                raise RuntimeError("a reinforced cache needs the stored view of every image of the batch")
+            return self.views.features(indices, stored).float()
         if self.cache is not None:
             return self.cache.image_features(indices).float()
         if teacher_views is None:
@@ -163,8 +196,8 @@ class BatchAssembler:
         return CaptionDraw(np.asarray(rows, dtype=np.int64), np.asarray(positions, dtype=np.int64),
                            [self.captions[r] for r in rows])
 
-    def __call__(self, step: int, indices: torch.Tensor, views: torch.Tensor | None,
-                 teacher_views: torch.Tensor | None, arms: list[int]) -> RankBatch | None:
+    def __call__(self, step: int, batch: LoaderBatch, arms: list[int]) -> RankBatch | None:
+        indices, views, teacher_views = batch.indices, batch.views, batch.teacher_views
         rank = distributed.current().rank
         sizes = distributed.gather_sizes(len(indices))
         self.batch_images = sum(sizes)
@@ -178,7 +211,7 @@ class BatchAssembler:
         mine = np.flatnonzero((draw.positions >= bounds[rank]) & (draw.positions < bounds[rank + 1]))
         my_texts = [draw.texts[i] for i in mine]
         with torch.no_grad():
-            t_img, hidden = self._teacher_images(indices, teacher_views, sizes, arms)
+            t_img, hidden = self._teacher_images(indices, teacher_views, batch.stored, sizes, arms)
             t_txt = self._teacher_texts(draw, mine, my_texts, text_sizes) if len(draw.rows) else None
         dev = self.device
         return RankBatch(
@@ -189,12 +222,13 @@ class BatchAssembler:
             labels=torch.from_numpy(self.labels[everyone.cpu().numpy()]).to(dev) if self.labels is not None else None,
             arms=list(arms), hidden=hidden)
 
-    def _teacher_images(self, indices: torch.Tensor, teacher_views: torch.Tensor | None, sizes: list[int],
-                        arms: list[int]) -> tuple[torch.Tensor, list[torch.Tensor | None] | None]:
+    def _teacher_images(self, indices: torch.Tensor, teacher_views: torch.Tensor | None, stored: torch.Tensor,
+                        sizes: list[int], arms: list[int]) -> tuple[torch.Tensor, list[torch.Tensor | None] | None]:
         """(B, D) teacher embeddings of the whole batch, and the on modules' hidden-state targets (layerwise)."""
         dev = self.device
         if self.layerwise is None or not arms:
-            return distributed.all_gather_rows(self.features.images(indices, teacher_views).to(dev), sizes), None
+            local = self.features.images(indices, teacher_views, stored).to(dev)
+            return distributed.all_gather_rows(local, sizes), None
         if teacher_views is None:
             raise RuntimeError("layerwise distillation runs the teacher online and needs the teacher views")
         local, targets = self.layerwise.teacher_targets(self.features.teacher, teacher_views.to(dev, non_blocking=True))
@@ -211,5 +245,5 @@ class BatchAssembler:
         return distributed.all_gather_rows(local, text_sizes)
 
 
-__all__ = ["BatchAssembler", "CaptionDraw", "EpochBatches", "RankBatch", "TeacherFeatures", "TrainImages",
+__all__ = ["BatchAssembler", "CaptionDraw", "EpochBatches", "LoaderBatch", "RankBatch", "TeacherFeatures", "TrainImages",
            "collate_train"]

@@ -3,6 +3,8 @@ trainer steps with (student, losses and balancer, layerwise modules and their se
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 import torch
 from rich.console import Console
@@ -12,7 +14,7 @@ from edgedistill.distill.balance import Balancer, build_balancer
 from edgedistill.distill.cache import FeatureCache, class_text_features
 from edgedistill.data.images import BadImages, open_image
 from edgedistill.data.manifest import Manifest
-from edgedistill.data.transforms import student_train_transform
+from edgedistill.data.transforms import Render
 from edgedistill.core.errors import UserError
 from edgedistill.distill.evaluate import ValData, prepare_val, student_eval_transform
 from edgedistill.core.hashing import seed_of
@@ -29,6 +31,7 @@ from edgedistill.distill.train.batches import BatchAssembler, EpochBatches, Teac
 from edgedistill.distill.train.rundir import RunDir
 from edgedistill.distill.train.step import DistillStep, Optimization, param_groups
 from edgedistill.distill.train.trainer import Parts
+from edgedistill.distill.views import ReinforcedViews, ViewSettings, build_or_load_views
 
 
 def build_parts(recipe: Recipe, teacher: Teacher, manifests: dict[str, Manifest], caches: dict[str, FeatureCache],
@@ -56,6 +59,7 @@ def build_parts(recipe: Recipe, teacher: Teacher, manifests: dict[str, Manifest]
                                                          teacher_logit_scale=_logit_scale(teacher))).to(device)
     balancer = _balancer(recipe, layerwise, model, device)
     batches = _batches(recipe, train, cache, ctx)
+    views = _views(recipe, teacher, train, cache, console)
     total = min(recipe.train.epochs * batches.per_epoch, recipe.train.max_steps or recipe.train.epochs *
                 batches.per_epoch)
     amp_dtype = _amp_dtype(recipe, device)
@@ -75,15 +79,34 @@ def build_parts(recipe: Recipe, teacher: Teacher, manifests: dict[str, Manifest]
         selection=selection, optim=optim,
         step_module=DistillStep(model, projection, losses, balancer, student.text_is_teacher, teacher.tokenizer,
                                 amp_dtype, layerwise),
-        dataset=TrainImages([e.image for e in train.entries],
-                            student_train_transform(pp["size"], pp["mean"], pp["std"], recipe.data.augment.scale,
-                                                    recipe.data.augment.hflip),
-                            recipe.seed, teacher.preprocess if cache is None else None),
-        batches=batches, assemble=BatchAssembler(recipe.seed, train, TeacherFeatures(teacher, cache), device,
+        dataset=TrainImages([e.image for e in train.entries], Render.of(pp), recipe.seed,
+                            recipe.data.augment.scale, recipe.data.augment.hflip, _teacher_input(recipe, teacher),
+                            views.view_params if views is not None else None),
+        batches=batches, assemble=BatchAssembler(recipe.seed, train, TeacherFeatures(teacher, cache, views), device,
                                                  labels, layerwise),
         bad=BadImages(len(train), recipe.data.max_bad_fraction, "train", console), train_cache=cache,
         val=val, ood=ood, has_val="val" in manifests, describe_prompts=prompts.kind,
         total_steps=total, run=RunDir(recipe.out))
+
+
+def _teacher_input(recipe: Recipe, teacher: Teacher) -> Render | Callable | None:
+    """What TrainImages hands an online teacher: the student's very view (consistent) or the clean crop."""
+    if recipe.train.teacher == "cached":  # (layerwise distillation always runs the teacher online)
+        return None
+    if recipe.train.teacher_view == "consistent":
+        return Render.of(teacher.preprocess_cfg)
+    return teacher.preprocess
+
+
+def _views(recipe: Recipe, teacher: Teacher, train: Manifest, cache: FeatureCache | None,
+           console: Console) -> ReinforcedViews | None:
+    """The reinforced cache: stored views with the teacher's embedding of each (cached, consistent teacher)."""
+    if cache is None or recipe.train.teacher_view != "consistent":
+        return None
+    a, c = recipe.data.augment, recipe.cache
+    return build_or_load_views(teacher, train, cache, ViewSettings(c.views, tuple(a.scale), a.hflip, c.views_seed),
+                               batch_size=recipe.data.batch_size, workers=recipe.data.workers,
+                               chunk_size=c.chunk_size, console=console)
 
 
 def _student(recipe: Recipe, teacher: Teacher, device: torch.device) -> tuple[Student, torch.nn.Module]:

@@ -30,7 +30,7 @@ from edgedistill.distill.select import SelectionControl, Selector
 from edgedistill.distill.students import Student, save_student
 from edgedistill.distill.teachers import Teacher
 from edgedistill.core.terminal import warn
-from edgedistill.distill.train.batches import BatchAssembler, EpochBatches, TrainImages, collate_train
+from edgedistill.distill.train.batches import BatchAssembler, EpochBatches, LoaderBatch, TrainImages, collate_train
 from edgedistill.distill.train.rundir import MetricsLog, RunDir
 from edgedistill.distill.train.step import DistillStep, Optimization
 
@@ -137,10 +137,10 @@ class Trainer:
                 pin_memory=p.device.type == "cuda",
                 generator=torch.Generator().manual_seed(r.seed))  # keeps the global RNG untouched
             tick = time.perf_counter()
-            for indices, views, teacher_views, failed in loader:
-                for i, why in failed:
+            for batch in loader:
+                for i, why in batch.failed:
                     p.bad.add(i, p.dataset.paths[i], why)
-                out, selection = self._train_step(indices, views, teacher_views)
+                out, selection = self._train_step(batch)
                 s.train_seconds += time.perf_counter() - tick
                 if self._after_step(out, selection, bar, task):
                     last_eval = s.step
@@ -198,15 +198,14 @@ class Trainer:
             self.log.write({"step": s.step, "epoch": s.epoch, "lr": self.p.optim.lr(), **out,
                             "images_per_s": rate, "skipped": s.skipped})
 
-    def _train_step(self, indices: torch.Tensor, views: torch.Tensor | None, teacher_views: torch.Tensor | None
-                    ) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    def _train_step(self, loaded: LoaderBatch) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
         """One optimizer step -> (its record, or None when the loss was not finite (or the batch too small) and
         it was skipped; the selection record when a pull ended)."""
         p, s = self.p, self.state
         s.step += 1
         s.batch += 1
         arms = p.selection.arms() if p.selection is not None else []
-        batch = p.assemble(s.step, indices, views, teacher_views, arms)
+        batch = p.assemble(s.step, loaded, arms)
         if batch is None:
             return None, None
         total = self.step_fn(batch)
