@@ -73,23 +73,45 @@ PLANS = {"full": Plan(steps=400, seeds=(0, 1, 2), selection_steps=180, pull_step
          "quick": Plan(steps=150, seeds=(0,), selection_steps=60, pull_steps=10, subset=5)}
 
 
+TEACHER_VAL, SELECTION, SCORING = 1000, 1000, 5000  # the three held-out iid splits, in that order of val.jsonl
+
+
+def held_out_splits(val: Path) -> dict[str, Path]:
+    """Cut the scenes' val.jsonl into three disjoint manifests beside it: ``teacher_val`` (what the teacher's
+    pretraining is evaluated on, the only split its preset was tuned against), ``selection`` (checkpoints and
+    every setting a cell chooses) and ``scoring`` (read once, at the end of a cell). Rewritten only when absent."""
+    lines = val.read_text(encoding="utf-8").splitlines()
+    if len(lines) < TEACHER_VAL + SELECTION + SCORING:
+        sys.exit(f"error: {val} has {len(lines)} scenes; the held-out splits need "
+                 f"{TEACHER_VAL + SELECTION + SCORING}")
+    bounds = {"teacher_val": (0, TEACHER_VAL), "selection": (TEACHER_VAL, TEACHER_VAL + SELECTION),
+              "scoring": (TEACHER_VAL + SELECTION, TEACHER_VAL + SELECTION + SCORING)}
+    out = {}
+    for name, (a, b) in bounds.items():
+        out[name] = val.with_name(f"{name}.jsonl")
+        if not out[name].exists():
+            out[name].write_text("\n".join(lines[a:b]) + "\n", encoding="utf-8")
+    return out
+
+
 def prepare(work: Path, n: int, captioned: int, console: Any, preset: str = "base") -> dict[str, Path]:
-    """Scenes for both data variants (same images, same seeds) and the teacher (pretrain ``preset``; the
-    benchmark's is ``base``, others are for smoke runs); all reused when present."""
+    """Scenes for both data variants (same training images, same seeds), the held-out splits and the teacher
+    (pretrain ``preset``; the benchmark's is ``base``, others are for smoke runs); all reused when present."""
     from edgedistill.data.scenes import write_scenes
     from edgedistill.distill.pretrain import pretrain_config, pretrain_teacher
 
     full = work / "scenes"
     transfer = work / "scenes-transfer"
-    write_scenes(full, n, seed=0, size=64, progress=console)
-    write_scenes(transfer, n, seed=0, size=64, captioned=captioned, progress=console)
+    write_scenes(full, n, seed=0, size=64, n_val=TEACHER_VAL + SELECTION + SCORING, progress=console)
+    write_scenes(transfer, n, seed=0, size=64, n_val=0, n_hard=0, n_ood=0, captioned=captioned, progress=console)
+    held = held_out_splits(full / "val.jsonl")
     pairs_only = transfer / "train_captioned.jsonl"
     if not pairs_only.exists():  # the supervised baseline's transfer data: only the captioned pairs
         lines = [ln for ln in (transfer / "train.jsonl").read_text().splitlines() if '"captions": []' not in ln]
         pairs_only.write_text("\n".join(lines) + "\n")
-    teacher = pretrain_teacher(full / "train.jsonl", full / "val.jsonl", pretrain_config(preset), console=console)
-    return {"full": full, "transfer": transfer, "pairs_only": pairs_only, "teacher_json": teacher.config_json,
-            "teacher_pt": teacher.checkpoint, "teacher_metrics": teacher.metrics}
+    teacher = pretrain_teacher(full / "train.jsonl", held["teacher_val"], pretrain_config(preset), console=console)
+    return {"full": full, "transfer": transfer, "pairs_only": pairs_only, **held,
+            "teacher_json": teacher.config_json, "teacher_pt": teacher.checkpoint, "teacher_metrics": teacher.metrics}
 
 
 def subset(manifest: Path, k: int) -> Path:

@@ -3,8 +3,8 @@
 The student trains on an augmented view of an image; a teacher target computed on the clean image is a target for
 a different picture (Beyer et al., CVPR 2022, call that a "fixed teacher"). MobileCLIP (CVPR 2024) stores, per
 image, several augmentations (their parameters) with the teacher's embedding of each, so that training matches
-the view without running the teacher. This module builds and reads that store (docs/distill.md#consistent-
-teacher-targets)::
+the view without running the teacher. This module builds and reads that store
+(docs/distill.md#consistent-teacher-targets)::
 
     <root>/<clean cache folder name>__views<K>-<key12>/
         view_emb.npy      (N, K, D) float16, L2-normalised teacher embedding of view k of image i
