@@ -1,27 +1,30 @@
-"""Ground-truth quality benchmark: distillation methods on procedural scenes, against exact answers, with seeds.
+"""Ground-truth quality benchmark: distillation against training without the teacher, on procedural scenes, with
+verdicts that hold statistically (docs in benchmarks/README.md#ground-truth-quality-on-procedural-scenes-qualitypy).
 
 Teacher: the `base` pretrain preset (open_clip ViT 192/4 + text 128/3), trained once on the full scenes and
 reused. Every track distils on the transfer data (2,000 captioned images among 50,000; the supervised baseline
-trains on the 2,000 pairs alone) and evaluates on held-out iid scenes, hard twins and ood twins.
+trains on the 2,000 pairs alone). Three disjoint held-out iid splits: the teacher's own val (the only split its
+preset was tuned on), ``selection`` (checkpoints: every run evaluates it the same number of times) and ``scoring``
+(5,000 scenes, read once at the end of a run), plus the hard and ood twins (also read once).
 
 Tracks (students share the teacher's frozen text tower):
-  transfer     MobileNetV3-Small at 64 px (recipes/scenes_*.yaml as written)
-  compression  a student with at most a tenth of the teacher's image-tower FLOPs, chosen so that feature-only
-               distillation stays below saturation (COMPRESSION_STUDENT; FLOPs measured and checked every run)
-  full         (optional) the transfer student on fully captioned data
-Methods:
-  supervised, feature, clipkd   recipes/scenes_supervised, scenes_feature, scenes_clipkd
-  dsmd                          the multiscale terms with the official DSMD code's balancer (recipes/scenes_dsmd)
-  dsmd+NAME                     the same terms with balancer NAME; dsmd+coverage is the default candidate
-  optima, uniform, random       layerwise distillation (recipes/scenes_optima, teacher online), module selector
-                                NAME, the multiscale terms under the candidate balancer; compression track
-Cells that decide the default (DECIDING) and the selectors run every seed of the plan; the table shows mean ±
-std and calls a difference smaller than the seed spread a tie (benchmarks/quality_table.py). Scores: R@1, RSUM
-share of the teacher on iid / hard / ood, twin accuracy per edit type.
+  transfer     MobileNetV3-Small at 64 px
+  compression  MobileNetV3-Small 0.5x at 32 px (at most a tenth of the teacher's image-tower FLOPs, checked)
+Methods (recipes/scenes_*.yaml):
+  supervised, feature, clipkd, caption_rank    the baselines and challengers
+  dsmd+NAME                                    the multiscale terms under balancer NAME; dsmd+coverage: the default
+  METHOD:consistent                            the same with train.teacher_view consistent (the reinforced cache)
+  optima, uniform, random                      layerwise distillation (teacher online), compression track
 
-    python benchmarks/quality.py                 # the deciding table: 2 tracks x 6 methods x 3 seeds + selectors
-    python benchmarks/quality.py --quick         # 1 seed, fewer steps, a fifth of the images
-    python benchmarks/quality.py --tracks transfer --methods feature,dsmd --seeds 0 --steps 100 --no-record
+Every cell of a track sees the same number of images (steps x 64), evaluates the selection split the same number
+of times, and is paired by seed (same initialisation and data order). Convergence: a separate run at half the
+budget (its own full schedule) for the deciding methods; the table compares every method with the default by a
+paired bootstrap over seeds and scoring queries (benchmarks/quality_table.py). Each finished run is saved under
+<work>/quality-cells/, so an interrupted benchmark resumes where it stopped, even days later.
+
+    python benchmarks/quality.py --work data         # the deciding table (plan "full")
+    python benchmarks/quality.py --work data --quick # 2 seeds, short budgets, a fifth of the images
+    python benchmarks/quality.py --tracks transfer --methods feature,dsmd+coverage --seeds 0 --no-record
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
@@ -46,31 +50,43 @@ from benchmarks.quality_table import gather_hits, run_hits, save_all_hits  # noq
 
 TRANSFER_STUDENT = ("mobilenetv3_small_100", 64)
 COMPRESSION_STUDENT = ("mobilenetv3_small_050", 32)
-STUDENTS = {"transfer": TRANSFER_STUDENT, "compression": COMPRESSION_STUDENT, "full": TRANSFER_STUDENT}
+STUDENTS = {"transfer": TRANSFER_STUDENT, "compression": COMPRESSION_STUDENT}
 MAX_COMPUTE_RATIO = 0.1  # compression: student image-tower FLOPs / teacher's
-CANDIDATE = "coverage"   # the balancer proposed as the default
-ALTERNATIVE = "uncertainty"  # the best other balancer of the 2026-11-23 table (iid 0.987, hard 0.996); --screen
-DECIDING = ("supervised", "feature", "clipkd", f"dsmd+{CANDIDATE}", "dsmd", f"dsmd+{ALTERNATIVE}")
+CANDIDATE = "coverage"   # the balancer of the default recipe
+DEFAULT_METHOD = f"dsmd+{CANDIDATE}"
+CHALLENGERS = ("caption_rank", "clipkd")  # at most two challengers decide beside the baselines and the default
+DECIDING = ("supervised", "feature", DEFAULT_METHOD, *CHALLENGERS)
+SIDE = (f"{DEFAULT_METHOD}:consistent",)  # the consistent teacher against the clean one, at the side seeds
 SELECTORS = ("optima", "uniform", "random")
-OTHER_BALANCERS = ("static", "magnitude", "dwa", "uncertainty", "gradnorm")
+OTHER_BALANCERS = ("static", "magnitude", "dwa", "uncertainty", "gradnorm", "dsmd")
 LABELS = {"supervised": "supervised (pairs only)", "feature": "feature", "clipkd": "CLIP-KD",
-          "dsmd": "multiscale + dsmd (as coded)", **{f"dsmd+{b}": f"multiscale + {b}" for b in OTHER_BALANCERS},
-          f"dsmd+{CANDIDATE}": f"multiscale + {CANDIDATE} (candidate)",
+          "caption_rank": "feature + caption ranking", "dsmd": "multiscale + dsmd (as coded)",
+          **{f"dsmd+{b}": f"multiscale + {b}" for b in OTHER_BALANCERS},
+          DEFAULT_METHOD: f"multiscale + {CANDIDATE} (default)",
+          f"{DEFAULT_METHOD}:consistent": f"multiscale + {CANDIDATE}, consistent teacher",
           "optima": "layerwise + OPTIMA", "uniform": "layerwise + uniform", "random": "layerwise + random"}
+BATCH = 64
 
 
 @dataclass(frozen=True)
 class Plan:
-    """How big a benchmark run is; ``full`` fits 60 minutes on 2 cores after the teacher, ``quick`` 10."""
-    steps: int             # distillation steps of every method cell
-    seeds: tuple[int, ...]
-    selection_steps: int   # steps of a selector cell (the teacher runs online: about 2.3x a cached step)
-    pull_steps: int        # K of the selectors
-    subset: int            # 1: all training images; k: every k-th (the captioned share stays the same)
+    """How big a benchmark run is. Budgets are steps of BATCH images, the same for every method of a track."""
+    budget: dict[str, int]             # track -> steps of a deciding cell
+    seeds: tuple[int, ...]             # deciding cells
+    side_seeds: tuple[int, ...]        # SIDE cells, selectors, other methods
+    half_seeds: tuple[int, ...]        # seeds of the budget-B/2 runs of the convergence check
+    looks: int                         # evaluations of the selection split in every run
+    selector_budget: float             # selector cells: this fraction of the track's budget (the teacher online)
+    pull_steps: int                    # K of the selectors
+    subset: int                        # 1: all training images; k: every k-th (the captioned share stays)
+    converge: tuple[str, ...] = DECIDING  # methods whose convergence is checked
 
 
-PLANS = {"full": Plan(steps=400, seeds=(0, 1, 2), selection_steps=180, pull_steps=10, subset=1),
-         "quick": Plan(steps=150, seeds=(0,), selection_steps=60, pull_steps=10, subset=5)}
+PLANS = {"full": Plan(budget={"transfer": 2400, "compression": 2400}, seeds=(0, 1, 2, 3, 4), side_seeds=(0, 1, 2),
+                      half_seeds=(0, 1, 2), looks=6, selector_budget=0.25, pull_steps=10, subset=1),
+         "quick": Plan(budget={"transfer": 160, "compression": 160}, seeds=(0, 1), side_seeds=(0, 1),
+                       half_seeds=(0, 1), looks=4, selector_budget=0.5, pull_steps=10, subset=5,
+                       converge=("supervised", DEFAULT_METHOD))}
 
 
 TEACHER_VAL, SELECTION, SCORING = 1000, 1000, 5000  # the three held-out iid splits, in that order of val.jsonl
@@ -125,38 +141,55 @@ def subset(manifest: Path, k: int) -> Path:
     return out
 
 
-def train_manifest(track: str, method: str, paths: dict[str, Path], plan: Plan) -> Path:
-    if track == "full":
-        return subset(paths["full"] / "train.jsonl", plan.subset)
+@dataclass(frozen=True)
+class Run:
+    """One training run of the benchmark: a method on a track with a seed and a budget in steps."""
+    track: str
+    method: str   # a METHOD, or METHOD:consistent
+    seed: int
+    steps: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.track}-{self.method.replace('+', '-').replace(':', '-')}-B{self.steps}-s{self.seed}"
+
+    @property
+    def base(self) -> str:
+        return self.method.split(":")[0]
+
+
+def train_manifest(method: str, paths: dict[str, Path], plan: Plan) -> Path:
     if method == "supervised":
         return subset(paths["pairs_only"], plan.subset)
     return subset(paths["transfer"] / "train.jsonl", plan.subset)
 
 
-def overrides_for(track: str, method: str, seed: int, paths: dict[str, Path], plan: Plan, out: Path,
-                  cache: Path) -> tuple[Path, list[str]]:
-    """The recipe and its command-line overrides for one cell and seed."""
-    base = method.split("+")[0]
-    selector = method in SELECTORS
+def overrides_for(run: Run, paths: dict[str, Path], plan: Plan, out: Path, cache: Path) -> tuple[Path, list[str]]:
+    """The recipe and its command-line overrides for one run. Every run evaluates the selection split
+    ``plan.looks`` times (at equal steps) and keeps its best checkpoint there."""
+    base = run.base.split("+")[0]
+    selector = run.base in SELECTORS
     recipe = REPO / "recipes" / f"scenes_{'optima' if selector else base}.yaml"
-    steps = plan.selection_steps if selector else plan.steps
-    vision, size = STUDENTS[track]
-    ov = [f"name=q-{track}-{method.replace('+', '-')}-s{seed}", f"out={out}", f"seed={seed}",
+    vision, size = STUDENTS[run.track]
+    if run.steps % plan.looks:
+        raise ValueError(f"{run.name}: {run.steps} steps do not split into {plan.looks} equal looks")
+    ov = [f"name=q-{run.name}", f"out={out}", f"seed={run.seed}",
           f"teacher.model={paths['teacher_json']}", f"teacher.pretrained={paths['teacher_pt']}",
-          f"data.train={train_manifest(track, method, paths, plan)}", f"data.val={paths['full'] / 'val.jsonl'}",
-          f"cache.dir={cache}", f"student.vision={vision}", f"student.image_size={size}",
-          f"train.max_steps={steps}", f"train.warmup_steps={max(1, steps // 20)}",
-          f"train.checkpoint_every={steps}", "device=cpu"]
-    if "+" in method:
-        ov.append(f"loss.balancer={method.split('+')[1]}")
+          f"data.train={train_manifest(run.base, paths, plan)}", f"data.val={paths['selection']}",
+          f"data.batch_size={BATCH}", f"cache.dir={cache}", f"student.vision={vision}", f"student.image_size={size}",
+          f"train.max_steps={run.steps}", "train.epochs=1000000", f"train.warmup_steps={max(1, run.steps // 20)}",
+          f"train.eval_every={run.steps // plan.looks}", f"train.checkpoint_every={run.steps}", "device=cpu"]
+    if "+" in run.base:
+        ov.append(f"loss.balancer={run.base.split('+')[1]}")
+    if run.method.endswith(":consistent"):
+        ov.append("train.teacher_view=consistent")
     if selector:
         ov += [f"loss.balancer={CANDIDATE}", "select=" + json.dumps(
-            {"name": method, "pull_steps": plan.pull_steps, "held_batch": 64})]
+            {"name": run.base, "pull_steps": plan.pull_steps, "held_batch": 64})]
     return recipe, ov
 
 
 _TEACHER_SCORES: dict[Path, dict[str, Any]] = {}
-HITS: dict[tuple[str, str, int], dict[str, Any]] = {}  # (track, method, seed) -> per-query hits of each split
 
 
 @torch.no_grad()
@@ -198,7 +231,7 @@ def evaluate_run(run: Path, paths: dict[str, Path], teacher: Any) -> dict[str, A
     model.eval()
     tokenizer = open_clip.get_tokenizer(f"local-dir:{run / 'student'}")
     full = paths["full"]
-    return {"iid": split_scores(model, tokenizer, preprocess, full / "val.jsonl", None, teacher),
+    return {"scoring": split_scores(model, tokenizer, preprocess, paths["scoring"], None, teacher),
             "hard": split_scores(model, tokenizer, preprocess, full / "hard.jsonl", full / "hard_twins.json", teacher),
             "ood": split_scores(model, tokenizer, preprocess, full / "ood.jsonl", full / "ood_twins.json", teacher)}
 
@@ -257,104 +290,197 @@ def compute_of(recipe_for: Any, teacher: Any, tracks: list[str], strict: bool = 
     return out
 
 
-def cells(args: argparse.Namespace, plan: Plan) -> list[tuple[str, str, int]]:
-    """(track, method, seed) of every run, in run order: seeds innermost, so a cell's seeds run together."""
+def runs_of(tracks: list[str], methods: list[str], selection_tracks: list[str], plan: Plan) -> list[Run]:
+    """Every run, in run order: per track the deciding and side cells (seeds innermost), then the budget-B/2 runs
+    of the convergence check."""
     out = []
-    for track in args.tracks.split(","):
-        for method in args.methods.split(","):
-            if method in SELECTORS and track not in args.selection_tracks.split(","):
+    for track in tracks:
+        budget = plan.budget[track]
+        for method in methods:
+            if method in SELECTORS:
+                if track in selection_tracks:
+                    steps = max(1, round(budget * plan.selector_budget / plan.looks)) * plan.looks
+                    out += [Run(track, method, s, steps) for s in plan.side_seeds]
                 continue
-            out += [(track, method, seed) for seed in plan.seeds]
+            seeds = plan.seeds if method in DECIDING else plan.side_seeds
+            out += [Run(track, method, s, budget) for s in seeds]
+        out += [Run(track, m, s, budget // 2) for m in plan.converge if m in methods for s in plan.half_seeds]
     return out
 
 
-def build_caches(jobs: list[tuple[str, str, int]], make_recipe: Any, teacher: Any, console: Any) -> float:
-    """Build (or load) the teacher feature cache of every training manifest the runs use, once, up front."""
+def build_caches(runs: list[Run], make_recipe: Any, teacher: Any, console: Any) -> float:
+    """Build (or load) the teacher feature cache of every training manifest the runs use, and the reinforced
+    view store where a run needs one, once, up front."""
     from edgedistill.distill.cache import caches_for_recipe, load_split_manifests
+    from edgedistill.distill.views import ViewSettings, build_or_load_views
 
     t0, done = time.perf_counter(), set()
-    for track, method, seed in jobs:
-        recipe = make_recipe(track, method, seed)
-        if recipe.train.teacher != "cached" or recipe.data.train in done:
+    for run in runs:
+        recipe, _ = make_recipe(run)
+        key = (recipe.data.train, recipe.train.teacher_view)
+        if recipe.train.teacher != "cached" or key in done:
             continue
-        caches_for_recipe(recipe, teacher, load_split_manifests(recipe), console)
-        done.add(recipe.data.train)
+        manifests = load_split_manifests(recipe)
+        caches = caches_for_recipe(recipe, teacher, manifests, console)
+        if recipe.train.teacher_view == "consistent":
+            a, c = recipe.data.augment, recipe.cache
+            build_or_load_views(teacher, manifests["train"], caches["train"].cache,
+                                ViewSettings(c.views, tuple(a.scale), a.hflip, c.views_seed),
+                                batch_size=recipe.data.batch_size, workers=recipe.data.workers,
+                                chunk_size=c.chunk_size, console=console)
+        done.add(key)
     return time.perf_counter() - t0
 
 
-def run_one(track: str, method: str, seed: int, make_recipe: Any, paths: dict[str, Path], teacher: Any,
-            console: Any) -> dict[str, Any]:
+def run_one(run: Run, make_recipe: Any, paths: dict[str, Path], teacher: Any, console: Any,
+            store: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(row, per-query hits) of one run: from ``store`` when it finished before with the same overrides, else
+    trained, scored on the held-out splits once, and saved there."""
     from edgedistill.distill.train import distill
 
-    recipe = make_recipe(track, method, seed)
+    recipe, overrides = make_recipe(run)
+    saved = load_run(store, run, overrides)
+    if saved is not None:
+        return saved
     shutil.rmtree(recipe.out, ignore_errors=True)
     t0 = time.perf_counter()
     summary = distill(recipe, console=console)
-    row: dict[str, Any] = {"track": track, "method": method, "seed": seed, "steps": summary["steps"],
+    row: dict[str, Any] = {"track": run.track, "method": run.method, "seed": run.seed, "steps": summary["steps"],
+                           "images_seen": summary["steps"] * BATCH, "best_step": summary.get("best_step"),
+                           "selection_share": round(summary["student"]["rsum"] / summary["teacher"]["rsum"], 5),
                            "train_s": round(time.perf_counter() - t0, 1)}
     scores = evaluate_run(recipe.out, paths, teacher)
     row.update(score_row(scores))
-    HITS[(track, method, seed)] = run_hits(scores)
-    selection = summary.get("selection") or {}
-    row["pulls"] = json.dumps(selection.get("counts", {}))
+    row["pulls"] = json.dumps((summary.get("selection") or {}).get("counts", {}))
     row["run_s"] = round(time.perf_counter() - t0, 1)
+    hits = run_hits(scores)
+    save_run(store, run, overrides, row, hits)
+    shutil.rmtree(recipe.out, ignore_errors=True)  # the row and hits are what the benchmark keeps
     console.print({k: v for k, v in row.items() if not k.endswith("twins")})
-    return row
+    return row, hits
 
 
-def screen(make_recipe: Any, paths: dict[str, Path], teacher: Any, console: Any) -> str:
-    """--screen: every other balancer once (seed 0) on the compression track; the best by iid share."""
-    rows = [run_one("compression", f"dsmd+{b}", 0, make_recipe, paths, teacher, console) for b in OTHER_BALANCERS]
-    best = max(rows, key=lambda r: r["iid_rsum_share"])
-    console.print(f"screen: {[(r['method'], r['iid_rsum_share']) for r in rows]} -> {best['method']}")
-    return best["method"].split("+")[1]
+def save_run(store: Path, run: Run, overrides: list[str], row: dict[str, Any], hits: dict[str, Any]) -> None:
+    """``<store>/<run>.npz`` (per-query hits) then ``<run>.json`` (the row and the overrides it ran with): the
+    JSON is written last, by rename, so a run with a JSON is whole."""
+    from edgedistill.core.atomic import atomic_path, write_json
+
+    store.mkdir(parents=True, exist_ok=True)
+    arrays = {f"{split}__{k}": np.asarray(v[k]) for split, v in hits.items() for k in ("i2t", "t2i", "ks")}
+    arrays.update({f"{split}__teacher_rsum": np.array(float(v["teacher_rsum"])) for split, v in hits.items()})
+    with atomic_path(store / f"{run.name}.npz") as tmp:
+        with open(tmp, "wb") as f:
+            np.savez_compressed(f, **arrays)
+    write_json(store / f"{run.name}.json", {"overrides": overrides, "row": row})
+
+
+def load_run(store: Path, run: Run, overrides: list[str]) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """A saved run made with exactly ``overrides`` (else None: not run, or run with other settings)."""
+    try:
+        saved = json.loads((store / f"{run.name}.json").read_text(encoding="utf-8"))
+        if saved.get("overrides") != overrides:
+            return None
+        with np.load(store / f"{run.name}.npz", allow_pickle=False) as z:
+            hits: dict[str, Any] = {}
+            for name in z.files:
+                split, key = name.split("__")
+                hits.setdefault(split, {})[key] = float(z[name]) if key == "teacher_rsum" else z[name]
+        for v in hits.values():
+            v["ks"] = tuple(int(k) for k in v["ks"])
+        return saved["row"], hits
+    except (OSError, ValueError, KeyError, json.JSONDecodeError):
+        return None
 
 
 def parse() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--work", type=Path, default=REPO / "data", help="scenes, caches and runs go here (reused)")
-    ap.add_argument("--quick", action="store_true", help="the quick plan: 1 seed, fewer steps, fewer images")
+    ap.add_argument("--work", type=Path, default=REPO / "data", help="scenes, caches, runs and finished cells go "
+                                                                     "here (reused: an interrupted run resumes)")
+    ap.add_argument("--quick", action="store_true", help="the quick plan: 2 seeds, short budgets, fewer images")
     ap.add_argument("--n", type=int, default=50000, help="training scenes (the teacher trains on all of them)")
     ap.add_argument("--captioned", type=int, default=2000, help="captioned images of the transfer data")
-    ap.add_argument("--steps", type=int, help="override the plan's steps per method cell")
-    ap.add_argument("--selection-steps", type=int, help="override the plan's steps per selector cell")
-    ap.add_argument("--seeds", help="override the plan's seeds, e.g. 0,1,2")
+    ap.add_argument("--budget", help="override the plan's steps per deciding cell: N, or TRACK=N,TRACK=N")
+    ap.add_argument("--seeds", help="override the plan's deciding seeds, e.g. 0,1,2,3,4")
+    ap.add_argument("--side-seeds", help="override the plan's seeds of the side cells and selectors")
+    ap.add_argument("--half-seeds", help="override the seeds of the budget-B/2 runs ('' for none)")
     ap.add_argument("--subset", type=int, help="override the plan's subset (every k-th training image)")
     ap.add_argument("--tracks", default="transfer,compression")
-    ap.add_argument("--methods", help="methods to run (default: the deciding cells and the selectors)")
+    ap.add_argument("--methods", help="methods to run (default: the deciding cells, the side cells, the selectors)")
     ap.add_argument("--selection-tracks", default="compression", help="tracks on which the selectors run")
-    ap.add_argument("--screen", action="store_true",
-                    help=f"first pick the alternative balancer (default {ALTERNATIVE}) by one compression run each")
-    ap.add_argument("--compression-student", help="NAME:SIZE, a timm tower and its input size (default "
-                                                  f"{COMPRESSION_STUDENT[0]}:{COMPRESSION_STUDENT[1]})")
     ap.add_argument("--preset", default="base", help="teacher pretrain preset (others: smoke runs only)")
     ap.add_argument("--no-record", action="store_true")
     return ap.parse_args()
 
 
+def _seeds(text: str | None, default: tuple[int, ...]) -> tuple[int, ...]:
+    return default if text is None else tuple(int(s) for s in text.split(",") if s.strip())
+
+
 def plan_of(args: argparse.Namespace) -> Plan:
     plan = PLANS["quick" if args.quick else "full"]
-    return Plan(steps=args.steps or plan.steps,
-                seeds=tuple(int(s) for s in args.seeds.split(",")) if args.seeds else plan.seeds,
-                selection_steps=args.selection_steps or plan.selection_steps, pull_steps=plan.pull_steps,
-                subset=args.subset or plan.subset)
+    budget = dict(plan.budget)
+    if args.budget:
+        parts = [b.split("=") for b in args.budget.split(",")]
+        budget = {t: int(parts[0][0]) for t in budget} if len(parts[0]) == 1 else \
+            {**budget, **{t: int(n) for t, n in parts}}
+    return Plan(budget=budget, seeds=_seeds(args.seeds, plan.seeds), side_seeds=_seeds(args.side_seeds,
+                plan.side_seeds), half_seeds=_seeds(args.half_seeds, plan.half_seeds), looks=plan.looks,
+                selector_budget=plan.selector_budget, pull_steps=plan.pull_steps, subset=args.subset or plan.subset,
+                converge=plan.converge)
 
 
-def record(stamp: dict[str, Any], rows: list[dict[str, Any]], deciding: list[str], record_it: bool) -> str:
-    """Append every run to results/quality_seeds.csv; the cells, verdicts and table to quality_seeds_last.*."""
-    table = judge(cells_of(rows, gather_hits(HITS)))
-    text = markdown(table, LABELS)
-    winners = best_everywhere(table, candidates=[m for m in deciding if m != "supervised"])
+def convergence(rows: list[dict[str, Any]], plan: Plan) -> list[dict[str, Any]]:
+    """Per (track, method) with budget-B/2 runs: the convergence check on the selection split, seeds paired."""
+    from edgedistill.evaluation.paired import convergence_check
+
+    out = []
+    for track, budget in plan.budget.items():
+        for method in plan.converge:
+            full = {r["seed"]: r["selection_share"] for r in rows
+                    if (r["track"], r["method"], r["steps"]) == (track, method, budget)}
+            half = {r["seed"]: r["selection_share"] for r in rows
+                    if (r["track"], r["method"], r["steps"]) == (track, method, budget // 2)}
+            seeds = sorted(set(full) & set(half))
+            if not seeds:
+                continue
+            check = convergence_check([full[s] for s in seeds], [half[s] for s in seeds])
+            out.append({"track": track, "method": method, "budget": budget, "seeds": seeds,
+                        "mean_B": float(np.mean([full[s] for s in seeds])),
+                        "mean_half": float(np.mean([half[s] for s in seeds])),
+                        "difference": check.mean_difference, "seed_spread": check.seed_spread,
+                        "converged": check.converged, "reason": check.reason})
+    return out
+
+
+def convergence_markdown(checks: list[dict[str, Any]]) -> str:
+    lines = ["| track | method | budget B (images) | seeds | selection share at B | at B/2 | B - B/2 | seed spread "
+             "at B | converged |", "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    for c in checks:
+        lines.append(f"| {c['track']} | {LABELS.get(c['method'], c['method'])} | {c['budget']} "
+                     f"({c['budget'] * BATCH:,}) | {len(c['seeds'])} | {c['mean_B']:.4f} | {c['mean_half']:.4f} | "
+                     f"{c['difference']:+.4f} | {c['seed_spread']:.4f} | "
+                     f"{'yes' if c['converged'] else 'no: ' + c['reason']} |")
+    return "\n".join(lines) + "\n"
+
+
+def record(stamp: dict[str, Any], rows: list[dict[str, Any]], hits: dict[tuple[str, str, int, str], Any],
+           plan: Plan, record_it: bool) -> str:
+    """Every run to results/quality_seeds.csv; the table of the full-budget runs (each method against the
+    default, paired), the convergence checks and the verdicts to quality_seeds_last.json / .md."""
+    full = [r for r in rows if r["steps"] == plan.budget[r["track"]] or r["method"] in SELECTORS]
+    table = judge(cells_of(full, gather_hits({k[:3]: v for k, v in hits.items() if k[3] == "full"})))
+    checks = convergence(rows, plan)
+    text = markdown(table, LABELS) + "\nConvergence (selection split):\n\n" + convergence_markdown(checks)
+    winners = best_everywhere(table, candidates=[m for m in DECIDING if m != "supervised"])
     for row in rows:
         report({**stamp, **row}, "quality_seeds", record=record_it)
     if record_it:
         save_all_hits(RESULTS / "quality_seeds_last.json", table)  # quality_seeds_last_hits/, one .npz per cell
-        cells_json = [c.as_json() for c in table]
         (RESULTS / "quality_seeds_last.json").write_text(json.dumps(
-            {"stamp": stamp, "rows": rows, "cells": cells_json, "best_or_tied_everywhere": winners},
-            indent=2) + "\n")
+            {"stamp": stamp, "rows": rows, "cells": [c.as_json() for c in table], "convergence": checks,
+             "best_or_tied_everywhere": winners}, indent=2) + "\n")
         (RESULTS / "quality_seeds_last.md").write_text(text)
-    return text + f"\nbest or tied with the best on every track: {', '.join(winners) or 'none'}\n"
+    return text + f"\nbest, or no difference shown from the best, on every track: {', '.join(winners) or 'none'}\n"
 
 
 def main() -> None:
@@ -367,35 +493,38 @@ def main() -> None:
 
     console = Console(stderr=True)
     torch.manual_seed(0)
-    if args.compression_student:
-        name, size = args.compression_student.split(":")
-        STUDENTS["compression"] = (name, int(size))
     t0 = time.perf_counter()
     paths = prepare(args.work, args.n, args.captioned, console, args.preset)
     prepare_s = time.perf_counter() - t0
     started = time.perf_counter()
 
-    def make_recipe(track: str, method: str, seed: int) -> Any:
-        out = args.work / "quality-runs" / f"{track}-{method.replace('+', '-')}-s{seed}"
-        return load_recipe(*overrides_for(track, method, seed, paths, plan, out, args.work / "cache"))
+    def make_recipe(run: Run) -> tuple[Any, list[str]]:
+        recipe, ov = overrides_for(run, paths, plan, args.work / "quality-runs" / run.name, args.work / "cache")
+        return load_recipe(recipe, ov), ov
 
-    teacher = load_teacher(make_recipe("transfer", "feature", 0).teacher, "cpu")
-    compute = compute_of(lambda track: make_recipe(track, "feature", 0), teacher, args.tracks.split(","),
+    teacher = load_teacher(make_recipe(Run("transfer", "feature", 0, plan.looks))[0].teacher, "cpu")
+    tracks = args.tracks.split(",")
+    compute = compute_of(lambda track: make_recipe(Run(track, "feature", 0, plan.looks))[0], teacher, tracks,
                          strict=args.preset == "base")
-    alternative = screen(make_recipe, paths, teacher, console) if args.screen else ALTERNATIVE
-    deciding = [*DECIDING[:-1], f"dsmd+{alternative}"]
-    methods = args.methods or ",".join((*deciding, *SELECTORS))
-    jobs = cells(argparse.Namespace(**{**vars(args), "methods": methods}), plan)
-    cache_s = build_caches(jobs, make_recipe, teacher, console)
-    rows = [run_one(*job, make_recipe, paths, teacher, console) for job in jobs]
+    methods = (args.methods or ",".join((*DECIDING, *SIDE, *SELECTORS))).split(",")
+    runs = runs_of(tracks, methods, args.selection_tracks.split(","), plan)
+    cache_s = build_caches(runs, make_recipe, teacher, console)
+    rows, hits = [], {}
+    for i, run in enumerate(runs):
+        console.print(f"[{i + 1}/{len(runs)}] {run.name}", highlight=False)
+        row, run_hits_ = run_one(run, make_recipe, paths, teacher, console, args.work / "quality-cells")
+        rows.append(row)
+        full = run.steps == plan.budget[run.track] or run.method in SELECTORS
+        hits[(run.track, run.method, run.seed, "full" if full else "half")] = run_hits_
     stamp = {"date": dt.date.today().isoformat(), "machine": cpu_model(), "threads": torch.get_num_threads(),
              "torch": torch.__version__, "command": " ".join(["python", "benchmarks/quality.py", *sys.argv[1:]]),
-             "plan": json.dumps(plan.__dict__), "n": args.n, "captioned": args.captioned,
-             "alternative": alternative, **compute, "prepare_s": round(prepare_s, 1), "cache_s": round(cache_s, 1),
+             "plan": json.dumps(plan.__dict__), "n": args.n, "captioned": args.captioned, **compute,
+             "prepare_s": round(prepare_s, 1), "cache_s": round(cache_s, 1),
              "benchmark_s": round(time.perf_counter() - started, 1),
+             "train_s_sum": round(sum(r["run_s"] for r in rows), 1),
              "teacher_held_out": json.dumps({k: round(v, 1) for k, v in paths["teacher_metrics"].items()
                                              if isinstance(v, float)})}
-    print(record(stamp, rows, deciding, not args.no_record))
+    print(record(stamp, rows, hits, plan, not args.no_record))
     print(f"{len(rows)} runs in {time.perf_counter() - started:.0f} s after the teacher (cache {cache_s:.0f} s; "
           f"+ {prepare_s:.0f} s preparing data and teacher)")
 

@@ -17,7 +17,7 @@ Per-query hits of a results file ``X.json`` live next to it in ``X_hits/``, one 
     track, method     str
     seeds             (S,) int64              the seeds, in the order of the arrays' first axis
     ks                (K,) int64              1, 5, 10
-    {split}_i2t       (S, Q, K) bool          per split (iid, hard, ood): image queries (images with a caption)
+    {split}_i2t       (S, Q, K) bool          per split (scoring, hard, ood): image queries (images with a caption)
     {split}_t2i       (S, T, K) bool          caption queries; True where the rank is below ks[j]
     {split}_teacher_rsum  () float64          the teacher's RSUM on the split, unrounded
 
@@ -44,15 +44,16 @@ if str(REPO) not in sys.path:
 from edgedistill.evaluation.paired import (  # noqa: E402
     A_BEATS_B, B_BEATS_A, NO_DIFFERENCE, PairedResult, paired_bootstrap)
 
-RANK_METRIC = "iid_rsum_share"
-SCORING_SPLIT = "iid"  # the split of RANK_METRIC, whose per-query hits the paired comparison resamples
+RANK_METRIC = "scoring_rsum_share"
+SCORING_SPLIT = "scoring"  # the split of RANK_METRIC, whose per-query hits the paired comparison resamples
 DEFAULT = "dsmd+coverage"  # the default recipe's cell: quality.py's f"dsmd+{CANDIDATE}"
 N_BOOT = 2000
 CELL_HITS_FORMAT = "edgedistill.quality-hits/1"
 NO_HITS = "no per-query hits: rerun"
 VERDICTS = {A_BEATS_B: "beats the default", B_BEATS_A: "below the default", NO_DIFFERENCE: NO_DIFFERENCE}
 # Columns of the Markdown table: (row key, header, format); twin columns are accuracies in percent.
-COLUMNS = (("iid_i2t_r1", "iid i2t R@1", "{:.1f}"), ("iid_rsum_share", "iid share", "{:.3f}"),
+COLUMNS = (("selection_share", "selection share", "{:.3f}"), ("scoring_i2t_r1", "scoring i2t R@1", "{:.1f}"),
+           ("scoring_t2i_r1", "scoring t2i R@1", "{:.1f}"), ("scoring_rsum_share", "scoring share", "{:.3f}"),
            ("hard_rsum_share", "hard share", "{:.3f}"), ("ood_rsum_share", "ood share", "{:.3f}"),
            ("hard_twins_bind", "hard bind", "{:.1f}"), ("hard_twins_swap-position", "hard swap-pos", "{:.1f}"),
            ("ood_twins_bind", "ood bind", "{:.1f}"), ("ood_twins_swap-position", "ood swap-pos", "{:.1f}"))

@@ -19,12 +19,12 @@ TEACHER = 580.0
 
 
 def rows(track: str, method: str, shares: list[float], **extra: float) -> list[dict]:
-    return [{"track": track, "method": method, "seed": s, "iid_rsum_share": v, "label": "x", **extra}
+    return [{"track": track, "method": method, "seed": s, "scoring_rsum_share": v, "label": "x", **extra}
             for s, v in enumerate(shares)]
 
 
 def cell_hits(p: float | list[float], seeds=(0, 1, 2), n_img: int = 200, n_cap: int = 600, gen: int = 0,
-              split: str = "iid") -> CellHits:
+              split: str = "scoring") -> CellHits:
     """Random nested per-query hits with P(hit at R@10) = p (one p per seed, or the same for all)."""
     rng = np.random.default_rng(gen)
     ps = p if isinstance(p, list) else [p] * len(seeds)
@@ -39,8 +39,8 @@ def cell_hits(p: float | list[float], seeds=(0, 1, 2), n_img: int = 200, n_cap: 
 def test_mean_and_sample_std_over_seeds():
     (cell,) = cells_of(rows("t", "a", [0.90, 0.92, 0.94], hard_twins_bind=50.0))
     assert cell.seeds == [0, 1, 2] and cell.n == 3
-    assert cell.mean["iid_rsum_share"] == pytest.approx(0.92)
-    assert cell.std["iid_rsum_share"] == pytest.approx(0.02)  # sample std (n - 1)
+    assert cell.mean["scoring_rsum_share"] == pytest.approx(0.92)
+    assert cell.std["scoring_rsum_share"] == pytest.approx(0.02)  # sample std (n - 1)
     assert cell.std["hard_twins_bind"] == 0.0 and "label" not in cell.mean and cell.hits is None
 
 
@@ -62,9 +62,9 @@ def test_a_gap_inside_the_seed_spread_is_no_longer_a_tie():
     """The former rule called a 0.005 gap with a 0.01 seed spread a tie. Paired, on every seed and query the
     method is below the default: the interval says so."""
     base = cell_hits(0.8, gen=4)
-    below = CellHits(seeds=base.seeds, splits={"iid": SplitHits(
-        i2t=base.splits["iid"].i2t.copy(), t2i=base.splits["iid"].t2i.copy(), teacher_rsum=TEACHER)})
-    below.splits["iid"].t2i[:, :40, :] = False  # 40 caption queries of 600 lost on every seed
+    below = CellHits(seeds=base.seeds, splits={"scoring": SplitHits(
+        i2t=base.splits["scoring"].i2t.copy(), t2i=base.splits["scoring"].t2i.copy(), teacher_rsum=TEACHER)})
+    below.splits["scoring"].t2i[:, :40, :] = False  # 40 caption queries of 600 lost on every seed
     data = rows("t", DEFAULT, [0.95, 0.96, 0.97]) + rows("t", "close", [0.95, 0.955, 0.96])
     cells = judge(cells_of(data, {("t", DEFAULT): base, ("t", "close"): below}), n_boot=300)
     assert {c.method: c.verdict for c in cells}["close"] == "below the default"
@@ -91,9 +91,9 @@ def test_stale_hits_are_not_used_and_no_default_is_said():
 
 def test_nan_hits_fail_closed_in_the_table():
     bad = cell_hits(0.3, gen=6)
-    bad.splits["iid"] = SplitHits(i2t=bad.splits["iid"].i2t.astype(float), t2i=bad.splits["iid"].t2i,
+    bad.splits["scoring"] = SplitHits(i2t=bad.splits["scoring"].i2t.astype(float), t2i=bad.splits["scoring"].t2i,
                                   teacher_rsum=TEACHER)
-    bad.splits["iid"].i2t[0, 0, 0] = math.nan
+    bad.splits["scoring"].i2t[0, 0, 0] = math.nan
     cells = judge(cells_of(rows("t", DEFAULT, [0.9] * 3) + rows("t", "b", [0.5] * 3),
                            {("t", DEFAULT): cell_hits(0.8), ("t", "b"): bad}), n_boot=100)
     assert cells[1].verdict == "no difference shown" and "NaN" in cells[1].comparison.reason
@@ -115,12 +115,12 @@ def test_best_everywhere_needs_no_cell_shown_better_on_any_track():
 
 
 def test_markdown_shows_mean_std_and_the_paired_interval():
-    data = rows("t", DEFAULT, [0.95, 0.97], iid_i2t_r1=90.0) + rows("t", "b", [0.60, 0.61])
+    data = rows("t", DEFAULT, [0.95, 0.97], scoring_i2t_r1=90.0) + rows("t", "b", [0.60, 0.61])
     cells = judge(cells_of(data, {("t", DEFAULT): cell_hits(0.9, seeds=(0, 1)),
                                   ("t", "b"): cell_hits(0.5, seeds=(0, 1), gen=12)}), n_boot=200)
     text = markdown(cells, labels={DEFAULT: "method A"})
-    assert "| t | method A | 2 | 90.0 ± 0.0 | 0.960 ± 0.014 |" in text
-    assert "| default |" in text and "Δ iid share vs default [95% CI]" in text
+    assert "| t | method A | 2 | - | 90.0 ± 0.0 | - | 0.960 ± 0.014 |" in text
+    assert "| default |" in text and "Δ scoring share vs default [95% CI]" in text
     c = cells[1].comparison
     assert f"| {c.estimate:+.3f} [{c.low:+.3f}, {c.high:+.3f}] | below the default |" in text
     assert cells[1].as_json()["vs_default"]["ci95"] == [c.low, c.high]
@@ -133,11 +133,11 @@ def test_hits_travel_from_the_scores_to_the_npz_and_back(tmp_path):
         def one() -> RetrievalHits:
             return RetrievalHits(i2t=rng.random((20, 3)) < p, t2i=rng.random((60, 3)) < p)
         return {split: {"student": {"rsum": 0.0, "hits": one()}, "teacher": {"rsum": TEACHER + i}}
-                for i, split in enumerate(("iid", "hard", "ood"))}
+                for i, split in enumerate(("scoring", "hard", "ood"))}
     runs = {("t", "m+x", s): run_hits(scores(0.5)) for s in (2, 0, 1)}
     (key, hits), = gather_hits(runs).items()
-    assert key == ("t", "m+x") and hits.seeds == [2, 0, 1] and set(hits.splits) == {"iid", "hard", "ood"}
-    assert hits.splits["iid"].i2t.shape == (3, 20, 3) and hits.splits["hard"].teacher_rsum == TEACHER + 1
+    assert key == ("t", "m+x") and hits.seeds == [2, 0, 1] and set(hits.splits) == {"scoring", "hard", "ood"}
+    assert hits.splits["scoring"].i2t.shape == (3, 20, 3) and hits.splits["hard"].teacher_rsum == TEACHER + 1
     path = save_hits(tmp_path, "t", "m+x", hits)
     assert path.name == "t-m+x.npz"
     back = load_hits(path)

@@ -1,0 +1,95 @@
+"""benchmarks/quality.py's plan: equal budgets and looks, the runs of each cell, saved runs and convergence."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from benchmarks import quality as q
+
+
+def paths(tmp_path: Path) -> dict[str, Path]:
+    return {"teacher_json": tmp_path / "t.json", "teacher_pt": tmp_path / "t.pt", "selection": tmp_path / "sel.jsonl",
+            "pairs_only": tmp_path / "pairs.jsonl", "transfer": tmp_path / "transfer"}
+
+
+def value(overrides: list[str], key: str) -> str:
+    return next(o.split("=", 1)[1] for o in overrides if o.startswith(key + "="))
+
+
+def test_every_method_sees_the_same_images_and_looks_at_selection_as_often(tmp_path):
+    plan = q.PLANS["full"]
+    runs = [q.Run("transfer", m, 0, plan.budget["transfer"]) for m in (*q.DECIDING, *q.SIDE)]
+    seen = set()
+    for run in runs:
+        _, ov = q.overrides_for(run, paths(tmp_path), plan, tmp_path / "out", tmp_path / "cache")
+        steps, every = int(value(ov, "train.max_steps")), int(value(ov, "train.eval_every"))
+        seen.add((steps * int(value(ov, "data.batch_size")), steps // every))
+        assert value(ov, "data.val") == str(tmp_path / "sel.jsonl")  # checkpoints on the selection split
+        assert int(value(ov, "train.epochs")) * 31 > steps  # supervised's 2,000 pairs cannot end the run early
+    assert seen == {(plan.budget["transfer"] * q.BATCH, plan.looks)}
+    _, ov = q.overrides_for(q.Run("transfer", f"{q.DEFAULT_METHOD}:consistent", 0, 2400), paths(tmp_path), plan,
+                            tmp_path, tmp_path)
+    assert "train.teacher_view=consistent" in ov and "loss.balancer=coverage" in ov
+    with pytest.raises(ValueError, match="equal looks"):
+        q.overrides_for(q.Run("transfer", "feature", 0, 2401), paths(tmp_path), plan, tmp_path, tmp_path)
+
+
+def test_runs_of_the_plan():
+    plan = q.Plan(budget={"transfer": 120, "compression": 240}, seeds=(0, 1, 2, 3, 4), side_seeds=(0, 1, 2),
+                  half_seeds=(0, 1), looks=6, selector_budget=0.25, pull_steps=10, subset=1)
+    runs = q.runs_of(["transfer", "compression"], ["supervised", q.DEFAULT_METHOD, q.SIDE[0], "optima"],
+                     ["compression"], plan)
+    def count(**kw):
+        return sum(all(getattr(r, k) == v for k, v in kw.items()) for r in runs)
+    assert count(track="transfer", method="supervised", steps=120) == 5  # deciding: 5 seeds
+    assert count(track="transfer", method=q.SIDE[0]) == 3                # side: 3 seeds
+    assert count(track="transfer", method="supervised", steps=60) == 2   # B/2 runs of the convergence check
+    assert count(track="transfer", method="optima") == 0 and count(track="compression", method="optima") == 3
+    assert {r.steps for r in runs if r.method == "optima"} == {60}       # a quarter of 240, in whole looks
+    assert len({r.name for r in runs}) == len(runs)
+
+
+def test_a_saved_run_is_reused_only_with_the_same_overrides(tmp_path):
+    run = q.Run("transfer", "feature", 3, 60)
+    hits = {"scoring": {"i2t": np.ones((5, 3), bool), "t2i": np.zeros((15, 3), bool), "teacher_rsum": 512.5,
+                        "ks": (1, 5, 10)}}
+    q.save_run(tmp_path, run, ["a=1"], {"seed": 3, "selection_share": 0.9}, hits)
+    row, back = q.load_run(tmp_path, run, ["a=1"])
+    assert row == {"seed": 3, "selection_share": 0.9}
+    assert back["scoring"]["teacher_rsum"] == 512.5 and back["scoring"]["ks"] == (1, 5, 10)
+    assert np.array_equal(back["scoring"]["i2t"], hits["scoring"]["i2t"]) and back["scoring"]["i2t"].dtype == bool
+    assert q.load_run(tmp_path, run, ["a=2"]) is None  # other settings: run again
+    (tmp_path / f"{run.name}.npz").write_bytes(b"not a zip")
+    assert q.load_run(tmp_path, run, ["a=1"]) is None  # damaged: run again
+    assert json.loads((tmp_path / f"{run.name}.json").read_text())["overrides"] == ["a=1"]
+
+
+def test_convergence_pairs_the_budgets_by_seed():
+    plan = q.Plan(budget={"transfer": 100}, seeds=(0, 1, 2), side_seeds=(0,), half_seeds=(0, 1, 2), looks=5,
+                  selector_budget=0.5, pull_steps=10, subset=1, converge=("feature", "supervised"))
+    rows = [{"track": "transfer", "method": "feature", "seed": s, "steps": 100, "selection_share": v}
+            for s, v in enumerate((0.90, 0.92, 0.94))]
+    rows += [{"track": "transfer", "method": "feature", "seed": s, "steps": 50, "selection_share": v}
+             for s, v in enumerate((0.895, 0.925, 0.93))]
+    rows += [{"track": "transfer", "method": "supervised", "seed": s, "steps": b, "selection_share": v}
+             for s in range(3) for b, v in ((100, 0.8 + s / 1000), (50, 0.7))]
+    checks = {c["method"]: c for c in q.convergence(rows, plan)}
+    assert checks["feature"]["converged"] and checks["feature"]["difference"] == pytest.approx(0.01 / 3)
+    assert not checks["supervised"]["converged"] and "seed spread" in checks["supervised"]["reason"]
+    assert "| transfer | feature | 100 (6,400) | 3 |" in q.convergence_markdown(list(checks.values()))
+
+
+def test_held_out_splits_are_disjoint_cuts_of_val(tmp_path):
+    lines = [json.dumps({"image": f"images/val/{i:05d}.jpg", "captions": [f"c{i}"]}) for i in range(7000)]
+    (tmp_path / "val.jsonl").write_text("\n".join(lines) + "\n")
+    held = q.held_out_splits(tmp_path / "val.jsonl")
+    parts = {k: v.read_text().splitlines() for k, v in held.items()}
+    assert [len(parts[k]) for k in ("teacher_val", "selection", "scoring")] == [1000, 1000, 5000]
+    assert not set(parts["scoring"]) & (set(parts["selection"]) | set(parts["teacher_val"]))
+    (tmp_path / "val.jsonl").write_text("\n".join(lines[:6000]) + "\n")
+    for f in held.values():
+        f.unlink()
+    with pytest.raises(SystemExit, match="held-out splits need 7000"):
+        q.held_out_splits(tmp_path / "val.jsonl")
