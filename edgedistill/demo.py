@@ -1,10 +1,11 @@
 """``edgedistill demo``: the whole job offline, on built-in data, from a fresh install.
 
 scenes (procedural images with exact captions) -> an open_clip CLIP teacher trained on them (once per machine,
-then reused) -> teacher feature cache -> a distilled MobileNetV3 student, smaller and faster than the teacher ->
-ONNX FP32 and calibrated INT8 -> ``bench`` on the CPU -> a table of teacher vs student artifacts: retrieval
-Recall@1/5/10, RSUM, size, CPU latency, the compression (size and latency ratios), with bench's full report
-(bench.json, bench.md, pareto.png) beside it.
+then reused) -> teacher feature cache -> a MobileNetV3 student distilled with the default recipe on the user's
+case (a few captioned pairs among many uncaptioned images), and the same student trained on the captioned pairs
+alone, so the report shows what the teacher gave -> ONNX FP32 and calibrated INT8 -> ``bench`` on the CPU -> a
+table of teacher vs student artifacts: retrieval Recall@1/5/10, RSUM, size, CPU latency, the compression (size and
+latency ratios), with bench's full report (bench.json, bench.md, pareto.png) beside it.
 
 The compression claim is bench's: the latency ratio from teacher and student taking turns over several rounds
 (median and range), the size ratio of everything a device holds (image encoder, text encoder, tokenizer files),
@@ -57,6 +58,7 @@ class DemoSize:
     val: int                # held-out images
     teacher: str            # pretrain preset
     student: str            # timm vision tower
+    captioned: int          # training images that keep their captions (the rest are uncaptioned)
     steps: int              # distillation steps
     batch: int
     lr: float
@@ -68,23 +70,27 @@ SIZES = {
     # The full demo's teacher (preset medium: a 0.99M-parameter ViT) is larger and slower than its student's
     # image tower (MobileNetV3-Small 0.5x at 64 px, 0.70M); the quick one is a pipeline check whose tiny teacher
     # is smaller than any student.
-    "full": DemoSize("full", scenes=20000, val=1000, teacher="medium", student="mobilenetv3_small_050", steps=1200,
+    "full": DemoSize("full", scenes=20000, val=1000, teacher="medium", student="mobilenetv3_small_050", captioned=2000,
+                     steps=1200,
                      batch=64, lr=3e-3, calib=256, latency_iters=50),
-    "quick": DemoSize("quick", scenes=3000, val=200, teacher="tiny", student="mobilenetv3_small_050", steps=120,
+    "quick": DemoSize("quick", scenes=3000, val=200, teacher="tiny", student="mobilenetv3_small_050", captioned=300,
+                      steps=120,
                       batch=32, lr=3e-3, calib=32, latency_iters=10),
 }
 IMAGE_SIZE = 64
 
 
-def _recipe(size: DemoSize, data: Path, teacher: dict[str, str], out: Path, cache_dir: Path) -> dict[str, Any]:
+def _recipe(size: DemoSize, train: Path, val: Path, teacher: dict[str, str], out: Path, cache_dir: Path,
+            loss: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The demo's recipe: the recipe defaults' loss (``loss`` None) or the given one."""
     return {
-        "name": f"demo-{size.name}",
+        "name": f"demo-{size.name}" + ("" if loss is None else "-without-teacher"),
         "seed": 0,
         "out": str(out),
         "device": "auto",
         "teacher": teacher,
         "student": {"vision": size.student, "text": "teacher", "image_size": IMAGE_SIZE},
-        "data": {"train": str(data / "train.jsonl"), "val": str(data / "val.jsonl"), "batch_size": size.batch,
+        "data": {"train": str(train), "val": str(val), "batch_size": size.batch,
                  "workers": 0,  # 64 px JPEGs decode faster in-process than through worker pipes on 2 cores
                  # captions name positions and left/right: no flips, crops that keep objects where they were
                  "augment": {"scale": [0.85, 1.0], "hflip": False}},
@@ -93,7 +99,24 @@ def _recipe(size: DemoSize, data: Path, teacher: dict[str, str], out: Path, cach
                   "log_every": 20, "eval_every": 0, "checkpoint_every": max(50, size.steps // 4),
                   "tensorboard": False},
         "eval": {"prompt": "a photo of a {label}."},
+        **({} if loss is None else {"loss": loss}),
     }
+
+
+WITHOUT_TEACHER = {"terms": ["clip"], "balancer": "static"}  # the captioned pairs' own contrastive loss, no teacher
+
+
+def user_data(data: Path, captioned: int) -> tuple[Path, Path]:
+    """The user's case cut from the scenes' train.jsonl (beside it, reused): (every image, only the first
+    ``captioned`` keeping their captions; the captioned pairs alone)."""
+    lines = (data / "train.jsonl").read_text(encoding="utf-8").splitlines()
+    few, pairs = data / f"train_captioned{captioned}.jsonl", data / f"train_pairs{captioned}.jsonl"
+    if not few.is_file():
+        blank = [json.dumps({**json.loads(line), "captions": []}, ensure_ascii=False) for line in lines[captioned:]]
+        atomic.write_text(few, "\n".join(lines[:captioned] + blank) + "\n")
+    if not pairs.is_file():
+        atomic.write_text(pairs, "\n".join(lines[:captioned]) + "\n")
+    return few, pairs
 
 
 def _prepare_out(out: Path) -> None:
@@ -133,29 +156,36 @@ def run_demo(out: Path = Path("runs/demo"), quick: bool = False, console: Consol
     stage = _Stages(console)
     root = default_cache_root()
     data = root / "scenes" / f"demo-{size.name}-{size.scenes}-{IMAGE_SIZE}px"
-    with stage("scenes", f"1/6 scenes: {size.scenes} training images, {size.val} held out ({IMAGE_SIZE} px)"):
+    with stage("scenes", f"1/7 scenes: {size.scenes} training images, {size.val} held out ({IMAGE_SIZE} px)"):
         write_scenes(data, size.scenes, seed=0, size=IMAGE_SIZE, n_val=size.val, n_hard=0, n_ood=0,
                      progress=console)
-    with stage("teacher", f"2/6 teacher: open_clip CLIP, preset {size.teacher} (trained once, then reused)"):
+    with stage("teacher", f"2/7 teacher: open_clip CLIP, preset {size.teacher} (trained once, then reused)"):
         teacher = pretrain_teacher(data / "train.jsonl", data / "val.jsonl", pretrain_config(size.teacher),
                                    console=console)
         console.print(f"teacher {'reused from' if teacher.reused else 'saved to'} {teacher.folder}; held-out "
                       f"image->text R@1 {teacher.metrics.get('i2t_r1', float('nan')):.1f}%", highlight=False)
-    with stage("distill", f"3/6 distill: {size.student} student, {size.steps} steps"):
-        summary = distill(validate_recipe(_recipe(size, data, teacher.teacher_config(), out, root), "demo recipe"),
-                          console=console)
-    with stage("export", "4/6 export: ONNX FP32 and calibrated INT8, checked against PyTorch"):
+    few, pairs = user_data(data, size.captioned)
+    with stage("distill", f"3/7 distill: {size.student} student, default recipe, {size.steps} steps, "
+                          f"{size.captioned} of {size.scenes} images captioned"):
+        summary = distill(validate_recipe(_recipe(size, few, data / "val.jsonl", teacher.teacher_config(), out, root),
+                                          "demo recipe"), console=console)
+    with stage("without_teacher", f"4/7 without the teacher: the same student on the {size.captioned} captioned "
+                                  f"pairs alone, {size.steps} steps"):
+        alone = distill(validate_recipe(_recipe(size, pairs, data / "val.jsonl", teacher.teacher_config(),
+                                                out / "without-teacher", root, WITHOUT_TEACHER), "demo recipe"),
+                        console=console)
+    with stage("export", "5/7 export: ONNX FP32 and calibrated INT8, checked against PyTorch"):
         run_export(ExportOptions(run_dir=out, format="onnx", int8=True, int8_required=False, calib_size=size.calib,
                                  out=out / "export"), console)
     threads = torch.get_num_threads()
-    with stage("bench", "5/6 bench: every artifact and the teacher on onnxruntime / PyTorch CPU"):
+    with stage("bench", "6/7 bench: every artifact and the teacher on onnxruntime / PyTorch CPU"):
         bench = run_bench(BenchOptions(export_dir=out / "export", device="cpu", batches=[1, 8], warmup=5,
                                        iters=size.latency_iters, threads=threads, teacher=True, out=out / "bench"),
                           console)
-    with stage("search", "6/6 search: the held-out scenes embedded by the student load() picks, searched by text"):
+    with stage("search", "7/7 search: the held-out scenes embedded by the student load() picks, searched by text"):
         searches, picked = _search(data / "val.jsonl", out, console)
     dropped = json.loads((out / "export" / "export.json").read_text(encoding="utf-8")).get("dropped") or []
-    rows = _rows(summary, bench)
+    rows = _rows(summary, bench, alone)
     comp = compression(bench)
     report = {"size": size.name, "seconds": round(time.perf_counter() - started, 1), "stages": stage.seconds,
               "teacher": {"folder": str(teacher.folder), "preset": size.teacher, "reused": teacher.reused,
@@ -166,7 +196,8 @@ def run_demo(out: Path = Path("runs/demo"), quick: bool = False, console: Consol
               "bench": {"json": str(out / "bench" / "bench.json"), "md": str(out / "bench" / "bench.md"),
                         "plot": str(out / "bench" / "pareto.png")},
               "rows": rows, "compression": comp, "timing_load": bench.get("timing_load"),
-              "retention_rsum": (summary.get("retention") or {}).get("rsum"), "search": searches,
+              "retention_rsum": (summary.get("retention") or {}).get("rsum"),
+              "versus_without_teacher": versus_without_teacher(summary, alone, size), "search": searches,
               "loaded": picked, "dropped": dropped}
     atomic.write_json(out / MARKER, report)
     atomic.write_text(out / "demo.md", _markdown(report))
@@ -208,9 +239,35 @@ def _search(val: Path, out: Path, console: Console) -> tuple[list[dict[str, Any]
 TEACHER_ONNX, STUDENT_FP32 = "teacher_image_fp32_onnx", "image_fp32_onnx"  # the pair the claim compares
 
 
-def _rows(summary: dict[str, Any], bench: dict[str, Any]) -> list[dict[str, Any]]:
-    """One row per image model at batch 1: the teacher, the PyTorch student, each ONNX image artifact. ``size_mb``
-    is the image encoder's file, ``total_mb`` everything a device holds with it (bench's footprint)."""
+def versus_without_teacher(summary: dict[str, Any], alone: dict[str, Any], size: DemoSize) -> dict[str, Any]:
+    """The distilled student against the same student trained on the captioned pairs alone (held-out RSUM and R@1,
+    each run's best checkpoint on the val scenes; one seed)."""
+    keys = ("i2t_r1", "t2i_r1", "rsum")
+    distilled = {k: summary["student"].get(k) for k in keys}
+    without = {k: alone["student"].get(k) for k in keys}
+    gain = distilled["rsum"] - without["rsum"] if finite(distilled["rsum"]) and finite(without["rsum"]) else None
+    return {"distilled": distilled, "without_teacher": without, "rsum_gain": gain, "captioned": size.captioned,
+            "images": size.scenes, "steps": size.steps, "seeds": 1}
+
+
+def _gain_line(report: dict[str, Any]) -> str:
+    v = report.get("versus_without_teacher")
+    if not v:
+        return ""
+    d, w = v["distilled"], v["without_teacher"]
+    if v["rsum_gain"] is None:
+        return "What the teacher gave: not measured (a RSUM is missing or not finite)."
+    return (f"What the teacher gave: the distilled student reaches RSUM {d['rsum']:.1f} (i2t R@1 {d['i2t_r1']:.1f}%), "
+            f"the same student trained on the {v['captioned']} captioned pairs alone {w['rsum']:.1f} "
+            f"(i2t R@1 {w['i2t_r1']:.1f}%): {v['rsum_gain']:+.1f} RSUM, one seed, {v['steps']} steps each "
+            f"(paired statistics over seeds: benchmarks/README.md).")
+
+
+def _rows(summary: dict[str, Any], bench: dict[str, Any], alone: dict[str, Any] | None = None
+          ) -> list[dict[str, Any]]:
+    """One row per image model at batch 1: the teacher, the PyTorch student (and the same student trained without
+    the teacher), each ONNX image artifact. ``size_mb`` is the image encoder's file, ``total_mb`` everything a
+    device holds with it (bench's footprint)."""
     keys = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "rsum")
     timed = {r["artifact"]: r for r in bench["rows"]  # the backends the table names (not OpenVINO's rows)
              if r["status"] == "ok" and r["batch"] == 1 and r["encoder"] == "image"
@@ -223,6 +280,10 @@ def _rows(summary: dict[str, Any], bench: dict[str, Any]) -> list[dict[str, Any]
     student = timed.get("image_fp32_pytorch") or {}
     rows.append({"model": "student (PyTorch)", "label": "student PyTorch", "precision": "fp32", "size_mb": None,
                  "total_mb": None, "latency_ms": student.get("p50_ms"), **{k: summary["student"].get(k) for k in keys}})
+    if alone is not None:
+        rows.append({"model": "student without the teacher (PyTorch)", "label": "without teacher",
+                     "precision": "fp32", "size_mb": None, "total_mb": None, "latency_ms": None,
+                     **{k: alone["student"].get(k) for k in keys}})
     for name, r in timed.items():
         if r["role"] == "student" and r["format"] == "onnx":
             rows.append({"model": f"student ONNX ({name})", "label": f"student ONNX {r['precision']}",
@@ -273,7 +334,7 @@ def _markdown(report: dict[str, Any]) -> str:
         lines.append("| " + " | ".join(_cell(row.get(k)) for k, _ in COLUMNS) + " |")
     retention = report.get("retention_rsum")
     stages = ", ".join(f"{k} {v:.0f} s" for k, v in report["stages"].items())
-    lines += ["", f"Student RSUM retention: {retention:.1%}" if retention else "", ""]
+    lines += ["", f"Student RSUM retention: {retention:.1%}" if retention else "", "", _gain_line(report), ""]
     lines += ["Size on the device (MB):", "", "| part | teacher | student |", "|---|---:|---:|"]
     lines += [f"| {part} | {t} | {s} |" for part, t, s in _size_lines(report.get("compression") or {})]
     lines += ["", _compression_line(report), "", f"Total time: {report['seconds']:.0f} s ({stages})."]
@@ -342,3 +403,5 @@ def print_report(report: dict[str, Any], console: Console | None = None) -> None
     if sizes.row_count:
         console.print(sizes)
     console.print(_compression_line(report), highlight=False)
+    if report.get("versus_without_teacher"):
+        console.print(_gain_line(report), highlight=False)

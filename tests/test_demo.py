@@ -1,8 +1,10 @@
 """`edgedistill demo --quick` end to end (scenes -> teacher -> distill -> export -> table), and `data scenes`."""
 
 import json
+from pathlib import Path
 
 import pytest
+import yaml
 
 from edgedistill.cli import main
 from edgedistill.demo import MARKER, _prepare_out, compression
@@ -28,7 +30,7 @@ def test_quick_demo_runs_every_stage_and_reports(quick_demo, capsys):
     code, out, cache = quick_demo
     assert code == 0
     report = json.loads((out / MARKER).read_text())
-    assert set(report["stages"]) == {"scenes", "teacher", "distill", "export", "bench", "search"}
+    assert set(report["stages"]) == {"scenes", "teacher", "distill", "without_teacher", "export", "bench", "search"}
     # loose checks: the teacher learned the scenes (chance is 0.5 % on 200 held-out images) ...
     assert report["teacher"]["held_out"]["i2t_r1"] > 5
     summary = json.loads((out / "summary.json").read_text())  # the distill contract
@@ -37,6 +39,18 @@ def test_quick_demo_runs_every_stage_and_reports(quick_demo, capsys):
     # ... and the table has the teacher, the PyTorch student and both ONNX precisions, with latencies
     models = [r["model"] for r in report["rows"]]
     assert models[0].startswith("teacher") and models[1] == "student (PyTorch)"
+    assert models[2] == "student without the teacher (PyTorch)"
+    # the default recipe on the user's case (300 of 3,000 images captioned) against the same student trained on
+    # the 300 pairs alone: both numbers on the report
+    v = report["versus_without_teacher"]
+    alone = json.loads((out / "without-teacher" / "summary.json").read_text())
+    assert v["without_teacher"]["rsum"] == alone["student"]["rsum"] == report["rows"][2]["rsum"]
+    assert v["distilled"]["rsum"] == summary["student"]["rsum"] and v["captioned"] == 300
+    assert v["rsum_gain"] == pytest.approx(v["distilled"]["rsum"] - v["without_teacher"]["rsum"])
+    assert yaml.safe_load((out / "without-teacher" / "recipe.yaml").read_text())["loss"]["terms"].keys() == {"clip"}
+    train = yaml.safe_load((out / "recipe.yaml").read_text())["data"]["train"]
+    assert sum(bool(json.loads(x)["captions"]) for x in Path(train).read_text().splitlines()) == 300
+    assert "What the teacher gave: the distilled student reaches RSUM" in (out / "demo.md").read_text()
     exported = json.loads((out / "export" / "export.json").read_text())
     names = {a["name"] for a in exported["artifacts"]}
     # INT8 is kept only where it holds cosine 0.99 to PyTorch on this CPU (the quick student's may not without
@@ -44,9 +58,9 @@ def test_quick_demo_runs_every_stage_and_reports(quick_demo, capsys):
     int8_kept = "image_int8_onnx" in names
     assert int8_kept != any(d["name"] == "image_int8_onnx" for d in exported["dropped"])
     assert int8_kept or "Left out of the export: image_int8_onnx" in (out / "demo.md").read_text()
-    precisions = [r["precision"] for r in report["rows"][2:]]
+    precisions = [r["precision"] for r in report["rows"][3:]]
     assert precisions == (["fp32", "int8"] if int8_kept else ["fp32"])
-    assert all(r["latency_ms"] > 0 for r in report["rows"] if r["model"] != "student (PyTorch)")
+    assert all(r["latency_ms"] > 0 for r in report["rows"] if "PyTorch" not in r["model"])
     assert all(r["rsum"] is not None for r in report["rows"])
     assert {"image_fp32_onnx", "text_fp32_onnx"} <= names
     assert "| model |" in (out / "demo.md").read_text()
@@ -57,7 +71,7 @@ def test_quick_demo_runs_every_stage_and_reports(quick_demo, capsys):
     assert c == compression(bench) and c["size_ratio"] > 0 and c["latency_rounds"] == 5
     assert c["latency_ratio_min"] <= c["latency_ratio"] <= c["latency_ratio_max"]
     assert [p["part"] for p in c["student_mb"]["parts"]] == ["image encoder", "text encoder", "tokenizer files"]
-    assert c["student_mb"]["total_mb"] > report["rows"][2]["size_mb"]  # more than the image tower alone
+    assert c["student_mb"]["total_mb"] > report["rows"][3]["size_mb"]  # more than the image tower alone
     assert set(report["timing_load"]) >= {"load1_before", "load1_after", "cpus", "busy", "warning"}
     md = (out / "demo.md").read_text()
     assert "Compression (fp32 ONNX, teacher vs student)" in md and "interleaved rounds" in md

@@ -10,11 +10,11 @@ from rich.console import Console
 from edgedistill.core.hashing import seed_of
 from edgedistill.data.images import open_image
 from edgedistill.data.manifest import load_manifest
-from edgedistill.data.transforms import Render, render_view, seeded_view
+from edgedistill.data.transforms import render_view, seeded_view
 from edgedistill.distill.cache import build_or_load
 from edgedistill.distill.recipe import TeacherConfig
 from edgedistill.distill.teachers import Teacher, load_teacher
-from edgedistill.distill.views import ViewSettings, build_or_load_views, open_views
+from edgedistill.distill.views import ViewSettings, build_or_load_views, open_views, render_of
 
 
 def quiet() -> Console:
@@ -39,7 +39,7 @@ def test_store_holds_the_teachers_embedding_of_each_stored_view(teacher, dataset
     manifest = load_manifest(dataset["train"])
     clean, views = build(teacher, manifest, tmp_path / "cache")
     assert views.view_emb.shape == (40, 3, 32) and views.view_params.shape == (40, 3, 5) and views.count == 3
-    render = Render.of(teacher.preprocess_cfg)
+    render = render_of(teacher.preprocess_cfg)
     for i, k in ((0, 0), (17, 2), (39, 1)):
         image = open_image(manifest.entries[i].image)
         view = seeded_view(image, seed_of(5, i, k), SETTINGS.scale, SETTINGS.hflip)

@@ -9,7 +9,7 @@ five numbers (``View.as_row``), which is what the reinforced feature cache store
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -48,14 +48,6 @@ class Render:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     interpolation: str = "bicubic"
-
-    @classmethod
-    def of(cls, preprocess_cfg: Mapping[str, Any]) -> Render:
-        """From an open_clip ``preprocess_cfg`` (size, mean, std, interpolation)."""
-        from edgedistill.runtime.preprocess import image_side
-
-        return cls(image_side(preprocess_cfg), tuple(preprocess_cfg["mean"]), tuple(preprocess_cfg["std"]),
-                   str(preprocess_cfg.get("interpolation") or "bicubic"))
 
 
 def draw_view(image: Image.Image, scale: tuple[float, float], hflip: bool) -> View:

@@ -24,7 +24,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -39,6 +39,7 @@ from edgedistill.data.manifest import Manifest
 from edgedistill.data.transforms import Render, render_view, seeded_view
 from edgedistill.distill.cache import CacheMismatch, FeatureCache, lock_cache_dir
 from edgedistill.distill.teachers import Teacher
+from edgedistill.runtime.preprocess import image_side
 
 VIEWS_VERSION = 1
 ARRAYS = ("view_emb", "view_params")
@@ -71,9 +72,15 @@ class ReinforcedViews:
         return torch.from_numpy(np.ascontiguousarray(self.view_emb[i, k], dtype=np.float32))
 
 
+def render_of(preprocess_cfg: Mapping[str, Any]) -> Render:
+    """How a model with this open_clip ``preprocess_cfg`` sees a view (size, mean, std, interpolation)."""
+    return Render(image_side(preprocess_cfg), tuple(preprocess_cfg["mean"]), tuple(preprocess_cfg["std"]),
+                  str(preprocess_cfg.get("interpolation") or "bicubic"))
+
+
 def views_key(clean: FeatureCache, teacher: Teacher, settings: ViewSettings) -> tuple[str, dict[str, Any]]:
     fields = {"version": VIEWS_VERSION, "clean_cache_key": clean.meta["key"], "teacher": teacher.identity,
-              "render": Render.of(teacher.preprocess_cfg).__dict__, "count": settings.count,
+              "render": render_of(teacher.preprocess_cfg).__dict__, "count": settings.count,
               "scale": list(settings.scale), "hflip": settings.hflip, "views_seed": settings.seed}
     return sha256_json(fields), fields
 
@@ -179,7 +186,7 @@ class _Builder:
         start = self._start_or_resume()
         emb = np.load(self.partial / "view_emb.npy", mmap_mode="r+")
         params = np.load(self.partial / "view_params.npy", mmap_mode="r+")
-        dataset = _ViewImages(self.manifest, Render.of(self.teacher.preprocess_cfg), self.settings)
+        dataset = _ViewImages(self.manifest, render_of(self.teacher.preprocess_cfg), self.settings)
         loader = torch.utils.data.DataLoader(_Marked(dataset), batch_sampler=self._batches(start),
                                              num_workers=self.workers, collate_fn=_collate)
         with console.status(f"teacher embeddings of {self.settings.count} views per image") as status:
@@ -266,4 +273,5 @@ def _build(teacher: Teacher, manifest: Manifest, clean: FeatureCache, final: Pat
     return open_views(final, key, len(manifest))
 
 
-__all__ = ["ReinforcedViews", "ViewSettings", "build_or_load_views", "open_views", "views_dir", "views_key"]
+__all__ = ["ReinforcedViews", "ViewSettings", "build_or_load_views", "open_views", "render_of", "views_dir",
+           "views_key"]

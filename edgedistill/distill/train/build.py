@@ -31,7 +31,7 @@ from edgedistill.distill.train.batches import BatchAssembler, EpochBatches, Teac
 from edgedistill.distill.train.rundir import RunDir
 from edgedistill.distill.train.step import DistillStep, Optimization, param_groups
 from edgedistill.distill.train.trainer import Parts
-from edgedistill.distill.views import ReinforcedViews, ViewSettings, build_or_load_views
+from edgedistill.distill.views import ReinforcedViews, ViewSettings, build_or_load_views, render_of
 
 
 def build_parts(recipe: Recipe, teacher: Teacher, manifests: dict[str, Manifest], caches: dict[str, FeatureCache],
@@ -79,7 +79,7 @@ def build_parts(recipe: Recipe, teacher: Teacher, manifests: dict[str, Manifest]
         selection=selection, optim=optim,
         step_module=DistillStep(model, projection, losses, balancer, student.text_is_teacher, teacher.tokenizer,
                                 amp_dtype, layerwise),
-        dataset=TrainImages([e.image for e in train.entries], Render.of(pp), recipe.seed,
+        dataset=TrainImages([e.image for e in train.entries], render_of(pp), recipe.seed,
                             recipe.data.augment.scale, recipe.data.augment.hflip, _teacher_input(recipe, teacher),
                             views.view_params if views is not None else None),
         batches=batches, assemble=BatchAssembler(recipe.seed, train, TeacherFeatures(teacher, cache, views), device,
@@ -94,7 +94,7 @@ def _teacher_input(recipe: Recipe, teacher: Teacher) -> Render | Callable | None
     if recipe.train.teacher == "cached":  # (layerwise distillation always runs the teacher online)
         return None
     if recipe.train.teacher_view == "consistent":
-        return Render.of(teacher.preprocess_cfg)
+        return render_of(teacher.preprocess_cfg)
     return teacher.preprocess
 
 
