@@ -447,6 +447,7 @@ def test_caption_rank_trains_on_a_bank_of_training_captions_with_mostly_uncaptio
     assert sum(losses[-4:]) < 0.5 * sum(losses[:4]), losses  # the student learns the teacher's caption ranking
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("teacher", ["cached", "online"])
 def test_consistent_teacher_trains_on_the_view_the_student_sees(tiny_teacher, dataset, tmp_path, monkeypatch,
                                                                  teacher):

@@ -35,6 +35,7 @@ def build(teacher, manifest, root, settings=SETTINGS):
                                       console=quiet())
 
 
+@pytest.mark.slow
 def test_store_holds_the_teachers_embedding_of_each_stored_view(teacher, dataset, tmp_path):
     manifest = load_manifest(dataset["train"])
     clean, views = build(teacher, manifest, tmp_path / "cache")
@@ -52,6 +53,7 @@ def test_store_holds_the_teachers_embedding_of_each_stored_view(teacher, dataset
     assert not list(views.path.parent.glob("*.partial"))
 
 
+@pytest.mark.slow
 def test_store_is_reused_and_rebuilt_when_it_does_not_match(teacher, dataset, tmp_path, monkeypatch):
     manifest = load_manifest(dataset["train"])
     _, first = build(teacher, manifest, tmp_path / "cache")
@@ -71,6 +73,7 @@ def test_store_is_reused_and_rebuilt_when_it_does_not_match(teacher, dataset, tm
     assert meta["count"] == 3 and meta["views_seed"] == 5
 
 
+@pytest.mark.slow
 def test_a_killed_build_resumes_with_the_same_numbers(teacher, dataset, tmp_path, monkeypatch):
     manifest = load_manifest(dataset["train"])
     _, whole = build(teacher, manifest, tmp_path / "a")
