@@ -14,6 +14,7 @@ Methods (recipes/scenes_*.yaml):
   supervised, feature, clipkd, caption_rank    the baselines and challengers
   dsmd+NAME                                    the multiscale terms under balancer NAME; dsmd+coverage: the default
   METHOD:consistent                            the same with train.teacher_view consistent (the reinforced cache)
+  caption_rank@T                               caption_rank at temperature T (chosen on the selection split)
   optima, uniform, random                      layerwise distillation (teacher online), compression track
 
 Every cell of a track sees the same number of images (steps x 64), evaluates the selection split the same number
@@ -151,11 +152,17 @@ class Run:
 
     @property
     def name(self) -> str:
-        return f"{self.track}-{self.method.replace('+', '-').replace(':', '-')}-B{self.steps}-s{self.seed}"
+        slug = self.method.replace("+", "-").replace(":", "-").replace("@", "-t")
+        return f"{self.track}-{slug}-B{self.steps}-s{self.seed}"
 
     @property
     def base(self) -> str:
-        return self.method.split(":")[0]
+        return self.method.split("@")[0].split(":")[0]
+
+    @property
+    def temperature(self) -> float | None:
+        """caption_rank's temperature of a ``caption_rank@T`` run (None: the recipe's)."""
+        return float(self.method.split("@")[1]) if "@" in self.method else None
 
 
 def train_manifest(method: str, paths: dict[str, Path], plan: Plan) -> Path:
@@ -181,8 +188,12 @@ def overrides_for(run: Run, paths: dict[str, Path], plan: Plan, out: Path, cache
           f"train.eval_every={run.steps // plan.looks}", f"train.checkpoint_every={run.steps}", "device=cpu"]
     if "+" in run.base:
         ov.append(f"loss.balancer={run.base.split('+')[1]}")
-    if run.method.endswith(":consistent"):
+    if ":consistent" in run.method:
         ov.append("train.teacher_view=consistent")
+    if run.temperature is not None:
+        if run.base != "caption_rank":
+            raise ValueError(f"{run.method}: a temperature is caption_rank's (caption_rank@T)")
+        ov.append(f"loss.terms.caption_rank.temperature={run.temperature}")
     if selector:
         ov += [f"loss.balancer={CANDIDATE}", "select=" + json.dumps(
             {"name": run.base, "pull_steps": plan.pull_steps, "held_batch": 64})]

@@ -93,3 +93,16 @@ def test_held_out_splits_are_disjoint_cuts_of_val(tmp_path):
         f.unlink()
     with pytest.raises(SystemExit, match="held-out splits need 7000"):
         q.held_out_splits(tmp_path / "val.jsonl")
+
+
+def test_caption_rank_temperature_runs(tmp_path):
+    run = q.Run("transfer", "caption_rank@0.1", 1, 60)
+    assert run.base == "caption_rank" and run.temperature == 0.1 and run.name == "transfer-caption_rank-t0.1-B60-s1"
+    _, ov = q.overrides_for(run, paths(tmp_path), q.PLANS["full"], tmp_path, tmp_path)
+    assert "loss.terms.caption_rank.temperature=0.1" in ov
+    with pytest.raises(ValueError, match="caption_rank's"):
+        q.overrides_for(q.Run("transfer", "feature@0.1", 1, 60), paths(tmp_path), q.PLANS["full"], tmp_path,
+                        tmp_path)
+    from edgedistill.distill.recipe import load_recipe
+    recipe_path, ov = q.overrides_for(run, paths(tmp_path), q.PLANS["full"], tmp_path / "out", tmp_path)
+    assert load_recipe(recipe_path, ov).loss.terms["caption_rank"].temperature == 0.1
