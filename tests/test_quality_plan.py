@@ -106,3 +106,27 @@ def test_caption_rank_temperature_runs(tmp_path):
     from edgedistill.distill.recipe import load_recipe
     recipe_path, ov = q.overrides_for(run, paths(tmp_path), q.PLANS["full"], tmp_path / "out", tmp_path)
     assert load_recipe(recipe_path, ov).loss.terms["caption_rank"].temperature == 0.1
+
+
+def test_record_judges_the_full_budget_runs_and_prints_convergence(monkeypatch, capsys):
+    """record(): the full-budget runs make the table (each method against the default, paired by seed), the
+    budget-B/2 runs only the convergence lines; nothing is written with record_it False."""
+    plan = q.Plan(budget={"compression": 120}, seeds=(0, 1), side_seeds=(0, 1), half_seeds=(0, 1), looks=6,
+                  selector_budget=0.5, pull_steps=10, subset=1, converge=("supervised", q.DEFAULT_METHOD))
+    rng = np.random.default_rng(0)
+    rows, hits = [], {}
+    for method, p in (("supervised", 0.5), (q.DEFAULT_METHOD, 0.8)):
+        for seed in (0, 1):
+            for steps in (120, 60):
+                rows.append({"track": "compression", "method": method, "seed": seed, "steps": steps,
+                             "selection_share": p + seed / 100 + (steps == 60) / 1000,
+                             "scoring_rsum_share": p, "run_s": 1.0})
+                hits[("compression", method, seed, "full" if steps == 120 else "half")] = {
+                    "scoring": {"i2t": rng.random((300, 3)) < p, "t2i": rng.random((900, 3)) < p,
+                                "teacher_rsum": 500.0, "ks": (1, 5, 10)}}
+    monkeypatch.setattr(q, "report", lambda *a, **k: None)
+    text = q.record({"date": "x"}, rows, hits, plan, record_it=False)
+    table = [line for line in text.splitlines() if line.startswith("| compression |")]
+    assert len(table) == 4  # 2 table lines (full budget) + 2 convergence lines
+    assert "below the default" in table[0] and "| default |" in table[1]
+    assert "| 120 (7,680) | 2 |" in text and "yes" in text.split("Convergence")[1]
