@@ -363,6 +363,7 @@ def run_one(run: Run, make_recipe: Any, paths: dict[str, Path], teacher: Any, co
     scores = evaluate_run(recipe.out, paths, teacher)
     row.update(score_row(scores))
     row["pulls"] = json.dumps((summary.get("selection") or {}).get("counts", {}))
+    row["looks"] = sum('"eval"' in line for line in (recipe.out / "metrics.jsonl").read_text().splitlines())
     row["run_s"] = round(time.perf_counter() - t0, 1)
     hits = run_hits(scores)
     save_run(store, run, overrides, row, hits)
