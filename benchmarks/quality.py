@@ -67,6 +67,8 @@ LABELS = {"supervised": "supervised (pairs only)", "feature": "feature", "clipkd
           f"{DEFAULT_METHOD}:consistent": f"multiscale + {CANDIDATE}, consistent teacher",
           "optima": "layerwise + OPTIMA", "uniform": "layerwise + uniform", "random": "layerwise + random"}
 BATCH = 64
+RECORD = "quality_runs"  # results/quality_runs.csv, _last.json, _last.md, _last_hits/ (the 2026-11-30 protocol's
+                         # records are results/quality_seeds*, kept as they were)
 
 
 @dataclass(frozen=True)
@@ -477,21 +479,21 @@ def convergence_markdown(checks: list[dict[str, Any]]) -> str:
 
 def record(stamp: dict[str, Any], rows: list[dict[str, Any]], hits: dict[tuple[str, str, int, str], Any],
            plan: Plan, record_it: bool) -> str:
-    """Every run to results/quality_seeds.csv; the table of the full-budget runs (each method against the
-    default, paired), the convergence checks and the verdicts to quality_seeds_last.json / .md."""
+    """Every run to results/<RECORD>.csv; the table of the full-budget runs (each method against the default,
+    paired), the convergence checks and the verdicts to <RECORD>_last.json / .md, the hits to <RECORD>_last_hits/."""
     full = [r for r in rows if r["steps"] == plan.budget[r["track"]] or r["method"] in SELECTORS]
     table = judge(cells_of(full, gather_hits({k[:3]: v for k, v in hits.items() if k[3] == "full"})))
     checks = convergence(rows, plan)
     text = markdown(table, LABELS) + "\nConvergence (selection split):\n\n" + convergence_markdown(checks)
     winners = best_everywhere(table, candidates=[m for m in DECIDING if m != "supervised"])
     for row in rows:
-        report({**stamp, **row}, "quality_seeds", record=record_it)
+        report({**stamp, **row}, RECORD, record=record_it)
     if record_it:
-        save_all_hits(RESULTS / "quality_seeds_last.json", table)  # quality_seeds_last_hits/, one .npz per cell
-        (RESULTS / "quality_seeds_last.json").write_text(json.dumps(
+        save_all_hits(RESULTS / f"{RECORD}_last.json", table)  # <RECORD>_last_hits/, one .npz per cell
+        (RESULTS / f"{RECORD}_last.json").write_text(json.dumps(
             {"stamp": stamp, "rows": rows, "cells": [c.as_json() for c in table], "convergence": checks,
              "best_or_tied_everywhere": winners}, indent=2) + "\n")
-        (RESULTS / "quality_seeds_last.md").write_text(text)
+        (RESULTS / f"{RECORD}_last.md").write_text(text)
     return text + f"\nbest, or no difference shown from the best, on every track: {', '.join(winners) or 'none'}\n"
 
 

@@ -21,7 +21,7 @@ Per-query hits of a results file ``X.json`` live next to it in ``X_hits/``, one 
     {split}_t2i       (S, T, K) bool          caption queries; True where the rank is below ks[j]
     {split}_teacher_rsum  () float64          the teacher's RSUM on the split, unrounded
 
-    python benchmarks/quality_table.py                                  # benchmarks/results/quality_seeds_last.json
+    python benchmarks/quality_table.py                                  # benchmarks/results/quality_runs_last.json
     python benchmarks/quality_table.py RESULTS.json --default feature --split hard
 """
 
@@ -97,7 +97,7 @@ class Cell:
         return len(self.seeds)
 
     def as_json(self) -> dict[str, Any]:
-        """The cell as results/quality_seeds_last.json records it."""
+        """The cell as the results file (results/quality_runs_last.json) records it."""
         out: dict[str, Any] = {"track": self.track, "method": self.method, "seeds": self.seeds, "mean": self.mean,
                                "std": self.std, "verdict": self.verdict}
         c = self.comparison
@@ -335,7 +335,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description="The quality table of a recorded results file, every method "
                                              "compared with the default by a paired bootstrap.")
     ap.add_argument("results", type=Path, nargs="?", default=REPO / "benchmarks" / "results" /
-                    "quality_seeds_last.json")
+                    "quality_runs_last.json")
     ap.add_argument("--default", default=DEFAULT, help=f"the method every other is compared with ({DEFAULT})")
     ap.add_argument("--split", default=SCORING_SPLIT, help=f"the scoring split ({SCORING_SPLIT})")
     ap.add_argument("--n-boot", type=int, default=N_BOOT)
