@@ -125,20 +125,26 @@ def _sha256_arrays(folder: Path) -> dict[str, dict[str, Any]]:
     return out
 
 
-def open_cache(path: Path, key: str, manifest: Manifest, verify_hashes: bool = True) -> FeatureCache:
-    """Open a finished cache directory, checking key, counts, shapes and (by default) file hashes.
-
-    Raises FileNotFoundError when there is no finished cache at ``path``, CacheMismatch when it does not match.
-    """
+def read_meta(path: Path) -> dict[str, Any]:
+    """The meta.json of a finished cache folder (or a store kept beside one): FileNotFoundError when there is no
+    folder, CacheMismatch when its meta.json is missing or unreadable (the last file a build writes)."""
     meta_path = path / "meta.json"
     if not meta_path.is_file():
         if path.exists():
             raise CacheMismatch("meta.json is missing")
         raise FileNotFoundError(path)
     try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        return json.loads(meta_path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CacheMismatch(f"meta.json is unreadable ({e})") from None
+
+
+def open_cache(path: Path, key: str, manifest: Manifest, verify_hashes: bool = True) -> FeatureCache:
+    """Open a finished cache directory, checking key, counts, shapes and (by default) file hashes.
+
+    Raises FileNotFoundError when there is no finished cache at ``path``, CacheMismatch when it does not match.
+    """
+    meta = read_meta(path)
     if meta.get("version") != CACHE_VERSION:
         raise CacheMismatch(f"it was written by cache format {meta.get('version')}, this is {CACHE_VERSION}")
     if meta.get("key") != key:

@@ -37,7 +37,7 @@ from edgedistill.core.hashing import seed_of, sha256_file, sha256_json
 from edgedistill.data.images import open_image, why_unreadable
 from edgedistill.data.manifest import Manifest
 from edgedistill.data.transforms import Render, render_view, seeded_view
-from edgedistill.distill.cache import CacheMismatch, FeatureCache, lock_cache_dir
+from edgedistill.distill.cache import CacheMismatch, FeatureCache, lock_cache_dir, read_meta
 from edgedistill.distill.teachers import Teacher
 from edgedistill.runtime.preprocess import image_side
 
@@ -91,15 +91,7 @@ def views_dir(clean: FeatureCache, key: str, count: int) -> Path:
 
 def open_views(path: Path, key: str, n_images: int) -> ReinforcedViews:
     """A finished store at ``path``, its key, shapes and hashes checked (FileNotFoundError, CacheMismatch)."""
-    meta_path = path / "meta.json"
-    if not meta_path.is_file():
-        if path.exists():
-            raise CacheMismatch("meta.json is missing")
-        raise FileNotFoundError(path)
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CacheMismatch(f"meta.json is unreadable ({e})") from None
+    meta = read_meta(path)
     if meta.get("key") != key:
         raise CacheMismatch("its key differs from this run's teacher, images and view settings")
     arrays = {}
