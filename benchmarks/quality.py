@@ -417,6 +417,7 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--seeds", help="override the plan's deciding seeds, e.g. 0,1,2,3,4")
     ap.add_argument("--side-seeds", help="override the plan's seeds of the side cells and selectors")
     ap.add_argument("--half-seeds", help="override the seeds of the budget-B/2 runs ('' for none)")
+    ap.add_argument("--converge", help="override the methods that get budget-B/2 runs (default: the deciding ones)")
     ap.add_argument("--subset", type=int, help="override the plan's subset (every k-th training image)")
     ap.add_argument("--tracks", default="transfer,compression")
     ap.add_argument("--methods", help="methods to run (default: the deciding cells, the side cells, the selectors)")
@@ -440,7 +441,7 @@ def plan_of(args: argparse.Namespace) -> Plan:
     return Plan(budget=budget, seeds=_seeds(args.seeds, plan.seeds), side_seeds=_seeds(args.side_seeds,
                 plan.side_seeds), half_seeds=_seeds(args.half_seeds, plan.half_seeds), looks=plan.looks,
                 selector_budget=plan.selector_budget, pull_steps=plan.pull_steps, subset=args.subset or plan.subset,
-                converge=plan.converge)
+                converge=tuple(args.converge.split(",")) if args.converge else plan.converge)
 
 
 def convergence(rows: list[dict[str, Any]], plan: Plan) -> list[dict[str, Any]]:

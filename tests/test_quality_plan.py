@@ -130,3 +130,15 @@ def test_record_judges_the_full_budget_runs_and_prints_convergence(monkeypatch, 
     assert len(table) == 4  # 2 table lines (full budget) + 2 convergence lines
     assert "below the default" in table[0] and "| default |" in table[1]
     assert "| 120 (7,680) | 2 |" in text and "yes" in text.split("Convergence")[1]
+
+
+def test_plan_overrides_from_the_command_line():
+    import argparse
+    args = argparse.Namespace(quick=False, budget="compression=900", seeds="0,1", side_seeds=None, half_seeds="",
+                              subset=5, converge="supervised")
+    plan = q.plan_of(args)
+    assert plan.budget == {"transfer": 2400, "compression": 900} and plan.seeds == (0, 1)
+    assert plan.side_seeds == q.PLANS["full"].side_seeds and plan.half_seeds == () and plan.subset == 5
+    assert plan.converge == ("supervised",)
+    assert q.plan_of(argparse.Namespace(**{**vars(args), "budget": "600", "converge": None})).budget == \
+        {"transfer": 600, "compression": 600}
