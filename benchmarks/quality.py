@@ -492,7 +492,8 @@ def record(stamp: dict[str, Any], rows: list[dict[str, Any]], hits: dict[tuple[s
     if record_it:
         save_all_hits(RESULTS / f"{RECORD}_last.json", table)  # <RECORD>_last_hits/, one .npz per cell
         (RESULTS / f"{RECORD}_last.json").write_text(json.dumps(
-            {"stamp": stamp, "rows": rows, "cells": [c.as_json() for c in table], "convergence": checks,
+            {"stamp": stamp, "rows": full, "half_budget_rows": [r for r in rows if r not in full],
+             "cells": [c.as_json() for c in table], "convergence": checks,
              "best_or_tied_everywhere": winners}, indent=2) + "\n")
         (RESULTS / f"{RECORD}_last.md").write_text(text)
     return text + f"\nbest, or no difference shown from the best, on every track: {', '.join(winners) or 'none'}\n"

@@ -183,3 +183,14 @@ def test_the_default_is_the_candidate_of_quality_py():
     candidate = next(node.value.value for node in tree.body if isinstance(node, ast.Assign)
                      and any(getattr(t, "id", "") == "CANDIDATE" for t in node.targets))
     assert DEFAULT == f"dsmd+{candidate}"
+
+
+def test_the_recorded_protocol_run_reproduces_its_verdicts():
+    """results/quality_runs_last.json (2026-12-07) and its hits give back the verdicts it printed."""
+    results = REPO / "benchmarks" / "results" / "quality_runs_last.json"
+    recorded = {c["method"]: c["verdict"] for c in json.loads(results.read_text())["cells"]}
+    cells = judge(load_results(results), n_boot=300)
+    assert all(c.hits is not None for c in cells)
+    got = {c.method: c.verdict for c in cells}
+    assert got["supervised"] == recorded["supervised"] == "below the default"
+    assert got["dsmd+coverage"] == "default" and set(got) == set(recorded)
