@@ -222,7 +222,6 @@ def test_augmentation_depends_on_epoch_and_index_only(dataset):
 def test_consistent_teacher_sees_the_students_view(dataset):
     """An online consistent teacher gets the same crop as the student, at its own size and normalisation; the
     clean teacher gets its centre crop whatever the view."""
-    from edgedistill.data.images import open_image
     from edgedistill.data.manifest import load_manifest
     from edgedistill.data.transforms import Render
     paths = [e.image for e in load_manifest(dataset["train"]).entries]
