@@ -325,7 +325,7 @@ def build_caches(runs: list[Run], make_recipe: Any, teacher: Any, console: Any) 
     """Build (or load) the teacher feature cache of every training manifest the runs use, and the reinforced
     view store where a run needs one, once, up front."""
     from edgedistill.distill.cache import caches_for_recipe, load_split_manifests
-    from edgedistill.distill.views import ViewSettings, build_or_load_views
+    from edgedistill.distill.views import views_for_recipe
 
     t0, done = time.perf_counter(), set()
     for run in runs:
@@ -336,11 +336,7 @@ def build_caches(runs: list[Run], make_recipe: Any, teacher: Any, console: Any) 
         manifests = load_split_manifests(recipe)
         caches = caches_for_recipe(recipe, teacher, manifests, console)
         if recipe.train.teacher_view == "consistent":
-            a, c = recipe.data.augment, recipe.cache
-            build_or_load_views(teacher, manifests["train"], caches["train"].cache,
-                                ViewSettings(c.views, tuple(a.scale), a.hflip, c.views_seed),
-                                batch_size=recipe.data.batch_size, workers=recipe.data.workers,
-                                chunk_size=c.chunk_size, console=console)
+            views_for_recipe(recipe, teacher, manifests["train"], caches["train"].cache, console)
         done.add(key)
     return time.perf_counter() - t0
 

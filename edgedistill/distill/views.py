@@ -38,6 +38,7 @@ from edgedistill.data.images import open_image, why_unreadable
 from edgedistill.data.manifest import Manifest
 from edgedistill.data.transforms import Render, render_view, seeded_view
 from edgedistill.distill.cache import CacheMismatch, FeatureCache, lock_cache_dir, read_meta
+from edgedistill.distill.recipe import Recipe
 from edgedistill.distill.teachers import Teacher
 from edgedistill.runtime.preprocess import image_side
 
@@ -241,6 +242,15 @@ def build_or_load_views(teacher: Teacher, manifest: Manifest, clean: FeatureCach
     return open_views(final, key, len(manifest))
 
 
+def views_for_recipe(recipe: Recipe, teacher: Teacher, train: Manifest, clean: FeatureCache,
+                     console: Console) -> ReinforcedViews:
+    """``build_or_load_views`` with the recipe's augmentation, view count and seed, and its cache build settings."""
+    a, c = recipe.data.augment, recipe.cache
+    return build_or_load_views(teacher, train, clean, ViewSettings(c.views, tuple(a.scale), a.hflip, c.views_seed),
+                               batch_size=recipe.data.batch_size, workers=recipe.data.workers,
+                               chunk_size=c.chunk_size, console=console)
+
+
 def _open_or_none(final: Path, key: str, n: int, console: Console) -> ReinforcedViews | None:
     try:
         return open_views(final, key, n)
@@ -266,4 +276,4 @@ def _build(teacher: Teacher, manifest: Manifest, clean: FeatureCache, final: Pat
 
 
 __all__ = ["ReinforcedViews", "ViewSettings", "build_or_load_views", "open_views", "render_of", "views_dir",
-           "views_key"]
+           "views_for_recipe", "views_key"]

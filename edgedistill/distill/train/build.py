@@ -31,7 +31,7 @@ from edgedistill.distill.train.batches import BatchAssembler, EpochBatches, Teac
 from edgedistill.distill.train.rundir import RunDir
 from edgedistill.distill.train.step import DistillStep, Optimization, param_groups
 from edgedistill.distill.train.trainer import Parts
-from edgedistill.distill.views import ReinforcedViews, ViewSettings, build_or_load_views, render_of
+from edgedistill.distill.views import ReinforcedViews, render_of, views_for_recipe
 
 
 def build_parts(recipe: Recipe, teacher: Teacher, manifests: dict[str, Manifest], caches: dict[str, FeatureCache],
@@ -103,10 +103,7 @@ def _views(recipe: Recipe, teacher: Teacher, train: Manifest, cache: FeatureCach
     """The reinforced cache: stored views with the teacher's embedding of each (cached, consistent teacher)."""
     if cache is None or recipe.train.teacher_view != "consistent":
         return None
-    a, c = recipe.data.augment, recipe.cache
-    return build_or_load_views(teacher, train, cache, ViewSettings(c.views, tuple(a.scale), a.hflip, c.views_seed),
-                               batch_size=recipe.data.batch_size, workers=recipe.data.workers,
-                               chunk_size=c.chunk_size, console=console)
+    return views_for_recipe(recipe, teacher, train, cache, console)
 
 
 def _student(recipe: Recipe, teacher: Teacher, device: torch.device) -> tuple[Student, torch.nn.Module]:
