@@ -21,10 +21,13 @@ Every cell of a track sees the same number of images (steps x 64), evaluates the
 of times, and is paired by seed (same initialisation and data order). Convergence: a separate run at half the
 budget (its own full schedule) for the deciding methods; the table compares every method with the default by a
 paired bootstrap over seeds and scoring queries (benchmarks/quality_table.py). Each finished run is saved under
-<work>/quality-cells/, so an interrupted benchmark resumes where it stopped, even days later.
+<work>/quality-cells/, so an interrupted benchmark resumes where it stopped, even days later. ``--jobs J`` trains J
+runs at a time, each in its own process with cpu_count / J threads (on 2 cores the scenes students train as fast
+on one thread as on two, so 2 jobs double the throughput: benchmarks/README.md).
 
     python benchmarks/quality.py --work data         # the deciding table (plan "full")
     python benchmarks/quality.py --work data --quick # 2 seeds, short budgets, a fifth of the images
+    python benchmarks/quality.py --work data --jobs 2  # two runs at a time, one thread each
     python benchmarks/quality.py --tracks transfer --methods feature,dsmd+coverage --seeds 0 --no-record
 """
 
@@ -33,9 +36,12 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import shutil
+import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -357,7 +363,7 @@ def run_one(run: Run, make_recipe: Any, paths: dict[str, Path], teacher: Any, co
     row: dict[str, Any] = {"track": run.track, "method": run.method, "seed": run.seed, "steps": summary["steps"],
                            "images_seen": summary["steps"] * BATCH, "best_step": summary.get("best_step"),
                            "selection_share": round(summary["student"]["rsum"] / summary["teacher"]["rsum"], 5),
-                           "train_s": round(time.perf_counter() - t0, 1)}
+                           "train_s": round(time.perf_counter() - t0, 1), "threads": torch.get_num_threads()}
     scores = evaluate_run(recipe.out, paths, teacher)
     row.update(score_row(scores))
     row["pulls"] = json.dumps((summary.get("selection") or {}).get("counts", {}))
@@ -368,6 +374,45 @@ def run_one(run: Run, make_recipe: Any, paths: dict[str, Path], teacher: Any, co
     shutil.rmtree(recipe.out, ignore_errors=True)  # the row and hits are what the benchmark keeps
     console.print({k: v for k, v in row.items() if not k.endswith("twins")})
     return row, hits
+
+
+def child_command(argv: list[str], name: str) -> list[str]:
+    """The command that trains the one run ``name`` of this invocation in a process of its own: the parent's
+    options without ``--jobs``, plus ``--only NAME --no-record``."""
+    out, skip = [], False
+    for arg in argv:
+        if skip or arg.startswith("--jobs="):
+            skip = False
+            continue
+        skip = arg == "--jobs"
+        if not skip:
+            out.append(arg)
+    return [sys.executable, str(Path(__file__).resolve()), *out, "--only", name, "--no-record"]
+
+
+def run_parallel(runs: list[Run], jobs: int, argv: list[str], logs: Path, console: Any) -> list[str]:
+    """Train ``runs`` ``jobs`` at a time, each in its own process (``child_command``) with cpu_count // jobs
+    threads, its output in ``logs/<run>.log``; every finished run lands in the store. Returns the failed runs'
+    names (their logs say why); the others keep running."""
+    threads = str(max(1, (os.cpu_count() or 1) // jobs))
+    env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+    logs.mkdir(parents=True, exist_ok=True)
+
+    def train(run: Run) -> int:
+        with open(logs / f"{run.name}.log", "w", encoding="utf-8") as log:
+            return subprocess.run(child_command(argv, run.name), stdout=log, stderr=subprocess.STDOUT,
+                                  env=env).returncode
+
+    failed = []
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        futures = {pool.submit(train, run): run for run in runs}
+        for done, future in enumerate(as_completed(futures), 1):
+            run, rc = futures[future], future.result()
+            console.print(f"[{done}/{len(runs)}] {run.name}: " + ("done" if rc == 0 else
+                          f"failed (exit {rc}; {logs / (run.name + '.log')})"), highlight=False)
+            if rc != 0:
+                failed.append(run.name)
+    return failed
 
 
 def save_run(store: Path, run: Run, overrides: list[str], row: dict[str, Any], hits: dict[str, Any]) -> None:
@@ -419,8 +464,14 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--methods", help="methods to run (default: the deciding cells, the side cells, the selectors)")
     ap.add_argument("--selection-tracks", default="compression", help="tracks on which the selectors run")
     ap.add_argument("--preset", default="base", help="teacher pretrain preset (others: smoke runs only)")
+    ap.add_argument("--jobs", type=int, default=1, help="runs trained at a time, each in its own process with "
+                                                        "cpu_count / jobs threads")
+    ap.add_argument("--only", help=argparse.SUPPRESS)  # a --jobs child: train this one run into the store, no table
     ap.add_argument("--no-record", action="store_true")
-    return ap.parse_args()
+    args = ap.parse_args()
+    if args.jobs < 1:
+        ap.error(f"--jobs must be at least 1, not {args.jobs}")
+    return args
 
 
 def _seeds(text: str | None, default: tuple[int, ...]) -> tuple[int, ...]:
@@ -520,11 +571,24 @@ def main() -> None:
                          strict=args.preset == "base")
     methods = (args.methods or ",".join((*DECIDING, *SIDE, *SELECTORS))).split(",")
     runs = runs_of(tracks, methods, args.selection_tracks.split(","), plan)
+    if args.only:  # a --jobs child
+        runs = [r for r in runs if r.name == args.only]
+        if not runs:
+            sys.exit(f"error: no run named {args.only} in this plan")
     cache_s = build_caches(runs, make_recipe, teacher, console)
+    store = args.work / "quality-cells"
+    if args.only:
+        run_one(runs[0], make_recipe, paths, teacher, console, store)
+        return
+    pending = [r for r in dict.fromkeys(runs) if load_run(store, r, make_recipe(r)[1]) is None]
+    if args.jobs > 1 and pending:
+        failed = run_parallel(pending, args.jobs, sys.argv[1:], args.work / "quality-logs", console)
+        if failed:
+            sys.exit(f"error: {len(failed)} runs failed: {', '.join(failed)} (logs in {args.work / 'quality-logs'})")
     rows, hits = [], {}
     for i, run in enumerate(runs):
         console.print(f"[{i + 1}/{len(runs)}] {run.name}", highlight=False)
-        row, run_hits_ = run_one(run, make_recipe, paths, teacher, console, args.work / "quality-cells")
+        row, run_hits_ = run_one(run, make_recipe, paths, teacher, console, store)
         rows.append(row)
         full = run.steps == plan.budget[run.track] or run.method in SELECTORS
         hits[(run.track, run.method, run.seed, "full" if full else "half")] = run_hits_

@@ -142,3 +142,25 @@ def test_plan_overrides_from_the_command_line():
     assert plan.converge == ("supervised",)
     assert q.plan_of(argparse.Namespace(**{**vars(args), "budget": "600", "converge": None})).budget == \
         {"transfer": 600, "compression": 600}
+
+
+def test_a_jobs_child_runs_the_parents_plan_without_jobs():
+    cmd = q.child_command(["--work", "w", "--jobs", "2", "--seeds", "0,1", "--jobs=3"], "compression-feature-B6-s0")
+    assert cmd[1].endswith("quality.py")
+    assert cmd[2:] == ["--work", "w", "--seeds", "0,1", "--only", "compression-feature-B6-s0", "--no-record"]
+
+
+def test_run_parallel_shares_the_cores_and_reports_failed_runs(tmp_path, monkeypatch):
+    runs = [q.Run("compression", m, s, 6) for m in ("feature", "supervised") for s in (0, 1)]
+    script = ("import os, sys; open(sys.argv[1], 'w').write(os.environ['OMP_NUM_THREADS']); "
+              "sys.exit(3 if 'supervised-B6-s1' in sys.argv[1] else 0)")
+    monkeypatch.setattr(q, "child_command", lambda argv, name: [q.sys.executable, "-c", script,
+                                                                str(tmp_path / f"{name}.threads")])
+    monkeypatch.setattr(q.os, "cpu_count", lambda: 4)
+    printed = []
+    console = type("C", (), {"print": lambda self, text, **kw: printed.append(text)})()
+    failed = q.run_parallel(runs, 2, [], tmp_path / "logs", console)
+    assert failed == ["compression-supervised-B6-s1"]
+    assert {p.read_text() for p in tmp_path.glob("*.threads")} == {"2"} and len(list(tmp_path.glob("*.threads"))) == 4
+    assert sorted(p.name for p in (tmp_path / "logs").iterdir()) == sorted(f"{r.name}.log" for r in runs)
+    assert len(printed) == 4 and any("failed (exit 3" in line for line in printed)
