@@ -52,7 +52,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from benchmarks.common import RESULTS, cpu_model, report  # noqa: E402
-from benchmarks.quality_table import best_everywhere, cells_of, judge, markdown  # noqa: E402
+from benchmarks.quality_table import best_everywhere, cells_of, judge, mark_convergence, markdown  # noqa: E402
 from benchmarks.quality_table import gather_hits, run_hits, save_all_hits  # noqa: E402
 
 TRANSFER_STUDENT = ("mobilenetv3_small_100", 64)
@@ -530,8 +530,9 @@ def record(stamp: dict[str, Any], rows: list[dict[str, Any]], hits: dict[tuple[s
     """Every run to results/<RECORD>.csv; the table of the full-budget runs (each method against the default,
     paired), the convergence checks and the verdicts to <RECORD>_last.json / .md, the hits to <RECORD>_last_hits/."""
     full = [r for r in rows if r["steps"] == plan.budget[r["track"]] or r["method"] in SELECTORS]
-    table = judge(cells_of(full, gather_hits({k[:3]: v for k, v in hits.items() if k[3] == "full"})))
     checks = convergence(rows, plan)
+    table = judge(mark_convergence(cells_of(full, gather_hits({k[:3]: v for k, v in hits.items()
+                                                                if k[3] == "full"})), checks))
     text = markdown(table, LABELS) + "\nConvergence (selection split):\n\n" + convergence_markdown(checks)
     winners = best_everywhere(table, candidates=[m for m in DECIDING if m != "supervised"])
     for row in rows:

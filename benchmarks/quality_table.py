@@ -9,6 +9,8 @@ image and caption queries, and the verdict: "beats the default" or "below the de
 0, else "no difference shown". There is no tie rule: a gap inside the seed spread is not evidence of anything.
 A cell without per-query hits (results recorded before they were saved, or stale ones) gets "no per-query hits:
 rerun"; a cell run with one seed gets "no difference shown" (one seed says nothing of the seed variation).
+Where the convergence check (quality.py: a separate run at half the budget) failed for the cell or for the default,
+the verdict says so (NOT_CONVERGED): it holds at this budget, not at convergence; such a method is never "best".
 
 Per-query hits of a results file ``X.json`` live next to it in ``X_hits/``, one compressed ``.npz`` per cell
 (``save_hits`` / ``load_hits``, format CELL_HITS_FORMAT):
@@ -50,6 +52,7 @@ DEFAULT = "dsmd+coverage"  # the default recipe's cell: quality.py's f"dsmd+{CAN
 N_BOOT = 2000
 CELL_HITS_FORMAT = "edgedistill.quality-hits/1"
 NO_HITS = "no per-query hits: rerun"
+NOT_CONVERGED = "at a budget not past convergence"
 VERDICTS = {A_BEATS_B: "beats the default", B_BEATS_A: "below the default", NO_DIFFERENCE: NO_DIFFERENCE}
 # Columns of the Markdown table: (row key, header, format); twin columns are accuracies in percent.
 COLUMNS = (("selection_share", "selection share", "{:.3f}"), ("scoring_i2t_r1", "scoring i2t R@1", "{:.1f}"),
@@ -91,6 +94,7 @@ class Cell:
     hits: CellHits | None = None
     verdict: str = ""  # "default", a VERDICTS value, NO_HITS, or "no default on this track"
     comparison: PairedResult | None = None  # this method (A) against the default (B)
+    converged: bool | None = None  # the convergence check's result; None: not checked
 
     @property
     def n(self) -> int:
@@ -99,7 +103,7 @@ class Cell:
     def as_json(self) -> dict[str, Any]:
         """The cell as the results file (results/quality_runs_last.json) records it."""
         out: dict[str, Any] = {"track": self.track, "method": self.method, "seeds": self.seeds, "mean": self.mean,
-                               "std": self.std, "verdict": self.verdict}
+                               "std": self.std, "verdict": self.verdict, "converged": self.converged}
         c = self.comparison
         if c is not None:
             out["vs_default"] = {"estimate": c.estimate, "ci95": [c.low, c.high], "verdict": c.verdict,
@@ -172,13 +176,25 @@ def judge(cells: list[Cell], default: str = DEFAULT, split: str = SCORING_SPLIT,
         else:
             cell.comparison = compare(cell, ref, split, n_boot, seed)
             cell.verdict = NO_HITS if cell.comparison is None else VERDICTS[cell.comparison.verdict]
+        if ref is not None and False in (cell.converged, ref.converged):
+            cell.verdict += f" ({NOT_CONVERGED})"
+    return cells
+
+
+def mark_convergence(cells: list[Cell], checks: Iterable[Mapping[str, Any]]) -> list[Cell]:
+    """Set each cell's ``converged`` from quality.py's convergence checks ({track, method, converged}); cells
+    without a check keep None. Returns ``cells``."""
+    found = {(c["track"], c["method"]): bool(c["converged"]) for c in checks}
+    for cell in cells:
+        cell.converged = found.get((cell.track, cell.method), cell.converged)
     return cells
 
 
 def best_everywhere(cells: list[Cell], candidates: Iterable[str] | None = None, split: str = SCORING_SPLIT,
                     n_boot: int = N_BOOT, seed: int = 0) -> list[str]:
-    """Methods (among ``candidates``, default all) that ran on every track and that no other cell of any track is
-    shown to beat (paired interval above 0): best, or no difference shown from the best. A comparison without
+    """Methods (among ``candidates``, default all) that ran on every track, whose budget is not shown short of
+    convergence, and that no other cell of any track is shown to beat (paired interval above 0): best, or no
+    difference shown from the best. A comparison without
     per-query hits, or that fails closed, shows nothing, so the method does not qualify (it is not known to hold)."""
     tracks = list(dict.fromkeys(c.track for c in cells))
     out = []
@@ -186,7 +202,7 @@ def best_everywhere(cells: list[Cell], candidates: Iterable[str] | None = None, 
         if candidates is not None and method not in candidates:
             continue
         mine = {c.track: c for c in cells if c.method == method}
-        if set(mine) != set(tracks):
+        if set(mine) != set(tracks) or any(c.converged is False for c in mine.values()):
             continue
 
         def holds(cell: Cell) -> bool:
@@ -320,15 +336,16 @@ def load_hits(path: Path) -> CellHits:
 
 def load_results(results_json: Path) -> list[Cell]:
     """The cells of a recorded results file (its ``rows``), with the hits found beside it (none for results
-    recorded before hits were saved)."""
-    rows = json.loads(Path(results_json).read_text())["rows"]
+    recorded before hits were saved) and its convergence checks."""
+    recorded = json.loads(Path(results_json).read_text())
+    rows = recorded["rows"]
     folder = hits_folder(Path(results_json))
     hits = {}
     for track, method in dict.fromkeys((r["track"], r["method"]) for r in rows):
         path = hits_path(folder, track, method)
         if path.is_file():
             hits[(track, method)] = load_hits(path)
-    return cells_of(rows, hits)
+    return mark_convergence(cells_of(rows, hits), recorded.get("convergence", []))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from benchmarks.quality_table import (DEFAULT, NO_HITS, CellHits, SplitHits, best_everywhere, cells_of,
-                                      gather_hits, hits_folder, judge, load_hits, load_results, main, markdown,
+from benchmarks.quality_table import (DEFAULT, NO_HITS, NOT_CONVERGED, CellHits, SplitHits, best_everywhere, cells_of,
+                                      gather_hits, hits_folder, judge, load_hits, load_results, main, mark_convergence, markdown,
                                       run_hits, save_all_hits, save_hits)
 from edgedistill.evaluation.paired import RetrievalHits
 
@@ -192,5 +192,23 @@ def test_the_recorded_protocol_run_reproduces_its_verdicts():
     cells = judge(load_results(results), n_boot=300)
     assert all(c.hits is not None for c in cells)
     got = {c.method: c.verdict for c in cells}
-    assert got["supervised"] == recorded["supervised"] == "below the default"
-    assert got["dsmd+coverage"] == "default" and set(got) == set(recorded)
+    assert got == recorded and set(got) == {"supervised", "feature", "dsmd+coverage", "dsmd+coverage:consistent"}
+    # the 1,500-step budget failed its convergence check: every verdict says so
+    assert got["supervised"] == f"below the default ({NOT_CONVERGED})"
+    assert got["dsmd+coverage"] == f"default ({NOT_CONVERGED})"
+
+
+def test_a_verdict_short_of_convergence_says_so_and_is_never_best():
+    cells = cells_of(rows("t", DEFAULT, [0.9, 0.9, 0.9]) + rows("t", "a", [0.5] * 3) + rows("t", "b", [0.95] * 3),
+                     {("t", DEFAULT): cell_hits(0.8, gen=1), ("t", "a"): cell_hits(0.4, gen=2),
+                      ("t", "b"): cell_hits(0.95, gen=3)})
+    checks = [{"track": "t", "method": "b", "converged": False}, {"track": "t", "method": DEFAULT, "converged": True}]
+    judge(mark_convergence(cells, checks), n_boot=200)
+    verdicts = {c.method: c.verdict for c in cells}
+    assert verdicts == {DEFAULT: "default", "a": "below the default",
+                        "b": f"beats the default ({NOT_CONVERGED})"}
+    assert [c.converged for c in cells] == [True, None, False]
+    assert best_everywhere(cells, n_boot=200) == []  # b is shown better but not converged; the default is beaten
+    checks[0]["converged"] = True
+    judge(mark_convergence(cells, checks), n_boot=200)
+    assert cells[2].verdict == "beats the default" and best_everywhere(cells, n_boot=200) == ["b"]
