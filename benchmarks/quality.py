@@ -582,6 +582,7 @@ def main() -> None:
         run_one(runs[0], make_recipe, paths, teacher, console, store)
         return
     pending = [r for r in dict.fromkeys(runs) if load_run(store, r, make_recipe(r)[1]) is None]
+    pending.sort(key=lambda r: r.seed)  # seed by seed: a benchmark cut short still holds whole seed pairs
     if args.jobs > 1 and pending:
         failed = run_parallel(pending, args.jobs, sys.argv[1:], args.work / "quality-logs", console)
         if failed:
