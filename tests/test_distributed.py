@@ -86,7 +86,9 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tiny_teacher
     assert [x["loss"] for x in b] == pytest.approx([x["loss"] for x in a], rel=1e-4)
     for x, y in zip(a, b):
         assert y["grad_norm"] == pytest.approx(x["grad_norm"], rel=1e-3)  # Adam alone would hide a scale error
-        assert y["terms"] == pytest.approx(x["terms"], rel=1e-4, abs=1e-6)
+        # fp32 sums in another order (two ranks' all-reduce; AVX-512 kernels) drift a term ~2e-4 in ten steps (Zen 4,
+        # 2026-12-07); a wrong share of the batch or a scale error is off by far more
+        assert y["terms"] == pytest.approx(x["terms"], rel=1e-3, abs=1e-6)
         assert y["weights"] == pytest.approx(x["weights"], rel=1e-4)  # balancer state in step
     ca = torch.load(one_out / "checkpoints" / "last.pt", weights_only=True)
     cb = torch.load(two_out / "checkpoints" / "last.pt", weights_only=True)
