@@ -581,9 +581,9 @@ def main() -> None:
     if args.only:
         run_one(runs[0], make_recipe, paths, teacher, console, store)
         return
-    pending = [r for r in dict.fromkeys(runs) if load_run(store, r, make_recipe(r)[1]) is None]
+    pending = [r for r in runs if load_run(store, r, make_recipe(r)[1]) is None] if args.jobs > 1 else []
     pending.sort(key=lambda r: r.seed)  # seed by seed: a benchmark cut short still holds whole seed pairs
-    if args.jobs > 1 and pending:
+    if pending:  # trained in child processes into the store; the loop below reads them back
         failed = run_parallel(pending, args.jobs, sys.argv[1:], args.work / "quality-logs", console)
         if failed:
             sys.exit(f"error: {len(failed)} runs failed: {', '.join(failed)} (logs in {args.work / 'quality-logs'})")
