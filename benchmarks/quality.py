@@ -37,6 +37,7 @@ import argparse
 import datetime as dt
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -98,7 +99,9 @@ PLANS = {"full": Plan(budget={"transfer": 2400, "compression": 2400}, seeds=(0, 
                        converge=("supervised", DEFAULT_METHOD))}
 
 
-TEACHER_VAL, SELECTION, SCORING = 1000, 1000, 5000  # the three held-out iid splits, in that order of val.jsonl
+# The three held-out iid splits, in that order of val.jsonl. Selection is as large as scoring: at 1,000 scenes the
+# distillation cells reached its ceiling (0.996 of the teacher), where B and B/2 can no longer be told apart.
+TEACHER_VAL, SELECTION, SCORING = 1000, 5000, 5000
 
 
 def held_out_splits(val: Path) -> dict[str, Path]:
@@ -468,9 +471,13 @@ def parse() -> argparse.Namespace:
                                                         "cpu_count / jobs threads")
     ap.add_argument("--only", help=argparse.SUPPRESS)  # a --jobs child: train this one run into the store, no table
     ap.add_argument("--no-record", action="store_true")
+    ap.add_argument("--record", default=RECORD, help="results/NAME.csv, NAME_last.json / .md / _hits/ (another name "
+                                                     "keeps an earlier run's table, e.g. one per track)")
     args = ap.parse_args()
     if args.jobs < 1:
         ap.error(f"--jobs must be at least 1, not {args.jobs}")
+    if not re.fullmatch(r"[A-Za-z0-9_-]+", args.record):
+        ap.error(f"--record is a file name stem (letters, digits, _ and -), not {args.record!r}")
     return args
 
 
@@ -526,9 +533,9 @@ def convergence_markdown(checks: list[dict[str, Any]]) -> str:
 
 
 def record(stamp: dict[str, Any], rows: list[dict[str, Any]], hits: dict[tuple[str, str, int, str], Any],
-           plan: Plan, record_it: bool) -> str:
-    """Every run to results/<RECORD>.csv; the table of the full-budget runs (each method against the default,
-    paired), the convergence checks and the verdicts to <RECORD>_last.json / .md, the hits to <RECORD>_last_hits/."""
+           plan: Plan, record_it: bool, name: str = RECORD) -> str:
+    """Every run to results/<name>.csv; the table of the full-budget runs (each method against the default,
+    paired), the convergence checks and the verdicts to <name>_last.json / .md, the hits to <name>_last_hits/."""
     full = [r for r in rows if r["steps"] == plan.budget[r["track"]] or r["method"] in SELECTORS]
     checks = convergence(rows, plan)
     table = judge(mark_convergence(cells_of(full, gather_hits({k[:3]: v for k, v in hits.items()
@@ -536,14 +543,14 @@ def record(stamp: dict[str, Any], rows: list[dict[str, Any]], hits: dict[tuple[s
     text = markdown(table, LABELS) + "\nConvergence (selection split):\n\n" + convergence_markdown(checks)
     winners = best_everywhere(table, candidates=[m for m in DECIDING if m != "supervised"])
     for row in rows:
-        report({**stamp, **row}, RECORD, record=record_it)
+        report({**stamp, **row}, name, record=record_it)
     if record_it:
-        save_all_hits(RESULTS / f"{RECORD}_last.json", table)  # <RECORD>_last_hits/, one .npz per cell
-        (RESULTS / f"{RECORD}_last.json").write_text(json.dumps(
+        save_all_hits(RESULTS / f"{name}_last.json", table)  # <name>_last_hits/, one .npz per cell
+        (RESULTS / f"{name}_last.json").write_text(json.dumps(
             {"stamp": stamp, "rows": full, "half_budget_rows": [r for r in rows if r not in full],
              "cells": [c.as_json() for c in table], "convergence": checks,
              "best_or_tied_everywhere": winners}, indent=2) + "\n")
-        (RESULTS / f"{RECORD}_last.md").write_text(text)
+        (RESULTS / f"{name}_last.md").write_text(text)
     return text + f"\nbest, or no difference shown from the best, on every track: {', '.join(winners) or 'none'}\n"
 
 
@@ -602,7 +609,7 @@ def main() -> None:
              "train_s_sum": round(sum(r["run_s"] for r in rows), 1),
              "teacher_held_out": json.dumps({k: round(v, 1) for k, v in paths["teacher_metrics"].items()
                                              if isinstance(v, float)})}
-    print(record(stamp, rows, hits, plan, not args.no_record))
+    print(record(stamp, rows, hits, plan, not args.no_record, args.record))
     print(f"{len(rows)} runs in {time.perf_counter() - started:.0f} s after the teacher (cache {cache_s:.0f} s; "
           f"+ {prepare_s:.0f} s preparing data and teacher)")
 

@@ -1,6 +1,7 @@
 """benchmarks/quality.py's plan: equal budgets and looks, the runs of each cell, saved runs and convergence."""
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -82,16 +83,16 @@ def test_convergence_pairs_the_budgets_by_seed():
 
 
 def test_held_out_splits_are_disjoint_cuts_of_val(tmp_path):
-    lines = [json.dumps({"image": f"images/val/{i:05d}.jpg", "captions": [f"c{i}"]}) for i in range(7000)]
+    lines = [json.dumps({"image": f"images/val/{i:05d}.jpg", "captions": [f"c{i}"]}) for i in range(11000)]
     (tmp_path / "val.jsonl").write_text("\n".join(lines) + "\n")
     held = q.held_out_splits(tmp_path / "val.jsonl")
     parts = {k: v.read_text().splitlines() for k, v in held.items()}
-    assert [len(parts[k]) for k in ("teacher_val", "selection", "scoring")] == [1000, 1000, 5000]
+    assert [len(parts[k]) for k in ("teacher_val", "selection", "scoring")] == [1000, 5000, 5000]
     assert not set(parts["scoring"]) & (set(parts["selection"]) | set(parts["teacher_val"]))
-    (tmp_path / "val.jsonl").write_text("\n".join(lines[:6000]) + "\n")
+    (tmp_path / "val.jsonl").write_text("\n".join(lines[:10999]) + "\n")
     for f in held.values():
         f.unlink()
-    with pytest.raises(SystemExit, match="held-out splits need 7000"):
+    with pytest.raises(SystemExit, match="held-out splits need 11000"):
         q.held_out_splits(tmp_path / "val.jsonl")
 
 
@@ -132,6 +133,30 @@ def test_record_judges_the_full_budget_runs_and_prints_convergence(monkeypatch, 
     assert "| 120 (7,680) | 2 |" in text and "yes" in text.split("Convergence")[1]
 
 
+def test_record_under_another_name_leaves_the_default_record_alone(monkeypatch, tmp_path):
+    """--record NAME: the rows, the table and the hits go to NAME's files, so a run of one track does not
+    overwrite the table another run recorded."""
+    plan = q.Plan(budget={"transfer": 60}, seeds=(0, 1), side_seeds=(0, 1), half_seeds=(), looks=6,
+                  selector_budget=0.5, pull_steps=10, subset=1, converge=())
+    rng = np.random.default_rng(1)
+    rows, hits, reported = [], {}, []
+    for method, p in (("supervised", 0.5), (q.DEFAULT_METHOD, 0.8)):
+        for seed in (0, 1):
+            rows.append({"track": "transfer", "method": method, "seed": seed, "steps": 60,
+                         "selection_share": p, "scoring_rsum_share": p, "run_s": 1.0})
+            hits[("transfer", method, seed, "full")] = {
+                "scoring": {"i2t": rng.random((300, 3)) < p, "t2i": rng.random((900, 3)) < p,
+                            "teacher_rsum": 500.0, "ks": (1, 5, 10)}}
+    monkeypatch.setattr(q, "report", lambda row, name, record: reported.append((name, record)))
+    monkeypatch.setattr(q, "RESULTS", tmp_path)
+    q.record({"date": "x"}, rows, hits, plan, record_it=True, name="quality_runs_transfer")
+    assert {name for name, _ in reported} == {"quality_runs_transfer"} and len(reported) == 4
+    written = sorted(p.name for p in tmp_path.iterdir())
+    assert written == ["quality_runs_transfer_last.json", "quality_runs_transfer_last.md",
+                       "quality_runs_transfer_last_hits"]
+    assert json.loads((tmp_path / "quality_runs_transfer_last.json").read_text())["cells"]
+
+
 def test_plan_overrides_from_the_command_line():
     import argparse
     args = argparse.Namespace(quick=False, budget="compression=900", seeds="0,1", side_seeds=None, half_seeds="",
@@ -164,3 +189,11 @@ def test_run_parallel_shares_the_cores_and_reports_failed_runs(tmp_path, monkeyp
     assert {p.read_text() for p in tmp_path.glob("*.threads")} == {"2"} and len(list(tmp_path.glob("*.threads"))) == 4
     assert sorted(p.name for p in (tmp_path / "logs").iterdir()) == sorted(f"{r.name}.log" for r in runs)
     assert len(printed) == 4 and any("failed (exit 3" in line for line in printed)
+
+
+@pytest.mark.parametrize("bad", ["../x", "a/b", "", "runs.csv"])
+def test_a_record_name_that_is_not_a_file_stem_is_refused(monkeypatch, capsys, bad):
+    monkeypatch.setattr(sys, "argv", ["quality.py", "--record", bad])
+    with pytest.raises(SystemExit) as e:
+        q.parse()
+    assert e.value.code == 2 and "--record is a file name stem" in capsys.readouterr().err
