@@ -7,6 +7,7 @@ import io
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 from PIL import Image, UnidentifiedImageError
 from rich.console import Console
 
@@ -31,6 +32,8 @@ def why_unreadable(exc: BaseException) -> str:
         return "file not found"
     if isinstance(exc, IsADirectoryError):
         return "is a directory"
+    if isinstance(exc, UnreadableImage):
+        return str(exc)
     if isinstance(exc, UnidentifiedImageError):
         return "not an image file"
     text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
@@ -69,3 +72,61 @@ class BadImages:
         share = len(self.items) / max(self.total, 1)
         names = ", ".join(safe(p) for _, p, _ in self.items[:3]) + (", ..." if len(self.items) > 3 else "")
         return f"{self.what}: skipped {len(self.items)} of {self.total} images ({share:.1%}): {names}"
+
+
+class UnreadableImage(Exception):
+    """An image that failed when it was first read; the message is the reason (``why_unreadable``)."""
+
+
+def available_memory() -> int | None:
+    """Bytes of memory the kernel can give without swapping (Linux's MemAvailable); None where unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+class DecodedImages:
+    """Every image decoded once and kept in memory as uint8 RGB pixels, so that a training step skips the file read
+    and the decode (``data.in_memory``: small images on a CPU, where the decode costs as much as the crop).
+
+    ``limit`` bytes (default: half the available memory) fails closed, early: after the first images the total
+    is extrapolated, and the user is told to turn the option off rather than have the machine swap. An unreadable
+    image keeps its reason and raises ``UnreadableImage`` at every read, as its file would.
+    """
+
+    PROBE = 64  # images decoded before the first extrapolation of the total
+
+    def __init__(self, paths: Sequence[str | Path | ShardMember], limit: int | None = None) -> None:
+        if limit is None:
+            available = available_memory()
+            limit = available // 2 if available is not None else None
+        self.pixels: list[np.ndarray | str] = []
+        total = 0
+        for i, path in enumerate(paths):
+            try:
+                pixels = np.asarray(open_image(path), dtype=np.uint8)
+            except Exception as e:  # noqa: BLE001 - kept, and reported when the trainer reads the image
+                self.pixels.append(why_unreadable(e))
+                continue
+            self.pixels.append(pixels)
+            total += pixels.nbytes
+            seen = i + 1
+            if limit is not None and (total > limit or (seen == self.PROBE and total / seen * len(paths) > 1.2 * limit)):
+                raise UserError(
+                    f"data.in_memory: the {len(paths)} decoded training images need about "
+                    f"{total / seen * len(paths) / 1e9:.1f} GB, more than the {limit / 1e9:.1f} GB allowed (half the "
+                    "available memory); set data.in_memory: false")
+        self.nbytes = total
+
+    def __len__(self) -> int:
+        return len(self.pixels)
+
+    def __getitem__(self, index: int) -> Image.Image:
+        pixels = self.pixels[index]
+        if isinstance(pixels, str):
+            raise UnreadableImage(pixels)
+        return Image.fromarray(pixels)

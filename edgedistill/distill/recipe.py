@@ -81,6 +81,9 @@ class DataConfig(_Section):
     workers: NonNegativeInt = 2
     max_bad_fraction: float = Field(0.05, ge=0.0, le=1.0,
                                     description="stop when more than this share of images cannot be read")
+    in_memory: bool = Field(False, description="decode every training image once and keep its pixels in memory "
+                                               "(small images on a CPU: no decode per step; refused above half "
+                                               "the available memory)")
     augment: AugmentConfig = AugmentConfig()
     class_descriptions: Path | None = Field(
         None, description="JSON file: class name -> list of attribute sentences; each class's text becomes the mean "

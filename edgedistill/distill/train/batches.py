@@ -18,7 +18,7 @@ from PIL import Image
 
 import edgedistill.distill.distributed as distributed
 from edgedistill.distill.cache import FeatureCache
-from edgedistill.data.images import open_image, why_unreadable
+from edgedistill.data.images import DecodedImages, open_image, why_unreadable
 from edgedistill.data.transforms import Render, View, render_view, seeded_view
 from edgedistill.data.manifest import Manifest
 from edgedistill.core.hashing import seed_of
@@ -35,14 +35,15 @@ class TrainImages(torch.utils.data.Dataset):
     change what a given image looks like in a given epoch. ``teacher``: a ``Render`` draws the teacher's input from
     the very view the student sees (an online consistent teacher), a callable is the teacher's clean preprocessing
     (an online fixed teacher), None: the targets come from a cache. ``stored`` (N, K, 5): the reinforced cache's
-    views; the epoch's view is one of them, k drawn from (seed, epoch, index).
+    views; the epoch's view is one of them, k drawn from (seed, epoch, index). ``decoded``: the images already
+    decoded in memory (``data.in_memory``), read instead of the files.
     """
 
     def __init__(self, paths: list[Path], student: Render, seed: int, scale: tuple[float, float] = (0.5, 1.0),
                  hflip: bool = True, teacher: Render | Callable | None = None,
-                 stored: np.ndarray | None = None) -> None:
+                 stored: np.ndarray | None = None, decoded: DecodedImages | None = None) -> None:
         self.paths, self.student, self.seed, self.scale, self.hflip = paths, student, seed, scale, hflip
-        self.teacher, self.stored = teacher, stored
+        self.teacher, self.stored, self.decoded = teacher, stored, decoded
         self.epoch = 0
 
     def __len__(self) -> int:
@@ -58,7 +59,7 @@ class TrainImages(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, torch.Tensor | None, int, str | None]:
         try:
-            image = open_image(self.paths[index])
+            image = self.decoded[index] if self.decoded is not None else open_image(self.paths[index])
             view, k = self.view_of(index, image)
             student = render_view(image, view, self.student)
             if isinstance(self.teacher, Render):

@@ -3,6 +3,7 @@ trainer steps with (student, losses and balancer, layerwise modules and their se
 
 from __future__ import annotations
 
+import time
 from typing import Callable
 
 import numpy as np
@@ -12,7 +13,7 @@ from rich.console import Console
 import edgedistill.distill.distributed as distributed
 from edgedistill.distill.balance import Balancer, build_balancer
 from edgedistill.distill.cache import FeatureCache, class_text_features
-from edgedistill.data.images import BadImages, open_image
+from edgedistill.data.images import BadImages, DecodedImages, open_image
 from edgedistill.data.manifest import Manifest
 from edgedistill.data.transforms import Render
 from edgedistill.core.errors import UserError
@@ -81,12 +82,23 @@ def build_parts(recipe: Recipe, teacher: Teacher, manifests: dict[str, Manifest]
                                 amp_dtype, layerwise),
         dataset=TrainImages([e.image for e in train.entries], render_of(pp), recipe.seed,
                             recipe.data.augment.scale, recipe.data.augment.hflip, _teacher_input(recipe, teacher),
-                            views.view_params if views is not None else None),
+                            views.view_params if views is not None else None, _decoded(recipe, train, console)),
         batches=batches, assemble=BatchAssembler(recipe.seed, train, TeacherFeatures(teacher, cache, views), device,
                                                  labels, layerwise),
         bad=BadImages(len(train), recipe.data.max_bad_fraction, "train", console), train_cache=cache,
         val=val, ood=ood, has_val="val" in manifests, describe_prompts=prompts.kind,
         total_steps=total, run=RunDir(recipe.out))
+
+
+def _decoded(recipe: Recipe, train: Manifest, console: Console) -> DecodedImages | None:
+    """data.in_memory: the training images decoded once, before the first step."""
+    if not recipe.data.in_memory:
+        return None
+    started = time.perf_counter()
+    decoded = DecodedImages([e.image for e in train.entries])
+    console.print(f"data.in_memory: {len(decoded)} training images decoded into {decoded.nbytes / 1e6:.0f} MB "
+                  f"in {time.perf_counter() - started:.1f} s")
+    return decoded
 
 
 def _teacher_input(recipe: Recipe, teacher: Teacher) -> Render | Callable | None:
