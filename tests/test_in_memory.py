@@ -71,6 +71,10 @@ def test_the_limit_defaults_to_half_the_available_memory(dataset, monkeypatch):
     monkeypatch.setattr(images, "available_memory", lambda: 2 * np.asarray(open_image(paths[0])).nbytes)
     with pytest.raises(UserError, match="half the available memory"):
         DecodedImages(paths)
+    monkeypatch.setattr(images, "available_memory", lambda: 10 * np.asarray(open_image(paths[0])).nbytes)
+    assert len(DecodedImages(paths)) == 4  # half of 10 images' worth holds 4
+    with pytest.raises(UserError, match="shared by 2 processes"):
+        DecodedImages(paths, processes=2)  # each of 2 ranks gets a quarter: 2.5 images' worth
     monkeypatch.setattr(images, "available_memory", lambda: None)  # unknown (not Linux): no limit
     assert len(DecodedImages(paths)) == 4
 

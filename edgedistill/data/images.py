@@ -93,17 +93,19 @@ class DecodedImages:
     """Every image decoded once and kept in memory as uint8 RGB pixels, so that a training step skips the file read
     and the decode (``data.in_memory``: small images on a CPU, where the decode costs as much as the crop).
 
-    ``limit`` bytes (default: half the available memory) fails closed, early: after the first images the total
-    is extrapolated, and the user is told to turn the option off rather than have the machine swap. An unreadable
-    image keeps its reason and raises ``UnreadableImage`` at every read, as its file would.
+    ``limit`` bytes (default: half the available memory, shared by ``processes`` that each hold a copy, as the
+    ranks of a distributed run do) fails closed, early: after the first images the total is extrapolated, and the
+    user is told to turn the option off rather than have the machine swap. An unreadable image keeps its reason
+    and raises ``UnreadableImage`` at every read, as its file would.
     """
 
     PROBE = 64  # images decoded before the first extrapolation of the total
 
-    def __init__(self, paths: Sequence[str | Path | ShardMember], limit: int | None = None) -> None:
+    def __init__(self, paths: Sequence[str | Path | ShardMember], limit: int | None = None,
+                 processes: int = 1) -> None:
         if limit is None:
             available = available_memory()
-            limit = available // 2 if available is not None else None
+            limit = available // (2 * processes) if available is not None else None
         self.pixels: list[np.ndarray | str] = []
         total = 0
         for i, path in enumerate(paths):
@@ -119,7 +121,8 @@ class DecodedImages:
                 raise UserError(
                     f"data.in_memory: the {len(paths)} decoded training images need about "
                     f"{total / seen * len(paths) / 1e9:.1f} GB, more than the {limit / 1e9:.1f} GB allowed (half the "
-                    "available memory); set data.in_memory: false")
+                    f"available memory{f' shared by {processes} processes' if processes > 1 else ''}); "
+                    "set data.in_memory: false")
         self.nbytes = total
 
     def __len__(self) -> int:

@@ -82,7 +82,7 @@ def build_parts(recipe: Recipe, teacher: Teacher, manifests: dict[str, Manifest]
                                 amp_dtype, layerwise),
         dataset=TrainImages([e.image for e in train.entries], render_of(pp), recipe.seed,
                             recipe.data.augment.scale, recipe.data.augment.hflip, _teacher_input(recipe, teacher),
-                            views.view_params if views is not None else None, _decoded(recipe, train, console)),
+                            views.view_params if views is not None else None, _decoded(recipe, train, console, ctx.world_size)),
         batches=batches, assemble=BatchAssembler(recipe.seed, train, TeacherFeatures(teacher, cache, views), device,
                                                  labels, layerwise),
         bad=BadImages(len(train), recipe.data.max_bad_fraction, "train", console), train_cache=cache,
@@ -90,12 +90,12 @@ def build_parts(recipe: Recipe, teacher: Teacher, manifests: dict[str, Manifest]
         total_steps=total, run=RunDir(recipe.out))
 
 
-def _decoded(recipe: Recipe, train: Manifest, console: Console) -> DecodedImages | None:
-    """data.in_memory: the training images decoded once, before the first step."""
+def _decoded(recipe: Recipe, train: Manifest, console: Console, world_size: int) -> DecodedImages | None:
+    """data.in_memory: the training images decoded once, before the first step (each rank holds a copy)."""
     if not recipe.data.in_memory:
         return None
     started = time.perf_counter()
-    decoded = DecodedImages([e.image for e in train.entries])
+    decoded = DecodedImages([e.image for e in train.entries], processes=world_size)
     console.print(f"data.in_memory: {len(decoded)} training images decoded into {decoded.nbytes / 1e6:.0f} MB "
                   f"in {time.perf_counter() - started:.1f} s")
     return decoded
