@@ -53,7 +53,8 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from benchmarks.common import RESULTS, cpu_model, report  # noqa: E402
-from benchmarks.quality_table import best_everywhere, cells_of, judge, mark_convergence, markdown  # noqa: E402
+from benchmarks.quality_table import at_half, best_everywhere, cells_of, judge, mark_convergence  # noqa: E402
+from benchmarks.quality_table import markdown, with_half_budget  # noqa: E402
 from benchmarks.quality_table import gather_hits, run_hits, save_all_hits  # noqa: E402
 
 TRANSFER_STUDENT = ("mobilenetv3_small_100", 64)
@@ -537,17 +538,20 @@ def record(stamp: dict[str, Any], rows: list[dict[str, Any]], hits: dict[tuple[s
     """Every run to results/<name>.csv; the table of the full-budget runs (each method against the default,
     paired), the convergence checks and the verdicts to <name>_last.json / .md, the hits to <name>_last_hits/."""
     full = [r for r in rows if r["steps"] == plan.budget[r["track"]] or r["method"] in SELECTORS]
+    half = [r for r in rows if r not in full]
     checks = convergence(rows, plan)
-    table = judge(mark_convergence(cells_of(full, gather_hits({k[:3]: v for k, v in hits.items()
-                                                                if k[3] == "full"})), checks))
-    text = markdown(table, LABELS) + "\nConvergence (selection split):\n\n" + convergence_markdown(checks)
+    cell_hits = gather_hits({(track, method if budget == "full" else at_half(method), seed): v
+                             for (track, method, seed, budget), v in hits.items()})
+    table = judge(mark_convergence(cells_of(with_half_budget(full, half), cell_hits), checks))
+    labels = {**LABELS, **{at_half(k): f"{v}, B/2" for k, v in LABELS.items()}}
+    text = markdown(table, labels) + "\nConvergence (selection split):\n\n" + convergence_markdown(checks)
     winners = best_everywhere(table, candidates=[m for m in DECIDING if m != "supervised"])
     for row in rows:
         report({**stamp, **row}, name, record=record_it)
     if record_it:
         save_all_hits(RESULTS / f"{name}_last.json", table)  # <name>_last_hits/, one .npz per cell
         (RESULTS / f"{name}_last.json").write_text(json.dumps(
-            {"stamp": stamp, "rows": full, "half_budget_rows": [r for r in rows if r not in full],
+            {"stamp": stamp, "rows": full, "half_budget_rows": half,
              "cells": [c.as_json() for c in table], "convergence": checks,
              "best_or_tied_everywhere": winners}, indent=2) + "\n")
         (RESULTS / f"{name}_last.md").write_text(text)

@@ -11,6 +11,8 @@ A cell without per-query hits (results recorded before they were saved, or stale
 rerun"; a cell run with one seed gets "no difference shown" (one seed says nothing of the seed variation).
 Where the convergence check (quality.py: a separate run at half the budget) failed for the cell or for the default,
 the verdict says so (NOT_CONVERGED): it holds at this budget, not at convergence; such a method is never "best".
+The budget-B/2 runs of the convergence check are cells of their own (``at_half``: "supervised/2"), judged against
+the default at B like the rest, so a verdict is also shown against a method that does better with fewer steps.
 
 Per-query hits of a results file ``X.json`` live next to it in ``X_hits/``, one compressed ``.npz`` per cell
 (``save_hits`` / ``load_hits``, format CELL_HITS_FORMAT):
@@ -53,6 +55,7 @@ N_BOOT = 2000
 CELL_HITS_FORMAT = "edgedistill.quality-hits/1"
 NO_HITS = "no per-query hits: rerun"
 NOT_CONVERGED = "at a budget not past convergence"
+HALF = "/2"  # a cell of budget-B/2 runs ("supervised/2"): judged against the default at B like any other cell
 VERDICTS = {A_BEATS_B: "beats the default", B_BEATS_A: "below the default", NO_DIFFERENCE: NO_DIFFERENCE}
 # Columns of the Markdown table: (row key, header, format); twin columns are accuracies in percent.
 COLUMNS = (("selection_share", "selection share", "{:.3f}"), ("scoring_i2t_r1", "scoring i2t R@1", "{:.1f}"),
@@ -334,11 +337,26 @@ def load_hits(path: Path) -> CellHits:
         return CellHits(seeds=[int(s) for s in z["seeds"]], splits=splits, ks=tuple(int(k) for k in z["ks"]))
 
 
+def at_half(method: str) -> str:
+    """The method name of a cell of budget-B/2 runs."""
+    return method + HALF
+
+
+def with_half_budget(rows: list[dict[str, Any]], half_rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The budget-B rows and the budget-B/2 rows as cells of their own (``at_half``): a verdict against the
+    default at B must also hold against a method at half its budget (a baseline that overfits with more steps is
+    then judged at its better budget too)."""
+    return [*rows, *({**r, "method": at_half(r["method"])} for r in half_rows)]
+
+
 def load_results(results_json: Path) -> list[Cell]:
-    """The cells of a recorded results file (its ``rows``), with the hits found beside it (none for results
-    recorded before hits were saved) and its convergence checks."""
+    """The cells of a recorded results file (its ``rows``, and its ``half_budget_rows`` as the ``at_half`` cells it
+    recorded), with the hits found beside it (none for results recorded before hits were saved) and its
+    convergence checks."""
     recorded = json.loads(Path(results_json).read_text())
-    rows = recorded["rows"]
+    tabled = {c["method"] for c in recorded.get("cells", [])}
+    rows = with_half_budget(recorded["rows"], [r for r in recorded.get("half_budget_rows", [])
+                                               if at_half(r["method"]) in tabled])
     folder = hits_folder(Path(results_json))
     hits = {}
     for track, method in dict.fromkeys((r["track"], r["method"]) for r in rows):

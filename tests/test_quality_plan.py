@@ -129,8 +129,11 @@ def test_record_judges_the_full_budget_runs_and_prints_convergence(monkeypatch, 
     monkeypatch.setattr(q, "report", lambda *a, **k: None)
     text = q.record({"date": "x"}, rows, hits, plan, record_it=False)
     table = [line for line in text.splitlines() if line.startswith("| compression |")]
-    assert len(table) == 4  # 2 table lines (full budget) + 2 convergence lines
+    assert len(table) == 6  # 2 table lines (full budget) + 2 of the B/2 runs + 2 convergence lines
     assert "below the default" in table[0] and "| default |" in table[1]
+    # the B/2 runs are cells of their own, judged against the default at B
+    assert "| supervised (pairs only), B/2 | 2 |" in table[2] and "below the default" in table[2]
+    assert f"| {q.LABELS[q.DEFAULT_METHOD]}, B/2 | 2 |" in table[3]
     assert "| 120 (7,680) | 2 |" in text and "yes" in text.split("Convergence")[1]
 
 

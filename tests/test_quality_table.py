@@ -9,9 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from benchmarks.quality_table import (DEFAULT, NO_HITS, NOT_CONVERGED, CellHits, SplitHits, best_everywhere, cells_of,
-                                      gather_hits, hits_folder, judge, load_hits, load_results, main, mark_convergence, markdown,
-                                      run_hits, save_all_hits, save_hits)
+from benchmarks.quality_table import (DEFAULT, NO_HITS, NOT_CONVERGED, CellHits, SplitHits, at_half, best_everywhere,
+                                      cells_of, gather_hits, hits_folder, judge, load_hits, load_results, main,
+                                      mark_convergence, markdown, run_hits, save_all_hits, save_hits,
+                                      with_half_budget)
 from edgedistill.evaluation.paired import RetrievalHits
 
 REPO = Path(__file__).resolve().parent.parent
@@ -163,6 +164,25 @@ def test_a_recorded_results_file_is_read_with_its_hits(tmp_path, capsys):
     assert {c.method: c.verdict for c in cells} == {DEFAULT: "default", "b": "below the default", "old": NO_HITS}
     main([str(results), "--n-boot", "100"])
     assert "below the default" in capsys.readouterr().out
+
+
+def test_half_budget_cells_are_judged_against_the_default_and_read_back(tmp_path):
+    """The B/2 runs are cells of their own (at_half), compared with the default at B; load_results gives them back
+    when the file tabled them, and leaves them out of files recorded before (no hits were saved for them)."""
+    full = rows("t", DEFAULT, [0.9] * 3) + rows("t", "b", [0.6] * 3)
+    half = rows("t", "b", [0.95] * 3)
+    hits = {("t", DEFAULT): cell_hits(0.6), ("t", "b"): cell_hits(0.3, gen=14),
+            ("t", at_half("b")): cell_hits(0.95, gen=15)}
+    cells = judge(cells_of(with_half_budget(full, half), hits), n_boot=200)
+    verdicts = {c.method: c.verdict for c in cells}
+    assert verdicts == {DEFAULT: "default", "b": "below the default", "b/2": "beats the default"}
+    results = tmp_path / "r_last.json"
+    results.write_text(json.dumps({"rows": full, "half_budget_rows": half, "cells": [c.as_json() for c in cells]}))
+    save_all_hits(results, cells)
+    assert {c.method: c.verdict for c in judge(load_results(results), n_boot=200)} == verdicts
+    results.write_text(json.dumps({"rows": full, "half_budget_rows": half,
+                                   "cells": [c.as_json() for c in cells if c.method != "b/2"]}))
+    assert [c.method for c in load_results(results)] == [DEFAULT, "b"]
 
 
 def test_results_recorded_before_hits_print_rerun(tmp_path, capsys):
