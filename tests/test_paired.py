@@ -202,10 +202,11 @@ def test_converged_when_doubling_the_budget_moves_less_than_the_seeds():
 
 def test_not_converged_when_the_score_still_climbs():
     c = convergence_check([0.80, 0.84, 0.88], [0.70, 0.75, 0.77])
-    assert not c.converged and "seed spread" in c.reason
+    assert not c.converged and "seed spread" in c.reason and "raised the score by 0.1," in c.reason
     assert c.mean_difference == pytest.approx(0.1) and c.seed_spread == pytest.approx(0.04)
     down = convergence_check([0.70, 0.75, 0.77], [0.80, 0.84, 0.88])  # worse with more budget: also not converged
     assert not down.converged and down.mean_difference == pytest.approx(-0.1)
+    assert "lowered the score by 0.1," in down.reason  # past its best, not still climbing
 
 
 def test_convergence_fails_closed():

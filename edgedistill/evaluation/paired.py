@@ -242,7 +242,9 @@ def convergence_check(full_budget: Sequence[float], half_budget: Sequence[float]
         return ConvergenceCheck(False, mean_diff, spread, "one seed: no seed spread to compare with", diffs)
     if abs(mean_diff) < spread:
         return ConvergenceCheck(True, mean_diff, spread, "", diffs)
-    return ConvergenceCheck(False, mean_diff, spread, f"doubling the budget moved the score by {mean_diff:+.4g}, "
+    # A score that falls with the budget is past its best (overfitting), not still climbing: say which.
+    trend = "lowered" if mean_diff < 0 else "raised"
+    return ConvergenceCheck(False, mean_diff, spread, f"doubling the budget {trend} the score by {abs(mean_diff):.4g}, "
                                                       f"not less than the seed spread {spread:.4g}", diffs)
 
 
