@@ -195,7 +195,7 @@ def overrides_for(run: Run, paths: dict[str, Path], plan: Plan, out: Path, cache
     ov = [f"name=q-{run.name}", f"out={out}", f"seed={run.seed}",
           f"teacher.model={paths['teacher_json']}", f"teacher.pretrained={paths['teacher_pt']}",
           f"data.train={train_manifest(run.base, paths, plan)}", f"data.val={paths['selection']}",
-          f"data.batch_size={BATCH}", "data.in_memory=true", f"cache.dir={cache}", f"student.vision={vision}", f"student.image_size={size}",
+          f"data.batch_size={BATCH}", f"cache.dir={cache}", f"student.vision={vision}", f"student.image_size={size}",
           f"train.max_steps={run.steps}", "train.epochs=1000000", f"train.warmup_steps={max(1, run.steps // 20)}",
           f"train.eval_every={run.steps // plan.looks}", f"train.checkpoint_every={run.steps}", "device=cpu"]
     if "+" in run.base:

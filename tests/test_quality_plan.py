@@ -29,7 +29,6 @@ def test_every_method_sees_the_same_images_and_looks_at_selection_as_often(tmp_p
         seen.add((steps * int(value(ov, "data.batch_size")), steps // every))
         assert value(ov, "data.val") == str(tmp_path / "sel.jsonl")  # checkpoints on the selection split
         assert int(value(ov, "train.epochs")) * 31 > steps  # supervised's 2,000 pairs cannot end the run early
-        assert value(ov, "data.in_memory") == "true"  # small scenes: decoded once (identical training, faster)
     assert seen == {(plan.budget["transfer"] * q.BATCH, plan.looks)}
     _, ov = q.overrides_for(q.Run("transfer", f"{q.DEFAULT_METHOD}:consistent", 0, 2400), paths(tmp_path), plan,
                             tmp_path, tmp_path)
