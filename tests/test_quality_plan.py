@@ -82,6 +82,16 @@ def test_convergence_pairs_the_budgets_by_seed():
     assert "| transfer | feature | 100 (6,400) | 3 |" in q.convergence_markdown(list(checks.values()))
 
 
+def test_every_benchmark_recipe_decodes_the_scenes_once(tmp_path):
+    """The scenes recipes keep the decoded images in memory (the same training, tested in test_in_memory.py)."""
+    from edgedistill.distill.recipe import load_recipe
+    plan = q.PLANS["full"]
+    for method in (*q.DECIDING, *q.SIDE, *q.SELECTORS):
+        recipe_path, ov = q.overrides_for(q.Run("compression", method, 0, plan.budget["compression"]),
+                                          paths(tmp_path), plan, tmp_path / "out", tmp_path)
+        assert load_recipe(recipe_path, ov).data.in_memory, method
+
+
 def test_held_out_splits_are_disjoint_cuts_of_val(tmp_path):
     lines = [json.dumps({"image": f"images/val/{i:05d}.jpg", "captions": [f"c{i}"]}) for i in range(11000)]
     (tmp_path / "val.jsonl").write_text("\n".join(lines) + "\n")
