@@ -220,6 +220,21 @@ def test_the_recorded_protocol_run_reproduces_its_verdicts():
     assert got["dsmd+coverage"] == f"default ({NOT_CONVERGED})"
 
 
+def test_the_recorded_transfer_run_reproduces_its_verdicts_with_its_half_budget_cells():
+    """results/quality_runs_transfer_last.json (2026-12-07, 3,000 steps, 3 seeds): the verdicts it printed, the
+    B/2 cells among them; supervised passed its convergence check, the default did not."""
+    results = REPO / "benchmarks" / "results" / "quality_runs_transfer_last.json"
+    recorded = json.loads(results.read_text())
+    cells = judge(load_results(results), n_boot=300)
+    assert all(c.hits is not None for c in cells)
+    got = {c.method: c.verdict for c in cells}
+    assert got == {c["method"]: c["verdict"] for c in recorded["cells"]}
+    assert set(got) == {"supervised", "feature", "dsmd+coverage", "supervised/2", "feature/2", "dsmd+coverage/2"}
+    assert got["supervised"] == got["supervised/2"] == f"below the default ({NOT_CONVERGED})"
+    checks = {c["method"]: c["converged"] for c in recorded["convergence"]}
+    assert checks == {"supervised": True, "feature": False, "dsmd+coverage": False}
+
+
 def test_a_verdict_short_of_convergence_says_so_and_is_never_best():
     cells = cells_of(rows("t", DEFAULT, [0.9, 0.9, 0.9]) + rows("t", "a", [0.5] * 3) + rows("t", "b", [0.95] * 3),
                      {("t", DEFAULT): cell_hits(0.8, gen=1), ("t", "a"): cell_hits(0.4, gen=2),
