@@ -35,6 +35,7 @@ sys.path.insert(0, str(HERE.parent))
 from benchmarks.common import cpu_model, report  # noqa: E402
 
 from edgedistill.data.images import DecodedImages, open_image  # noqa: E402
+from edgedistill.data.manifest import load_manifest  # noqa: E402
 from edgedistill.data.scenes import write_scenes  # noqa: E402
 from edgedistill.data.transforms import Render  # noqa: E402
 from edgedistill.distill.train import TrainImages  # noqa: E402
@@ -116,8 +117,7 @@ def main() -> None:
         work = Path(tmp)
         scenes = work / "scenes"
         write_scenes(scenes, args.images, seed=0, size=64, n_val=0, n_hard=0, n_ood=0)
-        paths = [Path(scenes) / line.split('"image": "')[1].split('"')[0]
-                 for line in (scenes / "train.jsonl").read_text().splitlines()]
+        paths = [e.image for e in load_manifest(scenes / "train.jsonl").entries]
         decoded = DecodedImages(paths)
         loaders = {}
         for size in (32, 64):

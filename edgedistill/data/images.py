@@ -117,7 +117,10 @@ class DecodedImages:
             self.pixels.append(pixels)
             total += pixels.nbytes
             seen = i + 1
-            if limit is not None and (total > limit or (seen == self.PROBE and total / seen * len(paths) > 1.2 * limit)):
+            too_much = total > limit if limit is not None else False
+            if limit is not None and seen == self.PROBE:  # extrapolated early, so it fails before decoding all
+                too_much = too_much or total / seen * len(paths) > 1.2 * limit
+            if too_much:
                 raise UserError(
                     f"data.in_memory: the {len(paths)} decoded training images need about "
                     f"{total / seen * len(paths) / 1e9:.1f} GB, more than the {limit / 1e9:.1f} GB allowed (half the "
