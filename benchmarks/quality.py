@@ -21,7 +21,9 @@ Every cell of a track sees the same number of images (steps x 64), evaluates the
 of times, and is paired by seed (same initialisation and data order). Convergence: a separate run at half the
 budget (its own full schedule) for the deciding methods; the table compares every method with the default by a
 paired bootstrap over seeds and scoring queries (benchmarks/quality_table.py). Each finished run is saved under
-<work>/quality-cells/, so an interrupted benchmark resumes where it stopped, even days later. ``--jobs J`` trains J
+<work>/quality-cells/, so an interrupted benchmark resumes where it stopped, even days later; ``--restore NAME``
+fills an empty store from a recorded benchmark (benchmarks/quality_store.py), so that a new machine adds seeds or
+cells to it instead of training every run again. ``--jobs J`` trains J
 runs at a time, each in its own process with cpu_count / J threads (on 2 cores the scenes students train as fast
 on one thread as on two, so 2 jobs double the throughput: benchmarks/README.md).
 
@@ -45,7 +47,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 import torch
@@ -56,6 +58,7 @@ from benchmarks.common import RESULTS, cpu_model, report  # noqa: E402
 from benchmarks.quality_table import at_half, best_everywhere, cells_of, judge, mark_convergence  # noqa: E402
 from benchmarks.quality_table import markdown, with_half_budget  # noqa: E402
 from benchmarks.quality_table import gather_hits, run_hits, save_all_hits  # noqa: E402
+from benchmarks.quality_store import Restored, check_restored, load_run, restore, save_run  # noqa: E402
 
 TRANSFER_STUDENT = ("mobilenetv3_small_100", 64)
 COMPRESSION_STUDENT = ("mobilenetv3_small_050", 32)
@@ -419,38 +422,6 @@ def run_parallel(runs: list[Run], jobs: int, argv: list[str], logs: Path, consol
     return failed
 
 
-def save_run(store: Path, run: Run, overrides: list[str], row: dict[str, Any], hits: dict[str, Any]) -> None:
-    """``<store>/<run>.npz`` (per-query hits) then ``<run>.json`` (the row and the overrides it ran with): the
-    JSON is written last, by rename, so a run with a JSON is whole."""
-    from edgedistill.core.atomic import atomic_path, write_json
-
-    store.mkdir(parents=True, exist_ok=True)
-    arrays = {f"{split}__{k}": np.asarray(v[k]) for split, v in hits.items() for k in ("i2t", "t2i", "ks")}
-    arrays.update({f"{split}__teacher_rsum": np.array(float(v["teacher_rsum"])) for split, v in hits.items()})
-    with atomic_path(store / f"{run.name}.npz") as tmp:
-        with open(tmp, "wb") as f:
-            np.savez_compressed(f, **arrays)
-    write_json(store / f"{run.name}.json", {"overrides": overrides, "row": row})
-
-
-def load_run(store: Path, run: Run, overrides: list[str]) -> tuple[dict[str, Any], dict[str, Any]] | None:
-    """A saved run made with exactly ``overrides`` (else None: not run, or run with other settings)."""
-    try:
-        saved = json.loads((store / f"{run.name}.json").read_text(encoding="utf-8"))
-        if saved.get("overrides") != overrides:
-            return None
-        with np.load(store / f"{run.name}.npz", allow_pickle=False) as z:
-            hits: dict[str, Any] = {}
-            for name in z.files:
-                split, key = name.split("__")
-                hits.setdefault(split, {})[key] = float(z[name]) if key == "teacher_rsum" else z[name]
-        for v in hits.values():
-            v["ks"] = tuple(int(k) for k in v["ks"])
-        return saved["row"], hits
-    except (OSError, ValueError, KeyError, json.JSONDecodeError):
-        return None
-
-
 def parse() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--work", type=Path, default=REPO / "data", help="scenes, caches, runs and finished cells go "
@@ -472,6 +443,9 @@ def parse() -> argparse.Namespace:
                                                         "cpu_count / jobs threads")
     ap.add_argument("--only", help=argparse.SUPPRESS)  # a --jobs child: train this one run into the store, no table
     ap.add_argument("--no-record", action="store_true")
+    ap.add_argument("--restore", metavar="NAME", help="first put the runs that results/NAME_last.json records into "
+                    "the store, where it was made on this CPU model with this teacher and plan; one of them is "
+                    "trained again and must match its record (benchmarks/quality_store.py)")
     ap.add_argument("--record", default=RECORD, help="results/NAME.csv, NAME_last.json / .md / _hits/ (another name "
                                                      "keeps an earlier run's table, e.g. one per track)")
     args = ap.parse_args()
@@ -479,7 +453,17 @@ def parse() -> argparse.Namespace:
         ap.error(f"--jobs must be at least 1, not {args.jobs}")
     if not re.fullmatch(r"[A-Za-z0-9_-]+", args.record):
         ap.error(f"--record is a file name stem (letters, digits, _ and -), not {args.record!r}")
+    if args.restore is not None and not (re.fullmatch(r"[A-Za-z0-9_-]+", args.restore)
+                                         and (RESULTS / f"{args.restore}_last.json").is_file()):
+        ap.error(f"--restore names a recorded benchmark (results/NAME_last.json): {args.restore!r} is none")
     return args
+
+
+def identity_of(args: argparse.Namespace, plan: Plan, paths: dict[str, Any]) -> dict[str, Any]:
+    """What makes two benchmarks' runs the same runs (quality_store.IDENTITY), as the stamp records it."""
+    return {"machine": cpu_model(), "torch": torch.__version__, "n": args.n, "captioned": args.captioned,
+            "teacher_held_out": json.dumps({k: round(v, 1) for k, v in paths["teacher_metrics"].items()
+                                            if isinstance(v, float)}), "plan": plan.__dict__}
 
 
 def _seeds(text: str | None, default: tuple[int, ...]) -> tuple[int, ...]:
@@ -534,8 +518,8 @@ def convergence_markdown(checks: list[dict[str, Any]]) -> str:
 
 
 def record(stamp: dict[str, Any], rows: list[dict[str, Any]], hits: dict[tuple[str, str, int, str], Any],
-           plan: Plan, record_it: bool, name: str = RECORD) -> str:
-    """Every run to results/<name>.csv; the table of the full-budget runs (each method against the default,
+           plan: Plan, record_it: bool, name: str = RECORD, skip_csv: Iterable[str] = ()) -> str:
+    """Every run to results/<name>.csv (but those named in ``skip_csv``: restored from it); the table of the full-budget runs (each method against the default,
     paired), the convergence checks and the verdicts to <name>_last.json / .md, the hits to <name>_last_hits/."""
     full = [r for r in rows if r["steps"] == plan.budget[r["track"]] or r["method"] in SELECTORS]
     half = [r for r in rows if r not in full]
@@ -546,8 +530,10 @@ def record(stamp: dict[str, Any], rows: list[dict[str, Any]], hits: dict[tuple[s
     labels = {**LABELS, **{at_half(k): f"{v}, B/2" for k, v in LABELS.items()}}
     text = markdown(table, labels) + "\nConvergence (selection split):\n\n" + convergence_markdown(checks)
     winners = best_everywhere(table, candidates=[m for m in DECIDING if m != "supervised"])
+    skip = set(skip_csv)
     for row in rows:
-        report({**stamp, **row}, name, record=record_it)
+        if Run(row["track"], row["method"], row["seed"], row["steps"]).name not in skip:
+            report({**stamp, **row}, name, record=record_it)
     if record_it:
         save_all_hits(RESULTS / f"{name}_last.json", table)  # <name>_last_hits/, one .npz per cell
         (RESULTS / f"{name}_last.json").write_text(json.dumps(
@@ -592,6 +578,17 @@ def main() -> None:
     if args.only:
         run_one(runs[0], make_recipe, paths, teacher, console, store)
         return
+    identity = identity_of(args, plan, paths)
+    restored = Restored(runs=[])
+    if args.restore:
+        try:
+            restored = restore(store, RESULTS / f"{args.restore}_last.json", runs, lambda r: make_recipe(r)[1],
+                               identity)
+        except ValueError as e:
+            console.print(f"error: {e}", highlight=False)
+            sys.exit(2)
+        console.print(f"restored {len(restored.runs)} runs from {args.restore}; {restored.check} is trained again "
+                      "as the check", highlight=False)
     pending = [r for r in runs if load_run(store, r, make_recipe(r)[1]) is None] if args.jobs > 1 else []
     pending.sort(key=lambda r: r.seed)  # seed by seed: a benchmark cut short still holds whole seed pairs
     if pending:  # trained in child processes into the store; the loop below reads them back
@@ -605,15 +602,21 @@ def main() -> None:
         rows.append(row)
         full = run.steps == plan.budget[run.track] or run.method in SELECTORS
         hits[(run.track, run.method, run.seed, "full" if full else "half")] = run_hits_
-    stamp = {"date": dt.date.today().isoformat(), "machine": cpu_model(), "threads": torch.get_num_threads(),
-             "torch": torch.__version__, "command": " ".join(["python", "benchmarks/quality.py", *sys.argv[1:]]),
-             "plan": json.dumps(plan.__dict__), "n": args.n, "captioned": args.captioned, **compute,
+        if run.name == restored.check:
+            try:
+                check_restored(store, restored, (row, run_hits_))
+            except ValueError as e:
+                console.print(f"error: {e}", highlight=False)
+                sys.exit(2)
+    stamp = {"date": dt.date.today().isoformat(), **identity, "threads": torch.get_num_threads(),
+             "command": " ".join(["python", "benchmarks/quality.py", *sys.argv[1:]]),
+             "plan": json.dumps(plan.__dict__), **compute,
              "prepare_s": round(prepare_s, 1), "cache_s": round(cache_s, 1),
              "benchmark_s": round(time.perf_counter() - started, 1),
              "train_s_sum": round(sum(r["run_s"] for r in rows), 1),
-             "teacher_held_out": json.dumps({k: round(v, 1) for k, v in paths["teacher_metrics"].items()
-                                             if isinstance(v, float)})}
-    print(record(stamp, rows, hits, plan, not args.no_record, args.record))
+             "restored_from": args.restore or "", "restored_runs": len(restored.runs),
+             "restore_check": restored.check or ""}
+    print(record(stamp, rows, hits, plan, not args.no_record, args.record, skip_csv=restored.runs))
     print(f"{len(rows)} runs in {time.perf_counter() - started:.0f} s after the teacher (cache {cache_s:.0f} s; "
           f"+ {prepare_s:.0f} s preparing data and teacher)")
 
