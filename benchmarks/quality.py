@@ -129,6 +129,7 @@ def held_out_splits(val: Path) -> dict[str, Path]:
 def prepare(work: Path, n: int, captioned: int, console: Any, preset: str = "base") -> dict[str, Path]:
     """Scenes for both data variants (same training images, same seeds), the held-out splits and the teacher
     (pretrain ``preset``; the benchmark's is ``base``, others are for smoke runs); all reused when present."""
+    from edgedistill.core.hashing import sha256_file
     from edgedistill.data.scenes import write_scenes
     from edgedistill.distill.pretrain import pretrain_config, pretrain_teacher
 
@@ -143,7 +144,8 @@ def prepare(work: Path, n: int, captioned: int, console: Any, preset: str = "bas
         pairs_only.write_text("\n".join(lines) + "\n")
     teacher = pretrain_teacher(full / "train.jsonl", held["teacher_val"], pretrain_config(preset), console=console)
     return {"full": full, "transfer": transfer, "pairs_only": pairs_only, **held,
-            "teacher_json": teacher.config_json, "teacher_pt": teacher.checkpoint, "teacher_metrics": teacher.metrics}
+            "teacher_json": teacher.config_json, "teacher_pt": teacher.checkpoint, "teacher_metrics": teacher.metrics,
+            "teacher_scores": work / "teacher-scores" / sha256_file(teacher.checkpoint)[:16]}
 
 
 def subset(manifest: Path, k: int) -> Path:
@@ -219,9 +221,9 @@ _TEACHER_SCORES: dict[Path, dict[str, Any]] = {}
 
 
 @torch.no_grad()
-def split_scores(model: Any, tokenizer: Any, preprocess: Any, manifest_path: Path, twins_path: Path | None,
-                 teacher: Any) -> dict[str, Any]:
-    """Retrieval and twin accuracy of ``model`` (and the teacher, scored once) on one scenes split."""
+def embed_and_score(encode_image: Any, encode_text: Any, prep: Any, manifest_path: Path,
+                    twins_path: Path | None) -> dict[str, Any]:
+    """Retrieval R@1, RSUM, per-query hits and (with ``twins_path``) twin accuracy of one model on one split."""
     from edgedistill.data.images import open_image
     from edgedistill.data.manifest import load_manifest
     from edgedistill.evaluation.metrics import retrieval_metrics, twin_accuracy
@@ -230,24 +232,54 @@ def split_scores(model: Any, tokenizer: Any, preprocess: Any, manifest_path: Pat
     manifest = load_manifest(manifest_path)
     captions = [c for e in manifest.entries for c in e.captions]
     t2i = torch.tensor([i for i, e in enumerate(manifest.entries) for _ in e.captions])
-    out = {"teacher": _TEACHER_SCORES[manifest_path]} if manifest_path in _TEACHER_SCORES else {}
-    for who, (encode_image, encode_text, prep) in {
-            "student": (lambda x: model.encode_image(x, normalize=True),
-                        lambda t: model.encode_text(tokenizer(t), normalize=True), preprocess),
-            "teacher": (teacher.embed_images, teacher.embed_texts, teacher.preprocess)}.items():
-        if who in out:
-            continue
-        images = torch.cat([encode_image(torch.stack([prep(open_image(e.image)) for e in manifest.entries[i:i + 256]]))
-                            for i in range(0, len(manifest), 256)]).float()
-        texts = torch.cat([encode_text(captions[i:i + 512]) for i in range(0, len(captions), 512)]).float()
-        m = retrieval_metrics(images, texts, t2i)
-        row = {"i2t_r1": m["i2t_r1"], "t2i_r1": m["t2i_r1"], "rsum": m["rsum"],
-               "hits": retrieval_hits(images, texts, t2i)}  # per query, for the paired comparison
-        if twins_path is not None:
-            row["twins"] = twin_accuracy(images, texts, json.loads(twins_path.read_text()), t2i)
-        out[who] = row
-    _TEACHER_SCORES[manifest_path] = out["teacher"]
-    return out
+    images = torch.cat([encode_image(torch.stack([prep(open_image(e.image)) for e in manifest.entries[i:i + 256]]))
+                        for i in range(0, len(manifest), 256)]).float()
+    texts = torch.cat([encode_text(captions[i:i + 512]) for i in range(0, len(captions), 512)]).float()
+    m = retrieval_metrics(images, texts, t2i)
+    row = {"i2t_r1": m["i2t_r1"], "t2i_r1": m["t2i_r1"], "rsum": m["rsum"],
+           "hits": retrieval_hits(images, texts, t2i)}  # per query, for the paired comparison
+    if twins_path is not None:
+        row["twins"] = twin_accuracy(images, texts, json.loads(twins_path.read_text()), t2i)
+    return row
+
+
+def teacher_scores(teacher: Any, manifest_path: Path, twins_path: Path | None, store: Path | None) -> dict[str, Any]:
+    """The teacher's scores on one split, computed once: kept in memory and, with ``store`` (a folder per teacher
+    checkpoint, ``paths["teacher_scores"]``), on disk, so that no --jobs child embeds the split with the teacher
+    again. Without per-query hits: only the students' hits are compared."""
+    if manifest_path in _TEACHER_SCORES:
+        return _TEACHER_SCORES[manifest_path]
+    from edgedistill.core.atomic import write_json
+    from edgedistill.core.hashing import sha256_file
+
+    saved = None if store is None else store / f"{manifest_path.stem}-{sha256_file(manifest_path)[:16]}.json"
+    if saved is not None and saved.is_file():
+        scores = json.loads(saved.read_text(encoding="utf-8"))
+    else:
+        scores = embed_and_score(teacher.embed_images, teacher.embed_texts, teacher.preprocess, manifest_path,
+                                 twins_path)
+        scores.pop("hits")
+        if saved is not None:
+            saved.parent.mkdir(parents=True, exist_ok=True)
+            write_json(saved, scores)  # by rename: a reader sees the whole file or none
+    _TEACHER_SCORES[manifest_path] = scores
+    return scores
+
+
+def split_scores(model: Any, tokenizer: Any, preprocess: Any, manifest_path: Path, twins_path: Path | None,
+                 teacher: Any, store: Path | None = None) -> dict[str, Any]:
+    """Retrieval and twin accuracy of ``model`` and of the teacher (``teacher_scores``) on one scenes split."""
+    student = embed_and_score(lambda x: model.encode_image(x, normalize=True),
+                              lambda t: model.encode_text(tokenizer(t), normalize=True), preprocess, manifest_path,
+                              twins_path)
+    return {"student": student, "teacher": teacher_scores(teacher, manifest_path, twins_path, store)}
+
+
+def scored_splits(paths: dict[str, Path]) -> dict[str, tuple[Path, Path | None]]:
+    """The splits every run is scored on once, at its end: {name: (manifest, twins or None)}."""
+    full = paths["full"]
+    return {"scoring": (paths["scoring"], None), "hard": (full / "hard.jsonl", full / "hard_twins.json"),
+            "ood": (full / "ood.jsonl", full / "ood_twins.json")}
 
 
 def evaluate_run(run: Path, paths: dict[str, Path], teacher: Any) -> dict[str, Any]:
@@ -256,10 +288,8 @@ def evaluate_run(run: Path, paths: dict[str, Path], teacher: Any) -> dict[str, A
     model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{run / 'student'}")
     model.eval()
     tokenizer = open_clip.get_tokenizer(f"local-dir:{run / 'student'}")
-    full = paths["full"]
-    return {"scoring": split_scores(model, tokenizer, preprocess, paths["scoring"], None, teacher),
-            "hard": split_scores(model, tokenizer, preprocess, full / "hard.jsonl", full / "hard_twins.json", teacher),
-            "ood": split_scores(model, tokenizer, preprocess, full / "ood.jsonl", full / "ood_twins.json", teacher)}
+    return {name: split_scores(model, tokenizer, preprocess, manifest, twins, teacher, paths.get("teacher_scores"))
+            for name, (manifest, twins) in scored_splits(paths).items()}
 
 
 def score_row(scores: dict[str, Any]) -> dict[str, Any]:
@@ -592,6 +622,8 @@ def main() -> None:
     pending = [r for r in runs if load_run(store, r, make_recipe(r)[1]) is None] if args.jobs > 1 else []
     pending.sort(key=lambda r: r.seed)  # seed by seed: a benchmark cut short still holds whole seed pairs
     if pending:  # trained in child processes into the store; the loop below reads them back
+        for manifest, twins in scored_splits(paths).values():  # once, here, for every child to read
+            teacher_scores(teacher, manifest, twins, paths["teacher_scores"])
         failed = run_parallel(pending, args.jobs, sys.argv[1:], args.work / "quality-logs", console)
         if failed:
             sys.exit(f"error: {len(failed)} runs failed: {', '.join(failed)} (logs in {args.work / 'quality-logs'})")

@@ -121,3 +121,44 @@ def test_restore_names_a_recorded_benchmark(monkeypatch, capsys, bad):
     with pytest.raises(SystemExit) as e:
         q.parse()
     assert e.value.code == 2 and "--restore names a recorded benchmark" in capsys.readouterr().err
+
+
+class CountingTeacher:
+    """A stand-in teacher: deterministic embeddings from the pixels and the caption text, calls counted."""
+
+    def __init__(self):
+        self.image_calls = 0
+
+    @staticmethod
+    def preprocess(image):
+        import torch
+        return torch.tensor(np.asarray(image.resize((8, 8)), dtype=np.float32)).flatten() / 255
+
+    def embed_images(self, x):
+        import torch
+        self.image_calls += 1
+        return torch.nn.functional.normalize(x[:, :16], dim=-1)
+
+    def embed_texts(self, texts):
+        import torch
+        rows = [np.random.default_rng(sum(map(ord, t.split(" number ")[1][:-3]))).random(16) for t in texts]
+        return torch.nn.functional.normalize(torch.tensor(np.stack(rows), dtype=torch.float32), dim=-1)
+
+
+def test_the_teachers_scores_are_computed_once_and_read_by_every_process(tmp_path, monkeypatch):
+    """--jobs children read the teacher's scores of a split from disk instead of embedding it again; a split
+    whose content changed (same file name) is scored again."""
+    from tests.conftest import write_images, write_manifest
+
+    manifest = write_manifest(tmp_path / "split" / "scoring.jsonl", write_images(tmp_path / "split" / "img", 12))
+    store = tmp_path / "teacher-scores"
+    teacher = CountingTeacher()
+    first = q.teacher_scores(teacher, manifest, None, store)
+    assert teacher.image_calls == 1 and "hits" not in first and first["rsum"] > 0
+    monkeypatch.setattr(q, "_TEACHER_SCORES", {})  # another process
+    again = q.teacher_scores(teacher, manifest, None, store)
+    assert teacher.image_calls == 1 and again == first
+    write_manifest(manifest, write_images(tmp_path / "split" / "img2", 12, seed=5))  # other scenes, same name
+    monkeypatch.setattr(q, "_TEACHER_SCORES", {})
+    q.teacher_scores(teacher, manifest, None, store)
+    assert teacher.image_calls == 2 and len(list(store.glob("scoring-*.json"))) == 2
