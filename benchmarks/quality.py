@@ -45,7 +45,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -94,13 +94,14 @@ class Plan:
     pull_steps: int                    # K of the selectors
     subset: int                        # 1: all training images; k: every k-th (the captioned share stays)
     converge: tuple[str, ...] = DECIDING  # methods whose convergence is checked
+    held_out_every: int = 1            # selection and scoring: every k-th scene (the quick plan's smoke runs only)
 
 
 PLANS = {"full": Plan(budget={"transfer": 2400, "compression": 2400}, seeds=(0, 1, 2, 3, 4), side_seeds=(0, 1, 2),
                       half_seeds=(0, 1, 2), looks=6, selector_budget=0.25, pull_steps=10, subset=1),
          "quick": Plan(budget={"transfer": 160, "compression": 160}, seeds=(0, 1), side_seeds=(0, 1),
                        half_seeds=(0, 1), looks=4, selector_budget=0.5, pull_steps=10, subset=5,
-                       converge=("supervised", DEFAULT_METHOD))}
+                       converge=("supervised", DEFAULT_METHOD), held_out_every=5)}
 
 
 # The three held-out iid splits, in that order of val.jsonl. Selection is as large as scoring: at 1,000 scenes the
@@ -111,7 +112,8 @@ TEACHER_VAL, SELECTION, SCORING = 1000, 5000, 5000
 def held_out_splits(val: Path) -> dict[str, Path]:
     """Cut the scenes' val.jsonl into three disjoint manifests beside it: ``teacher_val`` (what the teacher's
     pretraining is evaluated on, the only split its preset was tuned against), ``selection`` (checkpoints and
-    every setting a cell chooses) and ``scoring`` (read once, at the end of a cell). Rewritten only when absent."""
+    every setting a cell chooses) and ``scoring`` (read once, at the end of a cell); rewritten when they differ from
+    what val.jsonl gives (new scenes, other split sizes)."""
     lines = val.read_text(encoding="utf-8").splitlines()
     if len(lines) < TEACHER_VAL + SELECTION + SCORING:
         sys.exit(f"error: {val} has {len(lines)} scenes; the held-out splits need "
@@ -120,10 +122,18 @@ def held_out_splits(val: Path) -> dict[str, Path]:
               "scoring": (TEACHER_VAL + SELECTION, TEACHER_VAL + SELECTION + SCORING)}
     out = {}
     for name, (a, b) in bounds.items():
-        out[name] = val.with_name(f"{name}.jsonl")
-        if not out[name].exists():
-            out[name].write_text("\n".join(lines[a:b]) + "\n", encoding="utf-8")
+        out[name] = write_if_changed(val.with_name(f"{name}.jsonl"), "\n".join(lines[a:b]) + "\n")
     return out
+
+
+def write_if_changed(path: Path, text: str) -> Path:
+    """Write ``text`` to ``path`` (by rename: a killed run leaves no half-written manifest) unless it holds it
+    already: a derived manifest follows its source when that changes, and keeps its file when it does not."""
+    from edgedistill.core.atomic import write_text
+
+    if not path.is_file() or path.read_text(encoding="utf-8") != text:
+        write_text(path, text)
+    return path
 
 
 def prepare(work: Path, n: int, captioned: int, console: Any, preset: str = "base") -> dict[str, Path]:
@@ -139,24 +149,26 @@ def prepare(work: Path, n: int, captioned: int, console: Any, preset: str = "bas
     write_scenes(transfer, n, seed=0, size=64, n_val=0, n_hard=0, n_ood=0, captioned=captioned, progress=console)
     held = held_out_splits(full / "val.jsonl")
     pairs_only = transfer / "train_captioned.jsonl"
-    if not pairs_only.exists():  # the supervised baseline's transfer data: only the captioned pairs
-        lines = [ln for ln in (transfer / "train.jsonl").read_text().splitlines() if '"captions": []' not in ln]
-        pairs_only.write_text("\n".join(lines) + "\n")
+    lines = [ln for ln in (transfer / "train.jsonl").read_text().splitlines() if '"captions": []' not in ln]
+    write_if_changed(pairs_only, "\n".join(lines) + "\n")  # the supervised baseline's data: the captioned pairs
     teacher = pretrain_teacher(full / "train.jsonl", held["teacher_val"], pretrain_config(preset), console=console)
     return {"full": full, "transfer": transfer, "pairs_only": pairs_only, **held,
             "teacher_json": teacher.config_json, "teacher_pt": teacher.checkpoint, "teacher_metrics": teacher.metrics,
             "teacher_scores": work / "teacher-scores" / sha256_file(teacher.checkpoint)[:16]}
 
 
+def held_out_of(plan: Plan, paths: dict[str, Any]) -> dict[str, Any]:
+    """``paths`` with the plan's selection and scoring splits (every ``plan.held_out_every``-th scene)."""
+    k = plan.held_out_every
+    return {**paths, "selection": subset(paths["selection"], k), "scoring": subset(paths["scoring"], k)}
+
+
 def subset(manifest: Path, k: int) -> Path:
     """Every k-th line of ``manifest`` in a sibling file (relative image paths stay valid); k = 1: itself."""
     if k == 1:
         return manifest
-    out = manifest.with_name(f"{manifest.stem}_every{k}.jsonl")
-    if not out.exists():
-        lines = manifest.read_text().splitlines()[::k]
-        out.write_text("\n".join(lines) + "\n")
-    return out
+    return write_if_changed(manifest.with_name(f"{manifest.stem}_every{k}.jsonl"),
+                            "\n".join(manifest.read_text(encoding="utf-8").splitlines()[::k]) + "\n")
 
 
 @dataclass(frozen=True)
@@ -507,10 +519,10 @@ def plan_of(args: argparse.Namespace) -> Plan:
         parts = [b.split("=") for b in args.budget.split(",")]
         budget = {t: int(parts[0][0]) for t in budget} if len(parts[0]) == 1 else \
             {**budget, **{t: int(n) for t, n in parts}}
-    return Plan(budget=budget, seeds=_seeds(args.seeds, plan.seeds), side_seeds=_seeds(args.side_seeds,
-                plan.side_seeds), half_seeds=_seeds(args.half_seeds, plan.half_seeds), looks=plan.looks,
-                selector_budget=plan.selector_budget, pull_steps=plan.pull_steps, subset=args.subset or plan.subset,
-                converge=tuple(args.converge.split(",")) if args.converge else plan.converge)
+    return replace(plan, budget=budget, seeds=_seeds(args.seeds, plan.seeds),
+                   side_seeds=_seeds(args.side_seeds, plan.side_seeds),
+                   half_seeds=_seeds(args.half_seeds, plan.half_seeds), subset=args.subset or plan.subset,
+                   converge=tuple(args.converge.split(",")) if args.converge else plan.converge)
 
 
 def convergence(rows: list[dict[str, Any]], plan: Plan) -> list[dict[str, Any]]:
@@ -585,7 +597,7 @@ def main() -> None:
     console = Console(stderr=True)
     torch.manual_seed(0)
     t0 = time.perf_counter()
-    paths = prepare(args.work, args.n, args.captioned, console, args.preset)
+    paths = held_out_of(plan, prepare(args.work, args.n, args.captioned, console, args.preset))
     prepare_s = time.perf_counter() - t0
     started = time.perf_counter()
 

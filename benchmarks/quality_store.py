@@ -22,7 +22,8 @@ from benchmarks.quality_table import at_half, hits_folder, hits_path, load_hits
 
 # The stamp fields a record must share with this benchmark for its runs to be restored.
 IDENTITY = ("machine", "torch", "n", "captioned", "teacher_held_out")
-PLAN_IDENTITY = ("looks", "subset", "pull_steps", "selector_budget")
+# Plan fields that change a run, with the value a record made before the field existed had.
+PLAN_IDENTITY = {"looks": None, "subset": None, "pull_steps": None, "selector_budget": None, "held_out_every": 1}
 # Row fields that are timings or thread counts, not results: they may differ between a run and its rerun.
 NOT_RESULTS = ("train_s", "run_s", "threads")
 
@@ -69,9 +70,9 @@ def identity_mismatch(stamp: dict[str, Any], identity: dict[str, Any]) -> str | 
         plan = json.loads(stamp.get("plan", ""))
     except (TypeError, json.JSONDecodeError):
         return "it records no plan"
-    for key in PLAN_IDENTITY:
-        if plan.get(key) != identity["plan"].get(key):
-            return f"its plan's {key} is {plan.get(key)!r}, here {identity['plan'].get(key)!r}"
+    for key, before in PLAN_IDENTITY.items():
+        if plan.get(key, before) != identity["plan"].get(key):
+            return f"its plan's {key} is {plan.get(key, before)!r}, here {identity['plan'].get(key)!r}"
     return None
 
 

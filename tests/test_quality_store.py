@@ -91,6 +91,19 @@ def test_a_record_made_under_other_conditions_is_not_restored(recorded, tmp_path
     assert not (tmp_path / "store").exists()
 
 
+def test_a_record_from_before_held_out_every_was_a_plan_field_had_it_at_1(recorded, tmp_path):
+    results_json, _, _ = recorded
+    data = json.loads(results_json.read_text())
+    plan = json.loads(data["stamp"]["plan"])
+    del plan["held_out_every"]
+    data["stamp"]["plan"] = json.dumps(plan)
+    results_json.write_text(json.dumps(data))
+    assert len(qs.restore(tmp_path / "store", results_json, runs(), overrides, IDENTITY).runs) == 7
+    quick = {**IDENTITY, "plan": {**PLAN.__dict__, "held_out_every": 5}}
+    with pytest.raises(ValueError, match="held_out_every is 1, here 5"):
+        qs.restore(tmp_path / "store2", results_json, runs(), overrides, quick)
+
+
 def test_the_check_keeps_or_removes_the_restored_runs(recorded, tmp_path):
     results_json, _, _ = recorded
     store = tmp_path / "store"
