@@ -21,7 +21,9 @@ Every cell of a track sees the same number of images (steps x 64), evaluates the
 of times, and is paired by seed (same initialisation and data order). Convergence: a separate run at half the
 budget (its own full schedule) for the deciding methods; the table compares every method with the default by a
 paired bootstrap over seeds and scoring queries (benchmarks/quality_table.py). Each finished run is saved under
-<work>/quality-cells/, so an interrupted benchmark resumes where it stopped, even days later. ``--jobs J`` trains J
+<work>/quality-cells/, so an interrupted benchmark resumes where it stopped, even days later; ``--restore NAME``
+fills an empty store from a recorded benchmark (benchmarks/quality_store.py), so that a new machine adds seeds or
+cells to it instead of training every run again. ``--jobs J`` trains J
 runs at a time, each in its own process with cpu_count / J threads (on 2 cores the scenes students train as fast
 on one thread as on two, so 2 jobs double the throughput: benchmarks/README.md).
 
@@ -43,9 +45,9 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 import torch
@@ -56,6 +58,7 @@ from benchmarks.common import RESULTS, cpu_model, report  # noqa: E402
 from benchmarks.quality_table import at_half, best_everywhere, cells_of, judge, mark_convergence  # noqa: E402
 from benchmarks.quality_table import markdown, with_half_budget  # noqa: E402
 from benchmarks.quality_table import gather_hits, run_hits, save_all_hits  # noqa: E402
+from benchmarks.quality_store import Restored, check_restored, load_run, restore, save_run  # noqa: E402
 
 TRANSFER_STUDENT = ("mobilenetv3_small_100", 64)
 COMPRESSION_STUDENT = ("mobilenetv3_small_050", 32)
@@ -91,13 +94,14 @@ class Plan:
     pull_steps: int                    # K of the selectors
     subset: int                        # 1: all training images; k: every k-th (the captioned share stays)
     converge: tuple[str, ...] = DECIDING  # methods whose convergence is checked
+    held_out_every: int = 1            # selection and scoring: every k-th scene (the quick plan's smoke runs only)
 
 
 PLANS = {"full": Plan(budget={"transfer": 2400, "compression": 2400}, seeds=(0, 1, 2, 3, 4), side_seeds=(0, 1, 2),
                       half_seeds=(0, 1, 2), looks=6, selector_budget=0.25, pull_steps=10, subset=1),
          "quick": Plan(budget={"transfer": 160, "compression": 160}, seeds=(0, 1), side_seeds=(0, 1),
                        half_seeds=(0, 1), looks=4, selector_budget=0.5, pull_steps=10, subset=5,
-                       converge=("supervised", DEFAULT_METHOD))}
+                       converge=("supervised", DEFAULT_METHOD), held_out_every=5)}
 
 
 # The three held-out iid splits, in that order of val.jsonl. Selection is as large as scoring: at 1,000 scenes the
@@ -108,7 +112,8 @@ TEACHER_VAL, SELECTION, SCORING = 1000, 5000, 5000
 def held_out_splits(val: Path) -> dict[str, Path]:
     """Cut the scenes' val.jsonl into three disjoint manifests beside it: ``teacher_val`` (what the teacher's
     pretraining is evaluated on, the only split its preset was tuned against), ``selection`` (checkpoints and
-    every setting a cell chooses) and ``scoring`` (read once, at the end of a cell). Rewritten only when absent."""
+    every setting a cell chooses) and ``scoring`` (read once, at the end of a cell); rewritten when they differ from
+    what val.jsonl gives (new scenes, other split sizes)."""
     lines = val.read_text(encoding="utf-8").splitlines()
     if len(lines) < TEACHER_VAL + SELECTION + SCORING:
         sys.exit(f"error: {val} has {len(lines)} scenes; the held-out splits need "
@@ -117,15 +122,24 @@ def held_out_splits(val: Path) -> dict[str, Path]:
               "scoring": (TEACHER_VAL + SELECTION, TEACHER_VAL + SELECTION + SCORING)}
     out = {}
     for name, (a, b) in bounds.items():
-        out[name] = val.with_name(f"{name}.jsonl")
-        if not out[name].exists():
-            out[name].write_text("\n".join(lines[a:b]) + "\n", encoding="utf-8")
+        out[name] = write_if_changed(val.with_name(f"{name}.jsonl"), "\n".join(lines[a:b]) + "\n")
     return out
+
+
+def write_if_changed(path: Path, text: str) -> Path:
+    """Write ``text`` to ``path`` (by rename: a killed run leaves no half-written manifest) unless it holds it
+    already: a derived manifest follows its source when that changes, and keeps its file when it does not."""
+    from edgedistill.core.atomic import write_text
+
+    if not path.is_file() or path.read_text(encoding="utf-8") != text:
+        write_text(path, text)
+    return path
 
 
 def prepare(work: Path, n: int, captioned: int, console: Any, preset: str = "base") -> dict[str, Path]:
     """Scenes for both data variants (same training images, same seeds), the held-out splits and the teacher
     (pretrain ``preset``; the benchmark's is ``base``, others are for smoke runs); all reused when present."""
+    from edgedistill.core.hashing import sha256_file
     from edgedistill.data.scenes import write_scenes
     from edgedistill.distill.pretrain import pretrain_config, pretrain_teacher
 
@@ -135,23 +149,26 @@ def prepare(work: Path, n: int, captioned: int, console: Any, preset: str = "bas
     write_scenes(transfer, n, seed=0, size=64, n_val=0, n_hard=0, n_ood=0, captioned=captioned, progress=console)
     held = held_out_splits(full / "val.jsonl")
     pairs_only = transfer / "train_captioned.jsonl"
-    if not pairs_only.exists():  # the supervised baseline's transfer data: only the captioned pairs
-        lines = [ln for ln in (transfer / "train.jsonl").read_text().splitlines() if '"captions": []' not in ln]
-        pairs_only.write_text("\n".join(lines) + "\n")
+    lines = [ln for ln in (transfer / "train.jsonl").read_text().splitlines() if '"captions": []' not in ln]
+    write_if_changed(pairs_only, "\n".join(lines) + "\n")  # the supervised baseline's data: the captioned pairs
     teacher = pretrain_teacher(full / "train.jsonl", held["teacher_val"], pretrain_config(preset), console=console)
     return {"full": full, "transfer": transfer, "pairs_only": pairs_only, **held,
-            "teacher_json": teacher.config_json, "teacher_pt": teacher.checkpoint, "teacher_metrics": teacher.metrics}
+            "teacher_json": teacher.config_json, "teacher_pt": teacher.checkpoint, "teacher_metrics": teacher.metrics,
+            "teacher_scores": work / "teacher-scores" / sha256_file(teacher.checkpoint)[:16]}
+
+
+def held_out_of(plan: Plan, paths: dict[str, Any]) -> dict[str, Any]:
+    """``paths`` with the plan's selection and scoring splits (every ``plan.held_out_every``-th scene)."""
+    k = plan.held_out_every
+    return {**paths, "selection": subset(paths["selection"], k), "scoring": subset(paths["scoring"], k)}
 
 
 def subset(manifest: Path, k: int) -> Path:
     """Every k-th line of ``manifest`` in a sibling file (relative image paths stay valid); k = 1: itself."""
     if k == 1:
         return manifest
-    out = manifest.with_name(f"{manifest.stem}_every{k}.jsonl")
-    if not out.exists():
-        lines = manifest.read_text().splitlines()[::k]
-        out.write_text("\n".join(lines) + "\n")
-    return out
+    return write_if_changed(manifest.with_name(f"{manifest.stem}_every{k}.jsonl"),
+                            "\n".join(manifest.read_text(encoding="utf-8").splitlines()[::k]) + "\n")
 
 
 @dataclass(frozen=True)
@@ -216,9 +233,9 @@ _TEACHER_SCORES: dict[Path, dict[str, Any]] = {}
 
 
 @torch.no_grad()
-def split_scores(model: Any, tokenizer: Any, preprocess: Any, manifest_path: Path, twins_path: Path | None,
-                 teacher: Any) -> dict[str, Any]:
-    """Retrieval and twin accuracy of ``model`` (and the teacher, scored once) on one scenes split."""
+def embed_and_score(encode_image: Any, encode_text: Any, prep: Any, manifest_path: Path,
+                    twins_path: Path | None) -> dict[str, Any]:
+    """Retrieval R@1, RSUM, per-query hits and (with ``twins_path``) twin accuracy of one model on one split."""
     from edgedistill.data.images import open_image
     from edgedistill.data.manifest import load_manifest
     from edgedistill.evaluation.metrics import retrieval_metrics, twin_accuracy
@@ -227,24 +244,54 @@ def split_scores(model: Any, tokenizer: Any, preprocess: Any, manifest_path: Pat
     manifest = load_manifest(manifest_path)
     captions = [c for e in manifest.entries for c in e.captions]
     t2i = torch.tensor([i for i, e in enumerate(manifest.entries) for _ in e.captions])
-    out = {"teacher": _TEACHER_SCORES[manifest_path]} if manifest_path in _TEACHER_SCORES else {}
-    for who, (encode_image, encode_text, prep) in {
-            "student": (lambda x: model.encode_image(x, normalize=True),
-                        lambda t: model.encode_text(tokenizer(t), normalize=True), preprocess),
-            "teacher": (teacher.embed_images, teacher.embed_texts, teacher.preprocess)}.items():
-        if who in out:
-            continue
-        images = torch.cat([encode_image(torch.stack([prep(open_image(e.image)) for e in manifest.entries[i:i + 256]]))
-                            for i in range(0, len(manifest), 256)]).float()
-        texts = torch.cat([encode_text(captions[i:i + 512]) for i in range(0, len(captions), 512)]).float()
-        m = retrieval_metrics(images, texts, t2i)
-        row = {"i2t_r1": m["i2t_r1"], "t2i_r1": m["t2i_r1"], "rsum": m["rsum"],
-               "hits": retrieval_hits(images, texts, t2i)}  # per query, for the paired comparison
-        if twins_path is not None:
-            row["twins"] = twin_accuracy(images, texts, json.loads(twins_path.read_text()), t2i)
-        out[who] = row
-    _TEACHER_SCORES[manifest_path] = out["teacher"]
-    return out
+    images = torch.cat([encode_image(torch.stack([prep(open_image(e.image)) for e in manifest.entries[i:i + 256]]))
+                        for i in range(0, len(manifest), 256)]).float()
+    texts = torch.cat([encode_text(captions[i:i + 512]) for i in range(0, len(captions), 512)]).float()
+    m = retrieval_metrics(images, texts, t2i)
+    row = {"i2t_r1": m["i2t_r1"], "t2i_r1": m["t2i_r1"], "rsum": m["rsum"],
+           "hits": retrieval_hits(images, texts, t2i)}  # per query, for the paired comparison
+    if twins_path is not None:
+        row["twins"] = twin_accuracy(images, texts, json.loads(twins_path.read_text()), t2i)
+    return row
+
+
+def teacher_scores(teacher: Any, manifest_path: Path, twins_path: Path | None, store: Path | None) -> dict[str, Any]:
+    """The teacher's scores on one split, computed once: kept in memory and, with ``store`` (a folder per teacher
+    checkpoint, ``paths["teacher_scores"]``), on disk, so that no --jobs child embeds the split with the teacher
+    again. Without per-query hits: only the students' hits are compared."""
+    if manifest_path in _TEACHER_SCORES:
+        return _TEACHER_SCORES[manifest_path]
+    from edgedistill.core.atomic import write_json
+    from edgedistill.core.hashing import sha256_file
+
+    saved = None if store is None else store / f"{manifest_path.stem}-{sha256_file(manifest_path)[:16]}.json"
+    if saved is not None and saved.is_file():
+        scores = json.loads(saved.read_text(encoding="utf-8"))
+    else:
+        scores = embed_and_score(teacher.embed_images, teacher.embed_texts, teacher.preprocess, manifest_path,
+                                 twins_path)
+        scores.pop("hits")
+        if saved is not None:
+            saved.parent.mkdir(parents=True, exist_ok=True)
+            write_json(saved, scores)  # by rename: a reader sees the whole file or none
+    _TEACHER_SCORES[manifest_path] = scores
+    return scores
+
+
+def split_scores(model: Any, tokenizer: Any, preprocess: Any, manifest_path: Path, twins_path: Path | None,
+                 teacher: Any, store: Path | None = None) -> dict[str, Any]:
+    """Retrieval and twin accuracy of ``model`` and of the teacher (``teacher_scores``) on one scenes split."""
+    student = embed_and_score(lambda x: model.encode_image(x, normalize=True),
+                              lambda t: model.encode_text(tokenizer(t), normalize=True), preprocess, manifest_path,
+                              twins_path)
+    return {"student": student, "teacher": teacher_scores(teacher, manifest_path, twins_path, store)}
+
+
+def scored_splits(paths: dict[str, Path]) -> dict[str, tuple[Path, Path | None]]:
+    """The splits every run is scored on once, at its end: {name: (manifest, twins or None)}."""
+    full = paths["full"]
+    return {"scoring": (paths["scoring"], None), "hard": (full / "hard.jsonl", full / "hard_twins.json"),
+            "ood": (full / "ood.jsonl", full / "ood_twins.json")}
 
 
 def evaluate_run(run: Path, paths: dict[str, Path], teacher: Any) -> dict[str, Any]:
@@ -253,10 +300,8 @@ def evaluate_run(run: Path, paths: dict[str, Path], teacher: Any) -> dict[str, A
     model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{run / 'student'}")
     model.eval()
     tokenizer = open_clip.get_tokenizer(f"local-dir:{run / 'student'}")
-    full = paths["full"]
-    return {"scoring": split_scores(model, tokenizer, preprocess, paths["scoring"], None, teacher),
-            "hard": split_scores(model, tokenizer, preprocess, full / "hard.jsonl", full / "hard_twins.json", teacher),
-            "ood": split_scores(model, tokenizer, preprocess, full / "ood.jsonl", full / "ood_twins.json", teacher)}
+    return {name: split_scores(model, tokenizer, preprocess, manifest, twins, teacher, paths.get("teacher_scores"))
+            for name, (manifest, twins) in scored_splits(paths).items()}
 
 
 def score_row(scores: dict[str, Any]) -> dict[str, Any]:
@@ -419,38 +464,6 @@ def run_parallel(runs: list[Run], jobs: int, argv: list[str], logs: Path, consol
     return failed
 
 
-def save_run(store: Path, run: Run, overrides: list[str], row: dict[str, Any], hits: dict[str, Any]) -> None:
-    """``<store>/<run>.npz`` (per-query hits) then ``<run>.json`` (the row and the overrides it ran with): the
-    JSON is written last, by rename, so a run with a JSON is whole."""
-    from edgedistill.core.atomic import atomic_path, write_json
-
-    store.mkdir(parents=True, exist_ok=True)
-    arrays = {f"{split}__{k}": np.asarray(v[k]) for split, v in hits.items() for k in ("i2t", "t2i", "ks")}
-    arrays.update({f"{split}__teacher_rsum": np.array(float(v["teacher_rsum"])) for split, v in hits.items()})
-    with atomic_path(store / f"{run.name}.npz") as tmp:
-        with open(tmp, "wb") as f:
-            np.savez_compressed(f, **arrays)
-    write_json(store / f"{run.name}.json", {"overrides": overrides, "row": row})
-
-
-def load_run(store: Path, run: Run, overrides: list[str]) -> tuple[dict[str, Any], dict[str, Any]] | None:
-    """A saved run made with exactly ``overrides`` (else None: not run, or run with other settings)."""
-    try:
-        saved = json.loads((store / f"{run.name}.json").read_text(encoding="utf-8"))
-        if saved.get("overrides") != overrides:
-            return None
-        with np.load(store / f"{run.name}.npz", allow_pickle=False) as z:
-            hits: dict[str, Any] = {}
-            for name in z.files:
-                split, key = name.split("__")
-                hits.setdefault(split, {})[key] = float(z[name]) if key == "teacher_rsum" else z[name]
-        for v in hits.values():
-            v["ks"] = tuple(int(k) for k in v["ks"])
-        return saved["row"], hits
-    except (OSError, ValueError, KeyError, json.JSONDecodeError):
-        return None
-
-
 def parse() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--work", type=Path, default=REPO / "data", help="scenes, caches, runs and finished cells go "
@@ -472,6 +485,9 @@ def parse() -> argparse.Namespace:
                                                         "cpu_count / jobs threads")
     ap.add_argument("--only", help=argparse.SUPPRESS)  # a --jobs child: train this one run into the store, no table
     ap.add_argument("--no-record", action="store_true")
+    ap.add_argument("--restore", metavar="NAME", help="first put the runs that results/NAME_last.json records into "
+                    "the store, where it was made on this CPU model with this teacher and plan; one of them is "
+                    "trained again and must match its record (benchmarks/quality_store.py)")
     ap.add_argument("--record", default=RECORD, help="results/NAME.csv, NAME_last.json / .md / _hits/ (another name "
                                                      "keeps an earlier run's table, e.g. one per track)")
     args = ap.parse_args()
@@ -479,7 +495,17 @@ def parse() -> argparse.Namespace:
         ap.error(f"--jobs must be at least 1, not {args.jobs}")
     if not re.fullmatch(r"[A-Za-z0-9_-]+", args.record):
         ap.error(f"--record is a file name stem (letters, digits, _ and -), not {args.record!r}")
+    if args.restore is not None and not (re.fullmatch(r"[A-Za-z0-9_-]+", args.restore)
+                                         and (RESULTS / f"{args.restore}_last.json").is_file()):
+        ap.error(f"--restore names a recorded benchmark (results/NAME_last.json): {args.restore!r} is none")
     return args
+
+
+def identity_of(args: argparse.Namespace, plan: Plan, paths: dict[str, Any]) -> dict[str, Any]:
+    """What makes two benchmarks' runs the same runs (quality_store.IDENTITY), as the stamp records it."""
+    return {"machine": cpu_model(), "torch": torch.__version__, "n": args.n, "captioned": args.captioned,
+            "teacher_held_out": json.dumps({k: round(v, 1) for k, v in paths["teacher_metrics"].items()
+                                            if isinstance(v, float)}), "plan": plan.__dict__}
 
 
 def _seeds(text: str | None, default: tuple[int, ...]) -> tuple[int, ...]:
@@ -493,10 +519,10 @@ def plan_of(args: argparse.Namespace) -> Plan:
         parts = [b.split("=") for b in args.budget.split(",")]
         budget = {t: int(parts[0][0]) for t in budget} if len(parts[0]) == 1 else \
             {**budget, **{t: int(n) for t, n in parts}}
-    return Plan(budget=budget, seeds=_seeds(args.seeds, plan.seeds), side_seeds=_seeds(args.side_seeds,
-                plan.side_seeds), half_seeds=_seeds(args.half_seeds, plan.half_seeds), looks=plan.looks,
-                selector_budget=plan.selector_budget, pull_steps=plan.pull_steps, subset=args.subset or plan.subset,
-                converge=tuple(args.converge.split(",")) if args.converge else plan.converge)
+    return replace(plan, budget=budget, seeds=_seeds(args.seeds, plan.seeds),
+                   side_seeds=_seeds(args.side_seeds, plan.side_seeds),
+                   half_seeds=_seeds(args.half_seeds, plan.half_seeds), subset=args.subset or plan.subset,
+                   converge=tuple(args.converge.split(",")) if args.converge else plan.converge)
 
 
 def convergence(rows: list[dict[str, Any]], plan: Plan) -> list[dict[str, Any]]:
@@ -534,8 +560,8 @@ def convergence_markdown(checks: list[dict[str, Any]]) -> str:
 
 
 def record(stamp: dict[str, Any], rows: list[dict[str, Any]], hits: dict[tuple[str, str, int, str], Any],
-           plan: Plan, record_it: bool, name: str = RECORD) -> str:
-    """Every run to results/<name>.csv; the table of the full-budget runs (each method against the default,
+           plan: Plan, record_it: bool, name: str = RECORD, skip_csv: Iterable[str] = ()) -> str:
+    """Every run to results/<name>.csv (but those named in ``skip_csv``: restored from it); the table of the full-budget runs (each method against the default,
     paired), the convergence checks and the verdicts to <name>_last.json / .md, the hits to <name>_last_hits/."""
     full = [r for r in rows if r["steps"] == plan.budget[r["track"]] or r["method"] in SELECTORS]
     half = [r for r in rows if r not in full]
@@ -546,8 +572,10 @@ def record(stamp: dict[str, Any], rows: list[dict[str, Any]], hits: dict[tuple[s
     labels = {**LABELS, **{at_half(k): f"{v}, B/2" for k, v in LABELS.items()}}
     text = markdown(table, labels) + "\nConvergence (selection split):\n\n" + convergence_markdown(checks)
     winners = best_everywhere(table, candidates=[m for m in DECIDING if m != "supervised"])
+    skip = set(skip_csv)
     for row in rows:
-        report({**stamp, **row}, name, record=record_it)
+        if Run(row["track"], row["method"], row["seed"], row["steps"]).name not in skip:
+            report({**stamp, **row}, name, record=record_it)
     if record_it:
         save_all_hits(RESULTS / f"{name}_last.json", table)  # <name>_last_hits/, one .npz per cell
         (RESULTS / f"{name}_last.json").write_text(json.dumps(
@@ -569,7 +597,7 @@ def main() -> None:
     console = Console(stderr=True)
     torch.manual_seed(0)
     t0 = time.perf_counter()
-    paths = prepare(args.work, args.n, args.captioned, console, args.preset)
+    paths = held_out_of(plan, prepare(args.work, args.n, args.captioned, console, args.preset))
     prepare_s = time.perf_counter() - t0
     started = time.perf_counter()
 
@@ -592,9 +620,22 @@ def main() -> None:
     if args.only:
         run_one(runs[0], make_recipe, paths, teacher, console, store)
         return
+    identity = identity_of(args, plan, paths)
+    restored = Restored(runs=[])
+    if args.restore:
+        try:
+            restored = restore(store, RESULTS / f"{args.restore}_last.json", runs, lambda r: make_recipe(r)[1],
+                               identity)
+        except ValueError as e:
+            console.print(f"error: {e}", highlight=False)
+            sys.exit(2)
+        console.print(f"restored {len(restored.runs)} runs from {args.restore}; {restored.check} is trained again "
+                      "as the check", highlight=False)
     pending = [r for r in runs if load_run(store, r, make_recipe(r)[1]) is None] if args.jobs > 1 else []
     pending.sort(key=lambda r: r.seed)  # seed by seed: a benchmark cut short still holds whole seed pairs
     if pending:  # trained in child processes into the store; the loop below reads them back
+        for manifest, twins in scored_splits(paths).values():  # once, here, for every child to read
+            teacher_scores(teacher, manifest, twins, paths["teacher_scores"])
         failed = run_parallel(pending, args.jobs, sys.argv[1:], args.work / "quality-logs", console)
         if failed:
             sys.exit(f"error: {len(failed)} runs failed: {', '.join(failed)} (logs in {args.work / 'quality-logs'})")
@@ -605,15 +646,21 @@ def main() -> None:
         rows.append(row)
         full = run.steps == plan.budget[run.track] or run.method in SELECTORS
         hits[(run.track, run.method, run.seed, "full" if full else "half")] = run_hits_
-    stamp = {"date": dt.date.today().isoformat(), "machine": cpu_model(), "threads": torch.get_num_threads(),
-             "torch": torch.__version__, "command": " ".join(["python", "benchmarks/quality.py", *sys.argv[1:]]),
-             "plan": json.dumps(plan.__dict__), "n": args.n, "captioned": args.captioned, **compute,
+        if run.name == restored.check:
+            try:
+                check_restored(store, restored, (row, run_hits_))
+            except ValueError as e:
+                console.print(f"error: {e}", highlight=False)
+                sys.exit(2)
+    stamp = {"date": dt.date.today().isoformat(), **identity, "threads": torch.get_num_threads(),
+             "command": " ".join(["python", "benchmarks/quality.py", *sys.argv[1:]]),
+             "plan": json.dumps(plan.__dict__), **compute,
              "prepare_s": round(prepare_s, 1), "cache_s": round(cache_s, 1),
              "benchmark_s": round(time.perf_counter() - started, 1),
              "train_s_sum": round(sum(r["run_s"] for r in rows), 1),
-             "teacher_held_out": json.dumps({k: round(v, 1) for k, v in paths["teacher_metrics"].items()
-                                             if isinstance(v, float)})}
-    print(record(stamp, rows, hits, plan, not args.no_record, args.record))
+             "restored_from": args.restore or "", "restored_runs": len(restored.runs),
+             "restore_check": restored.check or ""}
+    print(record(stamp, rows, hits, plan, not args.no_record, args.record, skip_csv=restored.runs))
     print(f"{len(rows)} runs in {time.perf_counter() - started:.0f} s after the teacher (cache {cache_s:.0f} s; "
           f"+ {prepare_s:.0f} s preparing data and teacher)")
 

@@ -99,9 +99,10 @@ def test_held_out_splits_are_disjoint_cuts_of_val(tmp_path):
     parts = {k: v.read_text().splitlines() for k, v in held.items()}
     assert [len(parts[k]) for k in ("teacher_val", "selection", "scoring")] == [1000, 5000, 5000]
     assert not set(parts["scoring"]) & (set(parts["selection"]) | set(parts["teacher_val"]))
+    # new scenes in val.jsonl: the splits follow them (a split kept from other scenes would score the wrong ones)
+    (tmp_path / "val.jsonl").write_text("\n".join(reversed(lines)) + "\n")
+    assert q.held_out_splits(tmp_path / "val.jsonl")["scoring"].read_text().splitlines() == lines[::-1][6000:]
     (tmp_path / "val.jsonl").write_text("\n".join(lines[:10999]) + "\n")
-    for f in held.values():
-        f.unlink()
     with pytest.raises(SystemExit, match="held-out splits need 11000"):
         q.held_out_splits(tmp_path / "val.jsonl")
 
@@ -210,3 +211,20 @@ def test_a_record_name_that_is_not_a_file_stem_is_refused(monkeypatch, capsys, b
     with pytest.raises(SystemExit) as e:
         q.parse()
     assert e.value.code == 2 and "--record is a file name stem" in capsys.readouterr().err
+
+
+def test_the_quick_plan_scores_on_every_fifth_held_out_scene_and_the_full_plan_on_all(tmp_path):
+    lines = [json.dumps({"image": f"images/val/{i:05d}.jpg", "captions": [f"c{i}"]}) for i in range(11000)]
+    (tmp_path / "val.jsonl").write_text("\n".join(lines) + "\n")
+    held = q.held_out_splits(tmp_path / "val.jsonl")
+    assert q.held_out_of(q.PLANS["full"], held) == held
+    quick = q.held_out_of(q.PLANS["quick"], held)
+    assert quick["teacher_val"] == held["teacher_val"]
+    for split in ("selection", "scoring"):
+        assert quick[split].read_text().splitlines() == held[split].read_text().splitlines()[::5]
+    (tmp_path / "transfer").mkdir()
+    (tmp_path / "transfer" / "train.jsonl").write_text("\n".join(lines[:50]) + "\n")
+    _, ov = q.overrides_for(q.Run("transfer", "feature", 0, 160), {**paths(tmp_path), **quick}, q.PLANS["quick"],
+                            tmp_path, tmp_path)
+    assert value(ov, "data.val") == str(quick["selection"])
+    assert len(Path(value(ov, "data.train")).read_text().splitlines()) == 10  # every fifth training scene too
