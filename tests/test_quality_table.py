@@ -221,16 +221,19 @@ def test_the_recorded_protocol_run_reproduces_its_verdicts():
 
 
 def test_the_recorded_transfer_run_reproduces_its_verdicts_with_its_half_budget_cells():
-    """results/quality_runs_transfer_last.json (2026-12-07, 3,000 steps, 3 seeds): the verdicts it printed, the
-    B/2 cells among them; supervised passed its convergence check, the default did not."""
+    """results/quality_runs_transfer_last.json (2026-12-07, 3,000 steps, 5 seeds; the consistent teacher 3): the
+    verdicts it printed, the B/2 cells among them; supervised passed its convergence check, the default did not."""
     results = REPO / "benchmarks" / "results" / "quality_runs_transfer_last.json"
     recorded = json.loads(results.read_text())
     cells = judge(load_results(results), n_boot=300)
     assert all(c.hits is not None for c in cells)
     got = {c.method: c.verdict for c in cells}
     assert got == {c["method"]: c["verdict"] for c in recorded["cells"]}
-    assert set(got) == {"supervised", "feature", "dsmd+coverage", "supervised/2", "feature/2", "dsmd+coverage/2"}
+    assert set(got) == {"supervised", "feature", "dsmd+coverage", "dsmd+coverage:consistent", "supervised/2",
+                        "feature/2", "dsmd+coverage/2"}
     assert got["supervised"] == got["supervised/2"] == f"below the default ({NOT_CONVERGED})"
+    assert got["dsmd+coverage:consistent"] == f"below the default ({NOT_CONVERGED})"
+    assert {c.method: c.n for c in cells}["dsmd+coverage:consistent"] == 3 and cells[0].n == 5
     checks = {c["method"]: c["converged"] for c in recorded["convergence"]}
     assert checks == {"supervised": True, "feature": False, "dsmd+coverage": False}
 
