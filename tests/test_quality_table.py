@@ -238,6 +238,18 @@ def test_the_recorded_transfer_run_reproduces_its_verdicts_with_its_half_budget_
     assert checks == {"supervised": True, "feature": False, "dsmd+coverage": False}
 
 
+def test_the_recorded_challengers_reproduce_their_verdicts():
+    """results/quality_runs_transfer_challengers_last.json (2026-12-07, 3 seeds, no B/2 runs): CLIP-KD and caption
+    ranking below the default, as printed."""
+    results = REPO / "benchmarks" / "results" / "quality_runs_transfer_challengers_last.json"
+    recorded = json.loads(results.read_text())
+    cells = judge(load_results(results), n_boot=300)
+    got = {c.method: c.verdict for c in cells}
+    assert got == {c["method"]: c["verdict"] for c in recorded["cells"]}
+    assert got == {"dsmd+coverage": "default", "clipkd": "below the default", "caption_rank": "below the default"}
+    assert all(c.n == 3 for c in cells) and recorded["convergence"] == []
+
+
 def test_a_verdict_short_of_convergence_says_so_and_is_never_best():
     cells = cells_of(rows("t", DEFAULT, [0.9, 0.9, 0.9]) + rows("t", "a", [0.5] * 3) + rows("t", "b", [0.95] * 3),
                      {("t", DEFAULT): cell_hits(0.8, gen=1), ("t", "a"): cell_hits(0.4, gen=2),
