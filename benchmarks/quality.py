@@ -562,8 +562,9 @@ def convergence_markdown(checks: list[dict[str, Any]]) -> str:
 
 def record(stamp: dict[str, Any], rows: list[dict[str, Any]], hits: dict[tuple[str, str, int, str], Any],
            plan: Plan, record_it: bool, name: str = RECORD, skip_csv: Iterable[str] = ()) -> str:
-    """Every run to results/<name>.csv (but those named in ``skip_csv``: restored from it); the table of the full-budget runs (each method against the default,
-    paired), the convergence checks and the verdicts to <name>_last.json / .md, the hits to <name>_last_hits/."""
+    """Every run to results/<name>.csv (but those named in ``skip_csv``: restored from it); the table of the
+    full-budget runs (each method against the default, paired), the convergence checks and the verdicts to
+    <name>_last.json / .md, the hits to <name>_last_hits/."""
     full = [r for r in rows if r["steps"] == plan.budget[r["track"]] or r["method"] in SELECTORS]
     half = [r for r in rows if r not in full]
     checks = convergence(rows, plan)
