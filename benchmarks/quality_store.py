@@ -114,15 +114,16 @@ def restore(store: Path, results_json: Path, runs: list[Any], overrides_of: Call
     if why is not None:
         raise ValueError(f"{results_json.name} cannot be restored here: {why}")
     recorded = recorded_runs(results_json)
+    overrides = {r.name: overrides_of(r) for r in runs}  # a recipe load each: once per run
     found = [r for r in runs if (r.track, r.method, r.seed, r.steps) in recorded
-             and load_run(store, r, overrides_of(r)) is None]
+             and load_run(store, r, overrides[r.name]) is None]
     if not found:
         return Restored(runs=[])
     check = min(found, key=lambda r: r.steps)
     for run in found:
         if run is not check:
             row, hits = recorded[(run.track, run.method, run.seed, run.steps)]
-            save_run(store, run, overrides_of(run), row, hits)
+            save_run(store, run, overrides[run.name], row, hits)
     return Restored(runs=[r.name for r in found if r is not check], check=check.name,
                     expected=recorded[(check.track, check.method, check.seed, check.steps)])
 
