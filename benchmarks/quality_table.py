@@ -11,6 +11,10 @@ A cell without per-query hits (results recorded before they were saved, or stale
 rerun"; a cell run with one seed gets "no difference shown" (one seed says nothing of the seed variation).
 Where the convergence check (quality.py: a separate run at half the budget) failed for the cell or for the default,
 the verdict says so (NOT_CONVERGED): it holds at this budget, not at convergence; such a method is never "best".
+One case is told apart (LOSER_CONVERGED): the interval excludes 0, the losing cell passed its check and the winner
+failed it by rising (its B runs scored above its B/2 runs by more than the seed spread). More budget does not help
+the loser and has so far only helped the winner, so the verdict is not an artefact of the budget (the failure that
+opened issue 23: a short budget deciding the winner); the winner is still not named "best".
 The budget-B/2 runs of the convergence check are cells of their own (``at_half``: "supervised/2"), judged against
 the default at B like the rest, so a verdict is also shown against a method that does better with fewer steps.
 
@@ -55,6 +59,7 @@ N_BOOT = 2000
 CELL_HITS_FORMAT = "edgedistill.quality-hits/1"
 NO_HITS = "no per-query hits: rerun"
 NOT_CONVERGED = "at a budget not past convergence"
+LOSER_CONVERGED = "the loser past convergence, the winner still rising"
 HALF = "/2"  # a cell of budget-B/2 runs ("supervised/2"): judged against the default at B like any other cell
 VERDICTS = {A_BEATS_B: "beats the default", B_BEATS_A: "below the default", NO_DIFFERENCE: NO_DIFFERENCE}
 # Columns of the Markdown table: (row key, header, format); twin columns are accuracies in percent.
@@ -98,6 +103,7 @@ class Cell:
     verdict: str = ""  # "default", a VERDICTS value, NO_HITS, or "no default on this track"
     comparison: PairedResult | None = None  # this method (A) against the default (B)
     converged: bool | None = None  # the convergence check's result; None: not checked
+    gain: float | None = None  # the check's selection share at B - at B/2 (mean over seeds); None: not checked
 
     @property
     def n(self) -> int:
@@ -180,16 +186,33 @@ def judge(cells: list[Cell], default: str = DEFAULT, split: str = SCORING_SPLIT,
             cell.comparison = compare(cell, ref, split, n_boot, seed)
             cell.verdict = NO_HITS if cell.comparison is None else VERDICTS[cell.comparison.verdict]
         if ref is not None and False in (cell.converged, ref.converged):
-            cell.verdict += f" ({NOT_CONVERGED})"
+            cell.verdict += f" ({budget_note(cell, ref)})"
     return cells
 
 
+def budget_note(cell: Cell, ref: Cell) -> str:
+    """The qualifier of a verdict where ``cell`` or the default ``ref`` failed its convergence check:
+    LOSER_CONVERGED when the interval excludes 0, the losing side passed its check and the winning side failed it
+    by rising (gain above 0; NaN fails closed), else NOT_CONVERGED."""
+    c = cell.comparison
+    if c is None or c.reason or c.verdict not in (A_BEATS_B, B_BEATS_A):
+        return NOT_CONVERGED
+    loser, winner = (ref, cell) if c.verdict == A_BEATS_B else (cell, ref)
+    rising = winner.gain is not None and winner.gain > 0
+    return LOSER_CONVERGED if loser.converged is True and winner.converged is False and rising else NOT_CONVERGED
+
+
 def mark_convergence(cells: list[Cell], checks: Iterable[Mapping[str, Any]]) -> list[Cell]:
-    """Set each cell's ``converged`` from quality.py's convergence checks ({track, method, converged}); cells
-    without a check keep None. Returns ``cells``."""
-    found = {(c["track"], c["method"]): bool(c["converged"]) for c in checks}
+    """Set each cell's ``converged`` and ``gain`` from quality.py's convergence checks ({track, method, converged,
+    difference}; a check without a difference leaves the gain None); cells without a check keep theirs. Returns
+    ``cells``."""
+    found = {(c["track"], c["method"]): c for c in checks}
     for cell in cells:
-        cell.converged = found.get((cell.track, cell.method), cell.converged)
+        check = found.get((cell.track, cell.method))
+        if check is not None:
+            cell.converged = bool(check["converged"])
+            gain = check.get("difference")
+            cell.gain = float(gain) if isinstance(gain, (int, float)) and not isinstance(gain, bool) else None
     return cells
 
 

@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from benchmarks.quality_table import (DEFAULT, NO_HITS, NOT_CONVERGED, CellHits, SplitHits, at_half, best_everywhere,
-                                      cells_of, gather_hits, hits_folder, judge, load_hits, load_results, main,
-                                      mark_convergence, markdown, run_hits, save_all_hits, save_hits,
-                                      with_half_budget)
+from benchmarks.quality_table import (DEFAULT, LOSER_CONVERGED, NO_HITS, NOT_CONVERGED, CellHits, SplitHits, at_half,
+                                      best_everywhere, cells_of, gather_hits, hits_folder, judge, load_hits,
+                                      load_results, main, mark_convergence, markdown, run_hits, save_all_hits,
+                                      save_hits, with_half_budget)
 from edgedistill.evaluation.paired import RetrievalHits
 
 REPO = Path(__file__).resolve().parent.parent
@@ -228,10 +228,14 @@ def test_the_recorded_transfer_run_reproduces_its_verdicts_with_its_half_budget_
     cells = judge(load_results(results), n_boot=300)
     assert all(c.hits is not None for c in cells)
     got = {c.method: c.verdict for c in cells}
-    assert got == {c["method"]: c["verdict"] for c in recorded["cells"]}
-    assert set(got) == {"supervised", "feature", "dsmd+coverage", "dsmd+coverage:consistent", "supervised/2",
+    printed = {c["method"]: c["verdict"] for c in recorded["cells"]}
+    # printed before LOSER_CONVERGED: supervised (converged) below the default (failed its check by rising)
+    assert printed.pop("supervised") == f"below the default ({NOT_CONVERGED})"
+    assert got.pop("supervised") == f"below the default ({LOSER_CONVERGED})"
+    assert got == printed
+    assert set(got) == {"feature", "dsmd+coverage", "dsmd+coverage:consistent", "supervised/2",
                         "feature/2", "dsmd+coverage/2"}
-    assert got["supervised"] == got["supervised/2"] == f"below the default ({NOT_CONVERGED})"
+    assert got["supervised/2"] == f"below the default ({NOT_CONVERGED})"  # no check of its own
     assert got["dsmd+coverage:consistent"] == f"below the default ({NOT_CONVERGED})"
     assert {c.method: c.n for c in cells}["dsmd+coverage:consistent"] == 3 and cells[0].n == 5
     checks = {c["method"]: c["converged"] for c in recorded["convergence"]}
@@ -264,3 +268,29 @@ def test_a_verdict_short_of_convergence_says_so_and_is_never_best():
     checks[0]["converged"] = True
     judge(mark_convergence(cells, checks), n_boot=200)
     assert cells[2].verdict == "beats the default" and best_everywhere(cells, n_boot=200) == ["b"]
+
+
+def test_a_converged_loser_below_a_rising_winner_is_told_apart():
+    """LOSER_CONVERGED only where the interval excludes 0, the loser passed its check and the winner failed it by
+    rising; a winner that fell with budget, a missing or NaN gain, or no difference shown keep NOT_CONVERGED."""
+    def verdicts(checks):
+        cells = cells_of(rows("t", DEFAULT, [0.9] * 3) + rows("t", "a", [0.5] * 3) + rows("t", "c", [0.9] * 3),
+                         {("t", DEFAULT): cell_hits(0.8, gen=1), ("t", "a"): cell_hits(0.4, gen=2),
+                          ("t", "c"): cell_hits(0.8, gen=1)})
+        return {c.method: c.verdict for c in judge(mark_convergence(cells, checks), n_boot=200)}
+
+    def check(method, converged, difference):
+        return {"track": "t", "method": method, "converged": converged, "difference": difference}
+
+    got = verdicts([check(DEFAULT, False, 0.02), check("a", True, 0.001), check("c", True, 0.0)])
+    assert got == {DEFAULT: f"default ({NOT_CONVERGED})", "a": f"below the default ({LOSER_CONVERGED})",
+                   "c": f"no difference shown ({NOT_CONVERGED})"}
+    for gain in (-0.02, math.nan, None):  # the winner fell with budget, or its gain is unknown: fail closed
+        assert verdicts([check(DEFAULT, False, gain), check("a", True, 0.0)])["a"] == \
+            f"below the default ({NOT_CONVERGED})"
+    # the loser not converged either: nothing is told apart
+    assert verdicts([check(DEFAULT, False, 0.02), check("a", False, 0.05)])["a"] == \
+        f"below the default ({NOT_CONVERGED})"
+    # the winner converged, the loser not: the plain qualifier (the loser might still catch up)
+    assert verdicts([check(DEFAULT, True, 0.0), check("a", False, 0.05)])["a"] == \
+        f"below the default ({NOT_CONVERGED})"
