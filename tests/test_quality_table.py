@@ -294,3 +294,22 @@ def test_a_converged_loser_below_a_rising_winner_is_told_apart():
     # the winner converged, the loser not: the plain qualifier (the loser might still catch up)
     assert verdicts([check(DEFAULT, True, 0.0), check("a", False, 0.05)])["a"] == \
         f"below the default ({NOT_CONVERGED})"
+
+
+def test_the_recorded_compression_run_reproduces_its_verdicts():
+    """results/quality_runs_compression_last.json (2026-12-07, 6,000 steps, 5 seeds, the 5,000-scene selection
+    split; B/2 runs at 3 seeds): the verdicts it printed; no cell passed its convergence check."""
+    results = REPO / "benchmarks" / "results" / "quality_runs_compression_last.json"
+    recorded = json.loads(results.read_text())
+    cells = judge(load_results(results), n_boot=300)
+    assert all(c.hits is not None for c in cells)
+    got = {c.method: c.verdict for c in cells}
+    assert got == {c["method"]: c["verdict"] for c in recorded["cells"]}
+    assert got["supervised"] == f"below the default ({NOT_CONVERGED})"  # both sides still rising
+    assert got["feature"] == f"no difference shown ({NOT_CONVERGED})"
+    assert {c.method: c.n for c in cells} == {"supervised": 5, "feature": 5, DEFAULT: 5, "supervised/2": 3,
+                                              "feature/2": 3, f"{DEFAULT}/2": 3}
+    assert not any(c["converged"] for c in recorded["convergence"])
+    supervised = next(c for c in cells if c.method == "supervised")
+    assert supervised.comparison.high < 0 and next(c for c in cells if c.method == DEFAULT).mean[
+        "scoring_rsum_share"] >= 0.95
