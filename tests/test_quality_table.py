@@ -328,3 +328,17 @@ def test_the_recorded_compression_default_at_a_quarter_budget_beats_supervised_a
     result = compare(default_half, supervised, n_boot=500)
     assert result is not None and not result.reason and result.n_seeds == 2
     assert result.verdict == A_BEATS_B and result.low > 0.4
+
+
+def test_the_recorded_temperature_runs_reproduce_their_verdicts():
+    """results/quality_runs_transfer_temperature_last.json (2026-12-07, 3 seeds): caption_rank at 0.02, 0.05 and
+    0.1 all below the default; 0.02 lowest on the selection split."""
+    results = REPO / "benchmarks" / "results" / "quality_runs_transfer_temperature_last.json"
+    recorded = json.loads(results.read_text())
+    cells = judge(load_results(results), n_boot=300)
+    got = {c.method: c.verdict for c in cells}
+    assert got == {c["method"]: c["verdict"] for c in recorded["cells"]}
+    assert got == {DEFAULT: "default", "caption_rank": "below the default", "caption_rank@0.02": "below the default",
+                   "caption_rank@0.1": "below the default"}
+    selection = {c.method: c.mean["selection_share"] for c in cells}
+    assert min(selection, key=selection.get) == "caption_rank@0.02"
