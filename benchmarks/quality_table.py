@@ -13,8 +13,8 @@ Where the convergence check (quality.py: a separate run at half the budget) fail
 the verdict says so (NOT_CONVERGED): it holds at this budget, not at convergence; such a method is never "best".
 One case is told apart (LOSER_CONVERGED): the interval excludes 0, the losing cell passed its check and the winner
 failed it by rising (its B runs scored above its B/2 runs by more than the seed spread). More budget does not help
-the loser and has so far only helped the winner, so the verdict is not an artefact of the budget (the failure that
-opened issue 23: a short budget deciding the winner); the winner is still not named "best".
+the loser and has so far only helped the winner, so the verdict is not an artefact of the budget (a short budget
+that starves one side deciding the winner); the winner is still not named "best".
 The budget-B/2 runs of the convergence check are cells of their own (``at_half``: "supervised/2"), judged against
 the default at B like the rest, so a verdict is also shown against a method that does better with fewer steps.
 
