@@ -13,6 +13,14 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
+# Under pytest-xdist (`pytest -n N`) N workers share the cores: one thread each, for the tests' own torch and for
+# the processes they start (set before torch is imported), unless OMP_NUM_THREADS says otherwise. With two threads
+# per worker on 2 cores the spinning pools of one worker stall the other (2026-12-07, 2 cores: the slow tests alone
+# took 857 s at -n 2 that way, 970 s serially; fast and slow together 666 s at -n 2 with one thread).
+ONE_THREAD_PER_WORKER = bool(os.environ.get("PYTEST_XDIST_WORKER")) and "OMP_NUM_THREADS" not in os.environ
+if ONE_THREAD_PER_WORKER:
+    os.environ["OMP_NUM_THREADS"] = "1"
+
 import numpy as np
 import open_clip
 import pytest
@@ -26,6 +34,9 @@ TINY_CONFIG: dict[str, Any] = {
     "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8, "head_width": 32},
     "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 1},
 }
+
+if ONE_THREAD_PER_WORKER:
+    torch.set_num_threads(1)
 
 WORDS = ["red", "blue", "green", "circle", "square", "star", "small", "large", "left", "right"]
 

@@ -39,8 +39,10 @@ def test_shipped_recipes_are_valid(recipe):
 def test_readme_test_command_is_what_ci_runs():
     ci = (ROOT / ".ci" / "run").read_text()
     readme = (ROOT / "README.md").read_text()
-    command = 'pip install -e ".[train,cpu,dev]" && pytest'
+    command = 'pip install -e ".[train,cpu,dev]" && pytest -n auto'
     assert command in readme and command in ci
+    # and the slow selection on every core too: serially it alone took 16 minutes of CI's 15-minute allowance
+    assert "pytest -n auto -m slow" in ci
 
 
 def test_recipes_md_documents_every_loss_term_and_balancer_with_its_options():
