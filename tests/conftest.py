@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import pwd
@@ -254,8 +255,20 @@ def read_only_copy(src: Path, dest: Path) -> Iterator[Path]:
 @pytest.fixture(scope="session")
 def tiny_export(tiny_teacher: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny student distilled for one epoch and exported (ONNX fp32 + INT8, the tokenizer): RUN/export. Shared by
-    the loader, embed/search and device tests (the data is in RUN/../data: val_images/ and val.jsonl)."""
-    return build_tiny_export(tmp_path_factory.mktemp("export"), tiny_teacher)
+    the loader, bench, embed/search and device tests (the data is in RUN/../data: val_images/ and val.jsonl); they
+    read it and write beside it, never into it. Under pytest-xdist the first worker that needs it builds it in the
+    session's shared temporary folder and the others wait for it and read it (built once, not once per worker)."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return build_tiny_export(tmp_path_factory.mktemp("export"), tiny_teacher)
+    shared = tmp_path_factory.getbasetemp().parent / "tiny-export"  # the session's folder above the workers'
+    shared.mkdir(exist_ok=True)
+    with open(shared.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if the build fails
+        done = shared / "built"
+        if not done.is_file():
+            build_tiny_export(shared, tiny_teacher)
+            done.write_text("ok\n")
+    return shared / "run" / "export"
 
 
 def build_tiny_export(root: Path, teacher: tuple[Path, Path]) -> Path:

@@ -7,7 +7,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
 
 from edgedistill.bench import report as rep
 from edgedistill.runtime.backends import candidates
@@ -16,30 +15,14 @@ from edgedistill.bench.timing import ROUNDS, summarize, time_cpu
 from edgedistill.cli import main
 from edgedistill.core.errors import UserError
 import edgedistill.runtime.manifest as artifacts
-from tests.conftest import write_images, write_manifest, write_recipe
 
 FAST = ["--iters", "3", "--warmup", "1", "--threads", "1"]
 
 
 @pytest.fixture(scope="module")
-def export_dir(tiny_teacher, tmp_path_factory):
-    """A distilled tiny student (labelled val data, so zero-shot is scored too) exported to ONNX fp32 + INT8."""
-    root = tmp_path_factory.mktemp("bench")
-    train = write_manifest(root / "data" / "train.jsonl", write_images(root / "data" / "images", 32))
-    val = write_manifest(root / "data" / "val.jsonl", write_images(root / "data" / "val_images", 10, seed=1))
-    lines = [json.loads(x) for x in val.read_text().splitlines()]
-    val.write_text("".join(json.dumps({**r, "label": ["circle", "square"][i % 2]}) + "\n"
-                           for i, r in enumerate(lines)))
-    recipe = write_recipe(root / "tiny.yaml", tiny_teacher, train, val, cache_dir=root / "cache",
-                          student={"image_size": 32},
-                          train={"epochs": 1, "warmup_steps": 1, "tensorboard": False, "log_every": 1})
-    raw = yaml.safe_load(recipe.read_text())
-    raw["out"] = str(root / "runs" / "tiny")
-    recipe.write_text(yaml.safe_dump(raw))
-    assert main(["distill", str(recipe)]) == 0
-    out = root / "runs" / "tiny" / "export"
-    assert main(["export", str(root / "runs" / "tiny"), "--int8", "--calib-size", "16"]) == 0
-    return out
+def export_dir(tiny_export):
+    """The session's tiny student (labelled val data, so zero-shot is scored too), exported to ONNX fp32 + INT8."""
+    return tiny_export
 
 
 @pytest.fixture(scope="module")
