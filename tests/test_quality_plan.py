@@ -2,6 +2,7 @@
 
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -15,12 +16,16 @@ def paths(tmp_path: Path) -> dict[str, Path]:
             "pairs_only": tmp_path / "pairs.jsonl", "transfer": tmp_path / "transfer"}
 
 
+# The full plan on every training image: these tests' manifests are names, not files to take every 5th line of.
+ALL_IMAGES = replace(q.PLANS["full"], subset=1)
+
+
 def value(overrides: list[str], key: str) -> str:
     return next(o.split("=", 1)[1] for o in overrides if o.startswith(key + "="))
 
 
 def test_every_method_sees_the_same_images_and_looks_at_selection_as_often(tmp_path):
-    plan = q.PLANS["full"]
+    plan = ALL_IMAGES
     runs = [q.Run("transfer", m, 0, plan.budget["transfer"]) for m in (*q.DECIDING, *q.SIDE)]
     seen = set()
     for run in runs:
@@ -85,7 +90,7 @@ def test_convergence_pairs_the_budgets_by_seed():
 def test_every_benchmark_recipe_decodes_the_scenes_once(tmp_path):
     """The scenes recipes keep the decoded images in memory (the same training, tested in test_in_memory.py)."""
     from edgedistill.distill.recipe import load_recipe
-    plan = q.PLANS["full"]
+    plan = ALL_IMAGES
     for method in (*q.DECIDING, *q.SIDE, *q.SELECTORS):
         recipe_path, ov = q.overrides_for(q.Run("compression", method, 0, plan.budget["compression"]),
                                           paths(tmp_path), plan, tmp_path / "out", tmp_path)
@@ -110,13 +115,13 @@ def test_held_out_splits_are_disjoint_cuts_of_val(tmp_path):
 def test_caption_rank_temperature_runs(tmp_path):
     run = q.Run("transfer", "caption_rank@0.1", 1, 60)
     assert run.base == "caption_rank" and run.temperature == 0.1 and run.name == "transfer-caption_rank-t0.1-B60-s1"
-    _, ov = q.overrides_for(run, paths(tmp_path), q.PLANS["full"], tmp_path, tmp_path)
+    _, ov = q.overrides_for(run, paths(tmp_path), ALL_IMAGES, tmp_path, tmp_path)
     assert "loss.terms.caption_rank.temperature=0.1" in ov
     with pytest.raises(ValueError, match="caption_rank's"):
-        q.overrides_for(q.Run("transfer", "feature@0.1", 1, 60), paths(tmp_path), q.PLANS["full"], tmp_path,
+        q.overrides_for(q.Run("transfer", "feature@0.1", 1, 60), paths(tmp_path), ALL_IMAGES, tmp_path,
                         tmp_path)
     from edgedistill.distill.recipe import load_recipe
-    recipe_path, ov = q.overrides_for(run, paths(tmp_path), q.PLANS["full"], tmp_path / "out", tmp_path)
+    recipe_path, ov = q.overrides_for(run, paths(tmp_path), ALL_IMAGES, tmp_path / "out", tmp_path)
     assert load_recipe(recipe_path, ov).loss.terms["caption_rank"].temperature == 0.1
 
 
@@ -163,7 +168,8 @@ def test_record_under_another_name_leaves_the_default_record_alone(monkeypatch, 
                             "teacher_rsum": 500.0, "ks": (1, 5, 10)}}
     monkeypatch.setattr(q, "report", lambda row, name, record: reported.append((name, record)))
     monkeypatch.setattr(q, "RESULTS", tmp_path)
-    q.record({"date": "x"}, rows, hits, plan, record_it=True, name="quality_runs_transfer")
+    text = q.record({"date": "x"}, rows, hits, plan, record_it=True, name="quality_runs_transfer")
+    assert "from the best, on the transfer track (cells past convergence only): dsmd+coverage" in text
     assert {name for name, _ in reported} == {"quality_runs_transfer"} and len(reported) == 4
     written = sorted(p.name for p in tmp_path.iterdir())
     assert written == ["quality_runs_transfer_last.json", "quality_runs_transfer_last.md",
@@ -176,7 +182,7 @@ def test_plan_overrides_from_the_command_line():
     args = argparse.Namespace(quick=False, budget="compression=900", seeds="0,1", side_seeds=None, half_seeds="",
                               subset=5, converge="supervised")
     plan = q.plan_of(args)
-    assert plan.budget == {"transfer": 2400, "compression": 900} and plan.seeds == (0, 1)
+    assert plan.budget == {"transfer": 3000, "compression": 900} and plan.seeds == (0, 1)
     assert plan.side_seeds == q.PLANS["full"].side_seeds and plan.half_seeds == () and plan.subset == 5
     assert plan.converge == ("supervised",)
     assert q.plan_of(argparse.Namespace(**{**vars(args), "budget": "600", "converge": None})).budget == \
@@ -228,3 +234,20 @@ def test_the_quick_plan_scores_on_every_fifth_held_out_scene_and_the_full_plan_o
                             tmp_path, tmp_path)
     assert value(ov, "data.val") == str(quick["selection"])
     assert len(Path(value(ov, "data.train")).read_text().splitlines()) == 10  # every fifth training scene too
+
+
+def test_the_full_plan_is_the_protocol_of_the_recorded_tables():
+    """`quality.py --work data` without overrides runs what the tables of record ran on each track: its budget,
+    training subset and looks (so their runs restore into it)."""
+    full = q.PLANS["full"]
+    for track in ("transfer", "compression"):
+        stamp = json.loads((q.RESULTS / f"quality_runs_{track}_last.json").read_text())["stamp"]
+        plan = json.loads(stamp["plan"])
+        assert plan["budget"][track] == full.budget[track], track
+        assert (plan["subset"], plan["looks"], plan["seeds"]) == (full.subset, full.looks, list(full.seeds)), track
+
+
+def test_the_closing_line_names_the_tracks_it_judged():
+    assert "on every track (cells past convergence only): none" in q.winners_line([], ["transfer", "compression"])
+    assert "on the compression track (cells past convergence only): feature" in \
+        q.winners_line(["feature"], ["compression"])
