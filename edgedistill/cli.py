@@ -226,7 +226,7 @@ def evaluate(
 @app.command()
 def demo(
     out: Path = typer.Option(Path("runs/demo"), "--out", help="Run folder (a previous demo there is replaced)."),
-    quick: bool = typer.Option(False, "--quick", help="A one-minute version (3k scenes, tiny teacher) for CI."),
+    quick: bool = typer.Option(False, "--quick", help="A two-minute version (3k scenes, tiny teacher) for the tests."),
 ) -> None:
     """The whole job offline on built-in data: scenes -> teacher -> distill -> ONNX FP32/INT8 -> table.
 

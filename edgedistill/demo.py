@@ -52,7 +52,7 @@ MARKER = "demo.json"  # a folder holding this is a demo run the next demo may re
 
 @dataclass(frozen=True)
 class DemoSize:
-    """How big each stage is; ``full`` fits 10 minutes on 2 CPU cores, ``quick`` a minute (CI)."""
+    """How big each stage is; ``full`` fits 10 minutes on 2 CPU cores, ``quick`` two (the tests)."""
     name: str
     scenes: int             # training images
     val: int                # held-out images
