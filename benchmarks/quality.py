@@ -3,9 +3,10 @@ verdicts that hold statistically (docs in benchmarks/README.md#ground-truth-qual
 
 Teacher: the `base` pretrain preset (open_clip ViT 192/4 + text 128/3), trained once on the full scenes and
 reused. Every track distils on the transfer data (2,000 captioned images among 50,000; the full plan takes every
-5th: 400 among 10,000; the supervised baseline trains on the captioned pairs alone). Three disjoint held-out iid splits: the teacher's own val (the only split its
-preset was tuned on), ``selection`` (checkpoints: every run evaluates it the same number of times) and ``scoring``
-(5,000 scenes, read once at the end of a run), plus the hard and ood twins (also read once).
+5th: 400 among 10,000; the supervised baseline trains on the captioned pairs alone). Three disjoint held-out iid
+splits: the teacher's own val (the only split its preset was tuned on), ``selection`` (checkpoints: every run
+evaluates it the same number of times) and ``scoring`` (5,000 scenes, read once at the end of a run), plus the
+hard and ood twins (also read once).
 
 Tracks (students share the teacher's frozen text tower):
   transfer     MobileNetV3-Small at 64 px
