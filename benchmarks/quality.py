@@ -57,7 +57,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from benchmarks.common import RESULTS, cpu_model, report  # noqa: E402
 from benchmarks.quality_table import at_half, best_everywhere, cells_of, judge, mark_convergence  # noqa: E402
-from benchmarks.quality_table import markdown, with_half_budget  # noqa: E402
+from benchmarks.quality_table import markdown, pairwise, pairwise_markdown, with_half_budget  # noqa: E402
 from benchmarks.quality_table import gather_hits, run_hits, save_all_hits  # noqa: E402
 from benchmarks.quality_store import Restored, check_restored, load_run, restore, save_run  # noqa: E402
 
@@ -577,6 +577,10 @@ def record(stamp: dict[str, Any], rows: list[dict[str, Any]], hits: dict[tuple[s
     table = judge(mark_convergence(cells_of(with_half_budget(full, half), cell_hits), checks))
     labels = {**LABELS, **{at_half(k): f"{v}, B/2" for k, v in LABELS.items()}}
     text = markdown(table, labels) + "\nConvergence (selection split):\n\n" + convergence_markdown(checks)
+    selectors = pairwise(table, SELECTORS)
+    if selectors:
+        text += (f"\nSelectors among themselves (paired by seed; {plan.selector_budget:g} of the track's budget, "
+                 f"the teacher online):\n\n" + pairwise_markdown(selectors, labels))
     winners = best_everywhere(table, candidates=[m for m in DECIDING if m != "supervised"])
     skip = set(skip_csv)
     for row in rows:
@@ -587,9 +591,19 @@ def record(stamp: dict[str, Any], rows: list[dict[str, Any]], hits: dict[tuple[s
         (RESULTS / f"{name}_last.json").write_text(json.dumps(
             {"stamp": stamp, "rows": full, "half_budget_rows": half,
              "cells": [c.as_json() for c in table], "convergence": checks,
+             "selectors": [pair_json(a, b, c) for a, b, c in selectors],
              "best_or_tied_everywhere": winners}, indent=2) + "\n")
         (RESULTS / f"{name}_last.md").write_text(text)
     return text + winners_line(winners, list(dict.fromkeys(c.track for c in table)))
+
+
+def pair_json(a: Any, b: Any, c: Any) -> dict[str, Any]:
+    """One of quality_table.pairwise's comparisons as the results file records it (A - B)."""
+    out: dict[str, Any] = {"track": a.track, "a": a.method, "b": b.method}
+    if c is not None:
+        out.update({"estimate": c.estimate, "ci95": [c.low, c.high], "verdict": c.verdict, "reason": c.reason,
+                    "seeds": c.n_seeds})
+    return out
 
 
 def winners_line(winners: list[str], tracks: list[str]) -> str:

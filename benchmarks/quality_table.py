@@ -17,6 +17,8 @@ the loser and has so far only helped the winner, so the verdict is not an artefa
 that starves one side deciding the winner); the winner is still not named "best".
 The budget-B/2 runs of the convergence check are cells of their own (``at_half``: "supervised/2"), judged against
 the default at B like the rest, so a verdict is also shown against a method that does better with fewer steps.
+Methods with a question of their own (the selectors: OPTIMA vs uniform vs random) are also compared pair by pair
+(``pairwise``), with the same bootstrap.
 
 Per-query hits of a results file ``X.json`` live next to it in ``X_hits/``, one compressed ``.npz`` per cell
 (``save_hits`` / ``load_hits``, format CELL_HITS_FORMAT):
@@ -241,6 +243,38 @@ def best_everywhere(cells: list[Cell], candidates: Iterable[str] | None = None, 
         if all(holds(mine[t]) for t in tracks):
             out.append(method)
     return out
+
+
+def pairwise(cells: list[Cell], methods: Iterable[str], split: str = SCORING_SPLIT, n_boot: int = N_BOOT,
+             seed: int = 0) -> list[tuple[Cell, Cell, PairedResult | None]]:
+    """Every pair of ``methods`` that ran on one track, the earlier in ``methods`` as A, by ``compare``: a question
+    among themselves (OPTIMA vs uniform vs random) that the comparison of each with the default does not answer."""
+    order = list(methods)
+    out = []
+    for track in dict.fromkeys(c.track for c in cells):
+        mine = sorted((c for c in cells if c.track == track and c.method in order), key=lambda c: order.index(c.method))
+        out += [(a, b, compare(a, b, split, n_boot, seed)) for i, a in enumerate(mine) for b in mine[i + 1:]]
+    return out
+
+
+def pairwise_markdown(pairs: list[tuple[Cell, Cell, PairedResult | None]], labels: dict[str, str] | None = None,
+                      split: str = SCORING_SPLIT) -> str:
+    """``pairwise``'s comparisons, a line each: A - B with its 95% interval and who is shown better (if anyone)."""
+    labels = labels or {}
+    lines = [f"| track | A | B | seeds | Δ {split} share A - B [95% CI] | verdict |", "|---|---|---|---:|---:|---|"]
+    for a, b, c in pairs:
+        name_a, name_b = labels.get(a.method, a.method), labels.get(b.method, b.method)
+        if c is None:
+            diff, verdict = "-", NO_HITS
+        elif c.reason:
+            diff, verdict = "-", f"{NO_DIFFERENCE} ({c.reason})"
+        else:
+            diff = f"{c.estimate:+.3f} [{c.low:+.3f}, {c.high:+.3f}]"
+            verdict = {A_BEATS_B: f"{name_a} beats {name_b}", B_BEATS_A: f"{name_b} beats {name_a}"}.get(
+                c.verdict, NO_DIFFERENCE)
+        seeds = "-" if c is None or c.reason else str(c.n_seeds)
+        lines.append(f"| {a.track} | {name_a} | {name_b} | {seeds} | {diff} | {verdict} |")
+    return "\n".join(lines) + "\n"
 
 
 def _fmt(cell: Cell, key: str, fmt: str) -> str:

@@ -177,6 +177,32 @@ def test_record_under_another_name_leaves_the_default_record_alone(monkeypatch, 
     assert json.loads((tmp_path / "quality_runs_transfer_last.json").read_text())["cells"]
 
 
+def test_record_compares_the_selectors_among_themselves(monkeypatch, tmp_path):
+    """The selector cells (a fraction of the budget, so not the track's B) are in the table against the default
+    and, pair by pair, against each other: printed and recorded in the results file."""
+    plan = q.Plan(budget={"compression": 120}, seeds=(0, 1), side_seeds=(0, 1, 2), half_seeds=(), looks=6,
+                  selector_budget=0.5, pull_steps=10, subset=1, converge=())
+    rng = np.random.default_rng(2)
+    rows, hits = [], {}
+    for method, p, steps in (("optima", 0.8, 60), ("uniform", 0.8, 60), ("random", 0.4, 60)):
+        for seed in (0, 1, 2):
+            rows.append({"track": "compression", "method": method, "seed": seed, "steps": steps,
+                         "selection_share": p, "scoring_rsum_share": p, "run_s": 1.0})
+            hits[("compression", method, seed, "full")] = {
+                "scoring": {"i2t": rng.random((300, 3)) < p, "t2i": rng.random((900, 3)) < p,
+                            "teacher_rsum": 500.0, "ks": (1, 5, 10)}}
+    monkeypatch.setattr(q, "report", lambda *a, **k: None)
+    monkeypatch.setattr(q, "RESULTS", tmp_path)
+    text = q.record({"date": "x"}, rows, hits, plan, record_it=True, name="sel")
+    part = text.split("Selectors among themselves")[1]
+    assert "0.5 of the track's budget" in part and part.count("| compression |") == 3
+    assert "layerwise + OPTIMA beats layerwise + random" in part
+    assert "layerwise + uniform beats layerwise + random" in part
+    recorded = json.loads((tmp_path / "sel_last.json").read_text())["selectors"]
+    assert [(r["a"], r["b"]) for r in recorded] == [("optima", "uniform"), ("optima", "random"), ("uniform", "random")]
+    assert recorded[0]["verdict"] == "no difference shown" and recorded[1]["ci95"][0] > 0 and recorded[1]["seeds"] == 3
+
+
 def test_plan_overrides_from_the_command_line():
     import argparse
     args = argparse.Namespace(quick=False, budget="compression=900", seeds="0,1", side_seeds=None, half_seeds="",

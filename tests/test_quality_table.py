@@ -11,8 +11,8 @@ import pytest
 
 from benchmarks.quality_table import (DEFAULT, LOSER_CONVERGED, NO_HITS, NOT_CONVERGED, CellHits, SplitHits, at_half,
                                       best_everywhere, cells_of, compare, gather_hits, hits_folder, judge, load_hits,
-                                      load_results, main, mark_convergence, markdown, run_hits, save_all_hits,
-                                      save_hits, with_half_budget)
+                                      load_results, main, mark_convergence, markdown, pairwise, pairwise_markdown,
+                                      run_hits, save_all_hits, save_hits, with_half_budget)
 from edgedistill.evaluation.paired import A_BEATS_B, RetrievalHits
 
 REPO = Path(__file__).resolve().parent.parent
@@ -57,6 +57,34 @@ def test_every_method_is_compared_with_the_default_by_the_paired_bootstrap():
     assert next(c for c in cells if c.method == DEFAULT).comparison is None
     better = judge(cells_of(data, hits), default="worse", n_boot=300)
     assert {c.method: c.verdict for c in better}[DEFAULT] == "beats the default"
+
+
+def test_the_selectors_are_compared_among_themselves_pair_by_pair():
+    """OPTIMA vs uniform vs random is a question of its own: every pair on each track, A the earlier in the order."""
+    data = (rows("c", "optima", [0.9] * 3) + rows("c", "uniform", [0.7] * 3) + rows("c", "random", [0.9] * 3)
+            + rows("c", DEFAULT, [0.9] * 3) + rows("t", "optima", [0.9] * 3))
+    hits = {("c", "optima"): cell_hits(0.8, gen=1), ("c", "uniform"): cell_hits(0.5, gen=2),
+            ("c", "random"): cell_hits(0.8, gen=3), ("c", DEFAULT): cell_hits(0.8, gen=4)}
+    pairs = pairwise(cells_of(data, hits), ["optima", "uniform", "random"], n_boot=300)
+    assert [(a.track, a.method, b.method) for a, b, _ in pairs] == [
+        ("c", "optima", "uniform"), ("c", "optima", "random"), ("c", "uniform", "random")]  # t: one selector only
+    by = {(a.method, b.method): c for a, b, c in pairs}
+    assert by[("optima", "uniform")].verdict == A_BEATS_B and by[("optima", "uniform")].low > 0
+    assert by[("uniform", "random")].high < 0 and by[("optima", "random")].verdict == "no difference shown"
+    text = pairwise_markdown(pairs, {"optima": "layerwise + OPTIMA"})
+    assert "| c | layerwise + OPTIMA | uniform | 3 | +0." in text and "layerwise + OPTIMA beats uniform" in text
+    assert "random beats uniform" in text and text.count("\n") == 5
+
+
+def test_selectors_without_hits_or_with_nan_fail_closed_among_themselves():
+    data = rows("c", "optima", [0.9] * 3) + rows("c", "uniform", [0.7] * 3) + rows("c", "random", [0.8] * 3)
+    bad = cell_hits(0.8, gen=1)
+    bad.splits["scoring"].teacher_rsum = math.nan
+    pairs = pairwise(cells_of(data, {("c", "optima"): bad, ("c", "uniform"): cell_hits(0.5, gen=2)}),
+                     ["optima", "uniform", "random"], n_boot=300)
+    text = pairwise_markdown(pairs)
+    assert pairs[0][2].reason and "beats" not in text  # NaN teacher: no verdict
+    assert text.count(NO_HITS) == 2  # random has no hits: both of its pairs say rerun
 
 
 def test_a_gap_inside_the_seed_spread_is_no_longer_a_tie():
