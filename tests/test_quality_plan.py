@@ -45,12 +45,14 @@ def test_every_method_sees_the_same_images_and_looks_at_selection_as_often(tmp_p
 def test_runs_of_the_plan():
     plan = q.Plan(budget={"transfer": 120, "compression": 240}, seeds=(0, 1, 2, 3, 4), side_seeds=(0, 1, 2),
                   half_seeds=(0, 1), looks=6, selector_budget=0.25, pull_steps=10, subset=1)
-    runs = q.runs_of(["transfer", "compression"], ["supervised", q.DEFAULT_METHOD, q.SIDE[0], "optima"],
+    runs = q.runs_of(["transfer", "compression"], ["supervised", q.DEFAULT_METHOD, q.SIDE[0], "clipkd", "optima"],
                      ["compression"], plan)
     def count(**kw):
         return sum(all(getattr(r, k) == v for k, v in kw.items()) for r in runs)
     assert count(track="transfer", method="supervised", steps=120) == 5  # deciding: 5 seeds
     assert count(track="transfer", method=q.SIDE[0]) == 3                # side: 3 seeds
+    assert count(track="transfer", method="clipkd") == 3                 # a challenger: 3 seeds, no B/2 run
+    assert q.DECIDING == ("supervised", "feature", q.DEFAULT_METHOD)      # the deciding cells of the plan
     assert count(track="transfer", method="supervised", steps=60) == 2   # B/2 runs of the convergence check
     assert count(track="transfer", method="optima") == 0 and count(track="compression", method="optima") == 3
     assert {r.steps for r in runs if r.method == "optima"} == {60}       # a quarter of 240, in whole looks
