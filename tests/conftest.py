@@ -8,6 +8,7 @@ import json
 import os
 import pwd
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -21,6 +22,12 @@ from typing import Any, Iterator
 ONE_THREAD_PER_WORKER = bool(os.environ.get("PYTEST_XDIST_WORKER")) and "OMP_NUM_THREADS" not in os.environ
 if ONE_THREAD_PER_WORKER:
     os.environ["OMP_NUM_THREADS"] = "1"
+
+# The Ctrl-C tests send SIGINT to the commands they start. A shell starts a background job (`pytest &`, CI in a
+# job of its own) with SIGINT ignored, and an ignored signal stays ignored across exec: every command the tests
+# start would be deaf to Ctrl-C. With Python's handler here, they start with the default disposition again.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 import numpy as np
 import open_clip

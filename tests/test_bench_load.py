@@ -86,6 +86,13 @@ def _holder() -> tuple[subprocess.Popen, list[int]]:
     return proc, pids
 
 
+def test_the_commands_the_tests_start_hear_ctrl_c():
+    """The premise of every Ctrl-C test: a command started here handles SIGINT, even where pytest itself was started
+    with SIGINT ignored (a shell's background job); tests/conftest.py sees to it."""
+    probe = "import signal; print(signal.getsignal(signal.SIGINT) is signal.default_int_handler)"
+    assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True).stdout.strip() == "True"
+
+
 def test_ctrl_c_ends_the_load_with_the_command():
     proc, pids = _holder()
     try:
