@@ -49,6 +49,19 @@ if ONE_THREAD_PER_WORKER:
 WORDS = ["red", "blue", "green", "circle", "square", "star", "small", "large", "left", "right"]
 
 
+# The longest test files, longest first: the sum of their tests' durations in CI's --durations (2026-12-07, 2 cores,
+# -n auto). Run first, under `-n auto --dist loadfile` (the workers take whole files in collection order) they start
+# at once on both workers and the short files fill the end; in name order a long file taken late kept one worker
+# busy minutes after the other had finished.
+LONG_FILES = ("test_export.py", "test_demo.py", "test_distributed.py", "test_gpu_check.py", "test_train.py",
+              "test_hostile_bundle.py", "test_cli.py", "test_evaluate.py", "test_layerwise.py")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """LONG_FILES first, in that order, then the rest in collection order; each file's own order kept."""
+    rank = {name: i for i, name in enumerate(LONG_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONG_FILES)))
+
 @pytest.fixture(scope="session", autouse=True)
 def shared_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """One cache root for the whole session (load()'s device measurements, calibration ranges...), never the

@@ -46,6 +46,17 @@ def test_readme_test_command_is_what_ci_runs():
     assert addopts and " -m " not in f" {addopts.group(1).strip(chr(34))} " and "-m slow" not in ci
 
 
+def test_the_long_test_files_that_run_first_exist(request):
+    """tests/conftest.py starts the long files first (the order CI's workers take them in): a renamed one would
+    silently fall back to name order."""
+    from tests.conftest import LONG_FILES
+    assert LONG_FILES and all((ROOT / "tests" / name).is_file() for name in LONG_FILES)
+    ran = [item.path.name for item in request.session.items]
+    listed = [n for n in dict.fromkeys(ran) if n in LONG_FILES]
+    assert listed == [n for n in LONG_FILES if n in ran]  # in that order, before any other file
+    assert all(n in LONG_FILES for n in dict.fromkeys(ran[:ran.index(listed[-1]) + 1])) if listed else True
+
+
 def test_recipes_md_documents_every_loss_term_and_balancer_with_its_options():
     from edgedistill.distill.balance import BALANCERS
     from edgedistill.distill.losses import LOSSES
