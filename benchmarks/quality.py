@@ -580,7 +580,9 @@ def record(stamp: dict[str, Any], rows: list[dict[str, Any]], hits: dict[tuple[s
                              for (track, method, seed, budget), v in hits.items()})
     table = judge(mark_convergence(cells_of(with_half_budget(full, half), cell_hits), checks))
     labels = {**LABELS, **{at_half(k): f"{v}, B/2" for k, v in LABELS.items()}}
-    text = markdown(table, labels) + "\nConvergence (selection split):\n\n" + convergence_markdown(checks)
+    text = markdown(table, labels)
+    if checks:  # a run without B/2 runs (the selectors, a side run) has no check to print
+        text += "\nConvergence (selection split):\n\n" + convergence_markdown(checks)
     selectors = pairwise(table, SELECTORS)
     if selectors:
         text += (f"\nSelectors among themselves (paired by seed; {plan.selector_budget:g} of the track's budget, "

@@ -197,6 +197,7 @@ def test_record_compares_the_selectors_among_themselves(monkeypatch, tmp_path):
     monkeypatch.setattr(q, "RESULTS", tmp_path)
     text = q.record({"date": "x"}, rows, hits, plan, record_it=True, name="sel")
     part = text.split("Selectors among themselves")[1]
+    assert "Convergence" not in text  # no B/2 runs: no empty convergence table
     assert "0.5 of the track's budget" in part and part.count("| compression |") == 3
     assert "layerwise + OPTIMA beats layerwise + random" in part
     assert "layerwise + uniform beats layerwise + random" in part
